@@ -1,0 +1,27 @@
+# One command from a fresh machine: `make test` creates .venv, installs a CPU build of torch when the
+# interpreter has none, installs regtune with its test/bench extras, then runs ruff and pytest.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+TORCH_VERSION ?= 2.13.0
+
+.PHONY: setup test lint bench clean
+
+$(BIN)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --upgrade --quiet pip
+	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/pip install --quiet torch==$(TORCH_VERSION)
+	$(BIN)/pip install --quiet -e ".[dev]"
+	touch $@
+
+setup: $(BIN)/.installed
+
+lint: setup
+	$(BIN)/ruff check src tests bench
+	$(BIN)/ruff format --check src tests bench
+
+test: setup lint
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -n 2 -q
+
+clean:
+	rm -rf $(VENV) build *.egg-info src/*.egg-info
