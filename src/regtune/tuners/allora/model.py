@@ -37,13 +37,17 @@ class ALLoRAModel(LoraModel):
         if isinstance(base, torch.nn.Linear):
             if lora_config.fan_in_fan_out:
                 warnings.warn(
-                    "fan_in_fan_out is set to True but the target module is `torch.nn.Linear`. Setting it to False."
+                    "fan_in_fan_out is set to True but the target module is `torch.nn.Linear`. Setting it to False.",
+                    stacklevel=2,
                 )
                 lora_config.fan_in_fan_out = False
             return ALLoRALinear(target, adapter_name, config=lora_config, **kwargs)
         if isinstance(base, Conv1D):
             if not lora_config.fan_in_fan_out:
-                warnings.warn("fan_in_fan_out is set to False but the target module is `Conv1D`. Setting it to True.")
+                warnings.warn(
+                    "fan_in_fan_out is set to False but the target module is `Conv1D`. Setting it to True.",
+                    stacklevel=2,
+                )
                 lora_config.fan_in_fan_out = True
             return ALLoRALinear(target, adapter_name, is_target_conv_1d_layer=True, config=lora_config, **kwargs)
         raise ValueError(
