@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from regtune import ALLoRAConfig
+from regtune import ALLoRAConfig, GLADConfig
 
 
 @dataclass
@@ -49,5 +49,16 @@ ADAPTER_CASES = [
         config_cls=ALLoRAConfig,
         kwargs={"r": 4, "eta": 2.0, "coefficient_on": "update"},
         non_identity_kwargs={"init_lora_weights": False},
+    ),
+    AdapterCase(
+        name="glad",
+        config_cls=GLADConfig,
+        kwargs={"r": 4, "lora_alpha": 8, "rho": 0.05, "glad_lambda": 0.5},
+        non_identity_kwargs={"init_lora_weights": False},
+        invalid_kwargs=[
+            ({"rho": 0.0}, "rho"),
+            ({"glad_lambda": 1.5}, "glad_lambda"),
+            ({"glad_lambda": -0.1}, "glad_lambda"),
+        ],
     ),
 ]

@@ -4,9 +4,9 @@
 `PeftModel.from_pretrained` and `AutoPeftModel*.from_pretrained` handle them like built-in methods.
 """
 
-from .tuners import ALLoRAConfig, ALLoRAModel, create_allora_optimizer
+from .tuners import ALLoRAConfig, ALLoRAModel, GLADConfig, GLADModel, create_allora_optimizer
 
 
 __version__ = "0.1.0.dev0"
 
-__all__ = ["ALLoRAConfig", "ALLoRAModel", "create_allora_optimizer", "__version__"]
+__all__ = ["ALLoRAConfig", "ALLoRAModel", "GLADConfig", "GLADModel", "create_allora_optimizer", "__version__"]

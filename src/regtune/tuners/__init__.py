@@ -1,6 +1,7 @@
 """regtune's peft adapter types. Importing this package registers them with peft."""
 
 from .allora import ALLoRAConfig, ALLoRAModel, create_allora_optimizer
+from .glad import GLADConfig, GLADModel
 
 
-__all__ = ["ALLoRAConfig", "ALLoRAModel", "create_allora_optimizer"]
+__all__ = ["ALLoRAConfig", "ALLoRAModel", "GLADConfig", "GLADModel", "create_allora_optimizer"]

@@ -1,0 +1,9 @@
+from regtune._compat import register_regtune_method
+
+from .config import GLADConfig
+from .model import GLADModel
+
+
+__all__ = ["GLADConfig", "GLADModel"]
+
+register_regtune_method(name="glad", config_cls=GLADConfig, model_cls=GLADModel, prefix="lora_")
