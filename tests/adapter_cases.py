@@ -6,9 +6,10 @@ not generate that test (it is not skipped silently: `test_matrix_exclusions_have
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from regtune import ALLoRAConfig, GLADConfig
+from regtune import ALLoRAConfig, GLADConfig, MaskTuningConfig
 
 
 @dataclass
@@ -24,6 +25,11 @@ class AdapterCase:
     not_applicable: dict[str, str] = field(default_factory=dict)
     # name of the trainable-parameter prefix (peft's tuner prefix)
     prefix: str = "lora_"
+    # SGD learning rate of the short training runs in the matrix (the adapter must visibly change the outputs)
+    train_lr: float = 0.5
+    # what must survive save/load exactly: by default the whole state dict; an adapter that publishes a
+    # compressed form (mask tuning: bit-packed masks) maps the state dict to what it keeps
+    state_view: Callable[[dict], dict] = lambda state: state
 
 
 ADAPTER_CASES = [
@@ -60,5 +66,23 @@ ADAPTER_CASES = [
             ({"glad_lambda": 1.5}, "glad_lambda"),
             ({"glad_lambda": -0.1}, "glad_lambda"),
         ],
+    ),
+    AdapterCase(
+        name="mask_tuning",
+        config_cls=MaskTuningConfig,
+        kwargs={},
+        non_identity_kwargs={"init_weights": False},
+        invalid_kwargs=[
+            ({"threshold": 0.02}, "score_init"),
+            ({"score_l2_weight": -1.0}, "score_l2_weight"),
+            ({"graddrop_lambda": 2.0}, "graddrop_lambda"),
+        ],
+        not_applicable={
+            "mixed_batch": "a mask changes the weight itself, so a mixed batch would need one weight matrix per "
+            "sample; the layer raises a clear error instead (tested in test_mask_tuning.py)",
+        },
+        prefix="masktune_",
+        train_lr=20.0,
+        state_view=lambda state: {k: (v > 5e-3 if "masktune_scores" in k else v) for k, v in state.items()},
     ),
 ]

@@ -73,9 +73,17 @@ def make_peft(case, model, non_identity=True, adapter_name="default", **override
     return get_peft_model(model.build(), config, adapter_name=adapter_name).eval()
 
 
-def train_steps(peft_model, model: TinyModel, steps=3, lr=0.5):
+def train_steps(peft_model, model: TinyModel, steps=3, lr=None, case: AdapterCase | None = None):
+    """A few SGD steps: the adapter's own parameters at `case.train_lr`, anything else (modules_to_save) at 0.5."""
+    adapter_lr = lr if lr is not None else (case.train_lr if case is not None else 0.5)
+    prefix = case.prefix if case is not None else "lora_"
+    trainable = [(n, p) for n, p in peft_model.named_parameters() if p.requires_grad]
+    groups = [
+        {"params": [p for n, p in trainable if prefix in n], "lr": adapter_lr},
+        {"params": [p for n, p in trainable if prefix not in n], "lr": lr if lr is not None else 0.5},
+    ]
     peft_model.train()
-    opt = torch.optim.SGD([p for p in peft_model.parameters() if p.requires_grad], lr=lr)
+    opt = torch.optim.SGD([g for g in groups if g["params"]])
     batch = model.batch()
     losses = []
     for _ in range(steps):
@@ -151,7 +159,7 @@ def test_identity_at_init_and_adapter_name(case, model):
 @pytest.mark.parametrize("case,model", _grid("save_load"))
 def test_save_load_roundtrip(case, model, safe_serialization, tmp_path):
     peft_model = make_peft(case, model)
-    train_steps(peft_model, model)
+    train_steps(peft_model, model, case=case)
     batch = model.batch()
     logits = logits_of(peft_model, batch)
     assert not torch.allclose(logits, logits_of(model.build(), batch)), "adapter has no effect: test has no signal"
@@ -166,7 +174,7 @@ def test_save_load_roundtrip(case, model, safe_serialization, tmp_path):
         loaded = PeftModel.from_pretrained(model.build(), tmp_path)
     assert not [w for w in caught if "missing adapter keys" in str(w.message)]
     assert type(loaded.peft_config["default"]) is case.config_cls
-    state, loaded_state = peft_model.state_dict(), loaded.state_dict()
+    state, loaded_state = case.state_view(peft_model.state_dict()), case.state_view(loaded.state_dict())
     assert state.keys() == loaded_state.keys()
     for key in state:
         torch.testing.assert_close(state[key], loaded_state[key], rtol=0, atol=0)
@@ -202,7 +210,7 @@ def _run_python(code: str) -> subprocess.CompletedProcess:
 @pytest.mark.parametrize("case,model", _grid("reload_new_process"))
 def test_reload_in_new_process(case, model, tmp_path):
     peft_model = make_peft(case, model)
-    train_steps(peft_model, model)
+    train_steps(peft_model, model, case=case)
     peft_model.save_pretrained(tmp_path / "adapter")
     tests_dir = os.path.dirname(__file__)
     fmt = dict(tests_dir=tests_dir, model_name=model.name, adapter_dir=str(tmp_path / "adapter"))
@@ -293,7 +301,7 @@ def test_safe_merge_raises_on_nan(case, model):
 def test_disable_adapter_equals_base(case, model):
     base_logits = logits_of(model.build(), model.batch())
     peft_model = make_peft(case, model, non_identity=False)
-    losses = train_steps(peft_model, model, steps=3, lr=0.5)
+    losses = train_steps(peft_model, model, steps=3, case=case)
     assert losses[-1] < losses[0]
     logits = logits_of(peft_model, model.batch())
     assert not torch.allclose(logits, base_logits)
@@ -370,7 +378,7 @@ def test_mixed_adapter_batch(case, model):
 def test_only_adapter_params_change(case, model):
     peft_model = make_peft(case, model)
     before = {n: p.detach().clone() for n, p in peft_model.named_parameters()}
-    train_steps(peft_model, model, steps=3)
+    train_steps(peft_model, model, steps=3, case=case)
     for name, param in peft_model.named_parameters():
         changed = not torch.equal(before[name], param)
         is_adapter = case.prefix in name or "modules_to_save" in name

@@ -2,6 +2,15 @@
 
 from .allora import ALLoRAConfig, ALLoRAModel, create_allora_optimizer
 from .glad import GLADConfig, GLADModel
+from .mask_tuning import MaskTuningConfig, MaskTuningModel
 
 
-__all__ = ["ALLoRAConfig", "ALLoRAModel", "GLADConfig", "GLADModel", "create_allora_optimizer"]
+__all__ = [
+    "ALLoRAConfig",
+    "ALLoRAModel",
+    "GLADConfig",
+    "GLADModel",
+    "MaskTuningConfig",
+    "MaskTuningModel",
+    "create_allora_optimizer",
+]

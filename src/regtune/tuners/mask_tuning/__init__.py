@@ -1,0 +1,18 @@
+from regtune._compat import register_regtune_method
+
+from .config import TRANSFORMERS_MODELS_TO_MASK_TUNING_TARGET_MODULES_MAPPING, MaskTuningConfig
+from .layer import Conv2d, Linear, MaskTuningLayer
+from .model import MaskTuningModel, save_real_valued_scores
+
+
+__all__ = [
+    "TRANSFORMERS_MODELS_TO_MASK_TUNING_TARGET_MODULES_MAPPING",
+    "Conv2d",
+    "Linear",
+    "MaskTuningConfig",
+    "MaskTuningLayer",
+    "MaskTuningModel",
+    "save_real_valued_scores",
+]
+
+register_regtune_method(name="mask_tuning", config_cls=MaskTuningConfig, model_cls=MaskTuningModel, prefix="masktune_")

@@ -1,0 +1,107 @@
+"""Configuration of regularized mask tuning (R-AMT)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from peft.config import PeftConfig
+from peft.utils import PeftType
+
+
+# attention projections per model family (the paper masks multi-head self-attention: Q, K, V and out)
+TRANSFORMERS_MODELS_TO_MASK_TUNING_TARGET_MODULES_MAPPING = {
+    "bert": ["query", "key", "value", "attention.output.dense"],
+    "roberta": ["query", "key", "value", "attention.output.dense"],
+    "xlm-roberta": ["query", "key", "value", "attention.output.dense"],
+    "distilbert": ["q_lin", "k_lin", "v_lin", "out_lin"],
+    "llama": ["q_proj", "k_proj", "v_proj", "o_proj"],
+    "mistral": ["q_proj", "k_proj", "v_proj", "o_proj"],
+    "qwen2": ["q_proj", "k_proj", "v_proj", "o_proj"],
+    "qwen3": ["q_proj", "k_proj", "v_proj", "o_proj"],
+    "gemma": ["q_proj", "k_proj", "v_proj", "o_proj"],
+    "gemma2": ["q_proj", "k_proj", "v_proj", "o_proj"],
+    "phi3": ["qkv_proj", "o_proj"],
+    "opt": ["q_proj", "k_proj", "v_proj", "out_proj"],
+    "gpt2": ["c_attn", "attn.c_proj"],
+    "vit": ["query", "key", "value", "attention.output.dense"],
+    "clip": ["q_proj", "k_proj", "v_proj", "out_proj"],
+    "clip_vision_model": ["q_proj", "k_proj", "v_proj", "out_proj"],
+    "siglip": ["q_proj", "k_proj", "v_proj", "out_proj"],
+    "t5": ["q", "k", "v", "o"],
+}
+
+
+@dataclass
+class MaskTuningConfig(PeftConfig):
+    """
+    Configuration for regularized mask tuning, R-AMT ([paper](https://huggingface.co/papers/2307.15049)): a learned
+    binary mask over each frozen weight, `W_eff = 1[S > threshold] * W`, with real-valued scores `S` trained through
+    a straight-through estimator. At initialization every score is `score_init > threshold`, so the model is the
+    pre-trained one.
+
+    Args:
+        target_modules (`Union[list[str], str]`, *optional*):
+            Modules to mask (`nn.Linear`, GPT-2 `Conv1D`, `nn.Conv2d`). Defaults to the attention projections of the
+            model family (`TRANSFORMERS_MODELS_TO_MASK_TUNING_TARGET_MODULES_MAPPING`); see also
+            [`regtune.rank_modules_by_gradient`] for an importance-based choice.
+        exclude_modules (`Union[list[str], str]`, *optional*): modules not to mask.
+        score_init (`float`, defaults to `1e-2`): initial value of every score.
+        threshold (`float`, defaults to `5e-3`): a weight is kept where its score is above it.
+        score_l2_weight (`float`, defaults to `1e-4`):
+            Weight of the score regularizer `sum_l ||S_l||_2` (unsquared) added to the task loss in training.
+        graddrop_lambda (`float`, defaults to `1.0`):
+            Gradient-dropout strength in [0, 1] used by [`regtune.MaskTuningTrainer`] (the README of the official
+            code recommends 0.3 on most datasets).
+        fan_in_fan_out (`bool`, defaults to `False`): set for layers storing weights as (fan_in, fan_out).
+        layers_to_transform (`Union[list[int], int]`, *optional*): only these layer indices.
+        layers_pattern (`Union[list[str], str]`, *optional*): name of the layer container (with layers_to_transform).
+        modules_to_save (`list[str]`, *optional*): modules trained fully and saved (e.g. a classifier head).
+        init_weights (`bool`, defaults to `True`):
+            `True`: all scores `score_init` (identity). `False`: random scores around the threshold, so that about a
+            third of the mask is zero -- for tests only.
+    """
+
+    target_modules: list[str] | str | None = field(
+        default=None, metadata={"help": "Modules to mask; default: the attention projections of the model family."}
+    )
+    exclude_modules: list[str] | str | None = field(default=None, metadata={"help": "Modules not to mask."})
+    score_init: float = field(default=1e-2, metadata={"help": "Initial value of every score (> threshold)."})
+    threshold: float = field(default=5e-3, metadata={"help": "A weight is kept where its score is above it."})
+    score_l2_weight: float = field(
+        default=1e-4, metadata={"help": "Weight of sum_l ||S_l||_2 added to the training loss (>= 0)."}
+    )
+    graddrop_lambda: float = field(default=1.0, metadata={"help": "Gradient-dropout strength in [0, 1]."})
+    fan_in_fan_out: bool = field(default=False, metadata={"help": "Layer stores weight as (fan_in, fan_out)."})
+    layers_to_transform: list[int] | int | None = field(
+        default=None, metadata={"help": "Only mask the layers with these indices."}
+    )
+    layers_pattern: list[str] | str | None = field(
+        default=None, metadata={"help": "Name of the layer container, used with layers_to_transform."}
+    )
+    modules_to_save: list[str] | None = field(
+        default=None, metadata={"help": "Modules trained fully and saved with the adapter (e.g. a classifier)."}
+    )
+    init_weights: bool = field(
+        default=True, metadata={"help": "True: identity init. False: random scores around the threshold (tests)."}
+    )
+
+    def __post_init__(self):
+        super().__post_init__()
+        self.peft_type = PeftType.MASK_TUNING
+        self.target_modules = (
+            set(self.target_modules) if isinstance(self.target_modules, list) else self.target_modules
+        )
+        self.exclude_modules = (
+            set(self.exclude_modules) if isinstance(self.exclude_modules, list) else self.exclude_modules
+        )
+        if not self.threshold < self.score_init:
+            raise ValueError(
+                f"MaskTuningConfig: `score_init` ({self.score_init}) must be greater than `threshold` "
+                f"({self.threshold}) so that the mask starts as all ones (the pre-trained model)."
+            )
+        if self.score_l2_weight < 0:
+            raise ValueError(f"MaskTuningConfig: `score_l2_weight` must be >= 0, got {self.score_l2_weight}.")
+        if not 0.0 <= self.graddrop_lambda <= 1.0:
+            raise ValueError(f"MaskTuningConfig: `graddrop_lambda` must be in [0, 1], got {self.graddrop_lambda}.")
+        if self.layers_pattern and not self.layers_to_transform:
+            raise ValueError("MaskTuningConfig: `layers_pattern` needs `layers_to_transform`.")

@@ -1,0 +1,134 @@
+"""Mask-tuning layers: the frozen weight times a learned binary mask, `W_eff = 1[S > threshold] * W`."""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from peft.tuners.tuners_utils import BaseTunerLayer, _get_in_out_features, check_adapters_to_merge
+from peft.utils.other import transpose
+from torch import nn
+
+from regtune.functional.masks import straight_through_mask
+
+
+class MaskTuningLayer(BaseTunerLayer):
+    """Holds one real-valued score tensor per adapter (same shape as the base weight) and merges by masking."""
+
+    adapter_layer_names = ("masktune_scores",)
+    other_param_names = ("masktune_threshold", "masktune_removed")
+
+    def __init__(self, base_layer: nn.Module, **kwargs) -> None:
+        self.base_layer = base_layer
+        self.masktune_scores = nn.ParameterDict({})
+        self.masktune_threshold: dict[str, float] = {}
+        # merged adapter -> (boolean mask, the weight values it zeroed), so that unmerge restores W exactly
+        self.masktune_removed: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._disable_adapters = False
+        self.merged_adapters: list[str] = []
+        self.in_features, self.out_features = _get_in_out_features(self.get_base_layer())
+        self.kwargs = kwargs
+
+    def update_layer(self, adapter_name: str, config, inference_mode: bool = False, **kwargs) -> None:
+        weight = self.get_base_layer().weight
+        scores = torch.full(weight.shape, float(config.score_init), dtype=torch.float32, device=weight.device)
+        if not config.init_weights:
+            generator = torch.Generator().manual_seed(hash(adapter_name) % 2**31)
+            noise = torch.rand(weight.shape, generator=generator).to(weight.device)
+            scores = config.threshold + (noise - 1.0 / 3.0) * 3.0 * (config.score_init - config.threshold)
+        self.masktune_scores[adapter_name] = nn.Parameter(scores)
+        self.masktune_threshold[adapter_name] = float(config.threshold)
+        self._move_adapter_to_device_of_base_layer(adapter_name)
+        self.set_adapter(self.active_adapters, inference_mode=inference_mode)
+
+    def binary_mask(self, adapter_name: str) -> torch.Tensor:
+        """The hard mask `1[S > threshold]` (boolean) of an adapter."""
+        return self.masktune_scores[adapter_name] > self.masktune_threshold[adapter_name]
+
+    def masked_weight(self) -> torch.Tensor:
+        """`W * M_1 * M_2 * ...` over the active adapters, differentiable in the scores (straight-through)."""
+        weight = self.get_base_layer().weight
+        for name in self.active_adapters:
+            if name in self.masktune_scores:
+                scores = self.masktune_scores[name]
+                weight = weight * straight_through_mask(scores, self.masktune_threshold[name]).to(weight.dtype)
+        return weight
+
+    def get_delta_weight(self, adapter_name: str) -> torch.Tensor:
+        weight = self.get_base_layer().weight
+        return weight * self.binary_mask(adapter_name).to(weight.dtype) - weight
+
+    def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
+        adapter_names = check_adapters_to_merge(self, adapter_names)
+        for name in adapter_names:
+            if name not in self.masktune_scores:
+                continue
+            if safe_merge and not torch.isfinite(self.masktune_scores[name]).all():
+                raise ValueError(f"NaNs detected in the merged weights. The adapter {name} seems to be broken")
+            weight = self.get_base_layer().weight
+            mask = self.binary_mask(name).detach()
+            self.masktune_removed[name] = (mask, weight.data[~mask].clone())
+            weight.data.mul_(mask.to(weight.dtype))
+            self.merged_adapters.append(name)
+
+    def unmerge(self) -> None:
+        if not self.merged:
+            warnings.warn("Already unmerged. Nothing to do.", stacklevel=2)
+            return
+        while self.merged_adapters:
+            name = self.merged_adapters.pop()
+            mask, removed = self.masktune_removed.pop(name)
+            self.get_base_layer().weight.data[~mask] = removed
+
+    def masked_forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        """The forward of every mask layer; the concrete layer's `_forward_with_weight` applies its op."""
+        if self.disable_adapters:
+            if self.merged:
+                self.unmerge()
+            return self.base_layer(x, *args, **kwargs)
+        if self.merged or not any(name in self.masktune_scores for name in self.active_adapters):
+            return self.base_layer(x, *args, **kwargs)
+        return self._forward_with_weight(x, self.masked_weight())
+
+
+class Linear(nn.Module, MaskTuningLayer):
+    """Mask tuning of an `nn.Linear` (or, with `fan_in_fan_out`, a GPT-2 `Conv1D`)."""
+
+    def __init__(self, base_layer: nn.Module, adapter_name: str, config, **kwargs) -> None:
+        super().__init__()
+        MaskTuningLayer.__init__(self, base_layer, **kwargs)
+        self.fan_in_fan_out = config.fan_in_fan_out
+        self._active_adapter = adapter_name
+        self.update_layer(adapter_name, config, inference_mode=config.inference_mode)
+
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        return self.masked_forward(x, *args, **kwargs)
+
+    def _forward_with_weight(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        bias = self.get_base_layer().bias
+        return F.linear(x.to(weight.dtype), transpose(weight, self.fan_in_fan_out), bias)
+
+    def __repr__(self) -> str:
+        return "masktune." + super().__repr__()
+
+
+class Conv2d(nn.Module, MaskTuningLayer):
+    """Mask tuning of an `nn.Conv2d` (the paper also masks the patch embedding of ViT)."""
+
+    def __init__(self, base_layer: nn.Module, adapter_name: str, config, **kwargs) -> None:
+        super().__init__()
+        MaskTuningLayer.__init__(self, base_layer, **kwargs)
+        self._active_adapter = adapter_name
+        self.update_layer(adapter_name, config, inference_mode=config.inference_mode)
+
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        return self.masked_forward(x, *args, **kwargs)
+
+    def _forward_with_weight(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        base = self.get_base_layer()
+        return base._conv_forward(x.to(weight.dtype), weight, base.bias)
+
+    def __repr__(self) -> str:
+        return "masktune." + super().__repr__()
