@@ -134,3 +134,20 @@ def test_default_targets_for_gpt2_and_bert():
     assert names and all(n.endswith("attn.c_attn") or n.endswith("attn.c_proj") for n in names)
     bert = get_peft_model(tiny_bert(), regtune.MaskTuningConfig())
     assert any(n.endswith("attention.output.dense") for n, m in bert.named_modules() if hasattr(m, "masktune_scores"))
+
+
+def test_rank_modules_by_gradient_returns_usable_targets():
+    spec = TINY_MODELS["llama"]
+    model = spec.build()
+    before = {n: p.requires_grad for n, p in model.named_parameters()}
+    ranked = regtune.rank_modules_by_gradient(model, [spec.batch(), spec.batch()], candidates=["self_attn"], top_k=3)
+    assert len(ranked) == 3 and all("self_attn" in n for n in ranked)
+    assert {n: p.requires_grad for n, p in model.named_parameters()} == before
+    assert all(p.grad is None for p in model.parameters())
+    peft_model = get_peft_model(model, regtune.MaskTuningConfig(target_modules=ranked))
+    masked = {
+        n.removeprefix("base_model.model.") for n, m in peft_model.named_modules() if hasattr(m, "masktune_scores")
+    }
+    assert masked == set(ranked)
+    with pytest.raises(ValueError, match="candidate"):
+        regtune.rank_modules_by_gradient(spec.build(), [spec.batch()], candidates=["nothing"])

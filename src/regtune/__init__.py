@@ -7,6 +7,15 @@ methods.
 
 __version__ = "0.1.0.dev0"
 
+from .regularizers import Regularizer  # noqa: E402
+from .trainers import (  # noqa: E402
+    GLADTrainer,
+    GLADTrainingArguments,
+    MaskTuningTrainer,
+    MaskTuningTrainingArguments,
+    RegTrainer,
+    RegularizedTrainerMixin,
+)
 from .tuners import (  # noqa: E402 - registers the adapter types with peft
     ALLoRAConfig,
     ALLoRAModel,
@@ -16,6 +25,7 @@ from .tuners import (  # noqa: E402 - registers the adapter types with peft
     MaskTuningModel,
     create_allora_optimizer,
 )
+from .tuners.mask_tuning import rank_modules_by_gradient  # noqa: E402
 
 
 __all__ = [
@@ -23,8 +33,16 @@ __all__ = [
     "ALLoRAModel",
     "GLADConfig",
     "GLADModel",
+    "GLADTrainer",
+    "GLADTrainingArguments",
     "MaskTuningConfig",
     "MaskTuningModel",
+    "MaskTuningTrainer",
+    "MaskTuningTrainingArguments",
+    "RegTrainer",
+    "Regularizer",
+    "RegularizedTrainerMixin",
     "__version__",
     "create_allora_optimizer",
+    "rank_modules_by_gradient",
 ]

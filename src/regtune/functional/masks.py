@@ -41,3 +41,31 @@ def unpack_mask(packed: torch.Tensor, shape: torch.Size | tuple[int, ...]) -> to
     for size in shape:
         numel *= size
     return bits.flatten()[:numel].view(shape).bool()
+
+
+def gradient_dropout(
+    grad_task: torch.Tensor, grad_knowledge: torch.Tensor, graddrop_lambda: float, uniform: torch.Tensor
+) -> torch.Tensor:
+    """R-AMT's gradient dropout: keep the task gradient where it agrees with the knowledge gradient.
+
+    `P = (sign(g_a) * (g_a + g_b) / (|g_a| + |g_b| + 1e-8) + 1) / 2` and
+    `g = ((1 - lambda) + lambda * 1[P > U]) * g_a` with `U ~ Uniform(0, 1)` elementwise. `g_b` is never applied by
+    itself: it only decides, entry by entry, how likely the task gradient survives (always where both agree).
+
+    Args:
+        grad_task (`torch.Tensor`): `g_a`, gradient of the task loss (plus the score penalty).
+        grad_knowledge (`torch.Tensor`): `g_b`, gradient of the knowledge loss (soft cross-entropy to the
+            pre-trained model's outputs).
+        graddrop_lambda (`float`): in [0, 1]; 0 returns `g_a`.
+        uniform (`torch.Tensor`): `U`, same shape, uniform in [0, 1).
+    """
+    agreement = torch.sign(grad_task) * (grad_task + grad_knowledge) / (grad_task.abs() + grad_knowledge.abs() + 1e-8)
+    keep = ((agreement + 1.0) / 2.0 > uniform).to(grad_task.dtype)
+    return ((1.0 - graddrop_lambda) + graddrop_lambda * keep) * grad_task
+
+
+def soft_cross_entropy(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 1.0):
+    """`-sum softmax(t/T) * log_softmax(s/T) * T^2`, averaged over all leading positions (R-AMT's knowledge loss)."""
+    teacher = torch.softmax(teacher_logits.float() / temperature, dim=-1)
+    log_student = torch.log_softmax(student_logits.float() / temperature, dim=-1)
+    return -(teacher * log_student).sum(dim=-1).mean() * temperature**2

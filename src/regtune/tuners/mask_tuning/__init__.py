@@ -1,6 +1,7 @@
 from regtune._compat import register_regtune_method
 
 from .config import TRANSFORMERS_MODELS_TO_MASK_TUNING_TARGET_MODULES_MAPPING, MaskTuningConfig
+from .importance import rank_modules_by_gradient
 from .layer import Conv2d, Linear, MaskTuningLayer
 from .model import MaskTuningModel, save_real_valued_scores
 
@@ -12,6 +13,7 @@ __all__ = [
     "MaskTuningConfig",
     "MaskTuningLayer",
     "MaskTuningModel",
+    "rank_modules_by_gradient",
     "save_real_valued_scores",
 ]
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import warnings
+import zlib
 from typing import Any
 
 import torch
@@ -35,7 +36,9 @@ class MaskTuningLayer(BaseTunerLayer):
         weight = self.get_base_layer().weight
         scores = torch.full(weight.shape, float(config.score_init), dtype=torch.float32, device=weight.device)
         if not config.init_weights:
-            generator = torch.Generator().manual_seed(hash(adapter_name) % 2**31)
+            generator = torch.Generator().manual_seed(
+                zlib.crc32(adapter_name.encode())
+            )  # not hash(): salted per process
             noise = torch.rand(weight.shape, generator=generator).to(weight.device)
             scores = config.threshold + (noise - 1.0 / 3.0) * 3.0 * (config.score_init - config.threshold)
         self.masktune_scores[adapter_name] = nn.Parameter(scores)

@@ -1,0 +1,18 @@
+"""Training integration: the regularizer mixin for any `transformers.Trainer` subclass, and the named trainers."""
+
+from .glad_trainer import GLADTrainer, GLADTrainingArguments
+from .mask_tuning_trainer import MaskTuningTrainer, MaskTuningTrainingArguments
+from .mixin import REGULARIZERS_STATE_NAME, RegularizedTrainerMixin, check_regularizers
+from .reg_trainer import RegTrainer
+
+
+__all__ = [
+    "REGULARIZERS_STATE_NAME",
+    "GLADTrainer",
+    "GLADTrainingArguments",
+    "MaskTuningTrainer",
+    "MaskTuningTrainingArguments",
+    "RegTrainer",
+    "RegularizedTrainerMixin",
+    "check_regularizers",
+]

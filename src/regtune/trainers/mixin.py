@@ -1,0 +1,324 @@
+"""`RegularizedTrainerMixin`: a `regularizers=[...]` argument for any `transformers.Trainer` subclass."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import weakref
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import torch
+from accelerate.utils import DistributedType
+from torch import nn
+from transformers import TrainerCallback
+from transformers.training_args import OptimizerNames
+
+from regtune.regularizers import Regularizer, build_regularizer
+from regtune.regularizers.base import overrides
+from regtune.tuners.mask_tuning import save_real_valued_scores
+
+
+logger = logging.getLogger(__name__)
+
+REGULARIZERS_STATE_NAME = "regtune_regularizers.pt"
+"""File, inside `checkpoint-N/`, holding the regularizers' `state_dict`s (one file per process under DDP:
+`regtune_regularizers_{process_index}.pt`, like the Trainer's `rng_state_{process_index}.pth`)."""
+
+_STATE_FORMAT = 1
+
+
+def regularizer_state_file(world_size: int, process_index: int) -> str:
+    """The name of the regularizer-state file written by process `process_index` of `world_size`."""
+    if world_size <= 1:
+        return REGULARIZERS_STATE_NAME
+    stem, ext = os.path.splitext(REGULARIZERS_STATE_NAME)
+    return f"{stem}_{process_index}{ext}"
+
+
+def check_regularizers(regularizers: Regularizer | Iterable[Regularizer | Mapping] | None) -> list[Regularizer]:
+    """
+    Validate a list of regularizers (instances, or `{"type": name, **kwargs}` mappings for [`build_regularizer`]).
+
+    Raises:
+        `TypeError`: for an item that is not a [`Regularizer`].
+        `ValueError`: when two regularizers share a `name`, when more than one owns the training step (the message
+            names them), or when a step owner does not define `training_step`.
+    """
+    if regularizers is None:
+        return []
+    if isinstance(regularizers, (Regularizer, Mapping)):
+        regularizers = [regularizers]
+    result = []
+    for item in regularizers:
+        if isinstance(item, Mapping):
+            if "type" not in item:
+                raise ValueError(
+                    f"A regularizer mapping needs a 'type' key (one of the registry names), got {dict(item)}."
+                )
+            item = build_regularizer(**item)
+        if not isinstance(item, Regularizer):
+            raise TypeError(
+                f"`regularizers` must hold regtune.Regularizer instances (or {{'type': ..., **kwargs}} mappings), "
+                f"got {type(item).__name__}."
+            )
+        result.append(item)
+    names = [reg.name for reg in result]
+    duplicates = sorted({name for name in names if names.count(name) > 1})
+    if duplicates:
+        raise ValueError(
+            f"Two regularizers share the name(s) {duplicates}; the name keys their state in checkpoints. Set a "
+            "distinct `name` on each instance."
+        )
+    owners = [reg for reg in result if reg.owns_step]
+    if len(owners) > 1:
+        listed = " and ".join(f"{reg.name!r} ({type(reg).__name__})" for reg in owners)
+        raise ValueError(
+            f"At most one regularizer may own the training step (`owns_step=True`), got {len(owners)}: {listed}. Each "
+            "does its own forward/backward, so they cannot be combined; keep one of them."
+        )
+    for reg in owners:
+        if not overrides(reg, "training_step"):
+            raise ValueError(f"Regularizer {reg.name!r} sets `owns_step = True` but does not define `training_step`.")
+    return result
+
+
+class _RegularizerLifecycleCallback(TrainerCallback):
+    """Calls `setup` (and loads resumed state) at `on_train_begin`, before the regularizers' own callbacks."""
+
+    def __init__(self, trainer: RegularizedTrainerMixin):
+        self._trainer = weakref.ref(trainer)
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        trainer = self._trainer()
+        if trainer is not None:
+            trainer._regtune_setup()
+
+
+class RegularizedTrainerMixin:
+    """
+    Gives any `transformers.Trainer` subclass a `regularizers=[...]` argument (see [`Regularizer`] for the hooks).
+
+    ```py
+    >>> from trl import SFTTrainer
+    >>> class RegSFTTrainer(RegularizedTrainerMixin, SFTTrainer): ...  # the mixin goes first
+    >>> trainer = RegSFTTrainer(model=model, args=args, train_dataset=ds,
+    ...                         regularizers=[DropoutSchedule(p=0.1, mode="step", start_fraction=0.5)])
+    ```
+
+    What it guarantees:
+
+    - **Training only.** Forward contexts and loss terms are applied only inside `training_step`; `evaluate`,
+      `predict` and the eval inside `train` call the host's `compute_loss` untouched.
+    - **Gradient accumulation.** A loss term is added to the loss of every micro-batch once. When the host's
+      `training_step` will divide the loss by the number of accumulation steps (the loss is a per-batch mean) the
+      term is added as is; when the host treats the loss as already scaled for accumulation -- the same rule as
+      `Trainer.training_step`: `loss_is_scaled_for_ga`, else `model_accepts_loss_kwargs` and `num_items_in_batch`
+      given, or a `compute_loss_func` -- the term is divided by `current_gradient_accumulation_steps`. Either way an
+      optimizer step gets the mean of the term over its micro-batches, whatever the accumulation setting. The term
+      is never multiplied by the number of processes (`average_tokens_across_devices` rescales only the token-summed
+      task loss): DDP averages gradients, so a per-process mean becomes the global mean.
+    - **Step ownership.** At most one regularizer may own the step (a `ValueError` at construction names both);
+      its `training_step` replaces the host's for each micro-batch, inside the Trainer's DDP `no_sync` handling.
+      Helpers for it: `compute_loss` (applies the other regularizers) and [`scaled_backward`].
+    - **Mixed precision.** Loss terms run inside `compute_loss_context_manager()` like the task loss; forwards
+      through the model use Accelerate's autocast.
+    - **Checkpoints.** The regularizers' `state_dict()` is written into `checkpoint-N/regtune_regularizers.pt`
+      (`regtune_regularizers_{rank}.pt` per process under DDP), atomically (a temp file then `os.replace`), next
+      to the optimizer state and before `trainer_state.json`, so every complete checkpoint holds it. On
+      `train(resume_from_checkpoint=...)` it is read with the optimizer state and given to `load_state_dict` right
+      after `setup`.
+
+    Args:
+        regularizers (`list[Regularizer]`, *optional*): the regularizers, applied in list order. A mapping
+            `{"type": name, **kwargs}` is built with [`build_regularizer`].
+        *args, **kwargs: passed to the host trainer.
+    """
+
+    def __init__(self, *args, regularizers: Iterable[Regularizer] | None = None, **kwargs):
+        regs = check_regularizers(regularizers)
+        self.regularizers: list[Regularizer] = regs
+        self._regtune_owner = next((reg for reg in regs if reg.owns_step), None)
+        self._regtune_term_regs = [reg for reg in regs if overrides(reg, "loss_term")]
+        self._regtune_in_training_step = False
+        self._regtune_pending_state: dict | None = None
+        super().__init__(*args, **kwargs)
+        if regs:
+            self.add_callback(_RegularizerLifecycleCallback(self))
+            for reg in regs:
+                for callback in reg.callbacks():
+                    self.add_callback(callback)
+
+    # ---- training ----
+
+    def _regtune_setup(self) -> None:
+        for reg in self.regularizers:
+            reg.setup(self)
+        pending, self._regtune_pending_state = self._regtune_pending_state, None
+        if pending is not None:
+            self._regtune_apply_state(pending)
+
+    def loss_is_scaled_for_ga_now(self, num_items_in_batch: torch.Tensor | int | None) -> bool:
+        """Whether the host's `training_step` takes the loss as already scaled for gradient accumulation."""
+        flag = getattr(self, "loss_is_scaled_for_ga", None)
+        if flag is not None:
+            return bool(flag)
+        return bool(
+            (self.model_accepts_loss_kwargs and num_items_in_batch is not None) or self.compute_loss_func is not None
+        )
+
+    def _regtune_ga_steps(self) -> int:
+        return getattr(self, "current_gradient_accumulation_steps", None) or self.args.gradient_accumulation_steps
+
+    def training_step(
+        self,
+        model: nn.Module,
+        inputs: dict[str, torch.Tensor | Any],
+        num_items_in_batch: torch.Tensor | int | None = None,
+    ) -> torch.Tensor:
+        self._regtune_in_training_step = True
+        try:
+            if self._regtune_owner is None:
+                return super().training_step(model, inputs, num_items_in_batch)
+            model.train()
+            if hasattr(self.optimizer, "train") and callable(self.optimizer.train):
+                self.optimizer.train()
+            inputs = self._prepare_inputs(inputs)
+            return self._regtune_owner.training_step(self, model, inputs, num_items_in_batch)
+        finally:
+            self._regtune_in_training_step = False
+
+    def scaled_backward(
+        self, loss: torch.Tensor, num_items_in_batch: torch.Tensor | int | None = None
+    ) -> torch.Tensor:
+        """
+        Backward `loss` the way `Trainer.training_step` does, for step-owning regularizers; return it detached.
+
+        Applies the DataParallel mean, the division by the number of accumulation steps when the loss is not already
+        scaled for it (see [`RegularizedTrainerMixin`]), and `accelerator.backward` (with DeepSpeed's
+        `scale_wrt_gas=False` and LOMO's learning rate, as the Trainer does). Call it once per backward pass; a
+        regularizer doing two passes that should each count fully calls it twice.
+        """
+        if self.args.n_gpu > 1:
+            loss = loss.mean()
+        if not self.loss_is_scaled_for_ga_now(num_items_in_batch):
+            loss = loss / self._regtune_ga_steps()
+        kwargs = {}
+        if self.args.optim in (OptimizerNames.LOMO, OptimizerNames.ADALOMO):
+            kwargs["learning_rate"] = self._get_learning_rate()
+        if self.accelerator.distributed_type == DistributedType.DEEPSPEED:
+            kwargs["scale_wrt_gas"] = False
+        self.accelerator.backward(loss, **kwargs)
+        return loss.detach()
+
+    def compute_loss(
+        self,
+        model: nn.Module,
+        inputs: dict[str, torch.Tensor | Any],
+        return_outputs: bool = False,
+        num_items_in_batch: torch.Tensor | int | None = None,
+    ):
+        if not self._regtune_in_training_step or not self.regularizers:
+            return super().compute_loss(
+                model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch
+            )
+        captured: list[Any] = []
+        with contextlib.ExitStack() as stack:
+            for reg in self.regularizers:
+                stack.enter_context(reg.forward_context(self, model, inputs))
+            if self._regtune_term_regs and not return_outputs:
+                # outputs of the host's first forward, without asking the host for them (trl's SFTTrainer warns and
+                # runs an extra forward when `return_outputs=True`)
+                handle = model.register_forward_hook(lambda module, args, output: captured.append(output))
+                stack.callback(handle.remove)
+            # a copy: hosts pop `labels` from the dict they get, and loss terms still want them
+            host_inputs = dict(inputs) if isinstance(inputs, Mapping) else inputs
+            result = super().compute_loss(
+                model, host_inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch
+            )
+        if return_outputs:
+            loss, outputs = result
+        else:
+            loss, outputs = result, (captured[0] if captured else None)
+        if self._regtune_term_regs:
+            scale = 1.0 / self._regtune_ga_steps() if self.loss_is_scaled_for_ga_now(num_items_in_batch) else 1.0
+            for reg in self._regtune_term_regs:
+                term = reg.loss_term(model, inputs, outputs)
+                if term is None:
+                    continue
+                if not isinstance(term, torch.Tensor) or term.dim() != 0:
+                    raise ValueError(
+                        f"Regularizer {reg.name!r}: `loss_term` must return a scalar tensor or None, got "
+                        f"{type(term).__name__}{tuple(term.shape) if isinstance(term, torch.Tensor) else ''}."
+                    )
+                loss = loss + (term * scale if scale != 1.0 else term)
+        return (loss, outputs) if return_outputs else loss
+
+    # ---- checkpoints ----
+
+    def _save_checkpoint(self, model, trial) -> None:
+        # A checkpoint is training state: adapters that publish a compressed form (mask tuning's bit-packed masks)
+        # keep their full trainable state here, so that a resumed run continues exactly.
+        with save_real_valued_scores():
+            super()._save_checkpoint(model, trial)
+
+    def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
+        # The regularizers' state is resumable training state, like the optimizer's: written with it (skipped with
+        # `save_only_model`, as resuming is then impossible anyway), by every process, before trainer_state.json.
+        super()._save_optimizer_and_scheduler(output_dir)
+        if self.regularizers:
+            self._regtune_save_state(output_dir)
+
+    def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
+        super()._load_optimizer_and_scheduler(checkpoint)
+        if checkpoint is not None and self.regularizers:
+            self._regtune_pending_state = self._regtune_read_state(checkpoint)
+
+    def _regtune_save_state(self, output_dir: str) -> None:
+        payload = {
+            "format": _STATE_FORMAT,
+            "world_size": self.args.world_size,
+            "process_index": self.args.process_index,
+            "regularizers": {reg.name: reg.state_dict() for reg in self.regularizers},
+        }
+        os.makedirs(output_dir, exist_ok=True)
+        path = os.path.join(output_dir, regularizer_state_file(self.args.world_size, self.args.process_index))
+        tmp = f"{path}.tmp{os.getpid()}"
+        torch.save(payload, tmp)
+        os.replace(tmp, path)
+
+    def _regtune_read_state(self, checkpoint: str) -> dict | None:
+        candidates = [regularizer_state_file(self.args.world_size, self.args.process_index)]
+        candidates += [REGULARIZERS_STATE_NAME, regularizer_state_file(2, 0)]  # resumed with another world size
+        for name in dict.fromkeys(candidates):
+            path = os.path.join(checkpoint, name)
+            if os.path.isfile(path):
+                if name != candidates[0]:
+                    logger.warning(
+                        "Resuming regularizers from %s written by another number of processes; per-process state "
+                        "(if any) is taken from that file.",
+                        path,
+                    )
+                return torch.load(path, map_location="cpu", weights_only=True)
+        stateful = [reg.name for reg in self.regularizers if reg.state_dict()]
+        if stateful:
+            logger.warning(
+                "Checkpoint %s has no %s: the regularizers %s start from a fresh state, so the resumed run will not "
+                "continue exactly.",
+                checkpoint,
+                REGULARIZERS_STATE_NAME,
+                stateful,
+            )
+        return None
+
+    def _regtune_apply_state(self, payload: dict) -> None:
+        states = payload.get("regularizers", {})
+        for reg in self.regularizers:
+            if reg.name in states:
+                reg.load_state_dict(states[reg.name])
+            elif reg.state_dict():
+                logger.warning("The checkpoint holds no state for regularizer %r: it starts fresh.", reg.name)
+        unknown = sorted(set(states) - {reg.name for reg in self.regularizers})
+        if unknown:
+            logger.warning("The checkpoint holds state for regularizers %s that this trainer does not have.", unknown)

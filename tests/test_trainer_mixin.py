@@ -1,0 +1,435 @@
+"""RegularizedTrainerMixin with transformers.Trainer and trl.SFTTrainer: hook order, gradient accumulation, eval,
+step ownership, checkpoint/resume, mixed precision."""
+
+from __future__ import annotations
+
+import contextlib
+import glob
+import math
+import os
+
+import datasets
+import pytest
+import torch
+from distributed_worker import (
+    VOCAB,
+    LogitPenalty,
+    NoisyPenalty,
+    ParamL2,
+    PlainClassifier,
+    PlainStepOwner,
+    causal_dataset,
+    classification_dataset,
+    flat_weights,
+    tiny_bert,
+    tiny_llama,
+    training_args,
+)
+from peft import LoraConfig, get_peft_model
+from tokenizers import Tokenizer, models, pre_tokenizers
+from transformers import PreTrainedTokenizerFast, Trainer, TrainerCallback
+from trl import SFTConfig, SFTTrainer
+
+from regtune.regularizers import DropoutSchedule, MultiSampleDropout, Regularizer
+from regtune.trainers import REGULARIZERS_STATE_NAME, RegTrainer, RegularizedTrainerMixin
+
+
+class Recorder(Regularizer):
+    """Records every hook call, in order, into a shared event list."""
+
+    name = "recorder"
+
+    def __init__(self, events: list, name: str = "recorder"):
+        self.events = events
+        self.name = name
+        self.shapes: list[tuple] = []
+
+    def setup(self, trainer):
+        self.events.append(f"{self.name}.setup")
+
+    @contextlib.contextmanager
+    def _context(self):
+        self.events.append(f"{self.name}.enter")
+        yield
+        self.events.append(f"{self.name}.exit")
+
+    def forward_context(self, trainer, model, inputs):
+        return self._context()
+
+    def loss_term(self, model, inputs, outputs):
+        self.events.append(f"{self.name}.loss_term")
+        self.shapes.append((tuple(outputs["logits"].shape), tuple(inputs["labels"].shape)))
+        return None
+
+    def callbacks(self):
+        self.events.append(f"{self.name}.callbacks")
+        events, name = self.events, self.name
+
+        class _Callback(TrainerCallback):
+            def on_train_begin(self, args, state, control, **kwargs):
+                events.append(f"{name}.on_train_begin")
+
+            def on_step_begin(self, args, state, control, **kwargs):
+                events.append(f"{name}.on_step_begin")
+
+            def on_step_end(self, args, state, control, **kwargs):
+                events.append(f"{name}.on_step_end")
+
+        return [_Callback()]
+
+    def state_dict(self):
+        self.events.append(f"{self.name}.state_dict")
+        return {}
+
+
+# ---- construction ----
+
+
+class _Owner(PlainStepOwner):
+    name = "owner_a"
+
+
+class _OtherOwner(PlainStepOwner):
+    name = "owner_b"
+
+
+def test_two_step_owners_raise_naming_both(tmp_path):
+    with pytest.raises(ValueError, match=r"got 2: 'owner_a' \(_Owner\) and 'owner_b' \(_OtherOwner\)"):
+        RegTrainer(model=tiny_bert(), args=training_args(str(tmp_path)), regularizers=[_Owner(), _OtherOwner()])
+
+
+def test_construction_checks(tmp_path):
+    args = training_args(str(tmp_path))
+    with pytest.raises(ValueError, match=r"share the name\(s\) \['logit_penalty'\]"):
+        RegTrainer(model=tiny_bert(), args=args, regularizers=[LogitPenalty(), LogitPenalty()])
+    with pytest.raises(TypeError, match="must hold regtune.Regularizer instances"):
+        RegTrainer(model=tiny_bert(), args=args, regularizers=[object()])
+
+    class NoStep(Regularizer):
+        name = "no_step"
+        owns_step = True
+
+    with pytest.raises(ValueError, match="'no_step' sets `owns_step = True` but does not define `training_step`"):
+        RegTrainer(model=tiny_bert(), args=args, regularizers=[NoStep()])
+    trainer = RegTrainer(
+        model=tiny_bert(), args=args, regularizers=[{"type": "dropout_schedule", "p": 0.1}, LogitPenalty()]
+    )
+    assert isinstance(trainer.regularizers[0], DropoutSchedule)
+    with pytest.raises(ValueError, match="Unknown regularizer type 'nope'"):
+        RegTrainer(model=tiny_bert(), args=args, regularizers=[{"type": "nope"}])
+
+
+# ---- hook order, eval ----
+
+
+def test_hook_order_and_eval_excluded(tmp_path):
+    events: list[str] = []
+    first, second = Recorder(events, "a"), Recorder(events, "b")
+    args = training_args(
+        str(tmp_path),
+        per_device_train_batch_size=2,
+        gradient_accumulation_steps=2,
+        max_steps=2,
+        eval_strategy="steps",
+        eval_steps=1,
+        save_strategy="steps",
+        save_steps=2,
+    )
+    data = classification_dataset(n=8)
+    trainer = RegTrainer(
+        model=tiny_bert(), args=args, train_dataset=data, eval_dataset=data, regularizers=[first, second]
+    )
+    assert events == ["a.callbacks", "b.callbacks"]
+    events.clear()
+    trainer.train()
+    micro_batch = ["a.enter", "b.enter", "b.exit", "a.exit", "a.loss_term", "b.loss_term"]
+    step = ["a.on_step_begin", "b.on_step_begin", *micro_batch, *micro_batch, "a.on_step_end", "b.on_step_end"]
+    expected = ["a.setup", "b.setup", "a.on_train_begin", "b.on_train_begin", *step, *step]
+    expected += ["a.state_dict", "b.state_dict"]  # checkpoint-2; the evals at steps 1 and 2 leave no trace
+    assert events == expected
+    # loss terms see one micro-batch, with labels, and the model's outputs
+    assert first.shapes == [((2, 2), (2,))] * 4
+    events.clear()
+    trainer.evaluate()
+    trainer.predict(data)
+    assert events == []
+
+
+def test_eval_loss_is_the_plain_models(tmp_path):
+    """Multi-sample dropout and loss terms act in training only: eval loss equals a plain Trainer's."""
+    data = classification_dataset(n=8)
+    args = training_args(str(tmp_path))
+    model = tiny_bert(classifier_dropout=0.3)
+    reg_trainer = RegTrainer(
+        model=model, args=args, eval_dataset=data, regularizers=[MultiSampleDropout(num_samples=4), LogitPenalty(10.0)]
+    )
+    plain = Trainer(model=model, args=args, eval_dataset=data)
+    assert reg_trainer.evaluate()["eval_loss"] == plain.evaluate()["eval_loss"]
+
+
+# ---- gradient accumulation ----
+
+
+def _train(model, data, regularizers, tmp_path, trainer_cls=RegTrainer, **overrides):
+    trainer = trainer_cls(
+        model=model, args=training_args(str(tmp_path), **overrides), train_dataset=data, regularizers=regularizers
+    )
+    trainer.train()
+    return flat_weights(model), trainer
+
+
+@pytest.mark.parametrize("kind", ["scaled", "unscaled"])
+def test_loss_term_added_once_under_gradient_accumulation(kind, tmp_path):
+    """GA=2 x 2 samples gives the weights of GA=1 x 4 samples, with a batch-dependent loss term.
+
+    "scaled": a causal LM whose loss is normalized by num_items_in_batch (the Trainer does not divide by the GA
+    steps, so the mixin divides the term). "unscaled": a model without **kwargs (the Trainer divides loss + term).
+    """
+    if kind == "scaled":
+        build, data = tiny_llama, causal_dataset(n=8)
+    else:
+        build, data = PlainClassifier, classification_dataset(n=8)
+    big = LogitPenalty(weight=0.5)
+    w_big, trainer = _train(build(), data, [big], tmp_path, per_device_train_batch_size=4, max_steps=2)
+    assert trainer.loss_is_scaled_for_ga_now(torch.tensor(1)) == (kind == "scaled")
+    accumulated = LogitPenalty(weight=0.5)
+    w_acc, _ = _train(
+        build(),
+        data,
+        [accumulated],
+        tmp_path,
+        per_device_train_batch_size=2,
+        gradient_accumulation_steps=2,
+        max_steps=2,
+    )
+    assert big.calls == 2 and accumulated.calls == 4  # once per micro-batch
+    torch.testing.assert_close(w_acc, w_big, rtol=0, atol=2e-6)
+    # the term matters: without it, the weights differ by far more than the tolerance
+    w_none, _ = _train(build(), data, [], tmp_path, per_device_train_batch_size=4, max_steps=2)
+    assert (w_none - w_big).abs().max() > 1e-3
+
+
+def test_step_owner_matches_the_plain_step(tmp_path):
+    """A regularizer owning the step through compute_loss + scaled_backward reproduces Trainer.training_step,
+    including the other regularizers' loss terms, under gradient accumulation."""
+    data = classification_dataset(n=8)
+    common = {"per_device_train_batch_size": 2, "gradient_accumulation_steps": 2, "max_steps": 2}
+    w_plain, _ = _train(PlainClassifier(), data, [LogitPenalty(0.5)], tmp_path, **common)
+    owner, term = PlainStepOwner(), LogitPenalty(0.5)
+    w_owned, _ = _train(PlainClassifier(), data, [term, owner], tmp_path, **common)
+    assert owner.calls == 4 and term.calls == 4
+    torch.testing.assert_close(w_owned, w_plain, rtol=0, atol=1e-7)
+
+
+# ---- the two regularizers in a Trainer ----
+
+
+class _RateProbe(Regularizer):
+    """Reads the dropout rates the model has while a micro-batch is computed."""
+
+    name = "rate_probe"
+
+    def __init__(self):
+        self.rates: list[tuple[float, float]] = []
+
+    def setup(self, trainer):
+        self.model = trainer.model
+
+    def loss_term(self, model, inputs, outputs):
+        self.rates.append((self.model.dropout.p, self.model.config.hidden_dropout_prob))
+        return None
+
+
+def test_dropout_schedule_in_training_and_restored_after(tmp_path):
+    probe = _RateProbe()
+    model = tiny_bert(dropout=0.05)
+    schedule = DropoutSchedule(p=0.3, mode="linear", start_step=0, end_step=2)
+    _train(model, classification_dataset(n=16), [schedule, probe], tmp_path, max_steps=4)
+    head_rates, config_rates = zip(*probe.rates)
+    assert head_rates == pytest.approx((0.0, 0.15, 0.3, 0.3)) and config_rates == pytest.approx(head_rates)
+    assert model.dropout.p == 0.05 and model.config.hidden_dropout_prob == 0.05
+
+
+def test_msd_trains_with_schedule_and_label_smoothing(tmp_path):
+    """The schedule sets the head dropout that multi-sample dropout reads; the label smoother path is wrapped."""
+    probe = LogitPenalty(weight=0.0)
+    msd = MultiSampleDropout(num_samples=4)
+    schedule = DropoutSchedule(p=0.2, mode="step", start_step=1)
+    _, trainer = _train(
+        tiny_bert(), classification_dataset(n=16), [schedule, msd, probe], tmp_path, max_steps=3,
+        label_smoothing_factor=0.1,
+    )  # fmt: skip
+    losses = [log["loss"] for log in trainer.state.log_history if "loss" in log]
+    assert len(losses) == 3 and all(math.isfinite(loss) for loss in losses)
+    assert probe.batch_sizes == [4, 4, 4]  # loss terms see one sample of the logits
+
+
+def test_bf16_mixed_precision(tmp_path):
+    term = LogitPenalty(weight=0.1)
+    _, trainer = _train(
+        tiny_bert(), classification_dataset(n=8), [MultiSampleDropout(num_samples=2), term], tmp_path, bf16=True
+    )
+    assert trainer.accelerator.mixed_precision == "bf16"
+    assert term.calls == 2
+    assert all(math.isfinite(log["loss"]) for log in trainer.state.log_history if "loss" in log)
+
+
+class _LoraDropoutProbe(Regularizer):
+    name = "lora_dropout_probe"
+
+    def __init__(self):
+        self.rates: list[float] = []
+
+    def setup(self, trainer):
+        self.module = next(m for n, m in trainer.model.named_modules() if n.endswith("lora_dropout.default"))
+
+    def loss_term(self, model, inputs, outputs):
+        self.rates.append(self.module.p)
+        return None
+
+
+def test_peft_model_with_both_regularizers(tmp_path):
+    """On a peft model: the head is peft's ModulesToSaveWrapper, the schedule reaches LoRA's dropout."""
+    config = LoraConfig(
+        r=2, target_modules=["query", "value"], lora_dropout=0.1, modules_to_save=["classifier"], task_type="SEQ_CLS"
+    )
+    model = get_peft_model(tiny_bert(classifier_dropout=0.2), config)
+    msd, probe = MultiSampleDropout(num_samples=3), _LoraDropoutProbe()
+    assert msd.resolve(model)[1] == "classifier" and type(msd.resolve(model)[2]).__name__ == "ModulesToSaveWrapper"
+    term = LogitPenalty(weight=0.1)
+    _train(
+        model, classification_dataset(n=8), [msd, DropoutSchedule(p=0.3), probe, term], tmp_path, learning_rate=0.01
+    )
+    assert probe.rates == [0.3, 0.3] and probe.module.p == 0.1
+    assert term.batch_sizes == [4, 4]
+
+
+# ---- checkpoints ----
+
+
+class _StopAt(TrainerCallback):
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == self.step:
+            control.should_training_stop = True
+
+
+def _resume_run(output_dir, stop_at=None, resume=None, drop_state=False):
+    model = tiny_bert(dropout=0.1)
+    noisy = NoisyPenalty(weight=0.5)
+    regularizers = [noisy, MultiSampleDropout(num_samples=2), DropoutSchedule(p=0.2, mode="linear", end_step=4)]
+    args = training_args(
+        str(output_dir), max_steps=6, save_strategy="steps", save_steps=3, learning_rate=0.1, optim="adamw_torch",
+        lr_scheduler_type="linear", train_sampling_strategy="random",
+    )  # fmt: skip
+    trainer = RegTrainer(
+        model=model,
+        args=args,
+        train_dataset=classification_dataset(n=16),
+        regularizers=regularizers,
+        callbacks=[_StopAt(stop_at)] if stop_at else None,
+    )
+    if drop_state:
+        os.remove(os.path.join(resume, REGULARIZERS_STATE_NAME))
+    trainer.train(resume_from_checkpoint=resume)
+    return flat_weights(model), noisy
+
+
+def test_resume_continues_exactly(tmp_path):
+    w_full, noisy_full = _resume_run(tmp_path / "full")
+    _, noisy_first = _resume_run(tmp_path / "cut", stop_at=3)
+    checkpoint = tmp_path / "cut" / "checkpoint-3"
+    state_file = checkpoint / REGULARIZERS_STATE_NAME
+    assert state_file.is_file() and not glob.glob(str(checkpoint / "*.tmp*"))  # written atomically
+    payload = torch.load(state_file, weights_only=True)
+    assert set(payload["regularizers"]) == {"noisy_penalty", "multi_sample_dropout", "dropout_schedule"}
+    assert payload["regularizers"]["noisy_penalty"]["calls"] == noisy_first.calls == 3
+    w_resumed, noisy_resumed = _resume_run(tmp_path / "cut", resume=str(checkpoint))
+    assert noisy_resumed.calls == noisy_full.calls == 6
+    torch.testing.assert_close(w_resumed, w_full, rtol=0, atol=1e-6)
+    # the regularizer state really comes from the checkpoint: without the file the resumed run diverges
+    w_fresh, _ = _resume_run(tmp_path / "cut", resume=str(checkpoint), drop_state=True)
+    assert (w_fresh - w_full).abs().max() > 1e-4
+
+
+# ---- trl.SFTTrainer ----
+
+
+class RegSFTTrainer(RegularizedTrainerMixin, SFTTrainer):
+    pass
+
+
+def _tokenizer() -> PreTrainedTokenizerFast:
+    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, **{f"w{i}": i for i in range(3, VOCAB)}}
+    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="w3"))
+    tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, pad_token="<pad>", bos_token="<s>", eos_token="</s>")
+
+
+def _text_dataset(n: int = 16) -> datasets.Dataset:
+    g = torch.Generator().manual_seed(0)
+    texts = []
+    for _ in range(n):
+        length = int(torch.randint(4, 9, (1,), generator=g))
+        texts.append(" ".join(f"w{i}" for i in torch.randint(3, VOCAB, (length,), generator=g).tolist()))
+    return datasets.Dataset.from_dict({"text": texts})
+
+
+def _sft(tmp_path, regularizers, **overrides):
+    kwargs = {
+        "output_dir": str(tmp_path), "report_to": "none", "use_cpu": True, "per_device_train_batch_size": 4,
+        "max_steps": 2, "learning_rate": 0.5, "optim": "sgd", "lr_scheduler_type": "constant", "logging_steps": 1,
+        "save_strategy": "no", "disable_tqdm": True, "train_sampling_strategy": "sequential", "max_length": 16,
+        "seed": 0, "bf16": False,
+    }  # fmt: skip
+    kwargs.update(overrides)
+    model = tiny_llama(attention_dropout=0.0)
+    trainer = RegSFTTrainer(
+        model=model,
+        args=SFTConfig(**kwargs),
+        train_dataset=_text_dataset(),
+        processing_class=_tokenizer(),
+        regularizers=regularizers,
+    )
+    trainer.train()
+    return flat_weights(model), trainer
+
+
+class _AttentionRateProbe(Regularizer):
+    name = "attention_rate_probe"
+
+    def __init__(self):
+        self.rates: list[float] = []
+        self.output_fields: set[str] = set()
+
+    def setup(self, trainer):
+        self.attention = trainer.model.model.layers[0].self_attn
+
+    def loss_term(self, model, inputs, outputs):
+        self.rates.append(self.attention.attention_dropout)
+        self.output_fields = set(outputs.keys())
+        return None
+
+
+def test_sft_trainer_loss_term_under_gradient_accumulation_and_schedule(tmp_path):
+    big = ParamL2(weight=0.05)
+    w_big, _ = _sft(tmp_path, [big])
+    accumulated = ParamL2(weight=0.05)
+    w_acc, trainer = _sft(tmp_path, [accumulated], per_device_train_batch_size=2, gradient_accumulation_steps=2)
+    assert (big.calls, accumulated.calls) == (2, 4)
+    torch.testing.assert_close(w_acc, w_big, rtol=0, atol=2e-6)
+    w_none, _ = _sft(tmp_path, [])
+    assert (w_none - w_big).abs().max() > 1e-3
+
+    probe = _AttentionRateProbe()
+    _, trainer = _sft(tmp_path, [DropoutSchedule(p=0.1, mode="step", start_step=1), probe], max_steps=3)
+    assert probe.rates == [0.0, 0.1, 0.1]
+    assert "log_probs" in probe.output_fields  # trl's fused LM head output reaches loss terms
+    assert probe.attention.attention_dropout == 0.0  # restored after training
+
+
+def test_sft_fused_head_rejects_multi_sample_dropout(tmp_path):
+    with pytest.raises(ValueError, match="trl's fused LM head"):
+        _sft(tmp_path, [MultiSampleDropout(num_samples=2, p=0.1)], max_steps=1)
