@@ -19,7 +19,10 @@ import sys
 import tempfile
 import time
 
-import torch
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch: spin-waiting threads crawl on shared cores
+
+import torch  # noqa: E402
 from datasets import Dataset
 from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForSequenceClassification, TrainerCallback, TrainingArguments
