@@ -19,10 +19,17 @@ A model's dropout probabilities live in three places, and [`set_dropout`] can se
 A name counts as a dropout probability when it contains `"dropout"` or ends in `"pdrop"` (GPT-2's `attn_pdrop`,
 `resid_pdrop`, `embd_pdrop`) and its value is a number in [0, 1] (not a bool). Stochastic depth (`drop_path_rate`,
 `DropPath.drop_prob`) and LayerDrop (`layerdrop`) are not dropout and are not touched.
+
+Every place also has a *type* ([`dropout_type`], one of [`DROPOUT_TYPES`]), so that rates can be set per type:
+`"attention"` (dropout on attention probabilities), `"hidden"` (residual / feed-forward dropout, the default),
+`"embedding"` (dropout on the input embeddings), `"classifier"` (dropout before a task head) and `"lora"` (peft's
+`lora_dropout`). Decoder-only models such as Llama have no hidden or embedding dropout at all;
+[`add_hidden_dropout`] adds it (GPT-2/T5-style residual dropout) without changing the state dict.
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable
 from typing import Any
 
@@ -31,6 +38,17 @@ from torch import nn
 
 DROPOUT_SCHEDULE_MODES = ("constant", "linear", "step")
 DROPOUT_KINDS = ("modules", "attributes", "config")
+DROPOUT_TYPES = ("attention", "hidden", "embedding", "classifier", "lora")
+
+# (type, substrings of the lower-cased attribute name), tried in order before the owner's class name
+_NAME_RULES = (
+    ("lora", ("lora",)),
+    ("attention", ("attn", "attention")),
+    ("embedding", ("emb",)),
+    ("classifier", ("classif", "summary", "head", "pooler")),
+    ("hidden", ("resid", "hidden", "activation", "ffn", "mlp")),
+)
+_HEAD_CLASS = re.compile(r"For[A-Z]|Head|Pooler|Classif|Summary")
 
 
 def scheduled_dropout_rate(
@@ -89,7 +107,101 @@ def _is_rate(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and 0.0 <= value <= 1.0
 
 
-def dropout_sites(model: nn.Module, kinds: Iterable[str] = DROPOUT_KINDS) -> list[tuple[object, str]]:
+def dropout_type(name: str, path: str = "", owner_class: str | None = None) -> str:
+    """
+    Classify one dropout place as one of [`DROPOUT_TYPES`], from names only (a pure function).
+
+    The rules, in order:
+
+    1. `"lora"` when `path` goes through a `lora_dropout` container (peft's `lora_dropout.<adapter>` modules).
+    2. The attribute `name` (lower-cased): `attn`/`attention` -> `"attention"` (`attn_dropout`, `attention_dropout`,
+       `attention_probs_dropout_prob`, `attn_pdrop`); `emb` -> `"embedding"` (`embd_pdrop`, `embedding_dropout`);
+       `classif`/`summary`/`head`/`pooler` -> `"classifier"`; `resid`/`hidden`/`activation`/`ffn`/`mlp` ->
+       `"hidden"`.
+    3. The class name of the module that owns the place (`owner_class`; `None` for config fields): a task model or
+       head (`...For<Task>`, `...Head`, `...Pooler`, `...Classif...`, `...Summary`) -> `"classifier"`;
+       `...Embedding...` -> `"embedding"`; `...Attention` -> `"attention"` (BERT's `BertSelfAttention.dropout`,
+       T5's and BART's `*Attention.dropout`; not `T5Layer*Attention.dropout`, the residual dropout of the block); a stack (`...Model`, `...Stack`, `...Encoder`, `...Decoder`) ->
+       `"embedding"` (GPT-2's `transformer.drop`, BART's `encoder.dropout`, T5's `encoder.dropout`, which drop the
+       embeddings).
+    4. Otherwise `"hidden"` (BERT's `*Output.dropout`, GPT-2's `mlp.dropout`, `config.dropout`, `dropout_rate`).
+
+    Args:
+        name (`str`): the attribute name (`"dropout"`, `"attn_dropout"`, `"attention_dropout"`, ...); for a dropout
+            module, the name it has in its parent module.
+        path (`str`, defaults to `""`): the dotted module path of the place (e.g. `"model.layers.0.mlp.dropout"`).
+        owner_class (`str`, *optional*): the class name of the module that holds the attribute or the dropout module.
+
+    Returns:
+        `str`: one of [`DROPOUT_TYPES`].
+    """
+    if "lora_dropout" in path.split("."):
+        return "lora"
+    lowered = name.lower()
+    for type_, keys in _NAME_RULES:
+        if any(key in lowered for key in keys):
+            return type_
+    if owner_class:
+        if _HEAD_CLASS.search(owner_class):
+            return "classifier"
+        if "Embedding" in owner_class:
+            return "embedding"
+        if owner_class.endswith("Attention") and "Layer" not in owner_class:  # not T5LayerSelfAttention's residual
+            return "attention"
+        if owner_class.endswith(("Model", "Stack", "Encoder", "Decoder")):
+            return "embedding"
+    return "hidden"
+
+
+def _check_types(types: Iterable[str]) -> tuple[str, ...]:
+    types = tuple(types)
+    if not types or any(type_ not in DROPOUT_TYPES for type_ in types):
+        raise ValueError(f"`types` must be a non-empty subset of {list(DROPOUT_TYPES)}, got {list(types)}.")
+    return types
+
+
+def typed_dropout_sites(model: nn.Module, kinds: Iterable[str] = DROPOUT_KINDS) -> list[tuple[object, str, str]]:
+    """
+    Find every place a dropout probability of `model` lives, with its type: `(object, attribute_name, type)` triples.
+
+    Like [`dropout_sites`], with the [`dropout_type`] of each place. A config shared by several modules appears once.
+    """
+    kinds = tuple(kinds)
+    unknown = [kind for kind in kinds if kind not in DROPOUT_KINDS]
+    if unknown or not kinds:
+        raise ValueError(f"`kinds` must be a non-empty subset of {list(DROPOUT_KINDS)}, got {list(kinds)}.")
+    sites: list[tuple[object, str, str]] = []
+    seen: set[tuple[int, str]] = set()
+
+    def add(obj: object, name: str, type_: str) -> None:
+        key = (id(obj), name)
+        if key not in seen:
+            seen.add(key)
+            sites.append((obj, name, type_))
+
+    modules = dict(model.named_modules(remove_duplicate=False))
+    for path, module in model.named_modules():
+        if "modules" in kinds and isinstance(module, nn.modules.dropout._DropoutNd):
+            parent_path, _, child_name = path.rpartition(".")
+            parent = modules.get(parent_path) if path else None
+            owner = type(parent).__name__ if parent is not None else None
+            add(module, "p", dropout_type(child_name, path, owner))
+        if "attributes" in kinds:
+            for name, value in vars(module).items():
+                if not name.startswith("_") and _is_dropout_name(name) and _is_rate(value):
+                    add(module, name, dropout_type(name, f"{path}.{name}" if path else name, type(module).__name__))
+        if "config" in kinds:
+            config = getattr(module, "config", None)
+            if config is not None and hasattr(config, "to_dict") and not isinstance(config, dict):
+                for name, value in vars(config).items():
+                    if not name.startswith("_") and _is_dropout_name(name) and _is_rate(value):
+                        add(config, name, dropout_type(name))
+    return sites
+
+
+def dropout_sites(
+    model: nn.Module, kinds: Iterable[str] = DROPOUT_KINDS, types: Iterable[str] = DROPOUT_TYPES
+) -> list[tuple[object, str]]:
     """
     Find every place a dropout probability of `model` lives, as `(object, attribute_name)` pairs.
 
@@ -100,38 +212,15 @@ def dropout_sites(model: nn.Module, kinds: Iterable[str] = DROPOUT_KINDS) -> lis
         model (`torch.nn.Module`): any module (a transformers model, a peft model, a plain torch model).
         kinds (`Iterable[str]`, defaults to all): a subset of `("modules", "attributes", "config")`, see the module
             docstring.
+        types (`Iterable[str]`, defaults to all): a subset of [`DROPOUT_TYPES`] (`"attention"`, `"hidden"`,
+            `"embedding"`, `"classifier"`, `"lora"`); see [`dropout_type`].
 
     Returns:
         `list[tuple[object, str]]`: `(module, "p")` for dropout modules, `(module, name)` for float attributes and
         `(config, name)` for config fields. Each object/name pair appears once.
     """
-    kinds = tuple(kinds)
-    unknown = [kind for kind in kinds if kind not in DROPOUT_KINDS]
-    if unknown or not kinds:
-        raise ValueError(f"`kinds` must be a non-empty subset of {list(DROPOUT_KINDS)}, got {list(kinds)}.")
-    sites: list[tuple[object, str]] = []
-    seen: set[tuple[int, str]] = set()
-
-    def add(obj: object, name: str) -> None:
-        key = (id(obj), name)
-        if key not in seen:
-            seen.add(key)
-            sites.append((obj, name))
-
-    for module in model.modules():
-        if "modules" in kinds and isinstance(module, nn.modules.dropout._DropoutNd):
-            add(module, "p")
-        if "attributes" in kinds:
-            for name, value in vars(module).items():
-                if not name.startswith("_") and _is_dropout_name(name) and _is_rate(value):
-                    add(module, name)
-        if "config" in kinds:
-            config = getattr(module, "config", None)
-            if config is not None and hasattr(config, "to_dict") and not isinstance(config, dict):
-                for name, value in vars(config).items():
-                    if not name.startswith("_") and _is_dropout_name(name) and _is_rate(value):
-                        add(config, name)
-    return sites
+    types = _check_types(types)
+    return [(obj, name) for obj, name, type_ in typed_dropout_sites(model, kinds) if type_ in types]
 
 
 def set_dropout(
@@ -139,6 +228,7 @@ def set_dropout(
     p: float,
     kinds: Iterable[str] = DROPOUT_KINDS,
     sites: list[tuple[object, str]] | None = None,
+    types: Iterable[str] = DROPOUT_TYPES,
 ) -> int:
     """
     Set every dropout probability of `model` to `p` at run time (see the module docstring for what is covered).
@@ -149,6 +239,7 @@ def set_dropout(
     >>> from regtune.functional.dropout import set_dropout
     >>> n = set_dropout(model, 0.1)  # nn.Dropout modules, attention_dropout attributes, config fields
     >>> n = set_dropout(model, 0.0, kinds=("modules",))  # only nn.Dropout modules
+    >>> n = set_dropout(model, 0.05, types=("lora",))  # only peft's lora_dropout
     ```
 
     Args:
@@ -156,6 +247,7 @@ def set_dropout(
         p (`float`): the dropout probability, in [0, 1].
         kinds (`Iterable[str]`, defaults to all): a subset of `("modules", "attributes", "config")`.
         sites (`list[tuple[object, str]]`, *optional*): precomputed [`dropout_sites`], to skip the module walk.
+        types (`Iterable[str]`, defaults to all): a subset of [`DROPOUT_TYPES`]; ignored when `sites` is given.
 
     Returns:
         `int`: the number of places set (0 means the model has no dropout that can be set: warn the user).
@@ -165,7 +257,7 @@ def set_dropout(
     if sites is None:
         if model is None:
             raise ValueError("`set_dropout` needs `model` or `sites`.")
-        sites = dropout_sites(model, kinds)
+        sites = dropout_sites(model, kinds, types)
     for obj, name in sites:
         setattr(obj, name, float(p))
     return len(sites)
@@ -180,3 +272,106 @@ def restore_dropout(sites: list[tuple[object, str]], values: list[float]) -> Non
     """Put back the `values` recorded by [`get_dropout_values`] at `sites`."""
     for (obj, name), value in zip(sites, values):
         setattr(obj, name, value)
+
+
+HIDDEN_DROPOUT_NAME = "residual_dropout"
+EMBEDDING_DROPOUT_NAME = "embedding_dropout"
+
+
+def _drop_output(module: nn.Module, args: tuple, output: Any) -> Any:
+    dropout = getattr(module, HIDDEN_DROPOUT_NAME)
+    if isinstance(output, tuple):  # attention modules return (attn_output, attn_weights, ...)
+        return (dropout(output[0]), *output[1:])
+    return dropout(output)
+
+
+def _drop_embedding(module: nn.Module, args: tuple, output: Any) -> Any:
+    return getattr(module, EMBEDDING_DROPOUT_NAME)(output)
+
+
+class HiddenDropoutHandle:
+    """What [`add_hidden_dropout`] added to a model; `remove()` takes it all out again."""
+
+    def __init__(self):
+        self.modules: list[tuple[nn.Module, str]] = []
+        self._hooks = []
+
+    def remove(self) -> None:
+        """Remove the forward hooks and the added `nn.Dropout` modules."""
+        for hook in self._hooks:
+            hook.remove()
+        for owner, name in self.modules:
+            delattr(owner, name)
+        self._hooks, self.modules = [], []
+
+
+def add_hidden_dropout(
+    model: nn.Module,
+    p: float = 0.0,
+    embedding_p: float | None = None,
+    sublayers: Iterable[str] = ("self_attn", "mlp"),
+    embedding: bool = True,
+) -> HiddenDropoutHandle:
+    """
+    Add residual ("hidden") and embedding dropout to a model that has none, such as Llama, Mistral, Qwen2 or Gemma.
+
+    Decoder-only models of the Llama family only have dropout on the attention probabilities (`attention_dropout`,
+    usually 0). GPT-2 and T5, and the models of "To Repeat or Not To Repeat", also drop the output of every attention
+    and feed-forward block before it is added to the residual stream, and the input embeddings. This adds exactly
+    that: an `nn.Dropout` child named `residual_dropout` on every module whose attribute name is in `sublayers`
+    (Llama's `self_attn` and `mlp`), applied to its output by a forward hook, and an `embedding_dropout` child on the
+    input embeddings. `nn.Dropout` has no parameters or buffers, so the state dict, `save_pretrained` and the config
+    are unchanged; the places are found by [`dropout_sites`] with types `"hidden"` and `"embedding"`, so a
+    [`~regtune.regularizers.DropoutSchedule`] sets them. Dropout is active in `train()` mode only, like any
+    `nn.Dropout`.
+
+    Example:
+
+    ```py
+    >>> model = LlamaForCausalLM(LlamaConfig(...))
+    >>> handle = add_hidden_dropout(model, p=0.0)  # sites for a schedule to switch on
+    >>> trainer = Trainer(model, args, callbacks=[DropoutScheduleCallback(p=0.1, mode="step", start_fraction=0.5)])
+    >>> handle.remove()  # optional: take the dropout out again
+    ```
+
+    Args:
+        model (`torch.nn.Module`): the model (a transformers model, possibly inside a peft model).
+        p (`float`, defaults to `0.0`): the rate of the residual dropout, in [0, 1].
+        embedding_p (`float`, *optional*): the rate of the embedding dropout; defaults to `p`.
+        sublayers (`Iterable[str]`, defaults to `("self_attn", "mlp")`): attribute names of the blocks whose output
+            is dropped.
+        embedding (`bool`, defaults to `True`): whether to add dropout on the output of `model.get_input_embeddings()`.
+
+    Returns:
+        [`HiddenDropoutHandle`]: the added modules; call `.remove()` to undo.
+
+    Raises:
+        `ValueError`: for a rate outside [0, 1], when no module is named in `sublayers`, or when the model already has
+            this dropout.
+    """
+    embedding_p = p if embedding_p is None else embedding_p
+    for field, value in (("p", p), ("embedding_p", embedding_p)):
+        if not _is_rate(value):
+            raise ValueError(f"`{field}` must be a number in [0, 1], got {value!r}.")
+    sublayers = tuple(sublayers)
+    targets = [module for name, module in model.named_modules() if name and name.rsplit(".", 1)[-1] in sublayers]
+    if not targets:
+        raise ValueError(
+            f"add_hidden_dropout: {type(model).__name__} has no module named {list(sublayers)}; pass the attribute "
+            "names of its attention and feed-forward blocks as `sublayers`."
+        )
+    embeddings = model.get_input_embeddings() if embedding and hasattr(model, "get_input_embeddings") else None
+    if embedding and embeddings is None:
+        raise ValueError(f"add_hidden_dropout: {type(model).__name__} has no `get_input_embeddings()`.")
+    if any(hasattr(module, HIDDEN_DROPOUT_NAME) for module in targets) or hasattr(embeddings, EMBEDDING_DROPOUT_NAME):
+        raise ValueError("add_hidden_dropout: the model already has hidden dropout (remove it with the handle first).")
+    handle = HiddenDropoutHandle()
+    for module in targets:
+        module.add_module(HIDDEN_DROPOUT_NAME, nn.Dropout(float(p)))
+        handle.modules.append((module, HIDDEN_DROPOUT_NAME))
+        handle._hooks.append(module.register_forward_hook(_drop_output))
+    if embeddings is not None:
+        embeddings.add_module(EMBEDDING_DROPOUT_NAME, nn.Dropout(float(embedding_p)))
+        handle.modules.append((embeddings, EMBEDDING_DROPOUT_NAME))
+        handle._hooks.append(embeddings.register_forward_hook(_drop_embedding))
+    return handle

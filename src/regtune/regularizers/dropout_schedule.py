@@ -1,20 +1,21 @@
-"""A dropout schedule: set every dropout probability of the model at run time, step by step."""
+"""A dropout schedule: set every dropout probability of the model at run time, step by step, per type of dropout."""
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 
 from transformers import TrainerCallback
 
 from regtune.functional.dropout import (
     DROPOUT_KINDS,
     DROPOUT_SCHEDULE_MODES,
-    dropout_sites,
+    DROPOUT_TYPES,
     get_dropout_values,
     restore_dropout,
     scheduled_dropout_rate,
     set_dropout,
+    typed_dropout_sites,
 )
 
 from .base import Regularizer
@@ -23,38 +24,79 @@ from .base import Regularizer
 logger = logging.getLogger(__name__)
 
 
-def _check_rate(field: str, value: float) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value < 1.0:
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _check_rates(field: str, value) -> dict[str, float] | float:
+    """A rate in [0, 1), or a mapping of dropout types to rates; returns floats."""
+    if isinstance(value, Mapping):
+        if not value:
+            raise ValueError(f"DropoutSchedule: `{field}` must name at least one of {list(DROPOUT_TYPES)}.")
+        unknown = [key for key in value if key not in DROPOUT_TYPES]
+        if unknown:
+            raise ValueError(
+                f"DropoutSchedule: `{field}` has unknown dropout type(s) {unknown}; allowed: {list(DROPOUT_TYPES)}."
+            )
+        return {key: _check_rates(f"{field}.{key}", rate) for key, rate in value.items()}
+    if not _is_number(value) or not 0.0 <= value < 1.0:
         raise ValueError(f"DropoutSchedule: `{field}` must be a number in [0, 1), got {value!r}.")
+    return float(value)
+
+
+def steps_per_epoch_of(train_dataloader, gradient_accumulation_steps: int = 1) -> int | None:
+    """Optimizer steps per epoch as the Trainer counts them (`None` for a dataloader without a length)."""
+    try:
+        batches = len(train_dataloader)
+    except TypeError:
+        return None
+    ga = max(int(gradient_accumulation_steps), 1)
+    return max(batches // ga + int(batches % ga > 0), 1)
 
 
 class DropoutSchedule(Regularizer):
     """
-    Schedule the dropout probability of the whole model over training: constant, linear ramp, or switched on at a step
+    Schedule the dropout probabilities of a model over training: constant, linear ramp, or switched on at a step or an
+    epoch, with one rate for all dropout or one per type (attention, hidden, embedding, classifier, LoRA)
     ("To Repeat or Not To Repeat", Xue et al. 2023, https://arxiv.org/abs/2305.13230: dropout is the regularizer that
     reliably reduces multi-epoch degradation, and it can be introduced late or gradually).
 
-    At the start of every optimizer step the callback sets, through [`~regtune.functional.dropout.set_dropout`], the
-    `p` of every `nn.Dropout` module, the dropout float attributes that attention modules copy from the config (e.g.
-    Llama's `attention_dropout`) and the config fields that some models read in `forward`, to
-    `scheduled_dropout_rate(global_step, ...)`. The rate is a pure function of `state.global_step`, which the Trainer
-    checkpoints, so a resumed run continues the schedule exactly (the regularizer has no state of its own). When
-    training ends the original values are put back, so the saved model and its `config.json` are unchanged.
+    At the start of training and of every optimizer step, [`DropoutScheduleCallback`] sets, through
+    [`~regtune.functional.dropout.set_dropout`], the `p` of every `nn.Dropout` module, the dropout float attributes
+    that attention modules copy from the config (e.g. Llama's `attention_dropout`) and the config fields that some
+    models read in `forward`, to the scheduled rate of their type
+    ([`~regtune.functional.dropout.dropout_type`]: `"attention"`, `"hidden"`, `"embedding"`, `"classifier"`,
+    `"lora"`). The rate is a pure function of `state.global_step` (and of the run's length and steps per epoch), which
+    the Trainer checkpoints, so a resumed run continues the schedule exactly (the regularizer has no state of its
+    own). When training ends the original values are put back, so the saved model and its `config.json` are unchanged.
+
+    Use it as a regtune regularizer (`RegTrainer(..., regularizers=[DropoutSchedule(...)])`, or
+    `{type: dropout_schedule, ...}` in a recipe) or as a plain callback of any `transformers.Trainer`:
+    `Trainer(..., callbacks=[DropoutScheduleCallback(p=0.1, mode="step", start_epoch=2)])`.
 
     Modules that a model replaced by `nn.Identity` because their rate was 0 at construction cannot be switched on:
     build such models with a non-zero rate (e.g. peft `lora_dropout=0.1`) or use a model that keeps `nn.Dropout`.
-    Multi-sample dropout reads the rate of the dropout before the head at every step, so the two compose.
+    Llama-family models have no hidden or embedding dropout: add it with
+    [`~regtune.functional.dropout.add_hidden_dropout`]. Multi-sample dropout reads the rate of the dropout before the
+    head at every step, so the two compose.
 
     Args:
-        p (`float`): the target rate, in [0, 1).
+        p (`float` or `dict[str, float]`): the target rate, in [0, 1): one number for every dropout of the model, or a
+            mapping from dropout types to rates (e.g. `{"attention": 0.0, "hidden": 0.1, "lora": 0.05}`); types not in
+            the mapping are left alone.
         mode (`str`, defaults to `"constant"`): `"constant"` (`p` throughout), `"linear"` (ramp from `start_p` at the
             start to `p` at the end) or `"step"` (`start_p` before the start, `p` from it on).
-        start_p (`float`, defaults to `0.0`): the rate before the schedule starts (`"linear"`, `"step"`).
-        start_step (`int`, *optional*): the step where the ramp starts / the switch happens. Defaults to 0 for
-            `"linear"`; `"step"` needs it or `start_fraction`.
+        start_p (`float` or `dict[str, float]`, defaults to `0.0`): the rate before the schedule starts (`"linear"`,
+            `"step"`); a mapping gives it per type (missing types start at 0).
+        start_step (`int`, *optional*): the optimizer step where the ramp starts / the switch happens. Defaults to 0
+            for `"linear"`; `"step"` needs it, `start_fraction` or `start_epoch`.
         end_step (`int`, *optional*): the step where the linear ramp reaches `p`.
-        start_fraction (`float`, *optional*): `start_step` as a fraction of `max_steps`, in [0, 1].
-        end_fraction (`float`, *optional*): `end_step` as a fraction of `max_steps`, in (0, 1].
+        start_fraction (`float`, *optional*): the start as a fraction of `max_steps`, in [0, 1].
+        end_fraction (`float`, *optional*): the end as a fraction of `max_steps`, in (0, 1].
+        start_epoch (`float`, *optional*): the start in epochs (`1` = after the first epoch; fractions allowed),
+            converted to `round(start_epoch * steps_per_epoch)` optimizer steps with the Trainer's count of steps per
+            epoch. Needs a training dataloader with a length.
+        end_epoch (`float`, *optional*): the end of the linear ramp in epochs.
         kinds (`Iterable[str]`, defaults to all): which dropout places to set, a subset of
             `("modules", "attributes", "config")`.
     """
@@ -63,19 +105,28 @@ class DropoutSchedule(Regularizer):
 
     def __init__(
         self,
-        p: float,
+        p: float | dict[str, float],
         mode: str = "constant",
-        start_p: float = 0.0,
+        start_p: float | dict[str, float] = 0.0,
         start_step: int | None = None,
         end_step: int | None = None,
         start_fraction: float | None = None,
         end_fraction: float | None = None,
+        start_epoch: float | None = None,
+        end_epoch: float | None = None,
         kinds: Iterable[str] = DROPOUT_KINDS,
     ):
         if mode not in DROPOUT_SCHEDULE_MODES:
             raise ValueError(f"DropoutSchedule: `mode` must be one of {list(DROPOUT_SCHEDULE_MODES)}, got {mode!r}.")
-        _check_rate("p", p)
-        _check_rate("start_p", start_p)
+        p = _check_rates("p", p)
+        start_p = _check_rates("start_p", start_p)
+        types = tuple(p) if isinstance(p, dict) else DROPOUT_TYPES
+        if isinstance(start_p, dict):
+            extra = [key for key in start_p if key not in types]
+            if extra:
+                raise ValueError(
+                    f"DropoutSchedule: `start_p` names type(s) {extra} that `p` does not schedule ({list(types)})."
+                )
         kinds = tuple(kinds)
         if not kinds or any(kind not in DROPOUT_KINDS for kind in kinds):
             raise ValueError(
@@ -85,66 +136,130 @@ class DropoutSchedule(Regularizer):
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
                 raise ValueError(f"DropoutSchedule: `{field}` must be an integer >= 0, got {value!r}.")
         for field, value in (("start_fraction", start_fraction), ("end_fraction", end_fraction)):
-            if value is not None and (
-                isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 1
-            ):
+            if value is not None and (not _is_number(value) or not 0 <= value <= 1):
                 raise ValueError(f"DropoutSchedule: `{field}` must be a number in [0, 1], got {value!r}.")
-        if start_step is not None and start_fraction is not None:
-            raise ValueError("DropoutSchedule: give at most one of `start_step` and `start_fraction`.")
-        if end_step is not None and end_fraction is not None:
-            raise ValueError("DropoutSchedule: give at most one of `end_step` and `end_fraction`.")
-        has_start = start_step is not None or start_fraction is not None
-        has_end = end_step is not None or end_fraction is not None
-        if mode == "constant" and (has_start or has_end or start_p != 0.0):
+        for field, value in (("start_epoch", start_epoch), ("end_epoch", end_epoch)):
+            if value is not None and (not _is_number(value) or value < 0):
+                raise ValueError(f"DropoutSchedule: `{field}` must be a number >= 0, got {value!r}.")
+        given = {
+            "start_step": start_step,
+            "start_fraction": start_fraction,
+            "start_epoch": start_epoch,
+            "end_step": end_step,
+            "end_fraction": end_fraction,
+            "end_epoch": end_epoch,
+        }
+        starts = [name for name, value in given.items() if name.startswith("start") and value is not None]
+        ends = [name for name, value in given.items() if name.startswith("end") and value is not None]
+        for which, names in (("start", starts), ("end", ends)):
+            if len(names) > 1:
+                raise ValueError(
+                    f"DropoutSchedule: give at most one of `{which}_step`, `{which}_fraction` and `{which}_epoch`, "
+                    f"got {names}."
+                )
+        start_p_values = start_p.values() if isinstance(start_p, dict) else [start_p]
+        if mode == "constant" and (starts or ends or any(value != 0.0 for value in start_p_values)):
             raise ValueError(
                 "DropoutSchedule: mode='constant' takes only `p`; `start_p`, `start_step`, `end_step`, "
-                "`start_fraction` and `end_fraction` apply to mode='linear' or mode='step'."
+                "`start_fraction`, `end_fraction`, `start_epoch` and `end_epoch` apply to mode='linear' or mode='step'."
             )
         if mode == "step":
-            if not has_start:
-                raise ValueError("DropoutSchedule: mode='step' needs `start_step` or `start_fraction`.")
-            if has_end:
+            if not starts:
                 raise ValueError(
-                    "DropoutSchedule: mode='step' takes no `end_step`/`end_fraction` (use mode='linear')."
+                    "DropoutSchedule: mode='step' needs `start_step` or `start_fraction` (or `start_epoch`)."
+                )
+            if ends:
+                raise ValueError(
+                    "DropoutSchedule: mode='step' takes no `end_step`/`end_fraction`/`end_epoch` (use mode='linear')."
                 )
         if mode == "linear":
-            if not has_end:
-                raise ValueError("DropoutSchedule: mode='linear' needs `end_step` or `end_fraction`.")
-            if start_step is not None and end_step is not None and end_step <= start_step:
-                raise ValueError(f"DropoutSchedule: `end_step` ({end_step}) must be > `start_step` ({start_step}).")
-            if start_fraction is not None and end_fraction is not None and end_fraction <= start_fraction:
-                raise ValueError(
-                    f"DropoutSchedule: `end_fraction` ({end_fraction}) must be > `start_fraction` ({start_fraction})."
-                )
-        self.p = float(p)
+            if not ends:
+                raise ValueError("DropoutSchedule: mode='linear' needs `end_step` or `end_fraction` (or `end_epoch`).")
+            pairs = (
+                ("start_step", start_step, "end_step", end_step),
+                ("start_fraction", start_fraction, "end_fraction", end_fraction),
+                ("start_epoch", start_epoch, "end_epoch", end_epoch),
+            )
+            for low, low_value, high, high_value in pairs:
+                if low_value is not None and high_value is not None and high_value <= low_value:
+                    raise ValueError(f"DropoutSchedule: `{high}` ({high_value}) must be > `{low}` ({low_value}).")
+        self.p = p
         self.mode = mode
-        self.start_p = float(start_p)
+        self.start_p = start_p
         self.start_step = start_step
         self.end_step = end_step
         self.start_fraction = start_fraction
         self.end_fraction = end_fraction
+        self.start_epoch = start_epoch
+        self.end_epoch = end_epoch
         self.kinds = kinds
-        self._sites: list[tuple[object, str]] = []
-        self._original: list[float] = []
-        self._current: float | None = None
+        self.types = types
+        self._sites: dict[str, list[tuple[object, str]]] = {}
+        self._original: dict[str, list[float]] = {}
+        self._current: dict[str, float] = {}
         self._attached = False
 
-    def resolve_steps(self, max_steps: int) -> tuple[int, int | None]:
-        """Return `(start_step, end_step)` in optimizer steps for a run of `max_steps` steps."""
-        start = self.start_step
-        if start is None:
-            start = round(self.start_fraction * max_steps) if self.start_fraction is not None else 0
+    @property
+    def uses_epochs(self) -> bool:
+        """Whether the schedule is given in epochs (it then needs the number of optimizer steps per epoch)."""
+        return self.start_epoch is not None or self.end_epoch is not None
+
+    def resolve_steps(self, max_steps: int, steps_per_epoch: int | None = None) -> tuple[int, int | None]:
+        """
+        Return `(start_step, end_step)` in optimizer steps for a run of `max_steps` steps (`steps_per_epoch` optimizer
+        steps per epoch, needed when the schedule is given in epochs).
+        """
+        if self.uses_epochs and not steps_per_epoch:
+            raise ValueError(
+                "DropoutSchedule: `start_epoch`/`end_epoch` need the number of optimizer steps per epoch; the training "
+                "dataloader has no length (an IterableDataset?). Give `start_step`/`start_fraction` instead."
+            )
+        if self.start_step is not None:
+            start = self.start_step
+        elif self.start_fraction is not None:
+            start = round(self.start_fraction * max_steps)
+        elif self.start_epoch is not None:
+            start = round(self.start_epoch * steps_per_epoch)
+        else:
+            start = 0
         end = self.end_step
-        if end is None and self.end_fraction is not None:
+        if self.end_fraction is not None:
             end = round(self.end_fraction * max_steps)
+        elif self.end_epoch is not None:
+            end = round(self.end_epoch * steps_per_epoch)
         if self.mode == "linear" and end <= start:
             end = start + 1  # a run too short for the fractions: switch within one step
         return start, end
 
-    def rate(self, step: int, max_steps: int) -> float:
-        """The dropout probability during optimizer step `step` of a `max_steps`-step run."""
-        start, end = self.resolve_steps(max_steps)
-        return scheduled_dropout_rate(step, self.p, self.mode, self.start_p, start, end)
+    def target(self, type_: str) -> tuple[float, float]:
+        """`(start_p, p)` of dropout type `type_`."""
+        p = self.p[type_] if isinstance(self.p, dict) else self.p
+        start_p = self.start_p.get(type_, 0.0) if isinstance(self.start_p, dict) else self.start_p
+        return start_p, p
+
+    def rates(self, step: int, max_steps: int, steps_per_epoch: int | None = None) -> dict[str, float]:
+        """The dropout probability of each scheduled type during optimizer step `step` of a `max_steps`-step run."""
+        start, end = self.resolve_steps(max_steps, steps_per_epoch)
+        out = {}
+        for type_ in self.types:
+            start_p, p = self.target(type_)
+            out[type_] = scheduled_dropout_rate(step, p, self.mode, start_p, start, end)
+        return out
+
+    def rate(self, step: int, max_steps: int, steps_per_epoch: int | None = None, type: str | None = None) -> float:  # noqa: A002
+        """
+        The dropout probability during optimizer step `step` of a `max_steps`-step run: of dropout type `type`, which
+        may be left out when one rate covers all types.
+        """
+        if type is None:
+            if isinstance(self.p, dict) or isinstance(self.start_p, dict):
+                raise ValueError(
+                    f"DropoutSchedule.rate: this schedule has one rate per type; pass `type` (one of {list(self.types)})."
+                )
+            type = self.types[0]  # noqa: A001
+        if type not in self.types:
+            raise ValueError(f"DropoutSchedule.rate: `type` must be one of {list(self.types)}, got {type!r}.")
+        return self.rates(step, max_steps, steps_per_epoch)[type]
 
     def setup(self, trainer) -> None:
         self.attach(trainer.model)
@@ -152,31 +267,52 @@ class DropoutSchedule(Regularizer):
     def attach(self, model) -> None:
         """Find (once per `train()` call) the dropout places of `model` and record their original values."""
         if self._attached:
-            restore_dropout(self._sites, self._original)
-        self._sites = dropout_sites(model, self.kinds)
-        self._original = get_dropout_values(self._sites)
-        self._current = None
+            self.detach()
+        self._sites = {type_: [] for type_ in self.types}
+        for obj, name, type_ in typed_dropout_sites(model, self.kinds):
+            if type_ in self._sites:
+                self._sites[type_].append((obj, name))
+        self._original = {type_: get_dropout_values(sites) for type_, sites in self._sites.items()}
+        self._current = {}
         self._attached = True
-        if not self._sites:
+        if not any(self._sites.values()):
             logger.warning(
-                "DropoutSchedule found no dropout to set in %s (kinds=%s): the schedule has no effect. Models built "
-                "with a dropout rate of 0 may hold nn.Identity instead of nn.Dropout.",
+                "DropoutSchedule found no dropout to set in %s (kinds=%s, types=%s): the schedule has no effect. Models "
+                "built with a dropout rate of 0 may hold nn.Identity instead of nn.Dropout; Llama-family models have "
+                "no hidden dropout (see regtune.functional.dropout.add_hidden_dropout).",
                 type(model).__name__,
                 list(self.kinds),
+                list(self.types),
             )
+        elif isinstance(self.p, dict):
+            missing = [type_ for type_, sites in self._sites.items() if not sites]
+            if missing:
+                logger.warning(
+                    "DropoutSchedule: %s has no dropout of type(s) %s; their rates have no effect.",
+                    type(model).__name__,
+                    missing,
+                )
 
-    def apply(self, step: int, max_steps: int) -> float:
-        """Set the rate of optimizer step `step` on the attached model (only when it changed); return it."""
-        rate = self.rate(step, max_steps)
-        if rate != self._current:
-            set_dropout(None, rate, sites=self._sites)
-            self._current = rate
-        return rate
+    def sites(self, type_: str | None = None) -> list[tuple[object, str]]:
+        """The attached places (of one type, or all), as `(object, attribute_name)` pairs."""
+        if type_ is not None:
+            return list(self._sites.get(type_, []))
+        return [site for sites in self._sites.values() for site in sites]
+
+    def apply(self, step: int, max_steps: int, steps_per_epoch: int | None = None) -> dict[str, float]:
+        """Set the rates of optimizer step `step` on the attached model (where they changed); return them by type."""
+        rates = self.rates(step, max_steps, steps_per_epoch)
+        for type_, rate in rates.items():
+            if self._current.get(type_) != rate:
+                set_dropout(None, rate, sites=self._sites.get(type_, []))
+                self._current[type_] = rate
+        return rates
 
     def detach(self) -> None:
         """Put the original dropout values back."""
-        restore_dropout(self._sites, self._original)
-        self._sites, self._original, self._current = [], [], None
+        for type_, sites in self._sites.items():
+            restore_dropout(sites, self._original.get(type_, []))
+        self._sites, self._original, self._current = {}, {}, {}
         self._attached = False
 
     def callbacks(self) -> list[TrainerCallback]:
@@ -187,18 +323,44 @@ class DropoutSchedule(Regularizer):
 
 
 class DropoutScheduleCallback(TrainerCallback):
-    """Applies a [`DropoutSchedule`] at the start of training and of every optimizer step; restores at the end."""
+    """
+    A `transformers.TrainerCallback` that applies a [`DropoutSchedule`] at the start of training and of every
+    optimizer step, and restores the model's original rates when training ends. Usable with any `Trainer`:
 
-    def __init__(self, schedule: DropoutSchedule):
+    ```py
+    >>> trainer = Trainer(model=model, args=args, train_dataset=ds,
+    ...                   callbacks=[DropoutScheduleCallback(p=0.1, mode="step", start_epoch=2)])
+    ```
+
+    Args:
+        schedule ([`DropoutSchedule`], *optional*): the schedule; or give its arguments as keywords instead.
+        **kwargs: the arguments of [`DropoutSchedule`] (`p`, `mode`, `start_p`, `start_step`, ...).
+    """
+
+    def __init__(self, schedule: DropoutSchedule | None = None, **kwargs):
+        if schedule is not None and kwargs:
+            raise ValueError("DropoutScheduleCallback: give a DropoutSchedule or its arguments, not both.")
+        if schedule is None:
+            if not kwargs:
+                raise ValueError("DropoutScheduleCallback: give a DropoutSchedule or its arguments (at least `p`).")
+            schedule = DropoutSchedule(**kwargs)
+        if not isinstance(schedule, DropoutSchedule):
+            raise TypeError(f"DropoutScheduleCallback: `schedule` must be a DropoutSchedule, got {type(schedule)}.")
         self.schedule = schedule
+        self.steps_per_epoch: int | None = None
 
-    def on_train_begin(self, args, state, control, model=None, **kwargs):
+    def on_train_begin(self, args, state, control, model=None, train_dataloader=None, **kwargs):
         if not self.schedule._attached and model is not None:
             self.schedule.attach(model)  # used as a plain callback, without the mixin's `setup`
-        self.schedule.apply(state.global_step, state.max_steps)
+        self.steps_per_epoch = (
+            steps_per_epoch_of(train_dataloader, args.gradient_accumulation_steps)
+            if train_dataloader is not None
+            else None
+        )
+        self.schedule.apply(state.global_step, state.max_steps, self.steps_per_epoch)
 
     def on_step_begin(self, args, state, control, **kwargs):
-        self.schedule.apply(state.global_step, state.max_steps)
+        self.schedule.apply(state.global_step, state.max_steps, self.steps_per_epoch)
 
     def on_train_end(self, args, state, control, **kwargs):
         self.schedule.detach()

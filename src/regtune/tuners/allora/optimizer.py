@@ -89,8 +89,7 @@ def create_allora_optimizer(
         step = torch._foreach_sub(scaled, snapshot)
         torch._foreach_mul_(step, row_coefficients)
         torch._foreach_add_(snapshot, step)
-        for p, new in zip(scaled, snapshot):
-            p.copy_(new)
+        torch._foreach_copy_(scaled, snapshot)
         snapshot.clear()
 
     optimizer.register_step_pre_hook(pre_step)
