@@ -5,7 +5,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 TORCH_VERSION ?= 2.13.0
 
-.PHONY: setup test lint bench clean
+.PHONY: setup test lint demo clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -22,6 +22,9 @@ lint: setup
 
 test: setup lint
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -n 2 -q
+
+demo: setup
+	HF_HUB_OFFLINE=1 $(BIN)/regtune run recipes/quickstart.yaml
 
 clean:
 	rm -rf $(VENV) build *.egg-info src/*.egg-info

@@ -1,0 +1,11 @@
+"""`python -m regtune ...` (and so `accelerate launch -m regtune run RECIPE.yaml`): the `regtune` command line."""
+
+from __future__ import annotations
+
+import sys
+
+from .cli import main
+
+
+if __name__ == "__main__":
+    sys.exit(main())

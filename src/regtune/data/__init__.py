@@ -1,0 +1,78 @@
+"""Built-in tasks: small data sets that regtune generates itself, so that recipes run with no download.
+
+A recipe names one with `data: {builtin: <name>, options: {...}}`; `options` are the keyword arguments of its
+`build` function.
+"""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from .quickstart import quickstart_sentiment
+
+
+@dataclass(frozen=True)
+class BuiltinTask:
+    """
+    A data set that regtune builds locally.
+
+    Args:
+        name (`str`): the name recipes use (`data.builtin`).
+        build (`Callable[..., datasets.DatasetDict]`): builds the splits; its keyword arguments are the task's options.
+        description (`str`): one line for listings and model cards.
+        problem (`str`, defaults to `"sequence-classification"`): the model head the task needs.
+        text_column (`str`, defaults to `"text"`): the input column.
+        label_column (`str`, defaults to `"label"`): the target column (a `ClassLabel` for classification).
+        train_split (`str`, defaults to `"train"`): the split to train on.
+        eval_splits (`tuple[str, ...]`): the splits a recipe evaluates on when it names none.
+        option_ranges (`dict[str, dict]`): bounds of numeric options (`{"n_train": {"ge": 2}}`), checked when a
+            recipe is validated, before anything is built.
+    """
+
+    name: str
+    build: Callable
+    description: str
+    problem: str = "sequence-classification"
+    text_column: str = "text"
+    label_column: str = "label"
+    train_split: str = "train"
+    eval_splits: tuple[str, ...] = field(default_factory=tuple)
+    option_ranges: dict = field(default_factory=dict)
+
+
+BUILTIN_TASKS: dict[str, BuiltinTask] = {}
+
+
+def register_task(task: BuiltinTask) -> BuiltinTask:
+    """Add `task` to [`BUILTIN_TASKS`] (replacing a task of the same name) and return it."""
+    BUILTIN_TASKS[task.name] = task
+    return task
+
+
+def get_task(name: str) -> BuiltinTask:
+    """Return the built-in task `name`; raise `ValueError` naming the known tasks (closest first) otherwise."""
+    if name not in BUILTIN_TASKS:
+        close = difflib.get_close_matches(name, list(BUILTIN_TASKS), n=3)
+        hint = f" Did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
+        raise ValueError(f"Unknown built-in task {name!r}.{hint} Known tasks: {', '.join(sorted(BUILTIN_TASKS))}.")
+    return BUILTIN_TASKS[name]
+
+
+def load_task(name: str, **options):
+    """Build the splits of the built-in task `name` (a `datasets.DatasetDict`)."""
+    return get_task(name).build(**options)
+
+
+register_task(
+    BuiltinTask(
+        name="quickstart-sentiment",
+        build=quickstart_sentiment,
+        description="Binary sentiment of templated sentences; the held-out split uses sentiment words unseen in training.",
+        eval_splits=("in_distribution", "held_out"),
+        option_ranges={"n_train": {"ge": 2}, "n_eval": {"ge": 2}},
+    )
+)
+
+__all__ = ["BUILTIN_TASKS", "BuiltinTask", "get_task", "load_task", "quickstart_sentiment", "register_task"]

@@ -1,0 +1,118 @@
+"""Results of a recipe as a table (console / markdown) and a PNG plot."""
+
+from __future__ import annotations
+
+import os
+
+
+def primary_metric(result: dict) -> str | None:
+    """The metric a result is compared on: the first classification metric, else perplexity, else loss."""
+    for split_metrics in result.get("metrics", {}).values():
+        for name in ("accuracy", "macro_f1", "perplexity", "loss"):
+            if name in split_metrics:
+                return name
+    return None
+
+
+def table_rows(results: list[dict]) -> tuple[list[str], list[list[str]]]:
+    """Header and rows: run, method, trainable params, train time, then one column per (split, metric)."""
+    header = ["run", "method", "trainable params", "train time (s)"]
+    columns: list[tuple[str, str]] = []
+    for result in results:
+        for split, metrics in result.get("metrics", {}).items():
+            for metric in metrics:
+                if metric != "loss" or primary_metric(result) == "loss":
+                    if (split, metric) not in columns:
+                        columns.append((split, metric))
+    header += [f"{split} {metric}" for split, metric in columns]
+    rows = []
+    for result in results:
+        row = [
+            result["run"],
+            result["method"],
+            f"{result['trainable_params']:,}",
+            f"{result['train_seconds']:.1f}",
+        ]
+        for split, metric in columns:
+            value = result.get("metrics", {}).get(split, {}).get(metric)
+            row.append("-" if value is None else f"{value:.3f}")
+        rows.append(row)
+    return header, rows
+
+
+def format_table(results: list[dict]) -> str:
+    """A markdown table (readable as plain text) comparing the runs of a recipe."""
+    header, rows = table_rows(results)
+    widths = [max(len(str(cell)) for cell in column) for column in zip(header, *rows)]
+
+    def line(cells):
+        return "| " + " | ".join(str(c).ljust(w) for c, w in zip(cells, widths)) + " |"
+
+    separator = "|" + "|".join("-" * (w + 2) for w in widths) + "|"
+    return "\n".join([line(header), separator] + [line(r) for r in rows])
+
+
+def plot_results(results: list[dict], path: str, title: str | None = None) -> str | None:
+    """
+    Write a PNG comparing the runs: final metric per evaluation split (bars) and, when the runs evaluated during
+    training, the metric against the training step (curves). Returns `path`, or `None` without matplotlib or data.
+    """
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    metric = next((m for m in (primary_metric(r) for r in results) if m), None)
+    if metric is None:
+        return None
+    splits = []
+    for result in results:
+        for split in result.get("metrics", {}):
+            if split not in splits:
+                splits.append(split)
+    has_curves = any(len(_curve(r, s, metric)[0]) >= 2 for r in results for s in splits)  # evaluated during training
+    fig, axes = plt.subplots(1, 2 if has_curves else 1, figsize=(11 if has_curves else 6, 4.6), squeeze=False)
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+
+    ax = axes[0][0]
+    width = 0.8 / max(len(results), 1)
+    for i, result in enumerate(results):
+        values = [result.get("metrics", {}).get(s, {}).get(metric, float("nan")) for s in splits]
+        xs = [j + (i - (len(results) - 1) / 2) * width for j in range(len(splits))]
+        bars = ax.bar(xs, values, width, label=f"{result['run']} ({result['method']})", color=colors[i % len(colors)])
+        ax.bar_label(bars, fmt="%.3f", fontsize=8)
+    ax.set_xticks(range(len(splits)), splits)
+    ax.set_ylabel(metric)
+    ax.set_title(f"final {metric}")
+    if metric in ("accuracy", "macro_f1"):
+        ax.set_ylim(0, 1.08)
+    ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.12), ncol=min(len(results), 3), frameon=False)
+
+    if has_curves:
+        ax = axes[0][1]
+        styles = ["-", "--", ":", "-."]
+        for i, result in enumerate(results):
+            for j, split in enumerate(splits):
+                steps, values = _curve(result, split, metric)
+                if steps:
+                    ax.plot(steps, values, styles[j % len(styles)], marker="o", markersize=3, color=colors[i % len(colors)],
+                            label=f"{result['run']} / {split}")  # fmt: skip
+        ax.set_xlabel("training step")
+        ax.set_ylabel(metric)
+        ax.set_title(f"{metric} during training")
+        ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.18), ncol=2, frameon=False)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def _curve(result: dict, split: str, metric: str):
+    key = f"eval_{split}_{metric}"
+    points = [(h["step"], h[key]) for h in result.get("history", []) if key in h and "step" in h]
+    return [p[0] for p in points], [p[1] for p in points]

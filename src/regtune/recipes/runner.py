@@ -1,0 +1,224 @@
+"""Run a validated recipe: every run trains with the Trainer, then the results go to the run folder.
+
+```
+<output_dir>/                   # the recipe's output_dir (default runs/<recipe name>)
+    recipe.yaml                 # the recipe as run (overrides applied)
+    metrics.json                # every run's results
+    results.md                  # the comparison table
+    results.png                 # the comparison plot
+    <run name>/
+        adapter/                # trainer.save_model: adapter_config.json, adapter_model.safetensors, tokenizer
+                                # (model/ for full fine-tuning)
+        recipe.yaml             # this run as a standalone recipe (no runs:)
+        metrics.json            # its results and its log history
+        checkpoints/            # the Trainer's output_dir
+```
+
+Under `accelerate launch` every process runs this; only the main process writes the summary files.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import math
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from .builder import (
+    apply_adapter,
+    build_trainer,
+    count_parameters,
+    hub_base_model,
+    load_data,
+    load_model,
+    load_tokenizer,
+    tokenize_data,
+)
+from .report import format_table, plot_results
+from .schema import Recipe, RunSpec, resolve_trainer
+from .validation import dump_yaml
+
+
+@dataclass
+class RecipeResult:
+    """What [`run_recipe`] returns: one results dict per run (see the run folders' metrics.json) and the files."""
+
+    output_dir: str
+    results: list[dict]
+    table: str
+    plot: str | None = None
+    files: list[str] = field(default_factory=list)
+
+
+def _model_dir_name(run: RunSpec) -> str:
+    return "adapter" if run.adapter is not None else "model"
+
+
+def run_one(run: RunSpec, run_dir: str, cache: dict | None = None) -> dict:
+    """Train and evaluate one run; save its model and results in `run_dir`. Returns its results dict."""
+    from transformers import set_seed
+
+    import regtune
+
+    cache = {} if cache is None else cache
+    tokenizer_key = ("tokenizer", run.model.tokenizer or run.model.name_or_path, run.model.revision)
+    if tokenizer_key not in cache:
+        cache[tokenizer_key] = load_tokenizer(run.model, run.task)
+    tokenizer = cache[tokenizer_key]
+    data_key = ("data", repr(run.data), repr(run.evaluation), tokenizer_key, run.task)
+    if data_key not in cache:
+        data = load_data(run.data, run.task, run.evaluation)
+        cache[data_key] = (data, tokenize_data(data, tokenizer, run.task, run.data.max_length))
+    data, tokenized = cache[data_key]
+
+    set_seed(run.seed)
+    model = load_model(run.model, run.task, data.label_names, tokenizer)
+    model = apply_adapter(model, run)
+    trainable, total = count_parameters(model)
+
+    _, config_cls = resolve_trainer(run.trainer)
+    training = dict(run.training)
+    training.setdefault("seed", run.seed)
+    if "dataloader_pin_memory" not in training and not _has_accelerator():
+        training["dataloader_pin_memory"] = False  # pinning needs an accelerator (else a warning per dataloader)
+    args = config_cls(output_dir=os.path.join(run_dir, "checkpoints"), **training)
+    eval_dataset = {name: tokenized[split] for name, split in data.eval_splits.items()} or None
+    trainer = build_trainer(run, model, args, tokenized[data.train_split], eval_dataset, tokenizer, run.task)
+
+    start = time.perf_counter()
+    train_output = trainer.train()
+    # training time without the evaluations run during training (they are logged with their own runtime)
+    eval_seconds = sum(
+        v for h in trainer.state.log_history for k, v in h.items() if k.endswith("_runtime") and k.startswith("eval_")
+    )
+    train_seconds = time.perf_counter() - start - eval_seconds
+
+    final = _reusable_final_eval(trainer, list(data.eval_splits)) if eval_dataset else {}
+    if eval_dataset and final is None:
+        final = trainer.evaluate()
+    metrics = {}
+    for name in data.eval_splits:
+        prefix = f"eval_{name}_"
+        split_metrics = {k[len(prefix) :]: v for k, v in final.items() if k.startswith(prefix)}
+        split_metrics = {k: v for k, v in split_metrics.items() if k in ("loss", "accuracy", "macro_f1")}
+        if run.task == "causal-lm" and "loss" in split_metrics:
+            split_metrics["perplexity"] = math.exp(min(split_metrics["loss"], 50.0))
+        metrics[name] = split_metrics
+
+    result = {
+        "run": run.name,
+        "method": run.method,
+        "adapter_type": run.adapter.type if run.adapter is not None else None,
+        "task": run.task,
+        "base_model": hub_base_model(run.model) or run.model.name_or_path,
+        "label_names": data.label_names,
+        "trainable_params": trainable,
+        "total_params": total,
+        "train_seconds": round(train_seconds, 2),  # trainer.train() wall time minus its evaluations
+        "train_loss": train_output.metrics.get("train_loss"),
+        "global_step": trainer.state.global_step,
+        "metrics": metrics,
+        "regtune_version": regtune.__version__,
+        "history": [dict(h) for h in trainer.state.log_history],
+    }
+    trainer.save_model(os.path.join(run_dir, _model_dir_name(run)))
+    if trainer.is_world_process_zero():
+        with open(os.path.join(run_dir, "metrics.json"), "w") as f:
+            json.dump(result, f, indent=2)
+        with open(os.path.join(run_dir, "recipe.yaml"), "w") as f:
+            f.write(dump_yaml(run.to_dict()))
+    del trainer, model
+    gc.collect()
+    return result
+
+
+def _has_accelerator() -> bool:
+    import torch
+
+    return torch.cuda.is_available() or (hasattr(torch, "xpu") and torch.xpu.is_available())
+
+
+def _reusable_final_eval(trainer, names: list[str]) -> dict | None:
+    """The evaluation logged at the last step (all splits), unless the Trainer reloaded a best checkpoint."""
+    if trainer.args.load_best_model_at_end:
+        return None
+    merged = {}
+    for entry in trainer.state.log_history:
+        if entry.get("step") == trainer.state.global_step:
+            merged.update({k: v for k, v in entry.items() if k.startswith("eval_")})
+    if all(f"eval_{name}_loss" in merged for name in names):
+        return merged
+    return None
+
+
+def _is_main_process() -> bool:
+    try:
+        from accelerate import PartialState
+
+        return PartialState().is_main_process
+    except Exception:
+        return True
+
+
+def run_recipe(recipe: Recipe, log: Callable[[str], None] = print) -> RecipeResult:
+    """
+    Run every run of `recipe` in order, then write the comparison (table, plot, metrics) to `recipe.output_dir`.
+
+    Runs of the recipe that are not selected (see [`Recipe.select`]) but have results in their folder from an
+    earlier invocation are included in the comparison, so one run can be re-done alone.
+    """
+    output_dir = recipe.output_dir
+    os.makedirs(output_dir, exist_ok=True)
+    main = _is_main_process()
+    if main:
+        with open(os.path.join(output_dir, "recipe.yaml"), "w") as f:
+            f.write(dump_yaml(recipe.raw))
+    cache: dict = {}
+    fresh = {}
+    for i, run in enumerate(recipe.runs, 1):
+        if main:
+            log(f"[regtune] run {i}/{len(recipe.runs)}: {run.name} ({run.method})")
+        run_dir = os.path.join(output_dir, run.name)
+        os.makedirs(run_dir, exist_ok=True)
+        fresh[run.name] = run_one(run, run_dir, cache)
+
+    results = []
+    for name in _run_names_in_order(recipe):
+        if name in fresh:
+            results.append(fresh[name])
+        else:
+            path = os.path.join(output_dir, name, "metrics.json")
+            if os.path.isfile(path):
+                with open(path) as f:
+                    results.append(json.load(f))
+                if main:
+                    log(f"[regtune] {name}: results from an earlier invocation ({path})")
+    table = format_table(results)
+    files = []
+    plot = None
+    if main:
+        summary = {
+            "recipe": recipe.name,
+            "regtune_version": results[0]["regtune_version"] if results else None,
+            "runs": {r["run"]: {k: v for k, v in r.items() if k != "history"} for r in results},
+        }
+        paths = {name: os.path.join(output_dir, name) for name in ("metrics.json", "results.md", "results.png")}
+        with open(paths["metrics.json"], "w") as f:
+            json.dump(summary, f, indent=2)
+        with open(paths["results.md"], "w") as f:
+            f.write(f"# {recipe.name}\n\n{table}\n")
+        plot = plot_results(results, paths["results.png"], title=recipe.name)
+        files = [os.path.join(output_dir, "recipe.yaml"), paths["metrics.json"], paths["results.md"]]
+        files += [plot] if plot else []
+    return RecipeResult(output_dir=output_dir, results=results, table=table, plot=plot, files=files)
+
+
+def _run_names_in_order(recipe: Recipe) -> list[str]:
+    """All run names of the full recipe (`recipe.raw`), so that unselected runs keep their place in the table."""
+    runs = recipe.raw.get("runs")
+    if isinstance(runs, list):
+        return [r["name"] for r in runs if isinstance(r, dict) and isinstance(r.get("name"), str)]
+    return [r.name for r in recipe.runs]

@@ -1,0 +1,738 @@
+"""The recipe schema: what a recipe YAML may contain, and its validation into [`Recipe`] / [`RunSpec`].
+
+A recipe is one YAML file:
+
+```yaml
+name: quickstart
+seed: 42
+model: {name_or_path: builtin:all-MiniLM-L6-v2}      # a Hub id, a local directory, builtin:<name>, or {config: {...}}
+data: {builtin: quickstart-sentiment, options: {n_train: 64}}   # or {path: <Hub id | csv | json | dir>, ...}
+adapter: {type: LORA, r: 8, target_modules: [query, value]}      # any peft / regtune config, by peft type name
+regularizers: []                                   # [{type: <name in regtune.regularizers.REGULARIZERS>, ...}]
+training: {learning_rate: 1e-3, num_train_epochs: 5}             # fields of the trainer's config (TrainingArguments)
+evaluation: {splits: [in_distribution, held_out], metrics: [accuracy]}
+runs:                                              # variants, each overriding sections of the above
+  - {name: lora}
+  - {name: allora, adapter: {type: ALLORA, r: 8, eta: 2.0, target_modules: [query, value]}}
+```
+
+Everything is checked before any model or data is loaded; every problem is reported with its key path.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import importlib
+import inspect
+import re
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from .validation import (
+    Errors,
+    RecipeError,
+    allowed_list,
+    check_mapping,
+    check_range,
+    check_value,
+    join_path,
+    suggest,
+)
+
+
+TASKS = ("sequence-classification", "causal-lm")
+CLASSIFICATION_METRICS = ("accuracy", "macro_f1")
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+SECTION_KEYS = ("model", "data", "adapter", "regularizers", "training", "evaluation")
+RUN_KEYS = ("name", "description", "seed", "trainer") + SECTION_KEYS
+TOP_LEVEL_KEYS = ("name", "description", "seed", "output_dir", "trainer", "runs") + SECTION_KEYS
+# peft config fields that the recipe sets elsewhere.
+ADAPTER_FORBIDDEN = {
+    "peft_type": "set the adapter type with `type`, e.g. `type: LORA`",
+    "base_model_name_or_path": "set by peft from `model.name_or_path`",
+    "inference_mode": "recipes train the adapter; load it with PeftModel.from_pretrained(..., is_trainable=False) for inference",
+}
+TRAINING_FORBIDDEN = {
+    "output_dir": "the runner sets it to <output_dir>/<run name>/checkpoints; set the top-level `output_dir` instead",
+    "push_to_hub": "use `regtune run RECIPE --push_to_hub REPO_ID` (or `regtune push RUN_DIR REPO_ID`), which uploads the "
+    "adapter with a model card",
+}
+# Bounds that TrainingArguments itself does not check.
+TRAINING_RANGES = {
+    "learning_rate": {"ge": 0.0},
+    "weight_decay": {"ge": 0.0},
+    "num_train_epochs": {"gt": 0.0},
+    "per_device_train_batch_size": {"ge": 1},
+    "per_device_eval_batch_size": {"ge": 1},
+    "gradient_accumulation_steps": {"ge": 1},
+    "warmup_steps": {"ge": 0},
+    "max_grad_norm": {"ge": 0.0},
+    "adam_beta1": {"ge": 0.0, "lt": 1.0},
+    "adam_beta2": {"ge": 0.0, "lt": 1.0},
+    "adam_epsilon": {"ge": 0.0},
+    "label_smoothing_factor": {"ge": 0.0, "le": 1.0},
+    "seed": {"ge": 0},
+}
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Sections (plain dataclasses; their annotations and metadata drive the validation)
+
+
+@dataclass
+class ModelSpec:
+    """The `model:` section."""
+
+    name_or_path: str | None = field(
+        default=None,
+        metadata={"help": "A Hub id, a local directory (anything `from_pretrained` takes), or `builtin:<name>`."},
+    )
+    config: dict[str, Any] | None = field(
+        default=None,
+        metadata={
+            "help": "Instead of `name_or_path`: build a randomly initialized model from this config "
+            "(`model_type` plus config fields, e.g. `{model_type: bert, hidden_size: 16}`); needs `tokenizer`."
+        },
+    )
+    tokenizer: str | None = field(
+        default=None,
+        metadata={"help": "Tokenizer to load (Hub id, local dir, builtin:<name>); defaults to the model's."},
+    )
+    task: Literal["sequence-classification", "causal-lm"] | None = field(
+        default=None,
+        metadata={
+            "help": "The head to load (AutoModelForSequenceClassification / AutoModelForCausalLM); defaults to "
+            "the built-in data task's, else sequence-classification."
+        },
+    )
+    revision: str | None = field(default=None, metadata={"help": "Hub revision of the model and tokenizer."})
+    dtype: Literal["auto", "float32", "float16", "bfloat16"] | None = field(
+        default=None, metadata={"help": "Dtype to load the weights in (`dtype` of from_pretrained)."}
+    )
+    trust_remote_code: bool = field(default=False, metadata={"help": "Passed to from_pretrained."})
+    kwargs: dict[str, Any] = field(default_factory=dict, metadata={"help": "Extra from_pretrained keyword arguments."})
+
+
+@dataclass
+class DataSpec:
+    """The `data:` section: a built-in task, or anything `datasets.load_dataset` reads."""
+
+    builtin: str | None = field(
+        default=None, metadata={"help": "A built-in task (regtune.data.BUILTIN_TASKS), e.g. quickstart-sentiment."}
+    )
+    options: dict[str, Any] = field(
+        default_factory=dict, metadata={"help": "Keyword arguments of the built-in task's build function."}
+    )
+    path: str | None = field(
+        default=None,
+        metadata={"help": "`datasets.load_dataset` path: a Hub id, csv / json / parquet, or a directory."},
+    )
+    name: str | None = field(default=None, metadata={"help": "`datasets.load_dataset` configuration name."})
+    data_files: str | list[str] | dict[str, str | list[str]] | None = field(
+        default=None, metadata={"help": "`datasets.load_dataset` data_files (local files)."}
+    )
+    revision: str | None = field(default=None, metadata={"help": "Hub revision of the data set."})
+    text_column: str | None = field(default=None, metadata={"help": "Input text column (default: text)."})
+    text_pair_column: str | None = field(default=None, metadata={"help": "Second text column for pair tasks."})
+    label_column: str | None = field(default=None, metadata={"help": "Label column (default: label)."})
+    train_split: str | None = field(default=None, metadata={"help": "Split to train on (default: train)."})
+    max_length: int = field(default=128, metadata={"help": "Truncate inputs to this many tokens.", "ge": 1})
+    max_train_samples: int | None = field(default=None, metadata={"help": "Keep the first N training rows.", "ge": 1})
+    max_eval_samples: int | None = field(
+        default=None, metadata={"help": "Keep the first N rows of each eval split.", "ge": 1}
+    )
+
+
+@dataclass
+class EvaluationSpec:
+    """The `evaluation:` section."""
+
+    splits: list[str] | dict[str, str] | None = field(
+        default=None,
+        metadata={
+            "help": "Splits to evaluate on: a list, or {display name: split}. Defaults to the built-in task's "
+            "evaluation splits, else validation (or test)."
+        },
+    )
+    metrics: list[Literal["accuracy", "macro_f1"]] | None = field(
+        default=None,
+        metadata={
+            "help": "Classification metrics (the loss is always reported; causal-lm reports loss and "
+            "perplexity). Default: [accuracy]."
+        },
+    )
+
+
+@dataclass
+class AdapterSpec:
+    """A resolved `adapter:` section: peft type name, the config class, and its keyword arguments."""
+
+    type: str
+    kwargs: dict[str, Any]
+    config_cls: Any = field(repr=False, compare=False)
+
+    def build_config(self):
+        return self.config_cls(**copy.deepcopy(self.kwargs))
+
+    def to_dict(self) -> dict:
+        return {"type": self.type, **self.kwargs}
+
+
+@dataclass
+class RegularizerSpec:
+    """A resolved item of `regularizers:`."""
+
+    type: str
+    kwargs: dict[str, Any]
+
+    def to_dict(self) -> dict:
+        return {"type": self.type, **self.kwargs}
+
+
+@dataclass
+class RunSpec:
+    """One fully resolved run of a recipe: the base sections with the run's overrides applied, validated."""
+
+    name: str
+    description: str | None
+    seed: int
+    trainer: str
+    task: str
+    model: ModelSpec
+    data: DataSpec
+    adapter: AdapterSpec | None
+    regularizers: list[RegularizerSpec]
+    training: dict[str, Any]
+    evaluation: EvaluationSpec
+
+    @property
+    def method(self) -> str:
+        """A short label of the method: the adapter type (or `full` fine-tuning), with the regularizers."""
+        label = self.adapter.type if self.adapter is not None else "full"
+        if self.regularizers:
+            label += " + " + " + ".join(r.type for r in self.regularizers)
+        return label
+
+    def to_dict(self) -> dict:
+        """A standalone recipe (no `runs:`) that validates back to this run."""
+
+        def section(spec):
+            return {k: v for k, v in dataclasses.asdict(spec).items() if v is not None and v != {}}
+
+        out = {"name": self.name}
+        if self.description:
+            out["description"] = self.description
+        out.update(seed=self.seed, trainer=self.trainer)
+        out["model"] = section(self.model)
+        out["data"] = section(self.data)
+        out["adapter"] = self.adapter.to_dict() if self.adapter is not None else None
+        out["regularizers"] = [r.to_dict() for r in self.regularizers]
+        out["training"] = copy.deepcopy(self.training)
+        out["evaluation"] = section(self.evaluation)
+        return out
+
+
+@dataclass
+class Recipe:
+    """A validated recipe: its runs, where they write, and the raw data (after overrides) it came from."""
+
+    name: str
+    description: str | None
+    output_dir: str
+    runs: list[RunSpec]
+    raw: dict
+    source: str | None = None
+
+    def select(self, names) -> Recipe:
+        """The same recipe restricted to the runs `names` (in recipe order); unknown names raise [`RecipeError`]."""
+        known = [r.name for r in self.runs]
+        unknown = [n for n in names if n not in known]
+        if unknown:
+            raise RecipeError(
+                [("runs", f"no run named {n!r}.{suggest(n, known)} Runs: {', '.join(known)}") for n in unknown],
+                self.source,
+            )
+        return dataclasses.replace(self, runs=[r for r in self.runs if r.name in set(names)])
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Resolution helpers (import host libraries lazily: validation must stay cheap)
+
+
+def adapter_types() -> dict[str, Any]:
+    """`{PEFT type name: config class}` of every adapter peft knows, regtune's included (`import regtune`)."""
+    from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING
+
+    import regtune  # noqa: F401  (registers regtune's adapter types)
+
+    return {str(getattr(k, "value", k)): v for k, v in PEFT_TYPE_TO_CONFIG_MAPPING.items()}
+
+
+def regularizer_registry() -> dict | None:
+    """`regtune.regularizers.REGULARIZERS`, or `None` if this installation has no regularizers module."""
+    try:
+        from regtune.regularizers import REGULARIZERS
+    except ImportError:
+        return None
+    return REGULARIZERS
+
+
+def resolve_trainer(name: str):
+    """
+    Resolve a recipe's `trainer:` to `(trainer class or None, config class)`.
+
+    `name` is a class of `regtune.trainers` (`RegTrainer`, the default), `Trainer` (transformers'), or a dotted
+    import path (`trl.SFTTrainer`). The config class is the trainer's `config_class` attribute, else the most
+    specific `TrainingArguments` subclass in the annotation of its `args` parameter, else `TrainingArguments`.
+    The class is `None` only for `RegTrainer` in an installation without `regtune.trainers` (the runner then uses
+    `transformers.Trainer`, which is equivalent when there are no regularizers). Raises `ValueError`.
+    """
+    from transformers import Trainer, TrainingArguments
+
+    if name == "Trainer":
+        cls = Trainer
+    elif "." in name:
+        module_name, _, attr = name.rpartition(".")
+        try:
+            cls = getattr(importlib.import_module(module_name), attr)
+        except (ImportError, AttributeError) as e:
+            raise ValueError(f"cannot import {name!r}: {e}") from None
+    else:
+        try:
+            trainers = importlib.import_module("regtune.trainers")
+        except ImportError:
+            trainers = None
+        cls = getattr(trainers, name, None)
+        if cls is None and name == "RegTrainer":
+            return None, TrainingArguments  # an installation without regtune.trainers
+        if cls is None and trainers is None:
+            raise ValueError(f"unknown trainer {name!r}: regtune.trainers is not available")
+        if cls is None:
+            known = [n for n in getattr(trainers, "__all__", dir(trainers)) if n.endswith("Trainer")] + ["Trainer"]
+            raise ValueError(f"unknown trainer {name!r}.{suggest(name, known)} Known: {', '.join(sorted(known))}")
+    if not (isinstance(cls, type) and issubclass(cls, Trainer)):
+        raise ValueError(f"{name!r} is not a transformers.Trainer subclass")
+    return cls, trainer_config_class(cls)
+
+
+def trainer_config_class(cls):
+    """
+    The `TrainingArguments` subclass a trainer class takes as `args`: its `config_class` attribute if it has one,
+    else the most specific `TrainingArguments` subclass annotated on `args` by the first `__init__` in its MRO that
+    annotates it (a mixin's `__init__(*args, **kwargs)` does not hide the host's `args: SFTConfig`).
+    """
+    from transformers import TrainingArguments
+
+    config_cls = getattr(cls, "config_class", None)
+    if isinstance(config_cls, type) and issubclass(config_cls, TrainingArguments):
+        return config_cls
+    for klass in cls.__mro__:
+        init = klass.__dict__.get("__init__")
+        if init is None:
+            continue
+        try:
+            annotation = typing.get_type_hints(init).get("args")
+        except Exception:
+            continue
+        if annotation is None:
+            continue
+        candidates = [a for a in typing.get_args(annotation) or (annotation,) if isinstance(a, type)]
+        candidates = [a for a in candidates if issubclass(a, TrainingArguments)]
+        if candidates:
+            return max(candidates, key=lambda a: len(a.__mro__))
+    return TrainingArguments
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Validation of one merged run
+
+
+def _check_name(value, path: str, errors: Errors, what: str) -> None:
+    if not isinstance(value, str) or not NAME_RE.match(value):
+        errors.add(path, f"{what} must be a string of letters, digits, '.', '_' or '-' (a folder name), got {value!r}")
+
+
+def _takes_keyword(cls, name: str) -> bool:
+    try:
+        params = inspect.signature(cls.__init__).parameters
+    except (TypeError, ValueError):
+        return True
+    return name in params or any(p.kind is p.VAR_KEYWORD for p in params.values())
+
+
+def _validate_model(raw, errors: Errors) -> ModelSpec:
+    from .builder import BUILTIN_MODELS
+
+    values = check_mapping(raw, ModelSpec, "model", errors)
+    spec = ModelSpec(**values)
+    if (spec.name_or_path is None) == (spec.config is None):
+        errors.add("model", "set exactly one of `name_or_path` (Hub id, local directory, builtin:<name>) and `config`")
+    for key in ("name_or_path", "tokenizer"):
+        value = getattr(spec, key)
+        if isinstance(value, str) and value.startswith("builtin:"):
+            name = value[len("builtin:") :]
+            if name not in BUILTIN_MODELS:
+                errors.add(
+                    f"model.{key}",
+                    f"unknown built-in model {name!r}.{suggest(name, BUILTIN_MODELS)} "
+                    f"Known: {', '.join('builtin:' + n for n in BUILTIN_MODELS)}",
+                )
+    if spec.config is not None:
+        if not isinstance(spec.config.get("model_type"), str):
+            errors.add("model.config.model_type", "required: the transformers model type, e.g. bert, llama, gpt2")
+        if spec.tokenizer is None:
+            errors.add(
+                "model.tokenizer", "required with `model.config` (a model built from a config has no tokenizer)"
+            )
+    return spec
+
+
+def _validate_data(raw, errors: Errors) -> DataSpec:
+    from regtune.data import BUILTIN_TASKS
+
+    values = check_mapping(raw, DataSpec, "data", errors)
+    spec = DataSpec(**values)
+    if (spec.builtin is None) == (spec.path is None):
+        errors.add("data", "set exactly one of `builtin` (a built-in task) and `path` (datasets.load_dataset)")
+    if spec.builtin is not None:
+        task = BUILTIN_TASKS.get(spec.builtin)
+        if task is None:
+            errors.add(
+                "data.builtin",
+                f"unknown built-in task {spec.builtin!r}.{suggest(spec.builtin, BUILTIN_TASKS)} "
+                f"Known: {', '.join(sorted(BUILTIN_TASKS))}",
+            )
+        else:
+            spec.options = _check_call_kwargs(task.build, spec.options, "data.options", errors, f"task {task.name!r}")
+            for key, bounds in getattr(task, "option_ranges", {}).items():
+                if key in spec.options:
+                    check_range(spec.options[key], bounds, f"data.options.{key}", errors)
+        for key in ("path", "name", "data_files", "revision"):
+            if getattr(spec, key) is not None:
+                errors.add(f"data.{key}", "only for `path` data sets, not with `builtin`")
+    elif spec.options:
+        errors.add("data.options", "only for `builtin` tasks; pass load_dataset arguments as data.name / data_files")
+    return spec
+
+
+def _check_call_kwargs(fn, kwargs, path: str, errors: Errors, what: str) -> dict:
+    """Check `kwargs` against the signature (names and annotated types) of the callable `fn`."""
+    if not isinstance(kwargs, dict):
+        errors.add(path, f"expected a mapping of keyword arguments, got {kwargs!r}")
+        return {}
+    if dataclasses.is_dataclass(fn):
+        return check_mapping(kwargs, fn, path, errors, what=what)
+    target = fn.__init__ if isinstance(fn, type) else fn
+    try:
+        params = dict(inspect.signature(target).parameters)
+    except (TypeError, ValueError):
+        return dict(kwargs)
+    params.pop("self", None)
+    if any(p.kind is p.VAR_KEYWORD for p in params.values()):
+        return dict(kwargs)
+    names = [n for n, p in params.items() if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+    try:
+        hints = typing.get_type_hints(target)
+    except Exception:
+        hints = {}
+    out = {}
+    for key, value in kwargs.items():
+        key_path = join_path(path, str(key))
+        if key not in names:
+            hint = suggest(str(key), names)
+            errors.add(key_path, f"unknown option of {what}.{hint}{'' if hint else ' (' + allowed_list(names) + ')'}")
+            continue
+        out[key] = check_value(value, hints[key], key_path, errors) if key in hints else value
+    return out
+
+
+def _validate_adapter(raw, task: str, errors: Errors) -> AdapterSpec | None:
+    if raw is None:
+        return None  # full fine-tuning
+    if not isinstance(raw, dict):
+        errors.add("adapter", f"expected a mapping with `type` (e.g. `{{type: LORA, r: 8}}`) or null, got {raw!r}")
+        return None
+    raw = dict(raw)
+    type_name = raw.pop("type", None)
+    types_ = adapter_types()
+    if not isinstance(type_name, str):
+        errors.add("adapter.type", f"required: the peft type name, one of {', '.join(sorted(types_))}")
+        return None
+    canonical = type_name.upper()
+    if canonical not in types_:
+        errors.add(
+            "adapter.type",
+            f"unknown adapter type {type_name!r}.{suggest(canonical, types_)} Known: {', '.join(sorted(types_))}",
+        )
+        return None
+    config_cls = types_[canonical]
+    n_errors = len(errors.items)
+    kwargs = check_mapping(
+        raw,
+        config_cls,
+        "adapter",
+        errors,
+        forbidden=ADAPTER_FORBIDDEN,
+        exclude=("auto_mapping",),
+        what=config_cls.__name__,
+    )
+    fields = {f.name for f in dataclasses.fields(config_cls)}
+    if "task_type" in fields and kwargs.get("task_type") is None:
+        kwargs["task_type"] = {"sequence-classification": "SEQ_CLS", "causal-lm": "CAUSAL_LM"}[task]
+    spec = AdapterSpec(type=canonical, kwargs=kwargs, config_cls=config_cls)
+    if len(errors.items) == n_errors:
+        try:
+            spec.build_config()
+        except Exception as e:  # the config's own __post_init__ checks (ranges, combinations)
+            errors.add("adapter", f"{config_cls.__name__} rejected these values: {e}")
+    return spec
+
+
+def _validate_regularizers(raw, errors: Errors) -> list[RegularizerSpec]:
+    if raw is None:
+        return []
+    if not isinstance(raw, list):
+        errors.add("regularizers", f"expected a list of {{type: name, ...}} mappings, got {raw!r}")
+        return []
+    registry = regularizer_registry() if raw else {}
+    if registry is None:
+        errors.add("regularizers", "this installation has no regtune.regularizers module; remove the regularizers")
+        return []
+    specs = []
+    for i, item in enumerate(raw):
+        path = join_path("regularizers", i)
+        if not isinstance(item, dict) or not isinstance(item.get("type"), str):
+            errors.add(path, f"expected a mapping with a `type` (one of {', '.join(sorted(registry))}), got {item!r}")
+            continue
+        kwargs = {k: v for k, v in item.items() if k != "type"}
+        name = item["type"]
+        if name not in registry:
+            errors.add(
+                f"{path}.type",
+                f"unknown regularizer {name!r}.{suggest(name, registry)} Known: {', '.join(sorted(registry))}",
+            )
+            continue
+        n_errors = len(errors.items)
+        kwargs = _check_call_kwargs(registry[name], kwargs, path, errors, f"regularizer {name!r}")
+        if len(errors.items) == n_errors:
+            try:  # the regularizer's own checks (ranges, combinations); building one is cheap
+                from regtune.regularizers import build_regularizer
+
+                build_regularizer(name, **copy.deepcopy(kwargs))
+            except (TypeError, ValueError) as e:
+                errors.add(path, str(e))
+        specs.append(RegularizerSpec(type=name, kwargs=kwargs))
+    return specs
+
+
+def _validate_training(raw, config_cls, errors: Errors) -> dict:
+    n_errors = len(errors.items)
+    training = check_mapping(
+        raw,
+        config_cls,
+        "training",
+        errors,
+        forbidden=TRAINING_FORBIDDEN,
+        ranges=TRAINING_RANGES,
+        what=config_cls.__name__,
+    )
+    if len(errors.items) == n_errors:
+        try:
+            config_cls(output_dir="regtune-validation", **copy.deepcopy(training))
+        except Exception as e:
+            errors.add("training", f"{config_cls.__name__} rejected these values: {e}")
+    return training
+
+
+def _validate_evaluation(raw, task: str, data: DataSpec, errors: Errors) -> EvaluationSpec:
+    from regtune.data import BUILTIN_TASKS
+
+    spec = EvaluationSpec(**check_mapping(raw, EvaluationSpec, "evaluation", errors))
+    if spec.splits is None and data.builtin in BUILTIN_TASKS:
+        spec.splits = list(BUILTIN_TASKS[data.builtin].eval_splits)
+    if spec.metrics is None and task == "sequence-classification":
+        spec.metrics = ["accuracy"]
+    if spec.metrics and task != "sequence-classification":
+        errors.add(
+            "evaluation.metrics", f"classification metrics need model.task: sequence-classification (got {task})"
+        )
+    if isinstance(spec.splits, dict):
+        for display in spec.splits:
+            _check_name(display, f"evaluation.splits.{display}", errors, "a display name")
+    return spec
+
+
+def validate_run(raw: dict) -> RunSpec:
+    """Validate one merged run (a recipe without `runs:`). Raises [`RecipeError`] with every problem found."""
+    from regtune.data import BUILTIN_TASKS
+
+    errors = Errors()
+    name = raw.get("name")
+    _check_name(name, "name", errors, "the run name")
+    description = check_value(raw.get("description"), str | None, "description", errors)
+    seed = check_value(raw.get("seed", 42), int, "seed", errors)
+    check_range(seed, {"ge": 0}, "seed", errors)
+    trainer_name = check_value(raw.get("trainer", "RegTrainer"), str, "trainer", errors)
+    from transformers import TrainingArguments
+
+    config_cls, trainer_cls = TrainingArguments, None
+    if isinstance(trainer_name, str):
+        try:
+            trainer_cls, config_cls = resolve_trainer(trainer_name)
+        except ValueError as e:
+            errors.add("trainer", str(e))
+    for key, kind in (("model", dict), ("data", dict)):
+        if not isinstance(raw.get(key), kind):
+            errors.add(key, f"required: a mapping (got {raw.get(key)!r})")
+    model = _validate_model(raw.get("model") if isinstance(raw.get("model"), dict) else {}, errors)
+    data = _validate_data(raw.get("data") if isinstance(raw.get("data"), dict) else {}, errors)
+    task = model.task
+    if task is None:
+        builtin = BUILTIN_TASKS.get(data.builtin) if data.builtin else None
+        task = builtin.problem if builtin is not None else "sequence-classification"
+    adapter = _validate_adapter(raw.get("adapter"), task, errors)
+    regularizers = _validate_regularizers(raw.get("regularizers"), errors)
+    if regularizers and trainer_cls is not None and not _takes_keyword(trainer_cls, "regularizers"):
+        errors.add("regularizers", f"the trainer {trainer_name!r} takes no regularizers; use trainer: RegTrainer")
+    training = _validate_training(raw.get("training"), config_cls, errors)
+    evaluation = _validate_evaluation(raw.get("evaluation"), task, data, errors)
+    errors.raise_if_any()
+    return RunSpec(
+        name=name,
+        description=description,
+        seed=seed,
+        trainer=trainer_name,
+        task=task,
+        model=model,
+        data=data,
+        adapter=adapter,
+        regularizers=regularizers,
+        training=training,
+        evaluation=evaluation,
+    )
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Runs: merging and error attribution
+
+
+def merge_run(base: dict, run: dict) -> dict:
+    """
+    Apply the run `run` to the base sections `base`: mappings merge key by key (recursively), lists and scalars
+    replace. An `adapter` whose `type` differs from the base adapter's replaces it whole (ALLoRA does not inherit
+    LoRA's `lora_alpha`); `adapter: null` means full fine-tuning.
+    """
+    merged = copy.deepcopy(base)
+    for key, value in run.items():
+        if key == "adapter" and isinstance(value, dict) and isinstance(merged.get("adapter"), dict):
+            if (
+                str(value.get("type", merged["adapter"].get("type"))).upper()
+                != str(merged["adapter"].get("type")).upper()
+            ):
+                merged["adapter"] = copy.deepcopy(value)
+                continue
+        merged[key] = _deep_merge(merged.get(key), value)
+    return merged
+
+
+def _deep_merge(base, override):
+    if isinstance(base, dict) and isinstance(override, dict):
+        out = dict(base)
+        for k, v in override.items():
+            out[k] = _deep_merge(base.get(k), v)
+        return out
+    return copy.deepcopy(override)
+
+
+def _path_parts(path: str) -> list:
+    parts = []
+    for token in re.findall(r"[^.\[\]]+|\[\d+\]", path):
+        parts.append(int(token[1:-1]) if token.startswith("[") else token)
+    return parts
+
+
+def _defined_in(data, path: str) -> bool:
+    """Whether the (possibly nested) key path `path` is set in `data`."""
+    node = data
+    for part in _path_parts(path):
+        if isinstance(part, int) and isinstance(node, list) and part < len(node):
+            node = node[part]
+        elif isinstance(part, str) and isinstance(node, dict) and part in node:
+            node = node[part]
+        else:
+            return False
+    return True
+
+
+def validate_recipe(raw: Any, source: str | None = None, default_name: str | None = None) -> Recipe:
+    """
+    Validate recipe data (parsed YAML, overrides applied) into a [`Recipe`].
+
+    Checks the top-level keys, then every run (the base sections with the run's overrides merged in, see
+    [`merge_run`]). An error inside a value that a run sets is reported under `runs[i]....`, one inside a base
+    section under its plain path, once. Raises [`RecipeError`] listing every problem.
+    """
+    errors = Errors()
+    if not isinstance(raw, dict):
+        raise RecipeError([("", f"a recipe is a YAML mapping, got {type(raw).__name__}")], source)
+    for key in raw:
+        if key not in TOP_LEVEL_KEYS:
+            hint = suggest(str(key), TOP_LEVEL_KEYS)
+            errors.add(
+                str(key), f"unknown top-level key.{hint}{'' if hint else ' (' + allowed_list(TOP_LEVEL_KEYS) + ')'}"
+            )
+    name = raw.get("name", default_name)
+    _check_name(name, "name", errors, "the recipe name (set `name:`)")
+    description = check_value(raw.get("description"), str | None, "description", errors)
+    output_dir = check_value(raw.get("output_dir", f"runs/{name}"), str, "output_dir", errors)
+    runs_raw = raw.get("runs")
+    if runs_raw is None:
+        runs_raw = [{}]
+        single = True
+    else:
+        single = False
+        if not isinstance(runs_raw, list) or not runs_raw:
+            errors.add("runs", f"expected a non-empty list of runs ({{name: ..., <overrides>}}), got {runs_raw!r}")
+            runs_raw = []
+    errors.raise_if_any(source)
+
+    base = {k: v for k, v in raw.items() if k in RUN_KEYS and k != "name"}
+    runs, seen = [], {}
+    for i, run_raw in enumerate(runs_raw):
+        prefix = "" if single else join_path("runs", i)
+        if not isinstance(run_raw, dict):
+            errors.add(prefix, f"expected a mapping ({{name: ..., <overrides>}}), got {run_raw!r}")
+            continue
+        bad = [k for k in run_raw if k not in RUN_KEYS]
+        for key in bad:
+            hint = suggest(str(key), RUN_KEYS)
+            errors.add(
+                join_path(prefix, key),
+                f"unknown key in a run.{hint}{'' if hint else ' (' + allowed_list(RUN_KEYS) + ')'}",
+            )
+        if bad:
+            continue
+        if single:
+            adapter = raw.get("adapter")
+            run_raw = {"name": str(adapter.get("type", "adapter")).lower() if isinstance(adapter, dict) else "full"}
+        elif "name" not in run_raw:
+            errors.add(join_path(prefix, "name"), "required: every run needs a name (its folder under output_dir)")
+            continue
+        merged = merge_run(base, run_raw)
+        try:
+            runs.append(validate_run(merged))
+        except RecipeError as e:
+            for path, message in e.errors:
+                from_run = not single and (path == "name" or _defined_in(run_raw, path))
+                full = join_path(prefix, path) if from_run else path
+                if (full, message) not in errors.items:
+                    errors.add(full, message)
+        name_i = run_raw.get("name")
+        if name_i in seen:
+            errors.add(join_path(prefix, "name"), f"duplicate run name {name_i!r} (also runs[{seen[name_i]}])")
+        seen.setdefault(name_i, i)
+    errors.raise_if_any(source)
+    raw = {"name": name, **{k: v for k, v in raw.items() if k != "name"}}  # a name taken from the file name is kept
+    return Recipe(name=name, description=description, output_dir=output_dir, runs=runs, raw=raw, source=source)

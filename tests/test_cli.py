@@ -1,0 +1,287 @@
+"""The `regtune` command line: validate, a tiny end-to-end `run` (with --push_to_hub on a fake HfApi), overrides."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import yaml
+from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
+
+from regtune.cli import main
+from regtune.recipes import load_recipe, resolve_model_path
+
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+QUICKSTART = os.path.join(REPO, "recipes", "quickstart.yaml")
+TINY_BERT = {
+    "hidden_size": 16,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 2,
+    "intermediate_size": 32,
+    "max_position_embeddings": 64,
+}
+TINY_TRAINING = {
+    "max_steps": 2,
+    "per_device_train_batch_size": 8,
+    "per_device_eval_batch_size": 16,
+    "learning_rate": 1e-2,
+    "eval_strategy": "steps",
+    "eval_steps": 1,
+    "logging_steps": 1,
+    "save_strategy": "no",
+    "report_to": "none",
+    "disable_tqdm": True,
+}
+
+
+def save_tiny_model(path) -> str:
+    """A 2-layer, 16-wide BERT with the MiniLM tokenizer, saved like a Hub checkpoint (loaded by from_pretrained)."""
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model_path("builtin:all-MiniLM-L6-v2"))
+    torch.manual_seed(0)
+    model = BertForSequenceClassification(BertConfig(vocab_size=tokenizer.vocab_size, **TINY_BERT))
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return str(path)
+
+
+def tiny_recipe(model_dir: str, output_dir: str) -> dict:
+    return {
+        "name": "tiny",
+        "description": "a tiny end-to-end recipe",
+        "seed": 0,
+        "output_dir": output_dir,
+        "model": {"name_or_path": model_dir},
+        "data": {"builtin": "quickstart-sentiment", "options": {"n_train": 16, "n_eval": 16}, "max_length": 24},
+        "adapter": {"type": "LORA", "r": 2, "lora_alpha": 4, "target_modules": ["query", "value"]},
+        "training": dict(TINY_TRAINING),
+        "runs": [
+            {"name": "lora"},
+            {
+                "name": "allora",
+                "adapter": {"type": "ALLORA", "r": 2, "eta": 2.0, "target_modules": ["query", "value"]},
+            },
+        ],
+    }
+
+
+class FakeHfApi:
+    """Records the Hub calls; `upload_folder` snapshots the folder it is given (it is deleted afterwards)."""
+
+    calls: list = []
+
+    def __init__(self, token=None):
+        self.token = token
+
+    def create_repo(self, repo_id, private=None, exist_ok=False, **kwargs):
+        FakeHfApi.calls.append(("create_repo", repo_id, private, exist_ok))
+
+    def upload_folder(self, repo_id, folder_path, commit_message=None, **kwargs):
+        files = sorted(
+            os.path.relpath(os.path.join(root, f), folder_path)
+            for root, _, names in os.walk(folder_path)
+            for f in names
+        )
+        with open(os.path.join(folder_path, "README.md")) as f:
+            readme = f.read()
+        FakeHfApi.calls.append(("upload_folder", repo_id, files, readme))
+        return f"https://huggingface.co/{repo_id}/commit/0"
+
+
+# -- validate ---------------------------------------------------------------------------------------------------------
+
+
+def test_validate_prints_resolved_runs_with_overrides(capsys):
+    assert main(["validate", QUICKSTART, "--training.num_train_epochs=1", "--runs.allora.adapter.eta", "4"]) == 0
+    out = capsys.readouterr().out
+    assert "# run lora: LORA" in out and "# run allora: ALLORA" in out
+    assert "num_train_epochs: 1\n" in out and "eta: 4\n" in out
+
+
+def test_validate_typo_exits_2_naming_the_key_path(capsys):
+    assert main(["validate", QUICKSTART, "--runs.allora.adapter.etaa=4"]) == 2
+    err = capsys.readouterr().err
+    assert "runs[1].adapter.etaa" in err and "Did you mean 'eta'?" in err
+
+
+def test_validate_bad_value_exits_2(capsys):
+    assert main(["validate", QUICKSTART, "--training.learning_rate=-1"]) == 2
+    assert "training.learning_rate: must be >= 0.0" in capsys.readouterr().err
+
+
+def test_missing_recipe_file_exits_2(tmp_path, capsys):
+    assert main(["validate", str(tmp_path / "nope.yaml")]) == 2
+    assert "nope.yaml" in capsys.readouterr().err
+
+
+def test_study_command_is_dispatched_to_regtune_studies(capsys):
+    with pytest.raises(SystemExit) as info:
+        main(["study", "multi-epoch", "--help"])
+    assert info.value.code == 0
+    assert "--report_only" in capsys.readouterr().out
+
+
+def test_unknown_command_exits_with_usage():
+    with pytest.raises(SystemExit):
+        main(["fly"])
+
+
+@pytest.mark.slow
+def test_python_dash_m_regtune(tmp_path):
+    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    proc = subprocess.run(
+        [sys.executable, "-m", "regtune", "validate", QUICKSTART, "--adapter.ra=8"],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=tmp_path,
+    )
+    assert proc.returncode == 2 and "adapter.ra" in proc.stderr
+
+
+# -- run, end to end --------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_run_end_to_end_and_push(tmp_path, monkeypatch, capsys):
+    import regtune.hub
+
+    monkeypatch.setattr(regtune.hub, "HfApi", FakeHfApi)
+    FakeHfApi.calls = []
+    model_dir = save_tiny_model(tmp_path / "tiny-bert")
+    out = str(tmp_path / "out")
+    recipe_path = tmp_path / "tiny.yaml"
+    recipe_path.write_text(yaml.safe_dump(tiny_recipe(model_dir, out), sort_keys=False))
+
+    assert main(["run", str(recipe_path), "--training.learning_rate=5e-3", "--push_to_hub", "me/tiny"]) == 0
+    printed = capsys.readouterr().out
+    assert "| run" in printed and "held_out accuracy" in printed and "in_distribution accuracy" in printed
+    assert os.path.join(out, "results.png") in printed
+
+    # the run folder
+    for name in ("recipe.yaml", "metrics.json", "results.md", "results.png"):
+        assert os.path.isfile(os.path.join(out, name)), name
+    summary = json.load(open(os.path.join(out, "metrics.json")))
+    assert list(summary["runs"]) == ["lora", "allora"]
+    for run, peft_type in (("lora", "LORA"), ("allora", "ALLORA")):
+        result = summary["runs"][run]
+        assert result["adapter_type"] == peft_type
+        assert 0.0 <= result["metrics"]["held_out"]["accuracy"] <= 1.0
+        assert result["trainable_params"] < result["total_params"]
+        config = json.load(open(os.path.join(out, run, "adapter", "adapter_config.json")))
+        assert config["peft_type"] == peft_type
+        per_run = json.load(open(os.path.join(out, run, "metrics.json")))
+        assert any("eval_held_out_accuracy" in h for h in per_run["history"])
+        # the run's recipe is a standalone recipe that validates, with the override applied
+        (again,) = load_recipe(os.path.join(out, run, "recipe.yaml")).runs
+        assert again.training["learning_rate"] == 5e-3 and again.adapter.type == peft_type
+    assert load_recipe(os.path.join(out, "recipe.yaml")).runs[0].training["learning_rate"] == 5e-3
+
+    # the adapter loads back with peft after `import regtune`
+    from peft import PeftModel
+
+    import regtune  # noqa: F401
+
+    base = BertForSequenceClassification.from_pretrained(model_dir, num_labels=2)
+    loaded = PeftModel.from_pretrained(base, os.path.join(out, "allora", "adapter"))
+    assert loaded.peft_config["default"].peft_type == "ALLORA"
+
+    # --push_to_hub went through HfApi with the staged folder
+    create, upload = FakeHfApi.calls
+    assert create == ("create_repo", "me/tiny", None, True)
+    assert upload[1] == "me/tiny"
+    files = upload[2]
+    assert {"README.md", "recipe.yaml", "metrics.json", "results.png"} <= set(files)
+    assert {"lora/adapter_model.safetensors", "allora/adapter_config.json"} <= set(files)
+    assert not [f for f in files if "checkpoint" in f or f.endswith("training_args.bin")]
+    assert 'PeftModel.from_pretrained(base, "me/tiny", subfolder="allora")' in upload[3]
+
+    # re-running one run keeps the other's earlier results in the comparison
+    assert main(["run", str(recipe_path), "--only", "allora", "--runs.allora.adapter.eta=4"]) == 0
+    summary = json.load(open(os.path.join(out, "metrics.json")))
+    assert list(summary["runs"]) == ["lora", "allora"]
+    (allora,) = load_recipe(os.path.join(out, "allora", "recipe.yaml")).runs
+    assert allora.adapter.kwargs["eta"] == 4.0
+
+
+@pytest.mark.slow
+def test_run_model_built_from_config_full_finetuning(tmp_path, capsys):
+    recipe = {
+        "name": "from-config",
+        "output_dir": str(tmp_path / "out"),
+        "model": {
+            "config": {"model_type": "bert", "vocab_size": 30522, **TINY_BERT},
+            "tokenizer": "builtin:all-MiniLM-L6-v2",
+        },
+        "data": {"builtin": "quickstart-sentiment", "options": {"n_train": 8, "n_eval": 8}, "max_length": 24},
+        "adapter": None,
+        "regularizers": [{"type": "dropout_schedule", "p": 0.2}],
+        "training": {**TINY_TRAINING, "max_steps": 1, "eval_strategy": "no"},
+        "evaluation": {"splits": {"unseen_words": "held_out"}, "metrics": ["accuracy", "macro_f1"]},
+    }
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    assert main(["run", str(path)]) == 0
+    result = json.load(open(tmp_path / "out" / "full" / "metrics.json"))
+    assert result["method"] == "full + dropout_schedule"
+    assert result["trainable_params"] == result["total_params"]
+    assert set(result["metrics"]["unseen_words"]) == {"loss", "accuracy", "macro_f1"}
+    assert os.path.isfile(tmp_path / "out" / "full" / "model" / "config.json")
+    assert "unseen_words accuracy" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_run_local_files_classification_and_causal_lm(tmp_path, capsys):
+    """`data.path` (datasets.load_dataset on local csv / json files), string labels, and a causal-lm run."""
+    rows = [("a fine and good day", "pos"), ("a bad and awful day", "neg")] * 8
+    csv = tmp_path / "reviews.csv"
+    csv.write_text("review,verdict\n" + "\n".join(f"{t},{y}" for t, y in rows) + "\n")
+    jsonl = tmp_path / "text.jsonl"
+    jsonl.write_text("\n".join(json.dumps({"text": t}) for t, _ in rows) + "\n")
+    common = {
+        "output_dir": str(tmp_path / "out"),
+        "training": {**TINY_TRAINING, "max_steps": 1, "eval_strategy": "no"},
+    }
+    tiny = {"vocab_size": 30522, "hidden_size": 16, "num_hidden_layers": 1, "num_attention_heads": 2}
+    recipe = {
+        "name": "local",
+        **common,
+        "model": {
+            "config": {"model_type": "bert", "intermediate_size": 32, **tiny},
+            "tokenizer": "builtin:all-MiniLM-L6-v2",
+        },
+        "data": {
+            "path": "csv",
+            "data_files": {"train": str(csv), "validation": str(csv)},
+            "text_column": "review",
+            "label_column": "verdict",
+        },
+        "adapter": {"type": "LORA", "r": 2, "target_modules": ["query", "value"]},
+        "runs": [
+            {"name": "cls"},
+            {
+                "name": "lm",
+                "model": {"config": {"model_type": "llama", "intermediate_size": 32, **tiny}, "task": "causal-lm"},
+                "data": {
+                    "path": "json",
+                    "data_files": {"train": str(jsonl), "validation": str(jsonl)},
+                    "text_column": "text",
+                    "label_column": None,
+                },
+                "adapter": {"type": "LORA", "r": 2, "target_modules": ["q_proj", "v_proj"]},
+            },
+        ],
+    }
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    assert main(["run", str(path)]) == 0
+    summary = json.load(open(tmp_path / "out" / "metrics.json"))["runs"]
+    assert summary["cls"]["label_names"] == ["neg", "pos"]
+    assert set(summary["cls"]["metrics"]["validation"]) == {"loss", "accuracy"}
+    assert summary["lm"]["task"] == "causal-lm" and summary["lm"]["label_names"] is None
+    assert set(summary["lm"]["metrics"]["validation"]) == {"loss", "perplexity"}
+    assert json.load(open(tmp_path / "out" / "lm" / "adapter" / "adapter_config.json"))["task_type"] == "CAUSAL_LM"
