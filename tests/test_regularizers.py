@@ -1,4 +1,5 @@
-"""Unit tests of the regularizers layer: schedule math, set_dropout, the registry, validation, multi-sample dropout."""
+"""Unit tests of the regularizers layer: schedule math, set_dropout, the registry, validation, multi-sample dropout,
+dropout types and the effective dropout rate in the forward."""
 
 from __future__ import annotations
 
@@ -9,20 +10,24 @@ import torch
 import torch.nn.functional as F
 from distributed_worker import VOCAB, tiny_bert, tiny_llama
 from torch import nn
-from transformers import LlamaConfig, LlamaForSequenceClassification, PretrainedConfig
+from transformers import LlamaConfig, LlamaForCausalLM, LlamaForSequenceClassification, PretrainedConfig
 from transformers.loss.loss_utils import ForCausalLMLoss
 from transformers.trainer_pt_utils import LabelSmoother
 
 from regtune.functional.dropout import (
+    add_hidden_dropout,
     dropout_sites,
+    dropout_type,
     get_dropout_values,
     restore_dropout,
     scheduled_dropout_rate,
     set_dropout,
+    typed_dropout_sites,
 )
 from regtune.regularizers import (
     REGULARIZERS,
     DropoutSchedule,
+    DropoutScheduleCallback,
     MultiSampleDropout,
     Regularizer,
     build_regularizer,
@@ -357,3 +362,220 @@ def test_msd_errors_are_explicit():
         with MultiSampleDropout(num_samples=2, p=0.1).forward_context(None, decoder, inputs):
             decoder(**inputs)
     assert "pool the last token after the head" in "".join(getattr(info.value, "__notes__", []))
+
+
+# ---- dropout types, hidden dropout, per-type and epoch schedules ----
+
+
+@pytest.mark.parametrize(
+    "name, path, owner, expected",
+    [
+        ("p", "base_model.model.model.layers.0.self_attn.q_proj.lora_dropout.default", "ModuleDict", "lora"),
+        ("attention_dropout", "model.layers.0.self_attn.attention_dropout", "LlamaAttention", "attention"),
+        ("attn_dropout", "transformer.h.0.attn.attn_dropout", "GPT2Attention", "attention"),
+        ("resid_dropout", "transformer.h.0.attn.resid_dropout", "GPT2Attention", "hidden"),
+        ("drop", "transformer.drop", "GPT2Model", "embedding"),
+        ("dropout", "bert.embeddings.dropout", "BertEmbeddings", "embedding"),
+        ("dropout", "bert.encoder.layer.0.attention.self.dropout", "BertSelfAttention", "attention"),
+        ("dropout", "bert.encoder.layer.0.attention.output.dropout", "BertSelfOutput", "hidden"),
+        ("dropout", "dropout", "BertForSequenceClassification", "classifier"),
+        ("dropout", "encoder.block.0.layer.0.dropout", "T5LayerSelfAttention", "hidden"),
+        ("dropout", "encoder.block.0.layer.0.SelfAttention.dropout", "T5Attention", "attention"),
+        ("activation_dropout", "model.encoder.layers.0.activation_dropout", "BartEncoderLayer", "hidden"),
+        ("embd_pdrop", "", None, "embedding"),
+        ("attention_probs_dropout_prob", "", None, "attention"),
+        ("classifier_dropout", "", None, "classifier"),
+        ("hidden_dropout_prob", "", None, "hidden"),
+        ("dropout_rate", "", None, "hidden"),
+    ],
+)
+def test_dropout_type(name, path, owner, expected):
+    assert dropout_type(name, path, owner) == expected
+
+
+def test_dropout_sites_by_type_on_bert():
+    model = tiny_bert(dropout=0.1, classifier_dropout=0.2)
+    found = {type_ for _, _, type_ in typed_dropout_sites(model)}
+    assert found == {"attention", "hidden", "embedding", "classifier"}
+    set_dropout(model, 0.4, types=("attention",))
+    assert model.config.attention_probs_dropout_prob == 0.4 and model.config.hidden_dropout_prob == 0.1
+    assert model.bert.encoder.layer[0].attention.self.dropout.p == 0.4
+    assert model.bert.encoder.layer[0].output.dropout.p == 0.1 and model.dropout.p == 0.2
+    with pytest.raises(ValueError, match="`types` must be a non-empty subset of"):
+        dropout_sites(model, types=("ffn",))
+
+
+def test_add_hidden_dropout_to_llama():
+    model = tiny_llama().train()
+    keys = set(model.state_dict())
+    assert not [s for s in typed_dropout_sites(model) if s[2] in ("hidden", "embedding")]
+    handle = add_hidden_dropout(model, p=0.0)
+    assert set(model.state_dict()) == keys  # nn.Dropout has no parameters or buffers
+    types = [type_ for _, _, type_ in typed_dropout_sites(model, kinds=("modules",))]
+    assert types.count("hidden") == 4 and types.count("embedding") == 1  # 2 layers x (self_attn, mlp) + embeddings
+    ids = torch.randint(3, VOCAB, (2, 8), generator=torch.Generator().manual_seed(0))
+    assert torch.equal(model(ids).logits, model(ids).logits)
+    set_dropout(model, 0.3, types=("hidden",))
+    assert not torch.equal(model(ids).logits, model(ids).logits)
+    model.eval()
+    assert torch.equal(model(ids).logits, model(ids).logits)  # train mode only
+    with pytest.raises(ValueError, match="already has hidden dropout"):
+        add_hidden_dropout(model)
+    handle.remove()
+    model.train()
+    assert torch.equal(model(ids).logits, model(ids).logits)
+    assert not [s for s in typed_dropout_sites(model) if s[2] in ("hidden", "embedding")]
+    with pytest.raises(ValueError, match="has no module named"):
+        add_hidden_dropout(tiny_bert())
+    with pytest.raises(ValueError, match="`p` must be a number in"):
+        add_hidden_dropout(model, p=1.5)
+
+
+def test_per_type_schedule_sets_only_its_types_including_lora():
+    from peft import LoraConfig, get_peft_model
+
+    model = get_peft_model(
+        tiny_llama(attention_dropout=0.05), LoraConfig(r=2, lora_dropout=0.1, target_modules=["q_proj"])
+    )
+    lora = [m for name, m in model.named_modules() if name.endswith("lora_dropout.default")]
+    attention = model.base_model.model.model.layers[0].self_attn
+    schedule = DropoutSchedule(p={"lora": 0.3}, mode="step", start_step=2)
+    schedule.attach(model)
+    assert len(schedule.sites("lora")) == len(lora) == 2 and schedule.sites("attention") == []
+    assert schedule.apply(0, 10) == {"lora": 0.0} and all(m.p == 0.0 for m in lora)
+    assert schedule.apply(2, 10) == {"lora": 0.3} and all(m.p == 0.3 for m in lora)
+    assert attention.attention_dropout == 0.05  # not scheduled: left alone
+    schedule.detach()
+    assert all(m.p == 0.1 for m in lora)
+    both = DropoutSchedule(p={"attention": 0.2, "lora": 0.4}, mode="linear", start_p={"lora": 0.2}, end_step=4)
+    assert both.rates(2, 10) == pytest.approx({"attention": 0.1, "lora": 0.3})
+    assert both.rate(4, 10, type="lora") == 0.4
+    with pytest.raises(ValueError, match="one rate per type; pass `type`"):
+        both.rate(0, 10)
+
+
+def test_schedule_in_epochs():
+    schedule = DropoutSchedule(p=0.2, mode="step", start_epoch=2)
+    assert [schedule.rate(t, 12, steps_per_epoch=3) for t in (0, 5, 6, 11)] == [0.0, 0.0, 0.2, 0.2]
+    ramp = DropoutSchedule(p=0.2, mode="linear", start_epoch=1, end_epoch=1.5)
+    assert [ramp.rate(t, 40, steps_per_epoch=8) for t in (7, 8, 10, 12, 20)] == pytest.approx([0, 0, 0.1, 0.2, 0.2])
+    with pytest.raises(ValueError, match="need the number of optimizer steps per epoch"):
+        schedule.rate(0, 12)
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"p": {"ffn": 0.1}}, r"unknown dropout type\(s\) \['ffn'\]"),
+        ({"p": {"hidden": 1.2}}, r"`p.hidden` must be a number in \[0, 1\)"),
+        ({"p": {}}, "must name at least one of"),
+        ({"p": {"hidden": 0.1}, "mode": "step", "start_step": 1, "start_p": {"lora": 0.1}}, "that `p` does not"),
+        ({"p": 0.1, "mode": "step", "start_step": 1, "start_epoch": 1}, "at most one of `start_step`"),
+        ({"p": 0.1, "mode": "linear", "start_epoch": 2, "end_epoch": 2}, r"`end_epoch` \(2\) must be > `start_epoch`"),
+        ({"p": 0.1, "mode": "step", "start_epoch": -1}, "`start_epoch` must be a number >= 0"),
+        ({"p": 0.1, "mode": "constant", "start_epoch": 1}, "mode='constant' takes only `p`"),
+    ],
+)
+def test_dropout_schedule_validation_of_types_and_epochs(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        DropoutSchedule(**kwargs)
+
+
+def test_callback_takes_a_schedule_or_its_arguments():
+    assert DropoutScheduleCallback(p=0.1, mode="step", start_epoch=1).schedule.start_epoch == 1
+    with pytest.raises(ValueError, match="not both"):
+        DropoutScheduleCallback(DropoutSchedule(p=0.1), p=0.2)
+    with pytest.raises(ValueError, match="give a DropoutSchedule or its arguments"):
+        DropoutScheduleCallback()
+
+
+class _ConfigDropoutLM(nn.Module):
+    """A model with an `nn.Dropout` module and a dropout read from its config in `forward` (measured by the test)."""
+
+    def __init__(self):
+        super().__init__()
+        self.config = PretrainedConfig(hidden_dropout=0.0)
+        self.dropout = nn.Dropout(0.0)
+        self.weight = nn.Parameter(torch.ones(1))
+        self.config_rates: list[float] = []
+
+    def forward(self, x, labels=None):
+        ones = torch.ones(50_000)
+        self.dropout(ones)  # measured by a forward hook
+        if self.training:
+            dropped = F.dropout(ones, p=self.config.hidden_dropout, training=True)
+            self.config_rates.append((dropped == 0).float().mean().item())
+        return {"loss": (self.weight * x).pow(2).mean()}
+
+
+def _zero_fraction_hook(record: list):
+    def hook(module, args, output):
+        if module.training:
+            mask = args[0] != 0
+            record.append((output[mask] == 0).float().mean().item())
+
+    return hook
+
+
+def _plain_trainer(model, data, tmp_path, callback, **overrides):
+    from transformers import Trainer, TrainingArguments
+
+    args = TrainingArguments(
+        output_dir=str(tmp_path), report_to="none", use_cpu=True, learning_rate=1e-3, optim="sgd", save_strategy="no",
+        lr_scheduler_type="constant", seed=0, disable_tqdm=True, **overrides,
+    )  # fmt: skip
+    return Trainer(model=model, args=args, train_dataset=data, callbacks=[callback])
+
+
+def test_effective_rate_in_the_forward_matches_the_schedule(tmp_path):
+    """A plain transformers.Trainer with the callback: the fraction of zeros each dropout produces, measured in the
+    forward of every step, is the scheduled rate (nn.Dropout modules and config fields read in forward)."""
+    import datasets
+
+    model = _ConfigDropoutLM()
+    module_rates: list[float] = []
+    model.dropout.register_forward_hook(_zero_fraction_hook(module_rates))
+    callback = DropoutScheduleCallback(p=0.4, mode="linear", start_step=1, end_step=5)
+    data = datasets.Dataset.from_dict({"x": [[1.0]] * 28})
+    _plain_trainer(model, data, tmp_path, callback, per_device_train_batch_size=4, num_train_epochs=1).train()
+    expected = [callback.schedule.rate(t, 7) for t in range(7)]
+    assert expected == pytest.approx([0.0, 0.0, 0.1, 0.2, 0.3, 0.4, 0.4])
+    assert module_rates == pytest.approx(expected, abs=0.015)
+    assert model.config_rates == pytest.approx(expected, abs=0.015)
+    assert model.dropout.p == 0.0 and model.config.hidden_dropout == 0.0  # restored after training
+
+
+def test_effective_per_type_rates_in_llama_switched_on_at_an_epoch(tmp_path, monkeypatch):
+    """Llama with eager attention: attention dropout (an attribute read in forward) and the hidden dropout added by
+    add_hidden_dropout, switched on after the first epoch with their own rates, measured in the forward."""
+    config = LlamaConfig(
+        hidden_size=32, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2, intermediate_size=64,
+        vocab_size=VOCAB, max_position_embeddings=64, pad_token_id=0, attn_implementation="eager",
+    )  # fmt: skip
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config)
+    add_hidden_dropout(model, p=0.0)
+    hidden_rates: list[list[float]] = []
+    for layer in model.model.layers:
+        layer.mlp.residual_dropout.register_forward_hook(_zero_fraction_hook(hidden_rates))
+    attention_rates: list[float] = []
+    original_dropout = F.dropout
+
+    def recording_dropout(input, p=0.5, training=True, inplace=False):
+        output = original_dropout(input, p=p, training=training, inplace=inplace)
+        if training and input.dim() == 4:  # the attention probabilities
+            attention_rates.append((output[input > 0] == 0).float().mean().item())
+        return output
+
+    monkeypatch.setattr(torch.nn.functional, "dropout", recording_dropout)
+    ids = torch.randint(3, VOCAB, (16, 64), generator=torch.Generator().manual_seed(0))
+    import datasets
+
+    data = datasets.Dataset.from_dict({"input_ids": ids.tolist(), "labels": ids.tolist()})
+    callback = DropoutScheduleCallback(p={"attention": 0.4, "hidden": 0.2}, mode="step", start_epoch=1)
+    _plain_trainer(model, data, tmp_path, callback, per_device_train_batch_size=8, num_train_epochs=2).train()
+    assert callback.steps_per_epoch == 2
+    # 2 steps per epoch, 2 layers each: off during epoch 1, on during epoch 2
+    assert hidden_rates == pytest.approx([0.0] * 4 + [0.2] * 4, abs=0.03)
+    assert attention_rates == pytest.approx([0.0] * 4 + [0.4] * 4, abs=0.03)
+    assert model.model.layers[0].self_attn.attention_dropout == 0.0  # restored
