@@ -117,9 +117,8 @@ class Regularizer:
         Returns:
             `torch.Tensor`: the detached loss, scaled like `Trainer.training_step`'s return value (for logging).
         """
-        raise NotImplementedError(
-            f"{type(self).__name__} sets `owns_step = True` but does not define `training_step`."
-        )
+        # `check_regularizers` already refuses such a regularizer when the trainer is built; this guards direct calls
+        raise TypeError(f"{type(self).__name__} sets `owns_step = True` but does not define `training_step`.")
 
     def callbacks(self) -> list[TrainerCallback]:
         """Return the `TrainerCallback`s to add to the trainer (called once, at trainer construction)."""
