@@ -26,7 +26,10 @@ class ALLoRAConfig(LoraConfig):
     Args:
         eta (`float`, defaults to `2.0`):
             The row coefficient at `dW = 0`, i.e. the initial step multiplier (it replaces `lora_alpha / r`). The
-            paper searched `eta^2` in {1, 2, 4}. Must be > 0.
+            paper searched `eta^2` in {1, 2, 4}. Must be > 0. With SGD this is a step multiplier; under Adam(W) a
+            slowly varying per-row gradient scale is largely normalized away, so with `coefficient_on="gradient"` the
+            adapter trains almost exactly like LoRA with `lora_alpha=r` and no dropout (measured in docs/allora.md);
+            `coefficient_on="update"` is the reading that changes Adam's dynamics.
         norm_squared (`bool`, defaults to `True`):
             Use `||dW_i||^2` (default, "inversely proportional to the l2 norm" for large rows) or the unsquared
             `||dW_i||` of a third-party reading.

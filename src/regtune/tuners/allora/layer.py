@@ -39,7 +39,8 @@ class ALLoRALinearVariant(LoraVariant):
     def forward(module: ALLoRALinear, active_adapter: str, x: torch.Tensor, result: torch.Tensor, **kwargs):
         weight_A = module.lora_A[active_adapter].weight
         weight_B = module.lora_B[active_adapter].weight
-        if module.allora_scale_gradients[active_adapter]:
+        needs_grad = torch.is_grad_enabled() and (weight_A.requires_grad or weight_B.requires_grad)
+        if module.allora_scale_gradients[active_adapter] and needs_grad:  # inference: plain B A x, no coefficient
             delta = allora_lora_forward(
                 x, weight_A, weight_B, module.allora_eta[active_adapter], module.allora_norm_squared[active_adapter]
             )

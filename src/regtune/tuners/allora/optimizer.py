@@ -7,7 +7,8 @@ scales what the optimizer does to each row instead:
     B_i <- B_i + c_i * (step_i)          (c_i: ALLoRA's coefficient of output row i, from the weights before the step)
     A   <- A   + mean_i(c_i) * (step)    (A has no output rows; its rows mix all of them, so it gets the layer mean)
 
-where `step` is what the wrapped optimizer would have done. Both `c` and the mean equal `eta` at `dW = 0`.
+where `step` is what the wrapped optimizer would have done (including decoupled weight decay, which is scaled too).
+Both `c` and the mean equal `eta` at `dW = 0`.
 """
 
 from __future__ import annotations
