@@ -1,0 +1,527 @@
+"""`GARDOTrainer`: GARDO (gated KL, reference refresh, diversity-aware advantages) on Flow-GRPO, with diffusers.
+
+GARDO: "Reinforcing Diffusion Models without Reward Hacking", https://huggingface.co/papers/2512.24138.
+Flow-GRPO: "Flow-GRPO: Training Flow Matching Models via Online RL", https://huggingface.co/papers/2505.05470.
+
+One epoch: draw `prompts_per_epoch` prompts, sample `num_generations` images each with the SDE sampler (storing the
+latents and log-probabilities of every step), score them with the proxy reward (and the auxiliary rewards for the
+gate), compute per-group advantages, pick the gated samples, then take PPO-clip steps per denoising step with a KL
+to the reference adapter on the gated samples only (reference outputs are computed for those samples only).
+
+Distributed (Accelerate/DDP): prompt groups never straddle processes; process `r` samples groups
+`[r * G/W, (r + 1) * G/W)` with noise seeded per (seed, epoch, group), so the global batch is the same for any world
+size. Rewards are gathered for the gate (ranks over the global batch) and the adaptive k; the KL is normalised by
+the global number of gated samples of the optimizer step; DDP averages the gradients over processes.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+from collections.abc import Callable, Sequence
+from contextlib import contextmanager, nullcontext
+
+import numpy as np
+import torch
+from accelerate import Accelerator
+
+from .config import GARDOConfig
+from .functional import (
+    AdaptiveGateFraction,
+    ReferenceRefresh,
+    copy_adapter_weights,
+    diversity_scaled_advantages,
+    gaussian_step_kl,
+    group_advantages,
+    nn_cosine_distance,
+    ppo_clip_loss,
+    rank_gap_uncertainty,
+    reward_scale,
+    sde_step_with_logprob,
+    topk_gate,
+    within_group_pairwise_l2,
+)
+
+
+RewardFn = Callable[[torch.Tensor, list[str]], "torch.Tensor | Sequence[float]"]
+REF_ADAPTER = "ref"
+CHECKPOINT = "checkpoint.pt"
+
+
+def _as_tensor(values, n: int, name: str) -> torch.Tensor:
+    t = torch.as_tensor(values, dtype=torch.float32).detach().cpu().reshape(-1)
+    if t.numel() != n:
+        raise ValueError(f"{name} returned {t.numel()} values for {n} images")
+    return t
+
+
+def _seed_for(*parts: int) -> int:
+    h = 0
+    for p in parts:
+        h = (h * 1_000_003 + int(p) + 1) % (2**61 - 1)
+    return h
+
+
+class GARDOTrainer:
+    r"""
+    Train a peft LoRA on a diffusers flow-matching denoiser with GARDO (or its Flow-GRPO baselines).
+
+    Args:
+        config: [`GARDOConfig`].
+        prompts: training prompts (drawn with replacement, one group per draw).
+        reward_fn: the proxy reward, `reward_fn(images, prompts) -> [B]` (batched); images are `[B, 3, H, W]` in
+            [0, 1].
+        aux_reward_fns: auxiliary rewards for the uncertainty gate (the same signature); required when
+            `kl_mode="gated"`.
+        pipeline: a `StableDiffusion3Pipeline`: its transformer, scheduler, `encode_prompt` and VAE are used. Or give
+            `denoiser` + `scheduler` + `encode_prompts` (+ `decode`, `latent_shape`) instead.
+        denoiser: an `SD3Transformer2DModel` (or a module with its forward signature).
+        scheduler: a `FlowMatchEulerDiscreteScheduler`.
+        encode_prompts: `encode_prompts(prompts) -> (encoder_hidden_states, pooled_projections)`.
+        decode: `decode(latents) -> images in [0, 1]`; default `(latents + 1) / 2` (pixel-space denoisers).
+        latent_shape: `(C, H, W)` of one latent; default from the denoiser's config.
+        eval_prompts: held-out prompts evaluated every `eval_every` epochs (deterministic ODE samples).
+        eval_fns: held-out metrics `{name: fn(images, prompts) -> [B]}` (never trained on).
+        feature_fn: per-image features for the diversity-aware advantages, `feature_fn(images) -> [B, D]`;
+            default: the flattened images.
+        accelerator: an `accelerate.Accelerator` (one is created otherwise).
+    """
+
+    def __init__(
+        self,
+        config: GARDOConfig,
+        prompts: Sequence[str],
+        reward_fn: RewardFn,
+        aux_reward_fns: Sequence[RewardFn] = (),
+        pipeline=None,
+        denoiser: torch.nn.Module | None = None,
+        scheduler=None,
+        encode_prompts: Callable | None = None,
+        decode: Callable | None = None,
+        latent_shape: tuple[int, int, int] | None = None,
+        eval_prompts: Sequence[str] | None = None,
+        eval_fns: dict[str, RewardFn] | None = None,
+        feature_fn: Callable[[torch.Tensor], torch.Tensor] | None = None,
+        accelerator: Accelerator | None = None,
+    ):
+        from peft import LoraConfig, get_peft_model
+
+        self.config = config
+        self.accelerator = accelerator or Accelerator()
+        self.pipeline = pipeline
+        if pipeline is not None:
+            denoiser = denoiser or pipeline.transformer
+            scheduler = scheduler or pipeline.scheduler
+            encode_prompts = encode_prompts or self._pipeline_encode
+            decode = decode or self._pipeline_decode
+            if latent_shape is None:
+                factor = getattr(pipeline, "vae_scale_factor", 1)
+                size = denoiser.config.sample_size
+                latent_shape = (denoiser.config.in_channels, size, size)
+                self._image_size = size * factor
+        if denoiser is None or scheduler is None or encode_prompts is None:
+            raise ValueError("GARDOTrainer needs `pipeline`, or `denoiser`, `scheduler` and `encode_prompts`")
+        if config.kl_mode == "gated" and not aux_reward_fns:
+            raise ValueError("kl_mode='gated' needs aux_reward_fns (the gate compares the proxy with them)")
+        world = self.accelerator.num_processes
+        if config.prompts_per_epoch % world:
+            raise ValueError(
+                f"prompts_per_epoch ({config.prompts_per_epoch}) must be divisible by the number of processes ({world})"
+            )
+        if not prompts:
+            raise ValueError("prompts must not be empty")
+        self.prompts, self.reward_fn, self.aux_reward_fns = list(prompts), reward_fn, list(aux_reward_fns)
+        self.eval_prompts, self.eval_fns = list(eval_prompts or []), dict(eval_fns or {})
+        self.feature_fn = feature_fn or (lambda images: images.flatten(1))
+        self.encode_prompts, self.scheduler = encode_prompts, scheduler
+        self.decode = decode or (lambda latents: ((latents + 1) / 2).clamp(0, 1))
+        self.latent_shape = tuple(latent_shape or (denoiser.config.in_channels, *[denoiser.config.sample_size] * 2))
+        self.num_train_timesteps = scheduler.config.num_train_timesteps
+        scheduler.set_timesteps(config.num_inference_steps)
+        self.sigmas = scheduler.sigmas.float().cpu()
+
+        torch.manual_seed(config.seed)  # the LoRA init
+        self.lora_config = LoraConfig(
+            r=config.lora_r,
+            lora_alpha=config.lora_alpha,
+            init_lora_weights=config.lora_init,
+            target_modules=list(config.lora_target_modules),
+        )
+        for p in denoiser.parameters():
+            p.requires_grad_(False)
+        self.model = get_peft_model(denoiser, self.lora_config)
+        if config.uses_reference:
+            self.model.add_adapter(REF_ADAPTER, self.lora_config)
+            copy_adapter_weights(self.model, "default", REF_ADAPTER)
+            self.model.set_adapter("default")
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=config.weight_decay)
+        self.ddp_model, self.optimizer = self.accelerator.prepare(self.model, self.optimizer)
+        self.gate = AdaptiveGateFraction(config.gate_init, config.gate_min, config.gate_max, window=config.gate_window)
+        self.refresh = ReferenceRefresh(config.ref_kl_threshold, config.ref_refresh_every)
+        self.epoch = 0
+        self.history: list[dict] = []
+
+    # ----------------------------------------------------------------------------------------------------------------
+    # pipeline plumbing
+
+    def _pipeline_encode(self, prompts: list[str]):
+        out = self.pipeline.encode_prompt(
+            prompt=prompts, prompt_2=None, prompt_3=None, do_classifier_free_guidance=False, device=self.device
+        )
+        return out[0], out[2]
+
+    def _pipeline_decode(self, latents: torch.Tensor) -> torch.Tensor:
+        vae = self.pipeline.vae
+        latents = latents / vae.config.scaling_factor + (vae.config.shift_factor or 0.0)
+        images = vae.decode(latents.to(vae.dtype), return_dict=False)[0]
+        return ((images.float() + 1) / 2).clamp(0, 1)
+
+    @property
+    def device(self) -> torch.device:
+        return self.accelerator.device
+
+    @property
+    def is_main_process(self) -> bool:
+        return self.accelerator.is_main_process
+
+    def _velocity(self, model, x: torch.Tensor, sigma: float, cond) -> torch.Tensor:
+        ehs, pooled = cond
+        t = torch.full((x.shape[0],), sigma * self.num_train_timesteps, device=x.device, dtype=x.dtype)
+        return model(
+            hidden_states=x, timestep=t, encoder_hidden_states=ehs, pooled_projections=pooled, return_dict=False
+        )[0]
+
+    @contextmanager
+    def _adapter(self, name: str):
+        """Run the peft model with adapter `name` (frozen), then switch back to the trainable policy adapter."""
+        self.model.set_adapter(name, inference_mode=True)
+        try:
+            yield self.model
+        finally:
+            self.model.set_adapter("default")
+
+    # ----------------------------------------------------------------------------------------------------------------
+    # sampling
+
+    def _draw_prompts(self, epoch: int) -> list[str]:
+        g = torch.Generator().manual_seed(_seed_for(self.config.seed, epoch, 7))
+        idx = torch.randint(len(self.prompts), (self.config.prompts_per_epoch,), generator=g)
+        return [self.prompts[i] for i in idx.tolist()]
+
+    @torch.no_grad()
+    def sample(
+        self, prompts: list[str], group_seeds: list[int], n_per_prompt: int, noise_level: float | None = None
+    ) -> dict:
+        """
+        Sample `n_per_prompt` latents per prompt with the SDE sampler (the policy adapter; `noise_level=0`: ODE).
+        Noise is drawn per group from `torch.Generator().manual_seed(group_seed)`. Returns latents `[B, T+1, ...]`,
+        log-probs `[B, T]`, the images, the prompt of each sample and the conditioning.
+        """
+        a = self.config.noise_level if noise_level is None else noise_level
+        T = len(self.sigmas) - 1
+        noises = []
+        for seed in group_seeds:
+            g = torch.Generator().manual_seed(seed)
+            noises.append(torch.randn((n_per_prompt, T + 1, *self.latent_shape), generator=g))
+        noise = torch.cat(noises).to(self.device)
+        sample_prompts = [p for p in prompts for _ in range(n_per_prompt)]
+        cond = self.encode_prompts(sample_prompts)
+        cond = tuple(c.to(self.device) for c in cond)
+        x = noise[:, 0]
+        latents, logps = [x], []
+        clamp = float(1 - self.sigmas[1])
+        model = self.model
+        for i in range(T):
+            v = self._velocity(model, x, float(self.sigmas[i]), cond)
+            x, logp, _, _ = sde_step_with_logprob(
+                v, x, self.sigmas[i], self.sigmas[i + 1], a, noise=noise[:, i + 1], sigma_max_clamp=clamp
+            )
+            latents.append(x)
+            logps.append(logp)
+        images = self.decode(x)
+        return {
+            "latents": torch.stack(latents, 1),
+            "log_probs": torch.stack(logps, 1),
+            "images": images,
+            "prompts": sample_prompts,
+            "cond": cond,
+        }
+
+    def _score(self, fn, images, prompts, name) -> torch.Tensor:
+        return _as_tensor(fn(images, prompts), len(prompts), name).to(self.device)
+
+    # ----------------------------------------------------------------------------------------------------------------
+    # one epoch
+
+    def _rollout(self, epoch: int) -> dict:
+        cfg, acc = self.config, self.accelerator
+        prompts = self._draw_prompts(epoch)
+        per_proc = cfg.prompts_per_epoch // acc.num_processes
+        lo = acc.process_index * per_proc
+        local = list(range(lo, lo + per_proc))
+        batch = self.sample(
+            [prompts[g] for g in local], [_seed_for(cfg.seed, epoch, g) for g in local], cfg.num_generations
+        )
+        images, sprompts = batch["images"], batch["prompts"]
+        proxy = self._score(self.reward_fn, images, sprompts, "reward_fn")
+        group_ids = torch.arange(len(local), device=self.device).repeat_interleave(cfg.num_generations)
+        if cfg.diversity_advantages:
+            feats = self.feature_fn(images)
+            distances = nn_cosine_distance(feats, group_ids)
+            adv = diversity_scaled_advantages(proxy, group_ids, distances)
+            adv = adv / reward_scale(proxy, group_ids, cfg.scale_rewards)
+        else:
+            adv = group_advantages(proxy, group_ids, cfg.scale_rewards)
+        batch["advantages"] = adv.clamp(-cfg.adv_clip_max, cfg.adv_clip_max)
+        batch["proxy"] = proxy
+
+        # the gate: ranks over the global batch
+        all_proxy = acc.gather(proxy)
+        n_global = all_proxy.numel()
+        if self.aux_reward_fns:
+            aux = torch.stack(
+                [self._score(f, images, sprompts, f"aux_reward_fns[{i}]") for i, f in enumerate(self.aux_reward_fns)]
+            )
+            all_aux = acc.gather(aux.T.contiguous()).T  # [n_aux, B_global]
+            u = rank_gap_uncertainty(all_proxy, list(all_aux), sign=cfg.uncertainty_sign)
+            k = self.gate.update(u) if cfg.adaptive_gate else self.gate.k
+            gate = topk_gate(u, k)
+        else:
+            gate = torch.zeros(n_global, dtype=torch.bool, device=self.device)
+        if cfg.kl_mode == "all":
+            gate_kl = torch.ones(n_global, dtype=torch.bool, device=self.device)
+        elif cfg.kl_mode == "gated":
+            gate_kl = gate
+        else:
+            gate_kl = torch.zeros(n_global, dtype=torch.bool, device=self.device)
+        n_local = len(sprompts)
+        batch["gate_global"] = gate_kl.view(acc.num_processes, n_local)  # samples are gathered in process order
+        batch["gated_fraction"] = float(gate.float().mean())
+        batch["all_proxy"] = all_proxy
+        batch["diversity"] = float(acc.gather(within_group_pairwise_l2(images, group_ids).reshape(1)).mean())
+        return batch
+
+    def _train_on(self, batch: dict) -> dict:
+        cfg, acc = self.config, self.accelerator
+        T = len(self.sigmas) - 1
+        steps = list(range(math.ceil(cfg.timestep_fraction * T)))
+        n_local = batch["latents"].shape[0]
+        mb = cfg.train_batch_size or n_local
+        clamp = float(1 - self.sigmas[1])
+        world = acc.num_processes
+        stats = {"policy_loss": 0.0, "kl": 0.0, "n_steps": 0}
+        kl_values, pg_values = [], []
+        for start in range(0, n_local, mb):
+            sl = slice(start, min(start + mb, n_local))
+            gate_all = batch["gate_global"][:, sl]  # [world, mb]: the step's gated samples on every process
+            n_gated = gate_all.sum()
+            gate_local = gate_all[acc.process_index]
+            idx = gate_local.nonzero().flatten()
+            cond = tuple(c[sl] for c in batch["cond"])
+            adv = batch["advantages"][sl]
+            kl_acc = torch.zeros((), device=self.device)
+            for n, j in enumerate(steps):
+                x, x_next = batch["latents"][sl, j], batch["latents"][sl, j + 1]
+                sigma, sigma_next = self.sigmas[j], self.sigmas[j + 1]
+                ref_mean = None
+                if cfg.uses_reference and idx.numel():
+                    with torch.no_grad(), self._adapter(REF_ADAPTER) as ref:
+                        cond_g = tuple(c[idx] for c in cond)
+                        v_ref = self._velocity(ref, x[idx], float(sigma), cond_g)
+                        _, _, ref_mean, _ = sde_step_with_logprob(
+                            v_ref,
+                            x[idx],
+                            sigma,
+                            sigma_next,
+                            cfg.noise_level,
+                            prev_sample=x_next[idx],
+                            sigma_max_clamp=clamp,
+                        )
+                sync = n == len(steps) - 1
+                with nullcontext() if sync else acc.no_sync(self.ddp_model):
+                    v = self._velocity(self.ddp_model, x, float(sigma), cond)
+                    _, logp, mean, std = sde_step_with_logprob(
+                        v, x, sigma, sigma_next, cfg.noise_level, prev_sample=x_next, sigma_max_clamp=clamp
+                    )
+                    pg = ppo_clip_loss(logp, batch["log_probs"][sl, j], adv, cfg.clip_range).mean()
+                    loss = pg
+                    if cfg.uses_reference:
+                        if ref_mean is not None:
+                            kl = gaussian_step_kl(mean[idx], ref_mean, std[idx])
+                            # sum over the local gated samples / global gated count; DDP's mean over processes
+                            # is undone by `* world`: the gradient of the mean KL over all gated samples
+                            kl_term = kl.sum() * world / n_gated.clamp_min(1)
+                            kl_acc = kl_acc + kl.detach().sum()
+                        else:
+                            # keep every process's graph identical (DDP): a zero KL that touches the output
+                            kl_term = mean.sum() * 0.0
+                        loss = loss + cfg.beta * kl_term
+                    acc.backward(loss / len(steps))
+                pg_values.append(pg.detach())
+            if cfg.max_grad_norm is not None:
+                acc.clip_grad_norm_(self.ddp_model.parameters(), cfg.max_grad_norm)
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+            if cfg.uses_reference:
+                # mean KL per gated sample and step of this optimizer step, over all processes (one host sync)
+                kl_step = acc.reduce(kl_acc.reshape(1), reduction="sum") / (n_gated.clamp_min(1) * len(steps))
+                kl_values.append(float(kl_step))
+                if n_gated > 0:
+                    self.refresh.observe_kl(kl_values[-1])
+        pg_mean = acc.reduce(torch.stack(pg_values).mean().reshape(1), reduction="mean")
+        stats["policy_loss"] = float(pg_mean)
+        stats["kl"] = float(np.mean(kl_values)) if kl_values else 0.0
+        return stats
+
+    def _maybe_refresh(self, epoch: int) -> bool:
+        if not self.config.uses_reference or not self.refresh.should_refresh(epoch):
+            return False
+        copy_adapter_weights(self.model, "default", REF_ADAPTER)
+        self.refresh.mark(epoch)
+        return True
+
+    # ----------------------------------------------------------------------------------------------------------------
+    # evaluation
+
+    @torch.no_grad()
+    def evaluate(self, prompts: Sequence[str] | None = None) -> dict:
+        """
+        Held-out evaluation: `eval_generations` deterministic (ODE, fixed initial noise) samples per prompt; mean
+        proxy reward, each `eval_fns` metric, within-group pixel L2 diversity and nearest-neighbour feature
+        distance. Every process evaluates the same samples (cheap; no gather needed).
+        """
+        prompts = list(prompts if prompts is not None else self.eval_prompts)
+        if not prompts:
+            return {}
+        n = self.config.eval_generations
+        batch = self.sample(prompts, [_seed_for(self.config.seed, 10**6, g) for g in range(len(prompts))], n, 0.0)
+        images = batch["images"]
+        group_ids = torch.arange(len(prompts), device=self.device).repeat_interleave(n)
+        out = {"eval_proxy_reward": float(self._score(self.reward_fn, images, batch["prompts"], "reward_fn").mean())}
+        for name, fn in self.eval_fns.items():
+            out[f"eval_{name}"] = float(self._score(fn, images, batch["prompts"], name).mean())
+        out["eval_diversity_l2"] = float(within_group_pairwise_l2(images, group_ids))
+        out["eval_diversity_feat"] = float(nn_cosine_distance(self.feature_fn(images), group_ids).mean())
+        return out
+
+    # ----------------------------------------------------------------------------------------------------------------
+    # training loop, checkpoints
+
+    def train(self, stop_after: int | None = None) -> list[dict]:
+        """
+        Train until `config.num_epochs` (or `stop_after` more epochs); resume from `output_dir/checkpoint.pt` if
+        `config.resume`. Returns the per-epoch log (also in `output_dir/metrics.jsonl`).
+        """
+        cfg = self.config
+        os.makedirs(cfg.output_dir, exist_ok=True)
+        if cfg.resume and os.path.exists(os.path.join(cfg.output_dir, CHECKPOINT)):
+            self.load_checkpoint(os.path.join(cfg.output_dir, CHECKPOINT))
+        if self.epoch == 0 and cfg.eval_every and self.eval_prompts and not self.history:
+            self._log({"epoch": 0, **self.evaluate()})
+        end = cfg.num_epochs if stop_after is None else min(cfg.num_epochs, self.epoch + stop_after)
+        while self.epoch < end:
+            epoch = self.epoch
+            refreshed = self._maybe_refresh(epoch)
+            self.model.train()
+            batch = self._rollout(epoch)
+            stats = self._train_on(batch)
+            self.epoch = epoch + 1
+            record = {
+                "epoch": self.epoch,
+                "reward": float(batch["all_proxy"].mean()),
+                "diversity_l2": batch["diversity"],
+                "gated_fraction": batch["gated_fraction"],
+                "gate_k": self.gate.k,
+                "kl": stats["kl"],
+                "policy_loss": stats["policy_loss"],
+                "ref_refreshed": refreshed,
+            }
+            if cfg.eval_every and self.eval_prompts and (self.epoch % cfg.eval_every == 0 or self.epoch == end):
+                record.update(self.evaluate())
+            self._log(record)
+            if (cfg.save_every and self.epoch % cfg.save_every == 0) or self.epoch == end:
+                self.save_checkpoint()
+        if self.epoch >= cfg.num_epochs:
+            self.save_lora_weights(os.path.join(cfg.output_dir, "lora"))
+        return self.history
+
+    def _log(self, record: dict) -> None:
+        self.history.append(record)
+        if self.is_main_process:
+            with open(os.path.join(self.config.output_dir, "metrics.jsonl"), "a", encoding="utf-8") as f:
+                f.write(json.dumps(record) + "\n")
+
+    def _adapter_state(self) -> dict[str, torch.Tensor]:
+        return {n: p.detach().cpu().clone() for n, p in self.model.named_parameters() if "lora_" in n}
+
+    def save_checkpoint(self, path: str | None = None) -> str:
+        """
+        Write policy and reference adapters, optimizer, RNG states (torch, numpy, python), gate and refresh state,
+        epoch and log to `path` (default `output_dir/checkpoint.pt`) atomically (temp file + `os.replace`).
+        """
+        path = path or os.path.join(self.config.output_dir, CHECKPOINT)
+        state = {
+            "adapters": self._adapter_state(),
+            "optimizer": self.optimizer.state_dict(),
+            "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()},
+            "gate": self.gate.state_dict(),
+            "refresh": self.refresh.state_dict(),
+            "epoch": self.epoch,
+            "history": self.history,
+            "config": self.config.to_dict(),
+        }
+        self.accelerator.wait_for_everyone()
+        if self.is_main_process:
+            tmp = f"{path}.tmp{os.getpid()}"
+            torch.save(state, tmp)
+            os.replace(tmp, path)
+        self.accelerator.wait_for_everyone()
+        return path
+
+    def load_checkpoint(self, path: str) -> None:
+        """Restore everything [`save_checkpoint`] wrote; training continues exactly where it stopped."""
+        state = torch.load(path, map_location="cpu", weights_only=False)
+        params = dict(self.model.named_parameters())
+        missing = sorted(set(state["adapters"]) ^ {n for n in params if "lora_" in n})
+        if missing:
+            raise ValueError(f"checkpoint {path} does not match the model's adapters: {missing[:4]}")
+        with torch.no_grad():
+            for name, value in state["adapters"].items():
+                params[name].copy_(value)
+        self.optimizer.load_state_dict(state["optimizer"])
+        torch.set_rng_state(state["rng"]["torch"])
+        np.random.set_state(state["rng"]["numpy"])
+        random.setstate(state["rng"]["python"])
+        self.gate.load_state_dict(state["gate"])
+        self.refresh.load_state_dict(state["refresh"])
+        self.epoch, self.history = int(state["epoch"]), list(state["history"])
+
+    def lora_state_dict(self) -> dict[str, torch.Tensor]:
+        """The policy adapter in diffusers' LoRA format (`transformer_blocks.0.attn.to_q.lora_A.weight`, ...)."""
+        from peft.utils import get_peft_model_state_dict
+
+        state = get_peft_model_state_dict(self.model, adapter_name="default")
+        prefix = "base_model.model."
+        return {k[len(prefix) :] if k.startswith(prefix) else k: v.detach().cpu() for k, v in state.items()}
+
+    def save_lora_weights(self, save_directory: str) -> str:
+        """
+        Save the policy LoRA with `StableDiffusion3Pipeline.save_lora_weights` (with its peft config as metadata),
+        so that `pipe.load_lora_weights(save_directory)` loads it. Returns the directory.
+        """
+        from diffusers import StableDiffusion3Pipeline
+
+        cls = type(self.pipeline) if self.pipeline is not None else StableDiffusion3Pipeline
+        if self.is_main_process:
+            metadata = self.lora_config.to_dict()
+            metadata["target_modules"] = sorted(metadata["target_modules"])
+            cls.save_lora_weights(
+                save_directory,
+                transformer_lora_layers=self.lora_state_dict(),
+                transformer_lora_adapter_metadata=metadata,
+            )
+        self.accelerator.wait_for_everyone()
+        return save_directory
