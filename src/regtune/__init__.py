@@ -11,6 +11,8 @@ from .regularizers import Regularizer  # noqa: E402
 from .trainers import (  # noqa: E402
     GLADTrainer,
     GLADTrainingArguments,
+    LfUConfig,
+    LfUTrainer,
     MaskTuningTrainer,
     MaskTuningTrainingArguments,
     RegTrainer,
@@ -35,6 +37,8 @@ __all__ = [
     "GLADModel",
     "GLADTrainer",
     "GLADTrainingArguments",
+    "LfUConfig",
+    "LfUTrainer",
     "MaskTuningConfig",
     "MaskTuningModel",
     "MaskTuningTrainer",

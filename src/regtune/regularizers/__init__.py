@@ -10,6 +10,7 @@ import inspect
 from .base import Regularizer
 from .dropout_schedule import DropoutSchedule, DropoutScheduleCallback
 from .glad import GLADRegularizer
+from .lfu import LfURegularizer
 from .mask_tuning import GradientDropout, MaskScorePenalty
 from .multi_sample_dropout import MultiSampleDropout
 
@@ -18,6 +19,7 @@ REGULARIZERS: dict[str, type[Regularizer]] = {
     MultiSampleDropout.name: MultiSampleDropout,
     DropoutSchedule.name: DropoutSchedule,
     GLADRegularizer.name: GLADRegularizer,
+    LfURegularizer.name: LfURegularizer,
     MaskScorePenalty.name: MaskScorePenalty,
     GradientDropout.name: GradientDropout,
 }
@@ -59,6 +61,7 @@ __all__ = [
     "DropoutScheduleCallback",
     "GLADRegularizer",
     "GradientDropout",
+    "LfURegularizer",
     "MaskScorePenalty",
     "MultiSampleDropout",
     "Regularizer",

@@ -1,6 +1,7 @@
 """Training integration: the regularizer mixin for any `transformers.Trainer` subclass, and the named trainers."""
 
 from .glad_trainer import GLADTrainer, GLADTrainingArguments
+from .lfu_trainer import LfUConfig, LfUTrainer
 from .mask_tuning_trainer import MaskTuningTrainer, MaskTuningTrainingArguments
 from .mixin import REGULARIZERS_STATE_NAME, RegularizedTrainerMixin, check_regularizers
 from .reg_trainer import RegTrainer
@@ -10,6 +11,8 @@ __all__ = [
     "REGULARIZERS_STATE_NAME",
     "GLADTrainer",
     "GLADTrainingArguments",
+    "LfUConfig",
+    "LfUTrainer",
     "MaskTuningTrainer",
     "MaskTuningTrainingArguments",
     "RegTrainer",

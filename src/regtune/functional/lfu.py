@@ -1,0 +1,74 @@
+"""The math of LfU, "Learning from the Undesirable" ([paper](https://huggingface.co/papers/2511.13052), code
+github.com/yunpal/LfU), as pure torch functions.
+
+    loss    = L_sft(theta; x) + beta * L_cons
+    theta~  = theta + alpha * g / ||g||_2          g = grad L_sft(theta; x'), one global L2 norm  (perturb mode)
+    L_cons  = mean_l  MSE( h~_l(x)[response], stopgrad(h_l(x))[response] )
+
+`h_l` are the hidden states of the layers in range (index 0 = the embedding output), `h~_l` the same states under the
+"undesirable" update (the ascent step in perturb mode, the steering vectors in RepS mode), and `response` the tokens
+whose label is not -100. The ascent step is [`regtune.functional.sam.sam_perturbation`] (the same normalized step as
+SAM's). RepS mode steers the output of every decoder block:
+
+    x -> normalize(normalize(x) + alpha * normalize(d_l)) * ||x||          (norms over the hidden dimension)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from .sam import sam_perturbation
+
+
+IGNORE_INDEX = -100
+
+__all__ = ["IGNORE_INDEX", "hidden_state_consistency", "response_token_mask", "sam_perturbation", "steer_hidden"]
+
+
+def response_token_mask(labels: torch.Tensor) -> torch.Tensor:
+    """The tokens LfU compares: those whose label is not -100 (as the released code, labels are not shifted)."""
+    return labels != IGNORE_INDEX
+
+
+def hidden_state_consistency(
+    perturbed: Sequence[torch.Tensor], clean: Sequence[torch.Tensor], mask: torch.Tensor
+) -> torch.Tensor:
+    """
+    LfU's consistency loss: the mean over layers of the MSE between perturbed and stop-gradient clean hidden states,
+    on the masked tokens only.
+
+    Args:
+        perturbed (`Sequence[torch.Tensor]`): hidden states `(batch, seq, hidden)` of the perturbed forward, one per
+            layer; the gradient flows through these.
+        clean (`Sequence[torch.Tensor]`): the clean forward's hidden states, same shapes; detached here.
+        mask (`torch.Tensor`): `(batch, seq)` booleans, the tokens to compare (see [`response_token_mask`]).
+
+    Returns:
+        `torch.Tensor`: a 0-d float32 tensor, `mean_l mean_{tokens in mask, features} (h~ - h)^2`; zero (still
+        connected to `perturbed`) when the mask selects nothing.
+    """
+    if len(perturbed) != len(clean) or not perturbed:
+        raise ValueError(f"need the same, non-zero number of layers, got {len(perturbed)} and {len(clean)}")
+    weights = mask.to(perturbed[0].device, torch.float32).unsqueeze(-1)
+    count = weights.sum().clamp(min=1.0) * perturbed[0].shape[-1]
+    total = perturbed[0].new_zeros((), dtype=torch.float32)
+    for h_pert, h_clean in zip(perturbed, clean):
+        diff = h_pert.float() - h_clean.detach().float()
+        total = total + (diff.square() * weights).sum() / count
+    return total / len(perturbed)
+
+
+def steer_hidden(hidden: torch.Tensor, direction: torch.Tensor, alpha: float, eps: float = 1e-12) -> torch.Tensor:
+    """
+    RepS steering of one block's output: `normalize(normalize(x) + alpha * normalize(d)) * ||x||` (over the last dim).
+
+    The direction of every token's state is pushed towards `d`; its norm is kept. Differentiable in `hidden` and
+    `direction`.
+    """
+    norm = torch.linalg.vector_norm(hidden, dim=-1, keepdim=True)
+    unit = hidden / norm.clamp(min=eps)
+    d_unit = direction / torch.linalg.vector_norm(direction, dim=-1, keepdim=True).clamp(min=eps)
+    mixed = unit + alpha * d_unit.to(hidden.dtype)
+    return mixed / torch.linalg.vector_norm(mixed, dim=-1, keepdim=True).clamp(min=eps) * norm

@@ -1,0 +1,396 @@
+"""LfU: the math against its formula, one trainer step against a hand reference, accumulation, resume, dataset
+formats, adapters, errors, and 2-process DDP."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from distributed_worker import tiny_llama
+from lfu_worker import (
+    lfu_config,
+    lora_model,
+    messages_dataset,
+    prompt_completion_dataset,
+    run,
+    trainable_weights,
+    word_tokenizer,
+)
+from peft import LoraConfig, get_peft_model
+from torch.func import functional_call
+
+import regtune
+from regtune.functional.lfu import hidden_state_consistency, response_token_mask, steer_hidden
+from regtune.regularizers.lfu import block_hooks, find_decoder_blocks
+
+
+# ---- layer 1: formulas on small tensors ----
+
+
+def test_consistency_is_masked_mean_of_squared_differences_averaged_over_layers():
+    torch.manual_seed(0)
+    clean = [torch.randn(2, 3, 4) for _ in range(3)]
+    perturbed = [torch.randn(2, 3, 4, requires_grad=True) for _ in range(3)]
+    labels = torch.tensor([[-100, 5, 6], [-100, -100, 7]])
+    mask = response_token_mask(labels)
+    expected = sum(((p - c)[mask] ** 2).mean() for p, c in zip(perturbed, clean)) / 3
+    got = hidden_state_consistency(perturbed, clean, mask)
+    torch.testing.assert_close(got, expected)
+    # the gradient flows through the perturbed states only
+    clean_leaf = [c.clone().requires_grad_() for c in clean]
+    hidden_state_consistency(perturbed, clean_leaf, mask).backward()
+    assert all(c.grad is None for c in clean_leaf)
+    assert perturbed[0].grad[0, 0].abs().sum() == 0 and perturbed[0].grad[0, 1].abs().sum() > 0
+    # nothing selected: a zero that backpropagates
+    zero = hidden_state_consistency(perturbed, clean, torch.zeros(2, 3, dtype=torch.bool))
+    assert zero.item() == 0.0 and zero.requires_grad
+
+
+def test_steer_hidden_matches_formula_and_keeps_norm():
+    torch.manual_seed(0)
+    x, d = torch.randn(2, 5, 8), torch.randn(8)
+    alpha = 0.3
+    unit = x / x.norm(dim=-1, keepdim=True)
+    mixed = unit + alpha * d / d.norm()
+    expected = mixed / mixed.norm(dim=-1, keepdim=True) * x.norm(dim=-1, keepdim=True)
+    got = steer_hidden(x, d, alpha)
+    torch.testing.assert_close(got, expected)
+    torch.testing.assert_close(got.norm(dim=-1), x.norm(dim=-1))
+    # pushed towards d
+    assert (torch.nn.functional.cosine_similarity(got, d.expand_as(x), dim=-1) > 0).float().mean() >= (
+        torch.nn.functional.cosine_similarity(x, d.expand_as(x), dim=-1) > 0
+    ).float().mean()
+
+
+def test_block_hooks_collect_transformers_hidden_states_and_clean_up():
+    model = tiny_llama()
+    x = torch.randint(5, 60, (2, 7))
+    backbone, blocks = find_decoder_blocks(model)
+    reference = model(input_ids=x, output_hidden_states=True)
+    with block_hooks(backbone, blocks, range(0, 3)) as states:
+        model(input_ids=x)
+    assert len(states) == 3
+    for got, want in zip(states, reference.hidden_states):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+    directions = torch.randn(len(blocks), 16)
+    with block_hooks(backbone, blocks, None, directions, 0.5):
+        steered = model(input_ids=x).logits
+    assert (steered - reference.logits).abs().max() > 1e-3
+    torch.testing.assert_close(model(input_ids=x).logits, reference.logits, rtol=0, atol=0)  # hooks removed
+
+
+# ---- one step against a hand reference ----
+
+
+def _first_batch(trainer):
+    batch = next(iter(trainer.get_train_dataloader()))
+    return {k: v for k, v in batch.items()}
+
+
+def _token_loss_sum(model, batch, params=None):
+    """Summed next-token negative log-likelihood and its token count (trl's SFT loss is sum / count)."""
+    inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+    logits = functional_call(model, params, (), inputs) if params is not None else model(**inputs).logits
+    labels = batch["labels"][:, 1:]
+    logp = torch.log_softmax(logits[:, :-1].float(), -1)
+    mask = labels != -100
+    nll = -logp.gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+    return (nll * mask).sum(), mask.sum()
+
+
+def _hidden(model, batch, params=None):
+    inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"], "output_hidden_states": True}
+    out = functional_call(model, params, (), inputs) if params is not None else model(**inputs)
+    return out.hidden_states
+
+
+def _reference_perturb_grad(model, micro_batches, second_batches, alpha, beta):
+    """grad of sum_k [ L_sft_k + beta / K * mean_l MSE(h_l(x_k; theta + delta_k), stopgrad h_l(x_k; theta)) ]"""
+    named = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    total_tokens = sum(int((b["labels"][:, 1:] != -100).sum()) for b in micro_batches)
+    grads = {n: torch.zeros_like(p) for n, p in named.items()}
+    for batch, second in zip(micro_batches, second_batches):
+        loss_sum, _ = _token_loss_sum(model, batch)
+        for n, g in zip(named, torch.autograd.grad(loss_sum / total_tokens, list(named.values()))):
+            grads[n] += g
+        second_sum, second_count = _token_loss_sum(model, second)
+        g_second = torch.autograd.grad(second_sum / second_count, list(named.values()))
+        norm = torch.sqrt(sum((g**2).sum() for g in g_second))
+        shifted = {n: p + alpha * g.detach() / norm for (n, p), g in zip(named.items(), g_second)}
+        clean = [h.detach() for h in _hidden(model, batch)]
+        perturbed = _hidden(model, batch, shifted)
+        mask = (batch["labels"] != -100).unsqueeze(-1).float()
+        cons = sum(((p - c) ** 2 * mask).sum() / (mask.sum() * p.shape[-1]) for p, c in zip(perturbed, clean))
+        cons = cons / len(clean)
+        for n, g in zip(named, torch.autograd.grad(beta * cons / len(micro_batches), list(named.values()))):
+            grads[n] += g
+    return torch.cat([grads[n].flatten() for n in named])
+
+
+@pytest.mark.parametrize("second_batch", ["same", "dataset"])
+def test_perturb_step_matches_reference(tmp_path, second_batch):
+    alpha, beta, lr = 0.5, 50.0, 1.0
+    model = lora_model()
+    before = trainable_weights(model)
+    second = prompt_completion_dataset(n=1, seed=7)  # a one-row data set: x' is that row, repeated
+    trainer = regtune.LfUTrainer(
+        model=model,
+        args=lfu_config(
+            str(tmp_path), max_steps=1, learning_rate=lr, lfu_alpha=alpha, lfu_beta=beta, lfu_second_batch=second_batch
+        ),
+        train_dataset=prompt_completion_dataset(),
+        processing_class=word_tokenizer(),
+        lfu_dataset=second if second_batch == "dataset" else None,
+    )
+    batch = _first_batch(trainer)
+    if second_batch == "same":
+        second_batch_rows = batch
+    else:
+        lfu = trainer.regularizers[0]
+        rows = [lfu.second_dataset[0]] * trainer.args.per_device_train_batch_size
+        second_batch_rows = trainer.data_collator(rows)
+    reference_model = lora_model()
+    expected = _reference_perturb_grad(reference_model, [batch], [second_batch_rows], alpha, beta)
+    # the consistency term matters at this beta: the reference without it differs
+    plain = _reference_perturb_grad(reference_model, [batch], [second_batch_rows], alpha, 0.0)
+    assert (expected - plain).abs().max() > 1e-3 * expected.abs().max()
+    trainer.train()
+    step = (before - trainable_weights(model)) / lr
+    torch.testing.assert_close(step, expected, rtol=1e-4, atol=1e-5)
+
+
+def test_gradient_accumulation_sums_per_micro_batch_terms(tmp_path):
+    alpha, beta = 0.5, 50.0
+    model = lora_model()
+    before = trainable_weights(model)
+    trainer = regtune.LfUTrainer(
+        model=model,
+        args=lfu_config(
+            str(tmp_path),
+            max_steps=1,
+            learning_rate=1.0,
+            per_device_train_batch_size=2,
+            gradient_accumulation_steps=2,
+            lfu_alpha=alpha,
+            lfu_beta=beta,
+            lfu_second_batch="same",
+        ),  # fmt: skip
+        train_dataset=prompt_completion_dataset(),
+        processing_class=word_tokenizer(),
+    )
+    loader = iter(trainer.get_train_dataloader())
+    micro = [next(loader), next(loader)]
+    expected = _reference_perturb_grad(lora_model(), micro, micro, alpha, beta)
+    trainer.train()
+    torch.testing.assert_close(before - trainable_weights(model), expected, rtol=1e-4, atol=1e-5)
+
+
+def test_reps_step_trains_directions_to_raise_the_loss_and_adds_consistency(tmp_path):
+    model = lora_model()
+    trainer = regtune.LfUTrainer(
+        model=model,
+        args=lfu_config(
+            str(tmp_path),
+            max_steps=1,
+            learning_rate=1e-2,
+            lfu_mode="reps",
+            lfu_alpha=0.5,
+            lfu_beta=1e3,
+            lfu_second_batch="same",
+            lfu_reps_lr_weight=50.0,
+        ),  # fmt: skip
+        train_dataset=prompt_completion_dataset(),
+        processing_class=word_tokenizer(),
+    )
+    batch = _first_batch(trainer)
+    lfu = trainer.regularizers[0]
+    backbone, blocks = find_decoder_blocks(model)
+    # the trainer creates the vectors at train start from the seed: rebuild them to measure before/after
+    directions = torch.randn(len(blocks), 16, generator=torch.Generator().manual_seed(0))
+
+    def steered_loss(d):
+        with torch.no_grad(), block_hooks(backbone, blocks, None, d, 0.5):
+            return model(
+                input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"]
+            ).loss
+
+    weights = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    loss_before = steered_loss(directions)
+    # expected parameter step: SFT gradient + beta * consistency gradient through the steered branch (d fixed)
+    named = dict(model.named_parameters())
+    params = [named[n] for n in weights]
+    total, count = _token_loss_sum(model, batch)
+    clean = [h.detach() for h in _hidden(model, batch)]
+    with block_hooks(backbone, blocks, range(0, 3), directions, 0.5) as states:
+        model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+    mask = response_token_mask(batch["labels"])
+    expected = torch.autograd.grad(total / count + 1e3 * hidden_state_consistency(states, clean, mask), params)
+    trainer.train()
+    step = torch.cat([(weights[n] - named[n].detach()).flatten() for n in weights]) / 1e-2
+    torch.testing.assert_close(step, torch.cat([g.flatten() for g in expected]), rtol=1e-4, atol=1e-6)
+    # Adam moved the vectors so that the steered loss (at the old weights) went up
+    for n, p in model.named_parameters():
+        if n in weights:
+            p.data.copy_(weights[n])
+    assert not torch.equal(lfu.directions.detach(), directions)
+    assert steered_loss(lfu.directions.detach()) > loss_before
+
+
+# ---- training: resume, formats, adapters ----
+
+
+@pytest.mark.parametrize("mode", ["perturb", "reps"])
+def test_resume_continues_exactly(tmp_path, mode):
+    common = {"max_steps": 4, "learning_rate": 0.01, "lfu_mode": mode, "lfu_beta": 5.0, "save_steps": 2}
+
+    def train(out, resume=None, max_steps=4):
+        model = lora_model()
+        trainer = regtune.LfUTrainer(
+            model=model,
+            args=lfu_config(out, **{**common, "max_steps": max_steps, "save_strategy": "steps"}),
+            train_dataset=prompt_completion_dataset(),
+            processing_class=word_tokenizer(),
+        )
+        trainer.train(resume_from_checkpoint=resume)
+        return trainable_weights(model), trainer
+
+    full, trainer_full = train(str(tmp_path / "full"))
+    _, _ = train(str(tmp_path / "cut"), max_steps=2)
+    resumed, trainer_resumed = train(str(tmp_path / "cut"), resume=str(tmp_path / "cut" / "checkpoint-2"))
+    torch.testing.assert_close(resumed, full, rtol=0, atol=0)
+    if mode == "reps":
+        torch.testing.assert_close(trainer_resumed.regularizers[0].directions, trainer_full.regularizers[0].directions)
+        state = torch.load(tmp_path / "cut" / "checkpoint-2" / "regtune_regularizers.pt", weights_only=True)
+        assert state["regularizers"]["lfu"]["directions"].shape == (2, 16)
+
+
+@pytest.mark.parametrize("mode", ["perturb", "reps"])
+def test_messages_dataset_trains_on_assistant_tokens_only(tmp_path, mode):
+    model = lora_model()
+    trainer = regtune.LfUTrainer(
+        model=model,
+        args=lfu_config(str(tmp_path), lfu_mode=mode, learning_rate=0.05, assistant_only_loss=True),
+        train_dataset=messages_dataset(),
+        processing_class=word_tokenizer(),
+    )
+    batch = _first_batch(trainer)
+    # the consistency compares the assistant's tokens only: the labels mask the user turn
+    tokens = word_tokenizer().convert_ids_to_tokens(batch["input_ids"][0][response_token_mask(batch["labels"][0])])
+    assert "user" not in tokens and len(tokens) > 0
+    before = trainable_weights(model)
+    trainer.train()
+    logs = [h for h in trainer.state.log_history if "lfu/consistency" in h]
+    assert len(logs) == 3 and all(h["lfu/consistency"] > 0 and torch.isfinite(torch.tensor(h["loss"])) for h in logs)
+    assert (trainable_weights(model) - before).abs().max() > 1e-4
+
+
+@pytest.mark.parametrize("adapter", ["lora-peft_config", "allora", "full"])
+def test_trains_lora_allora_and_full_fine_tuning(tmp_path, adapter):
+    kwargs = {}
+    if adapter == "lora-peft_config":
+        model = tiny_llama()
+        kwargs["peft_config"] = LoraConfig(r=4, lora_alpha=8, target_modules="all-linear")
+    elif adapter == "allora":
+        model = get_peft_model(tiny_llama(), regtune.ALLoRAConfig(r=4, target_modules="all-linear"))
+    else:
+        model = tiny_llama()
+    trainer = regtune.LfUTrainer(
+        model=model,
+        args=lfu_config(str(tmp_path), learning_rate=0.05, lfu_beta=10.0),
+        train_dataset=prompt_completion_dataset(),
+        processing_class=word_tokenizer(),
+        **kwargs,
+    )
+    before = trainable_weights(trainer.model)
+    trainer.train()
+    after = trainable_weights(trainer.model)
+    assert torch.isfinite(after).all() and (after - before).abs().max() > 1e-4
+    lfu = trainer.regularizers[0]
+    n_trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
+    assert sum(p.numel() for p in lfu._params) == n_trainable
+    if adapter != "full":
+        assert n_trainable < sum(p.numel() for p in trainer.model.parameters()) / 2
+
+
+def test_layer_range_selects_hidden_states(tmp_path):
+    trainer = regtune.LfUTrainer(
+        model=lora_model(),
+        args=lfu_config(str(tmp_path), max_steps=1, lfu_start_layer=1, lfu_end_layer=2),
+        train_dataset=prompt_completion_dataset(),
+        processing_class=word_tokenizer(),
+    )
+    trainer.train()
+    assert trainer.regularizers[0]._layers == range(1, 2)
+    bad = regtune.LfUTrainer(
+        model=lora_model(),
+        args=lfu_config(str(tmp_path), max_steps=1, lfu_end_layer=9),
+        train_dataset=prompt_completion_dataset(),
+        processing_class=word_tokenizer(),
+    )
+    with pytest.raises(ValueError, match=r"outside the model's 3 hidden states"):
+        bad.train()
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"lfu_mode": "ascent"}, r"`lfu_mode` must be one of \['perturb', 'reps'\], got 'ascent'"),
+        ({"lfu_alpha": 0.0}, r"`lfu_alpha` must be a number > 0"),
+        ({"lfu_beta": -1.0}, r"`lfu_beta` must be a number >= 0"),
+        ({"lfu_second_batch": "other"}, r"`lfu_second_batch` must be one of \['train', 'dataset', 'same'\]"),
+        ({"lfu_start_layer": 2, "lfu_end_layer": 1}, r"`lfu_end_layer` must be None .* > `lfu_start_layer`"),
+    ],
+)
+def test_config_errors_name_the_field(tmp_path, overrides, message):
+    with pytest.raises(ValueError, match=message):
+        lfu_config(str(tmp_path), **overrides)
+
+
+def test_dataset_source_needs_a_dataset_and_defaults_follow_the_paper(tmp_path):
+    with pytest.raises(ValueError, match="needs `lfu_dataset="):
+        regtune.LfUTrainer(
+            model=lora_model(),
+            args=lfu_config(str(tmp_path), lfu_second_batch="dataset"),
+            train_dataset=prompt_completion_dataset(),
+            processing_class=word_tokenizer(),
+        )
+    assert lfu_config(str(tmp_path)).lfu_effective_beta == 5.0
+    assert lfu_config(str(tmp_path), lfu_mode="reps").lfu_effective_beta == 0.1
+    assert regtune.regularizers.build_regularizer("lfu", mode="reps").beta == 0.1
+
+
+# ---- DDP ----
+
+
+def _launch(command: list[str]) -> None:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(key, None)
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, f"{' '.join(command)} failed:\n{result.stdout[-4000:]}\n{result.stderr[-8000:]}"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["perturb", "reps"])
+def test_ddp_two_processes_match_one_process_with_accumulation(tmp_path, mode):
+    one, two = str(tmp_path / "one"), str(tmp_path / "two")
+    # 1 process: 2 micro-batches of 2 per step; 2 processes: 1 micro-batch of 2 each. Same batches, same x' draws.
+    run(one, mode, per_device_batch=2, accumulation=2)
+    worker = os.path.join(os.path.dirname(os.path.abspath(__file__)), "lfu_worker.py")
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    _launch([*torchrun, worker, two, "--mode", mode, "--per-device-batch", "2", "--accumulation", "1"])
+    reports = [json.load(open(os.path.join(two, f"world_size_{rank}.txt"))) for rank in (0, 1)]
+    assert [r["world_size"] for r in reports] == [2, 2]
+    assert {r["wrapped"] for r in reports} == {"DistributedDataParallel"}
+    w_one = torch.load(os.path.join(one, "weights.pt"), weights_only=True)
+    w_two = torch.load(os.path.join(two, "weights.pt"), weights_only=True)
+    assert (w_one - trainable_weights(lora_model())).abs().max() > 1e-3  # it trained
+    torch.testing.assert_close(w_two, w_one, rtol=0, atol=1e-5)
+    if mode == "reps":
+        single = json.load(open(os.path.join(one, "world_size_0.txt")))["directions"]
+        torch.testing.assert_close(torch.tensor(reports[0]["directions"]), torch.tensor(reports[1]["directions"]))
+        torch.testing.assert_close(torch.tensor(reports[0]["directions"]), torch.tensor(single), rtol=0, atol=1e-5)
