@@ -1,13 +1,13 @@
 """An offline CPU testbed for diffusion RL with a hackable proxy reward (research/diffusion.md §4).
 
-* Data: 16x16 RGB images of four classes -- "a square", "vertical stripes", "a disc", "a cross" -- with random
-  colours, positions and sizes and a little pixel noise, generated here (nothing is downloaded). Classes are the
+* Data: 16x16 RGB images of four classes -- a square, vertical stripes, horizontal stripes, a frame -- with random
+  colours, positions, sizes and phases and a little pixel noise, generated here (nothing is downloaded). Classes are the
   prompts; each prompt has a fixed random embedding (no text encoder).
-* Model: a tiny `SD3Transformer2DModel` (~77k parameters) on pixels (no VAE) with `FlowMatchEulerDiscreteScheduler`
+* Model: a tiny `SD3Transformer2DModel` (~300k parameters) on pixels (no VAE) with `FlowMatchEulerDiscreteScheduler`
   (shift 3), pretrained by flow matching on the data (cached on disk), plus a small CNN classifier of the classes.
 * Proxy reward (hackable): JPEG compressibility `-bytes / 1000` at quality 95 (Flow-GRPO's `jpeg_compressibility` up to
-  scale): a policy can raise it by flattening the image and losing the shape.
-* Held-out "true" metric: the classifier's probability of the prompt's class (is the shape still there?).
+  scale): a policy can raise it by flattening the image and losing the pattern.
+* Held-out "true" metric: the classifier's probability of the prompt's class (is the pattern still there?).
 * Auxiliary rewards for GARDO's gate (neither is the held-out metric): pixel contrast (std) and realism (minus the
   distance to the nearest of 512 real images, at 8x8).
 * Diversity: within-group pixel L2 and nearest-neighbour cosine distance of 8x8 features.
@@ -27,7 +27,8 @@ import torch.nn.functional as F
 from torch import nn
 
 
-PROMPTS = ("a square", "vertical stripes", "a disc", "a cross")
+PROMPTS = ("a square", "vertical stripes", "horizontal stripes", "a frame")
+TESTBED_VERSION = 3  # part of the cache key: bump when the data or the model changes
 SIZE = 16
 
 
@@ -35,10 +36,11 @@ SIZE = 16
 class TestbedConfig:
     """Settings of the testbed (the `testbed:` section of a GARDO recipe)."""
 
-    pretrain_steps: int = field(default=700, metadata={"help": "flow-matching pretraining steps", "ge": 0})
+    pretrain_steps: int = field(default=1000, metadata={"help": "flow-matching pretraining steps", "ge": 0})
     pretrain_batch: int = field(default=64, metadata={"help": "pretraining batch size", "ge": 1})
     pretrain_lr: float = field(default=1e-3, metadata={"help": "pretraining learning rate", "gt": 0})
-    classifier_steps: int = field(default=300, metadata={"help": "classifier training steps", "ge": 0})
+    classifier_steps: int = field(default=500, metadata={"help": "classifier training steps", "ge": 0})
+    width: int = field(default=16, metadata={"help": "attention head dim of the 4-head transformer", "ge": 4})
     seed: int = field(default=1234, metadata={"help": "seed of the data, embeddings and pretraining"})
     shift: float = field(default=3.0, metadata={"help": "FlowMatchEulerDiscreteScheduler shift", "gt": 0})
     cache_dir: str | None = field(
@@ -47,6 +49,7 @@ class TestbedConfig:
 
     def key(self) -> str:
         d = {k: v for k, v in asdict(self).items() if k != "cache_dir"}
+        d["version"] = TESTBED_VERSION
         return hashlib.sha1(json.dumps(d, sort_keys=True).encode()).hexdigest()[:12]
 
 
@@ -63,15 +66,14 @@ def synthetic_images(class_ids: torch.Tensor, generator: torch.Generator) -> tor
     def r(lo, hi):
         return lo + (hi - lo) * torch.rand(b, 1, 1, generator=generator)
 
-    cy, cx, size = r(4, 12), r(4, 12), r(2, 4.5)
+    cy, cx, size = r(5, 11), r(5, 11), r(3, 5)
     square = ((yy - cy).abs() <= size) & ((xx - cx).abs() <= size)
-    period, phase = r(3, 6).round(), r(0, 6)
-    stripes = ((xx + phase) % period) < (period / 2)
-    disc = (yy - cy) ** 2 + (xx - cx) ** 2 <= (size + 0.5) ** 2
-    cross = (((yy - cy).abs() <= 1) & ((xx - cx).abs() <= size + 1)) | (
-        ((xx - cx).abs() <= 1) & ((yy - cy).abs() <= size + 1)
-    )
-    masks = torch.stack([square, stripes, disc, cross], 1)[torch.arange(b), class_ids].float()
+    thick = r(1, 3).round()
+    frame = (yy < thick) | (yy >= SIZE - thick) | (xx < thick) | (xx >= SIZE - thick)
+    phase = r(0, 4).floor()
+    vertical = ((xx + phase) % 4) < 2
+    horizontal = ((yy + phase) % 4) < 2
+    masks = torch.stack([square, vertical, horizontal, frame], 1)[torch.arange(b), class_ids].float()
     bg = torch.rand(b, 3, 1, 1, generator=generator) * 0.6
     fg = (bg + 0.3 + 0.4 * torch.rand(b, 3, 1, 1, generator=generator)) % 1.0
     images = bg + (fg - bg) * masks[:, None]
@@ -100,8 +102,8 @@ class PromptTable:
         return self.hidden[ids], self.pooled[ids]
 
 
-def tiny_sd3_transformer(seed: int = 0):
-    """The testbed's `SD3Transformer2DModel`: 16x16x3 pixels, 2 layers, ~77k parameters."""
+def tiny_sd3_transformer(seed: int = 0, width: int = 16):
+    """The testbed's `SD3Transformer2DModel`: 16x16x3 pixels, 2 layers, 4 heads of `width` (16: ~300k parameters)."""
     from diffusers import SD3Transformer2DModel
 
     torch.manual_seed(seed)
@@ -111,10 +113,10 @@ def tiny_sd3_transformer(seed: int = 0):
         in_channels=3,
         out_channels=3,
         num_layers=2,
-        attention_head_dim=8,
+        attention_head_dim=width,
         num_attention_heads=4,
         joint_attention_dim=32,
-        caption_projection_dim=32,
+        caption_projection_dim=4 * width,
         pooled_projection_dim=32,
         pos_embed_max_size=16,
     )
@@ -202,7 +204,7 @@ def pretrain(config: TestbedConfig, log=print) -> dict:
     """Flow-matching pretraining of the tiny transformer and training of the classifier; returns state dicts."""
     table = PromptTable(seed=config.seed)
     g = torch.Generator().manual_seed(config.seed)
-    model = tiny_sd3_transformer(config.seed)
+    model = tiny_sd3_transformer(config.seed, config.width)
     opt = torch.optim.AdamW(model.parameters(), lr=config.pretrain_lr, weight_decay=0.0)
     losses = []
     for step in range(config.pretrain_steps):
@@ -226,7 +228,11 @@ def pretrain(config: TestbedConfig, log=print) -> dict:
     copt = torch.optim.Adam(clf.parameters(), lr=3e-3)
     for _ in range(config.classifier_steps):
         ids = _sample_classes(128, g)
-        loss = F.cross_entropy(clf(synthetic_images(ids, g)), ids)
+        images = synthetic_images(ids, g)
+        # robust to the imperfect samples of a generator: extra noise of random strength
+        strength = torch.rand(128, 1, 1, 1, generator=g) * 0.2
+        images = (images + strength * torch.randn(images.shape, generator=g)).clamp(0, 1)
+        loss = F.cross_entropy(clf(images), ids)
         copt.zero_grad()
         loss.backward()
         copt.step()
@@ -267,7 +273,7 @@ def build_testbed(config: TestbedConfig | None = None, log=print) -> dict:
 
     config = config or TestbedConfig()
     state = load_or_pretrain(config, log=log)
-    model = tiny_sd3_transformer(config.seed)
+    model = tiny_sd3_transformer(config.seed, config.width)
     model.load_state_dict(state["transformer"])
     clf = Classifier()
     clf.load_state_dict(state["classifier"])

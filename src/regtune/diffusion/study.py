@@ -1,0 +1,351 @@
+"""`regtune study gardo RECIPE.yaml`: GARDO and its baselines on the offline testbed, from a recipe.
+
+```yaml
+name: gardo_testbed
+output_dir: runs/gardo_testbed     # one folder per method and seed: <output_dir>/<method>/seed<k>/
+seeds: [0, 1, 2]
+torch_num_threads: 1               # null: torch's default
+testbed: {...}                     # regtune.diffusion.testbed.TestbedConfig fields
+training: {...}                    # GARDOConfig fields shared by every method (not output_dir / seed)
+methods:                           # name -> GARDOConfig fields of that method
+  no_kl: {kl_mode: none, diversity_advantages: false}
+  kl_all: {kl_mode: all, diversity_advantages: false, ref_kl_threshold: null, ref_refresh_every: null}
+  gardo: {kl_mode: gated}
+```
+
+Runs are resumable (each checkpoints into its folder; a finished run is not trained again). The study writes
+`results.json`, `results.md` (final values, mean and std over seeds) and `curves.png` into `output_dir`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import sys
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from regtune.recipes.validation import Errors, RecipeError, check_mapping, check_value, join_path, load_yaml
+
+from .config import GARDOConfig
+from .testbed import TestbedConfig
+
+
+TOP_KEYS = ("name", "description", "output_dir", "seeds", "torch_num_threads", "testbed", "training", "methods")
+PER_RUN = ("output_dir", "seed")
+CURVE_KEYS = ("eval_proxy_reward", "eval_class_prob", "eval_diversity_l2", "eval_diversity_feat")
+DEFAULT_METHODS = {
+    "no_kl": {"kl_mode": "none", "diversity_advantages": False},
+    "kl_all": {"kl_mode": "all", "diversity_advantages": False, "ref_kl_threshold": None, "ref_refresh_every": None},
+    "gardo": {"kl_mode": "gated"},
+}
+
+
+@dataclass
+class GARDOStudy:
+    """A validated GARDO study recipe."""
+
+    name: str
+    output_dir: str
+    seeds: list[int]
+    testbed: TestbedConfig
+    training: dict[str, Any]
+    methods: dict[str, dict[str, Any]]
+    description: str = ""
+    torch_num_threads: int | None = 1
+    raw: dict = field(default_factory=dict)
+
+    def config(self, method: str, seed: int, output_dir: str | None = None) -> GARDOConfig:
+        root = output_dir or self.output_dir
+        fields = {**self.training, **self.methods[method]}
+        return GARDOConfig(output_dir=os.path.join(root, method, f"seed{seed}"), seed=seed, **fields)
+
+
+def _set_dotted(raw: dict, dotted: str, value) -> None:
+    node = raw
+    parts = dotted.split(".")
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise RecipeError([(dotted, "cannot override inside a non-mapping value")])
+    node[parts[-1]] = value
+
+
+def load_gardo_study(source, overrides: dict[str, Any] | None = None) -> GARDOStudy:
+    """Load and validate a GARDO study recipe (a YAML path or a mapping); `overrides`: `{"key.path": value}`."""
+    if isinstance(source, dict):
+        raw, label = copy.deepcopy(source), "<dict>"
+    else:
+        with open(source, encoding="utf-8") as f:
+            raw, label = load_yaml(f.read()) or {}, str(source)
+    if not isinstance(raw, dict):
+        raise RecipeError([("", f"a GARDO study recipe is a mapping, got {type(raw).__name__}")], label)
+    for key, value in (overrides or {}).items():
+        _set_dotted(raw, key, value)
+    errors = Errors()
+    for key in raw:
+        if key not in TOP_KEYS:
+            errors.add(str(key), f"unknown key; allowed: {', '.join(TOP_KEYS)}")
+    name = raw.get("name") or (os.path.splitext(os.path.basename(label))[0] if label != "<dict>" else "gardo")
+    seeds = check_value(raw.get("seeds", [0]), list[int], "seeds", errors)
+    if isinstance(seeds, list) and not seeds:
+        errors.add("seeds", "needs at least one seed")
+    threads = check_value(raw.get("torch_num_threads", 1), int | None, "torch_num_threads", errors)
+    testbed = check_mapping(raw.get("testbed"), TestbedConfig, "testbed", errors)
+    forbidden = {k: "set per run by the study (<output_dir>/<method>/seed<k>), not in the recipe" for k in PER_RUN}
+    training = check_mapping(raw.get("training"), GARDOConfig, "training", errors, forbidden=forbidden)
+    methods_raw = raw.get("methods", DEFAULT_METHODS)
+    methods = {}
+    if not isinstance(methods_raw, dict) or not methods_raw:
+        errors.add("methods", "expected a non-empty mapping of method name -> GARDOConfig fields")
+    else:
+        for mname, fields in methods_raw.items():
+            path = join_path("methods", str(mname))
+            methods[str(mname)] = check_mapping(fields, GARDOConfig, path, errors, forbidden=forbidden)
+    errors.raise_if_any(label)
+    study = GARDOStudy(
+        name=str(name),
+        output_dir=str(raw.get("output_dir") or os.path.join("runs", str(name))),
+        seeds=[int(s) for s in seeds],
+        testbed=TestbedConfig(**testbed),
+        training=training,
+        methods=methods,
+        description=str(raw.get("description") or ""),
+        torch_num_threads=threads,
+        raw=raw,
+    )
+    for method in study.methods:  # GARDOConfig's own cross-field checks, reported with the method's path
+        try:
+            study.config(method, study.seeds[0])
+        except (ValueError, TypeError) as err:
+            errors.add(join_path("methods", method), str(err))
+    errors.raise_if_any(label)
+    return study
+
+
+def _is_main() -> bool:
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def run_gardo_study(
+    study: GARDOStudy, output_dir: str | None = None, only: list[str] | None = None, report_only: bool = False
+) -> dict:
+    """Train every (method, seed) run not finished yet, then write `results.json`, `results.md`, `curves.png`."""
+    import torch
+
+    from .testbed import build_testbed
+    from .trainer import GARDOTrainer
+
+    root = output_dir or study.output_dir
+    if only:
+        unknown = sorted(set(only) - set(study.methods))
+        if unknown:
+            raise RecipeError([("--only", f"unknown method(s) {unknown}; allowed: {sorted(study.methods)}")])
+    methods = [m for m in study.methods if not only or m in only]
+    if study.torch_num_threads:
+        torch.set_num_threads(study.torch_num_threads)
+    os.makedirs(root, exist_ok=True)
+    if not report_only:
+        info = None
+        for method in methods:
+            for seed in study.seeds:
+                cfg = study.config(method, seed, root)
+                bed = build_testbed(study.testbed, log=print if _is_main() else None)
+                info = bed.pop("info")
+                trainer = GARDOTrainer(cfg, **bed)
+                trainer.train()
+                if _is_main():
+                    last = trainer.history[-1]
+                    shown = {k: round(v, 4) for k, v in last.items() if k in CURVE_KEYS}
+                    print(f"[{method} seed {seed}] epoch {trainer.epoch}: {shown}", flush=True)
+        if info and _is_main():
+            with open(os.path.join(root, "testbed.json"), "w", encoding="utf-8") as f:
+                json.dump(info, f, indent=2)
+    return write_report(study, root, methods) if _is_main() else {}
+
+
+def read_history(run_dir: str) -> list[dict]:
+    path = os.path.join(run_dir, "metrics.jsonl")
+    if not os.path.exists(path):
+        return []
+    rows = {}
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            if line.strip():
+                row = json.loads(line)
+                rows[row["epoch"]] = row  # a resumed run may repeat an epoch: keep the last
+    return [rows[e] for e in sorted(rows)]
+
+
+def write_report(study: GARDOStudy, root: str, methods: list[str]) -> dict:
+    """Aggregate the runs' logs: final eval metrics (mean/std over seeds), curves; writes JSON, markdown, PNG."""
+    results: dict[str, Any] = {"name": study.name, "methods": {}}
+    for method in methods:
+        runs = {seed: read_history(os.path.join(root, method, f"seed{seed}")) for seed in study.seeds}
+        finals = {}
+        for key in (*CURVE_KEYS, "gated_fraction", "kl"):
+            vals = [next((r[key] for r in reversed(h) if key in r), None) if h else None for h in runs.values()]
+            vals = [v for v in vals if v is not None]
+            if vals:
+                finals[key] = {"mean": float(np.mean(vals)), "std": float(np.std(vals)), "n": len(vals)}
+        start = [h[0] for h in runs.values() if h and h[0].get("epoch") == 0]
+        initial = {k: float(np.mean([r[k] for r in start if k in r])) for k in CURVE_KEYS if start}
+        mean_gated = [np.mean([r["gated_fraction"] for r in h if "gated_fraction" in r]) for h in runs.values() if h]
+        results["methods"][method] = {
+            "final": finals,
+            "initial": initial,
+            "mean_gated_fraction": float(np.mean(mean_gated)) if mean_gated else None,
+            "curves": {
+                str(s): [{k: r.get(k) for k in ("epoch", "reward", *CURVE_KEYS)} for r in h] for s, h in runs.items()
+            },
+        }
+    with open(os.path.join(root, "results.json"), "w", encoding="utf-8") as f:
+        json.dump(results, f, indent=1)
+    table = results_table(results)
+    with open(os.path.join(root, "results.md"), "w", encoding="utf-8") as f:
+        f.write(table + "\n")
+    files = {"json": os.path.join(root, "results.json"), "table": os.path.join(root, "results.md")}
+    try:
+        files["plot"] = plot_curves(results, os.path.join(root, "curves.png"))
+    except ImportError:
+        pass
+    results["files"] = files
+    return results
+
+
+def results_table(results: dict) -> str:
+    head = (
+        "| method | proxy reward (JPEG) | true metric (class prob) | diversity (pixel L2) | diversity (feat) | gated |"
+    )
+    lines = [head, "|---|---|---|---|---|---|"]
+    first = next(iter(results["methods"].values()), {})
+    if first.get("initial"):
+        ini = first["initial"]
+        lines.append(
+            f"| pretrained (epoch 0) | {ini.get('eval_proxy_reward', float('nan')):.4f} | "
+            f"{ini.get('eval_class_prob', float('nan')):.3f} | {ini.get('eval_diversity_l2', float('nan')):.2f} | "
+            f"{ini.get('eval_diversity_feat', float('nan')):.3f} | |"
+        )
+    for method, res in results["methods"].items():
+        f = res["final"]
+
+        def cell(key, fmt, f=f):
+            if key not in f:
+                return "n/a"
+            return f"{f[key]['mean']:{fmt}} ± {f[key]['std']:{fmt}}"
+
+        gated = res.get("mean_gated_fraction")
+        lines.append(
+            f"| {method} | {cell('eval_proxy_reward', '.4f')} | {cell('eval_class_prob', '.3f')} | "
+            f"{cell('eval_diversity_l2', '.2f')} | {cell('eval_diversity_feat', '.3f')} | "
+            f"{'' if gated is None else f'{gated:.3f}'} |"
+        )
+    n = max((v["n"] for r in results["methods"].values() for v in r["final"].values()), default=0)
+    lines.append(f"\nFinal held-out evaluation, mean ± std over {n} seed(s).")
+    return "\n".join(lines)
+
+
+def plot_curves(results: dict, path: str) -> str:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    keys = [
+        ("eval_proxy_reward", "proxy reward (JPEG compressibility)"),
+        ("eval_class_prob", "true metric (class probability)"),
+        ("eval_diversity_l2", "diversity (within-prompt pixel L2)"),
+    ]
+    fig, axes = plt.subplots(1, len(keys), figsize=(5 * len(keys), 3.6))
+    for m_i, (method, res) in enumerate(results["methods"].items()):
+        color = f"C{m_i}"
+        for ax, (key, title) in zip(axes, keys):
+            per_seed = []
+            for curve in res["curves"].values():
+                pts = [(r["epoch"], r[key]) for r in curve if r.get(key) is not None]
+                if pts:
+                    per_seed.append(dict(pts))
+                    ax.plot(*zip(*pts), color=color, alpha=0.25, lw=0.8)
+            common = sorted(set.intersection(*(set(p) for p in per_seed))) if per_seed else []
+            if common:
+                ax.plot(common, [np.mean([p[e] for p in per_seed]) for e in common], color=color, lw=2, label=method)
+            ax.set_title(title, fontsize=10)
+            ax.set_xlabel("epoch")
+    axes[0].legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# command line
+
+
+def _parse_overrides(items: list[str] | None) -> dict[str, Any]:
+    out = {}
+    for item in items or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ValueError(f"An override must look like key.path=value, got {item!r}.")
+        out[key.strip()] = load_yaml(value)
+    return out
+
+
+def _add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    parser.add_argument("recipe", help="path of the GARDO study recipe YAML (e.g. recipes/gardo_testbed.yaml)")
+    parser.add_argument("--output_dir", help="the study folder (default: the recipe's output_dir)")
+    parser.add_argument("--only", help="comma-separated method names to run")
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        metavar="KEY.PATH=VALUE",
+        help="override a recipe key (YAML value), e.g. --set training.num_epochs=20; repeatable",
+    )
+    parser.add_argument("--report_only", action="store_true", help="train nothing; rewrite the table and plot")
+    return parser
+
+
+def add_gardo_parser(subparsers) -> argparse.ArgumentParser:
+    """Add the `gardo` command to `regtune study`'s sub-parsers; its handler is [`run_from_cli`]."""
+    parser = subparsers.add_parser(
+        "gardo",
+        help="GARDO vs no-KL vs KL-on-all diffusion RL on the offline testbed (arXiv:2512.24138)",
+        allow_abbrev=False,
+    )
+    _add_arguments(parser)
+    parser.set_defaults(handler=run_from_cli)
+    return parser
+
+
+def run_from_cli(args: argparse.Namespace) -> int:
+    """Run the study of parsed command-line `args`; return the exit status (2 for an invalid recipe)."""
+    try:
+        study = load_gardo_study(args.recipe, _parse_overrides(args.overrides))
+        only = [m.strip() for m in args.only.split(",") if m.strip()] if args.only else None
+        result = run_gardo_study(study, output_dir=args.output_dir, only=only, report_only=args.report_only)
+    except (RecipeError, ValueError, FileNotFoundError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    if _is_main() and result.get("files", {}).get("table"):
+        with open(result["files"]["table"], encoding="utf-8") as f:
+            print(f.read())
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m regtune.diffusion.study RECIPE.yaml [...]`."""
+    parser = _add_arguments(argparse.ArgumentParser(prog="python -m regtune.diffusion.study", allow_abbrev=False))
+    return run_from_cli(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
+
+
+__all__ = ["GARDOStudy", "add_gardo_parser", "load_gardo_study", "run_gardo_study"]
