@@ -5,6 +5,7 @@ regtune run RECIPE.yaml [--only RUN[,RUN]] [--push_to_hub REPO_ID [--private]] [
 regtune validate RECIPE.yaml [--key.path=value ...]
 regtune push RUN_DIR REPO_ID [--only RUN[,RUN]] [--private] [--stage DIR]
 regtune study multi-epoch STUDY.yaml [...]       # studies (regtune.studies) have their own recipes and options
+regtune study gardo recipes/gardo_testbed.yaml [...]   # diffusion RL (regtune.diffusion, needs the diffusion extra)
 ```
 
 `python -m regtune ...` is the same, so multi-GPU runs are plain Accelerate:
@@ -69,6 +70,9 @@ def _build_parser(with_studies: bool = False) -> argparse.ArgumentParser:
         studies = study.add_subparsers(dest="study", metavar="STUDY")
         studies.required = True
         add_multi_epoch_parser(studies)
+        from .diffusion.study import add_gardo_parser
+
+        add_gardo_parser(studies)
     return parser
 
 
