@@ -28,7 +28,7 @@ from torch import nn
 
 
 PROMPTS = ("a square", "vertical stripes", "horizontal stripes", "a frame")
-TESTBED_VERSION = 3  # part of the cache key: bump when the data or the model changes
+TESTBED_VERSION = 4  # part of the cache key: bump when the data or the model changes
 SIZE = 16
 
 
@@ -70,9 +70,9 @@ def synthetic_images(class_ids: torch.Tensor, generator: torch.Generator) -> tor
     square = ((yy - cy).abs() <= size) & ((xx - cx).abs() <= size)
     thick = r(1, 3).round()
     frame = (yy < thick) | (yy >= SIZE - thick) | (xx < thick) | (xx >= SIZE - thick)
-    phase = r(0, 4).floor()
-    vertical = ((xx + phase) % 4) < 2
-    horizontal = ((yy + phase) % 4) < 2
+    phase = r(0, 8).floor()
+    vertical = ((xx + phase) % 8) < 4
+    horizontal = ((yy + phase) % 8) < 4
     masks = torch.stack([square, vertical, horizontal, frame], 1)[torch.arange(b), class_ids].float()
     bg = torch.rand(b, 3, 1, 1, generator=generator) * 0.6
     fg = (bg + 0.3 + 0.4 * torch.rand(b, 3, 1, 1, generator=generator)) % 1.0

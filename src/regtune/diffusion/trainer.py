@@ -57,6 +57,14 @@ def _as_tensor(values, n: int, name: str) -> torch.Tensor:
     return t
 
 
+def _cpu_only_multiprocess() -> bool:
+    """
+    True under a multi-process launcher (torchrun) on a machine without CUDA: `Accelerator()` would otherwise run
+    every process as a separate single-process job (accelerate picks gloo/MULTI_CPU only with `cpu=True`).
+    """
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
+
+
 def _seed_for(*parts: int) -> int:
     h = 0
     for p in parts:
@@ -109,7 +117,7 @@ class GARDOTrainer:
         from peft import LoraConfig, get_peft_model
 
         self.config = config
-        self.accelerator = accelerator or Accelerator()
+        self.accelerator = accelerator or Accelerator(cpu=_cpu_only_multiprocess())
         self.pipeline = pipeline
         if pipeline is not None:
             denoiser = denoiser or pipeline.transformer
