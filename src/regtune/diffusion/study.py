@@ -260,9 +260,20 @@ def plot_curves(results: dict, path: str) -> str:
         ("eval_class_prob", "true metric (class probability)"),
         ("eval_diversity_l2", "diversity (within-prompt pixel L2)"),
     ]
-    fig, axes = plt.subplots(1, len(keys), figsize=(5 * len(keys), 3.6))
+    fig, axes = plt.subplots(1, len(keys) + 1, figsize=(4.6 * (len(keys) + 1), 3.6))
     for m_i, (method, res) in enumerate(results["methods"].items()):
         color = f"C{m_i}"
+        # the trade-off: true metric against proxy reward along each run (seed mean per evaluation)
+        pairs = [
+            [(r["eval_proxy_reward"], r["eval_class_prob"]) for r in curve if r.get("eval_class_prob") is not None]
+            for curve in res["curves"].values()
+        ]
+        pairs = [p for p in pairs if p]
+        if pairs:
+            n = min(len(p) for p in pairs)
+            xs = [np.mean([p[i][0] for p in pairs]) for i in range(n)]
+            ys = [np.mean([p[i][1] for p in pairs]) for i in range(n)]
+            axes[-1].plot(xs, ys, color=color, lw=1.5, marker=".", ms=3, label=method)
         for ax, (key, title) in zip(axes, keys):
             per_seed = []
             for curve in res["curves"].values():
@@ -275,7 +286,10 @@ def plot_curves(results: dict, path: str) -> str:
                 ax.plot(common, [np.mean([p[e] for p in per_seed]) for e in common], color=color, lw=2, label=method)
             ax.set_title(title, fontsize=10)
             ax.set_xlabel("epoch")
-    axes[0].legend()
+    axes[-1].set_title("true metric vs proxy reward (seed mean)", fontsize=10)
+    axes[-1].set_xlabel("proxy reward")
+    axes[-1].set_ylabel("class probability")
+    axes[0].legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
