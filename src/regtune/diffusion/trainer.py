@@ -331,23 +331,27 @@ class GARDOTrainer:
             cond = tuple(c[sl] for c in batch["cond"])
             adv = batch["advantages"][sl]
             kl_acc = torch.zeros((), device=self.device)
+            # reference means of the gated samples for every trained step, with one adapter switch per optimizer step
+            ref_means: dict[int, torch.Tensor] = {}
+            if cfg.uses_reference and idx.numel():
+                cond_g = tuple(c[idx] for c in cond)
+                with torch.no_grad(), self._adapter(REF_ADAPTER) as ref:
+                    for j in steps:
+                        x_g = batch["latents"][sl, j][idx]
+                        v_ref = self._velocity(ref, x_g, float(self.sigmas[j]), cond_g)
+                        _, _, ref_means[j], _ = sde_step_with_logprob(
+                            v_ref,
+                            x_g,
+                            self.sigmas[j],
+                            self.sigmas[j + 1],
+                            cfg.noise_level,
+                            prev_sample=batch["latents"][sl, j + 1][idx],
+                            sigma_max_clamp=clamp,
+                        )
             for n, j in enumerate(steps):
                 x, x_next = batch["latents"][sl, j], batch["latents"][sl, j + 1]
                 sigma, sigma_next = self.sigmas[j], self.sigmas[j + 1]
-                ref_mean = None
-                if cfg.uses_reference and idx.numel():
-                    with torch.no_grad(), self._adapter(REF_ADAPTER) as ref:
-                        cond_g = tuple(c[idx] for c in cond)
-                        v_ref = self._velocity(ref, x[idx], float(sigma), cond_g)
-                        _, _, ref_mean, _ = sde_step_with_logprob(
-                            v_ref,
-                            x[idx],
-                            sigma,
-                            sigma_next,
-                            cfg.noise_level,
-                            prev_sample=x_next[idx],
-                            sigma_max_clamp=clamp,
-                        )
+                ref_mean = ref_means.get(j)
                 sync = n == len(steps) - 1
                 with nullcontext() if sync else acc.no_sync(self.ddp_model):
                     v = self._velocity(self.ddp_model, x, float(sigma), cond)
