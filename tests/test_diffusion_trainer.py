@@ -222,3 +222,15 @@ def test_saved_lora_loads_into_a_diffusers_pipeline(tmp_path):
         ["a square"], num_inference_steps=2, guidance_scale=1.0, height=16, width=16, output_type="pt"
     ).images
     assert images.shape == (1, 3, 16, 16) and torch.isfinite(images).all()
+
+
+def test_minibatches_and_timestep_fraction(tmp_path):
+    cfg = tiny_config(tmp_path, eval_every=0, train_batch_size=4, timestep_fraction=0.5, kl_mode="all")
+    trainer = GARDOTrainer(cfg, **tiny_setup())
+    calls = _record_velocity_calls(trainer)
+    trainer._train_on(trainer._rollout(0))
+    policy = [c[1] for c in calls if c[0] == "default" and c[2]]
+    ref = [c[1] for c in calls if c[0] == "ref"]
+    assert policy == [4] * 4 and ref == [4] * 4  # 2 optimizer steps x ceil(0.5 * 3) = 2 trained steps
+    steps = {int(s["step"]) for s in trainer.optimizer.state_dict()["state"].values()}
+    assert steps == {2}
