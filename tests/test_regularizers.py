@@ -151,6 +151,7 @@ def test_registry_names_and_build():
         "multi_sample_dropout",
         "dropout_schedule",
         "glad",
+        "lfu",
         "mask_score_penalty",
         "gradient_dropout",
     }
