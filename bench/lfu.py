@@ -62,8 +62,11 @@ TEMPLATES = [
     "{ctx}\n\n{name}: ",
     "{name} answers:\n{ctx}\n\n",
 ]
-METHODS = {
-    "sft": None,
+METHODS = {  # config overrides; "sft*" methods train with trl's SFTTrainer, the others with LfUTrainer
+    "sft": {},
+    # a weaker SFT (lower learning rate): the baseline that trades in-task loss for forgetting without LfU
+    "sft-lr3e-4": {"learning_rate": 3e-4},
+    "sft-lr5e-4": {"learning_rate": 5e-4},
     "lfu-perturb": {"lfu_mode": "perturb"},
     "lfu-perturb-same": {"lfu_mode": "perturb", "lfu_second_batch": "same"},
     "lfu-reps": {"lfu_mode": "reps"},
@@ -203,15 +206,16 @@ def make_trainer(method: str, model_dir: str, dataset: Dataset, tokenizer, out: 
         "logging_steps": 10, "save_strategy": "no", "disable_tqdm": True, "max_length": 320, "seed": seed,
         "bf16": False, "dataset_num_proc": None,
     }  # fmt: skip
+    common.update(METHODS[method])
     common.update(overrides)
     peft_config = LoraConfig(r=8, lora_alpha=16, target_modules="all-linear", lora_dropout=0.0)
-    if METHODS[method] is None:
+    if method.startswith("sft"):
         return SFTTrainer(
             model=model, args=SFTConfig(**common), train_dataset=dataset, processing_class=tokenizer,
             peft_config=peft_config,
         )  # fmt: skip
     return regtune.LfUTrainer(
-        model=model, args=regtune.LfUConfig(**common, **METHODS[method]), train_dataset=dataset,
+        model=model, args=regtune.LfUConfig(**common), train_dataset=dataset,
         processing_class=tokenizer, peft_config=peft_config,
     )  # fmt: skip
 
