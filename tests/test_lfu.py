@@ -394,3 +394,44 @@ def test_ddp_two_processes_match_one_process_with_accumulation(tmp_path, mode):
         single = json.load(open(os.path.join(one, "world_size_0.txt")))["directions"]
         torch.testing.assert_close(torch.tensor(reports[0]["directions"]), torch.tensor(reports[1]["directions"]))
         torch.testing.assert_close(torch.tensor(reports[0]["directions"]), torch.tensor(single), rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("mode", ["perturb", "reps"])
+def test_gradient_checkpointing_gives_the_same_step(tmp_path, mode):
+    """The perturbed (steered) forward is recomputed during its own backward, while the parameters are perturbed."""
+
+    def step(**overrides):
+        model = lora_model()
+        before = trainable_weights(model)
+        trainer = regtune.LfUTrainer(
+            model=model,
+            args=lfu_config(str(tmp_path), max_steps=1, learning_rate=1.0, lfu_mode=mode, lfu_beta=50.0, **overrides),
+            train_dataset=prompt_completion_dataset(),
+            processing_class=word_tokenizer(),
+        )
+        trainer.train()
+        checkpointing = any(getattr(m, "gradient_checkpointing", False) for m in model.modules())
+        assert checkpointing == overrides["activation_checkpointing"]
+        return before - trainable_weights(model)
+
+    # (trl's SFTConfig turns checkpointing on by default, non-reentrant)
+    plain = step(activation_checkpointing=False)
+    checkpointed = step(activation_checkpointing=True, activation_checkpointing_kwargs={"use_reentrant": False})
+    torch.testing.assert_close(checkpointed, plain, rtol=1e-4, atol=1e-6)
+    with pytest.raises(ValueError, match="non-reentrant"):
+        step(activation_checkpointing=True, activation_checkpointing_kwargs={"use_reentrant": True})
+
+
+def test_bf16_autocast_trains(tmp_path):
+    model = lora_model()
+    before = trainable_weights(model)
+    trainer = regtune.LfUTrainer(
+        model=model,
+        args=lfu_config(str(tmp_path), learning_rate=0.05, lfu_beta=10.0, bf16=True),
+        train_dataset=prompt_completion_dataset(),
+        processing_class=word_tokenizer(),
+    )
+    trainer.train()
+    after = trainable_weights(model)
+    assert torch.isfinite(after).all() and (after - before).abs().max() > 1e-4
+    assert all(h["lfu/consistency"] > 0 for h in trainer.state.log_history if "lfu/consistency" in h)
