@@ -4,6 +4,7 @@ formats, adapters, errors, and 2-process DDP."""
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -435,3 +436,59 @@ def test_bf16_autocast_trains(tmp_path):
     after = trainable_weights(model)
     assert torch.isfinite(after).all() and (after - before).abs().max() > 1e-4
     assert all(h["lfu/consistency"] > 0 for h in trainer.state.log_history if "lfu/consistency" in h)
+
+
+# ---- recipes ----
+
+
+@pytest.mark.slow
+def test_recipe_runs_lfu_on_prompt_completion_files(tmp_path, capsys):
+    """`trainer: LfUTrainer` in a recipe gets the raw prompt/completion rows (SFTTrainer tokenizes them)."""
+    import yaml
+
+    from regtune.cli import main
+
+    tokenizer_dir = tmp_path / "tokenizer"
+    word_tokenizer().save_pretrained(tokenizer_dir)
+    data = prompt_completion_dataset(n=24)
+    train, validation = tmp_path / "train.jsonl", tmp_path / "validation.jsonl"
+    data.select(range(16)).to_json(train)
+    data.select(range(16, 24)).to_json(validation)
+    llama = {
+        "model_type": "llama", "hidden_size": 16, "num_hidden_layers": 2, "num_attention_heads": 2,
+        "num_key_value_heads": 2, "intermediate_size": 32, "vocab_size": 64, "max_position_embeddings": 32,
+    }  # fmt: skip
+    recipe = {
+        "name": "lfu-tiny",
+        "output_dir": str(tmp_path / "out"),
+        "model": {"config": llama, "tokenizer": str(tokenizer_dir), "task": "causal-lm"},
+        "data": {"path": "json", "data_files": {"train": str(train), "validation": str(validation)}},
+        "adapter": {"type": "LORA", "r": 4, "lora_alpha": 8, "target_modules": "all-linear"},
+        "trainer": "LfUTrainer",
+        "training": {
+            "max_steps": 2,
+            "per_device_train_batch_size": 4,
+            "learning_rate": 1e-3,
+            "report_to": "none",
+            "use_cpu": True,
+            "save_strategy": "no",
+            "max_length": 16,
+            "lfu_mode": "reps",
+            "lfu_beta": 1.0,
+        },  # fmt: skip
+        "runs": [{"name": "lfu"}, {"name": "lfu-perturb", "training": {"lfu_mode": "perturb"}}],
+    }
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    assert main(["run", str(path)]) == 0
+    runs = json.load(open(tmp_path / "out" / "metrics.json"))["runs"]
+    assert set(runs) == {"lfu", "lfu-perturb"}
+    for result in runs.values():
+        assert result["task"] == "causal-lm" and math.isfinite(result["metrics"]["validation"]["loss"])
+    assert os.path.isfile(tmp_path / "out" / "lfu" / "adapter" / "adapter_config.json")
+
+    recipe["training"]["lfu_mode"] = "ascent"
+    path.write_text(yaml.safe_dump(recipe))
+    capsys.readouterr()
+    assert main(["validate", str(path)]) != 0
+    assert "lfu_mode" in capsys.readouterr().err

@@ -66,6 +66,20 @@ def hub_base_model(spec: ModelSpec) -> str | None:
     return spec.name_or_path
 
 
+def is_sft_trainer(trainer_name: str) -> bool:
+    """Whether a recipe's `trainer:` is trl's `SFTTrainer` or a subclass (e.g. `LfUTrainer`).
+
+    Such trainers take the data set as it is (language-modeling `text`, `prompt`/`completion`, conversational
+    `messages`, ...) and tokenize and collate it themselves, so the runner hands them the raw splits.
+    """
+    cls, _ = resolve_trainer(trainer_name)
+    try:
+        from trl import SFTTrainer
+    except ImportError:  # pragma: no cover - trl is a dependency
+        return False
+    return cls is not None and issubclass(cls, SFTTrainer)
+
+
 def load_tokenizer(spec: ModelSpec, task: str):
     from transformers import AutoTokenizer
 
@@ -89,8 +103,12 @@ class LoadedData:
     label_names: list[str] | None
 
 
-def load_data(spec: DataSpec, task: str, evaluation) -> LoadedData:
-    """Load a built-in task or `datasets.load_dataset(...)`, trimmed to `max_*_samples`, labels as integers."""
+def load_data(spec: DataSpec, task: str, evaluation, raw_format: bool = False) -> LoadedData:
+    """
+    Load a built-in task or `datasets.load_dataset(...)`, trimmed to `max_*_samples`, labels as integers.
+
+    With `raw_format` (a trl SFT trainer), the columns are left to the trainer, which recognizes its formats.
+    """
     from datasets import ClassLabel
 
     if spec.builtin is not None:
@@ -127,6 +145,8 @@ def load_data(spec: DataSpec, task: str, evaluation) -> LoadedData:
             problems.append((path, f"no split {split!r} in the data set (splits: {', '.join(splits)})"))
     columns = splits[train_split].column_names if train_split in splits else []
     wanted = [("data.text_column", text_column), ("data.text_pair_column", spec.text_pair_column)]
+    if raw_format:
+        wanted = [("data.text_column", spec.text_column)]  # only a column the recipe names explicitly
     if task == "sequence-classification":
         wanted.append(("data.label_column", label_column))
     for path, column in wanted:
@@ -309,9 +329,10 @@ def build_trainer(run: RunSpec, model, args, train_dataset, eval_dataset, tokeni
         "args": args,
         "train_dataset": train_dataset,
         "eval_dataset": eval_dataset,
-        "data_collator": data_collator(tokenizer, task),
         "processing_class": tokenizer,
     }
+    if not (task == "causal-lm" and is_sft_trainer(run.trainer)):
+        kwargs["data_collator"] = data_collator(tokenizer, task)  # SFT trainers build their own
     if task == "sequence-classification" and run.evaluation.metrics:
         kwargs["compute_metrics"] = compute_classification_metrics(run.evaluation.metrics)
     optimizer = build_optimizer(model, run, args)

@@ -32,6 +32,7 @@ from .builder import (
     build_trainer,
     count_parameters,
     hub_base_model,
+    is_sft_trainer,
     load_data,
     load_model,
     load_tokenizer,
@@ -69,9 +70,13 @@ def run_one(run: RunSpec, run_dir: str, cache: dict | None = None) -> dict:
         cache[tokenizer_key] = load_tokenizer(run.model, run.task)
     tokenizer = cache[tokenizer_key]
     data_key = ("data", repr(run.data), repr(run.evaluation), tokenizer_key, run.task)
+    sft = run.task == "causal-lm" and is_sft_trainer(run.trainer)
+    data_key = (*data_key, sft)
     if data_key not in cache:
-        data = load_data(run.data, run.task, run.evaluation)
-        cache[data_key] = (data, tokenize_data(data, tokenizer, run.task, run.data.max_length))
+        data = load_data(run.data, run.task, run.evaluation, raw_format=sft)
+        # trl's SFT trainers (LfUTrainer, SFTTrainer) tokenize their own formats; the others get token ids
+        tokenized = data.splits if sft else tokenize_data(data, tokenizer, run.task, run.data.max_length)
+        cache[data_key] = (data, tokenized)
     data, tokenized = cache[data_key]
 
     set_seed(run.seed)
