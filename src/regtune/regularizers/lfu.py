@@ -190,7 +190,7 @@ class LfURegularizer(Regularizer):
       global_step, micro-batch, process)`, so a resumed run draws the same batches.
     - **Resume**: the steering vectors and their optimizer state are in the checkpoint.
 
-    Works with LoRA, ALLoRA, GLAD adapters and full fine-tuning of a causal LM (the backbone must have a list of
+    Works with LoRA and ALLoRA adapters and full fine-tuning of a causal LM (the backbone must have a list of
     decoder blocks). Not supported: DeepSpeed, FSDP, DataParallel, reentrant gradient checkpointing (each raises a
     `ValueError` saying so).
 
