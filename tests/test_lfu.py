@@ -492,3 +492,20 @@ def test_recipe_runs_lfu_on_prompt_completion_files(tmp_path, capsys):
     capsys.readouterr()
     assert main(["validate", str(path)]) != 0
     assert "lfu_mode" in capsys.readouterr().err
+
+
+def test_packed_padding_free_batches_train(tmp_path):
+    model = lora_model()
+    trainer = regtune.LfUTrainer(
+        model=model,
+        args=lfu_config(str(tmp_path), packing=True, max_length=32, learning_rate=0.01, lfu_mode="perturb"),
+        train_dataset=prompt_completion_dataset(),
+        processing_class=word_tokenizer(),
+    )
+    batch = _first_batch(trainer)
+    assert "position_ids" in batch and "attention_mask" not in batch  # trl's padding-free packed rows
+    before = trainable_weights(model)
+    trainer.train()
+    logs = [h["lfu/consistency"] for h in trainer.state.log_history if "lfu/consistency" in h]
+    assert len(logs) == 3 and all(v > 0 for v in logs)
+    assert (trainable_weights(model) - before).abs().max() > 1e-5
