@@ -14,9 +14,10 @@ import math
 import os
 
 import datasets
+import tiny_models
 import torch
 from torch import nn
-from transformers import BertConfig, BertForSequenceClassification, LlamaConfig, LlamaForCausalLM, TrainingArguments
+from transformers import TrainingArguments
 
 from regtune.regularizers import DropoutSchedule, MultiSampleDropout, Regularizer
 from regtune.trainers import RegTrainer
@@ -28,38 +29,22 @@ VOCAB = 64
 
 
 def tiny_bert(dropout: float = 0.1, classifier_dropout: float | None = None, num_labels: int = 2) -> nn.Module:
-    torch.manual_seed(0)
-    config = BertConfig(
-        hidden_size=16,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=32,
+    """[`tiny_models.tiny_bert`] with this file's vocabulary and dropout knobs, in train mode."""
+    return tiny_models.tiny_bert(
         vocab_size=VOCAB,
         max_position_embeddings=32,
         num_labels=num_labels,
         hidden_dropout_prob=dropout,
         attention_probs_dropout_prob=dropout,
         classifier_dropout=classifier_dropout,
-    )
-    return BertForSequenceClassification(config)
+    ).train()
 
 
 def tiny_llama(attention_dropout: float = 0.0) -> nn.Module:
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        hidden_size=16,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=2,
-        intermediate_size=32,
-        vocab_size=VOCAB,
-        max_position_embeddings=32,
-        attention_dropout=attention_dropout,
-        pad_token_id=0,
-        bos_token_id=1,
-        eos_token_id=2,
-    )
-    return LlamaForCausalLM(config)
+    """[`tiny_models.tiny_llama`] with this file's vocabulary, in train mode."""
+    return tiny_models.tiny_llama(
+        vocab_size=VOCAB, max_position_embeddings=32, attention_dropout=attention_dropout
+    ).train()
 
 
 class PlainClassifier(nn.Module):

@@ -36,7 +36,8 @@ class MLP(nn.Module):
         return {"loss": loss, "logits": logits}
 
 
-def tiny_llama() -> nn.Module:
+def tiny_llama(vocab_size: int = VOCAB, max_position_embeddings: int = 64, **config) -> nn.Module:
+    """A 2-layer, 16-wide Llama (seed 0) in eval mode; `config`: more `LlamaConfig` fields."""
     torch.manual_seed(0)
     config = LlamaConfig(
         hidden_size=16,
@@ -44,11 +45,12 @@ def tiny_llama() -> nn.Module:
         num_attention_heads=2,
         num_key_value_heads=2,
         intermediate_size=32,
-        vocab_size=VOCAB,
-        max_position_embeddings=64,
+        vocab_size=vocab_size,
+        max_position_embeddings=max_position_embeddings,
         pad_token_id=0,
         bos_token_id=1,
         eos_token_id=2,
+        **config,
     )
     return LlamaForCausalLM(config).eval()
 
@@ -61,16 +63,18 @@ def tiny_gpt2() -> nn.Module:
     return GPT2LMHeadModel(config).eval()
 
 
-def tiny_bert() -> nn.Module:
+def tiny_bert(vocab_size: int = VOCAB, max_position_embeddings: int = 64, num_labels: int = 3, **config) -> nn.Module:
+    """A 2-layer, 16-wide BERT classifier (seed 0) in eval mode; `config`: more `BertConfig` fields."""
     torch.manual_seed(0)
     config = BertConfig(
         hidden_size=16,
         num_hidden_layers=2,
         num_attention_heads=2,
         intermediate_size=32,
-        vocab_size=VOCAB,
-        max_position_embeddings=64,
-        num_labels=3,
+        vocab_size=vocab_size,
+        max_position_embeddings=max_position_embeddings,
+        num_labels=num_labels,
+        **config,
     )
     return BertForSequenceClassification(config).eval()
 

@@ -29,6 +29,7 @@ from typing import Any
 
 import numpy as np
 
+from regtune.recipes.loader import apply_overrides, parse_set_overrides
 from regtune.recipes.validation import Errors, RecipeError, check_mapping, check_value, join_path, load_yaml
 
 from .config import GARDOConfig
@@ -65,16 +66,6 @@ class GARDOStudy:
         return GARDOConfig(output_dir=os.path.join(root, method, f"seed{seed}"), seed=seed, **fields)
 
 
-def _set_dotted(raw: dict, dotted: str, value) -> None:
-    node = raw
-    parts = dotted.split(".")
-    for part in parts[:-1]:
-        node = node.setdefault(part, {})
-        if not isinstance(node, dict):
-            raise RecipeError([(dotted, "cannot override inside a non-mapping value")])
-    node[parts[-1]] = value
-
-
 def load_gardo_study(source, overrides: dict[str, Any] | None = None) -> GARDOStudy:
     """Load and validate a GARDO study recipe (a YAML path or a mapping); `overrides`: `{"key.path": value}`."""
     if isinstance(source, dict):
@@ -84,8 +75,7 @@ def load_gardo_study(source, overrides: dict[str, Any] | None = None) -> GARDOSt
             raw, label = load_yaml(f.read()) or {}, str(source)
     if not isinstance(raw, dict):
         raise RecipeError([("", f"a GARDO study recipe is a mapping, got {type(raw).__name__}")], label)
-    for key, value in (overrides or {}).items():
-        _set_dotted(raw, key, value)
+    raw = apply_overrides(raw, overrides or {})
     errors = Errors()
     for key in raw:
         if key not in TOP_KEYS:
@@ -300,16 +290,6 @@ def plot_curves(results: dict, path: str) -> str:
 # command line
 
 
-def _parse_overrides(items: list[str] | None) -> dict[str, Any]:
-    out = {}
-    for item in items or []:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise ValueError(f"An override must look like key.path=value, got {item!r}.")
-        out[key.strip()] = load_yaml(value)
-    return out
-
-
 def _add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("recipe", help="path of the GARDO study recipe YAML (e.g. recipes/gardo_testbed.yaml)")
     parser.add_argument("--output_dir", help="the study folder (default: the recipe's output_dir)")
@@ -340,7 +320,7 @@ def add_gardo_parser(subparsers) -> argparse.ArgumentParser:
 def run_from_cli(args: argparse.Namespace) -> int:
     """Run the study of parsed command-line `args`; return the exit status (2 for an invalid recipe)."""
     try:
-        study = load_gardo_study(args.recipe, _parse_overrides(args.overrides))
+        study = load_gardo_study(args.recipe, parse_set_overrides(args.overrides))
         only = [m.strip() for m in args.only.split(",") if m.strip()] if args.only else None
         result = run_gardo_study(study, output_dir=args.output_dir, only=only, report_only=args.report_only)
     except (RecipeError, ValueError, FileNotFoundError) as err:

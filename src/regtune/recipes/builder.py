@@ -80,6 +80,11 @@ def is_sft_trainer(trainer_name: str) -> bool:
     return cls is not None and issubclass(cls, SFTTrainer)
 
 
+def takes_raw_data(run: RunSpec) -> bool:
+    """Whether the run's trainer gets its data set untokenized: a causal-LM run with a trl SFT trainer."""
+    return run.task == "causal-lm" and is_sft_trainer(run.trainer)
+
+
 def load_tokenizer(spec: ModelSpec, task: str):
     from transformers import AutoTokenizer
 
@@ -331,7 +336,7 @@ def build_trainer(run: RunSpec, model, args, train_dataset, eval_dataset, tokeni
         "eval_dataset": eval_dataset,
         "processing_class": tokenizer,
     }
-    if not (task == "causal-lm" and is_sft_trainer(run.trainer)):
+    if not takes_raw_data(run):
         kwargs["data_collator"] = data_collator(tokenizer, task)  # SFT trainers build their own
     if task == "sequence-classification" and run.evaluation.metrics:
         kwargs["compute_metrics"] = compute_classification_metrics(run.evaluation.metrics)

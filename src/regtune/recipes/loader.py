@@ -39,6 +39,21 @@ def parse_override_args(args: Iterable[str]) -> list[tuple[str, Any]]:
     return out
 
 
+def parse_set_overrides(items: Iterable[str] | None) -> dict[str, Any]:
+    """
+    Parse study-style `--set` values, `["budget.tokens=65536", "training.learning_rate=1e-2"]` ->
+    `{"budget.tokens": 65536, ...}`, for [`apply_overrides`]. The values are YAML, read like recipes (`1e-2` is a
+    float, `no` a string).
+    """
+    overrides = {}
+    for item in items or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ValueError(f"An override must look like key.path=value, got {item!r}.")
+        overrides[key.strip()] = load_yaml(value)
+    return overrides
+
+
 def apply_overrides(raw: dict, overrides: dict | Iterable[tuple[str, Any]]) -> dict:
     """
     Return a copy of recipe data `raw` with dotted overrides applied.

@@ -32,10 +32,10 @@ from .builder import (
     build_trainer,
     count_parameters,
     hub_base_model,
-    is_sft_trainer,
     load_data,
     load_model,
     load_tokenizer,
+    takes_raw_data,
     tokenize_data,
 )
 from .report import format_table, plot_results
@@ -69,9 +69,8 @@ def run_one(run: RunSpec, run_dir: str, cache: dict | None = None) -> dict:
     if tokenizer_key not in cache:
         cache[tokenizer_key] = load_tokenizer(run.model, run.task)
     tokenizer = cache[tokenizer_key]
-    data_key = ("data", repr(run.data), repr(run.evaluation), tokenizer_key, run.task)
-    sft = run.task == "causal-lm" and is_sft_trainer(run.trainer)
-    data_key = (*data_key, sft)
+    sft = takes_raw_data(run)
+    data_key = ("data", repr(run.data), repr(run.evaluation), tokenizer_key, run.task, sft)
     if data_key not in cache:
         data = load_data(run.data, run.task, run.evaluation, raw_format=sft)
         # trl's SFT trainers (LfUTrainer, SFTTrainer) tokenize their own formats; the others get token ids

@@ -397,11 +397,7 @@ class LfURegularizer(Regularizer):
                     steered_loss = self._lm_loss(trainer, inputs)
                 steered = list(captured)
                 del captured
-                (direction_grad,) = torch.autograd.grad(
-                    -steered_loss * task_scale, [self.directions], retain_graph=True
-                )
-                self._add_direction_grad(direction_grad)
-                steer_loss = steered_loss.detach()
+                steer_loss = self._ascend_directions(steered_loss, task_scale, retain_graph=True)
             else:
                 steered = self._backbone_states(trainer, inputs, self.directions.detach())
             consistency = hidden_state_consistency(steered, clean, mask)
@@ -423,15 +419,16 @@ class LfURegularizer(Regularizer):
         """Accumulate the gradient that *raises* `L_sft(x'; d)` into the steering vectors (no parameter gradient)."""
         with block_hooks(self._backbone, self._blocks, None, self.directions, self.alpha):
             loss = self._lm_loss(trainer, batch)
-        (grad,) = torch.autograd.grad(-loss * task_scale, [self.directions])
-        self._add_direction_grad(grad)
-        return loss.detach()
+        return self._ascend_directions(loss, task_scale)
 
-    def _add_direction_grad(self, grad: torch.Tensor) -> None:
+    def _ascend_directions(self, loss: torch.Tensor, task_scale: float, retain_graph: bool = False) -> torch.Tensor:
+        """Accumulate the gradient of `-loss` (scaled like the task loss) into the steering vectors."""
+        (grad,) = torch.autograd.grad(-loss * task_scale, [self.directions], retain_graph=retain_graph)
         if self.directions.grad is None:
             self.directions.grad = grad
         else:
             self.directions.grad += grad
+        return loss.detach()
 
     def _step_directions(self) -> None:
         if self.directions.grad is None:
@@ -443,19 +440,18 @@ class LfURegularizer(Regularizer):
         self.direction_optimizer.zero_grad(set_to_none=True)
 
     @staticmethod
-    def _accumulate(params: list[torch.Tensor], *grad_lists: list) -> None:
-        for i, p in enumerate(params):
-            total = None
-            for grads in grad_lists:
-                g = grads[i]
-                if g is not None:
-                    total = g if total is None else total + g
-            if total is None:
-                continue
-            if p.grad is None:
-                p.grad = total.to(p.dtype)
-            else:
-                p.grad.add_(total)
+    def _accumulate(params: list[torch.Tensor], grads: list, cons_grads: list) -> None:
+        """Add `grads + cons_grads` (either may hold `None`s) to the parameters' `.grad`, with foreach ops."""
+        totals = {i: g for i, g in enumerate(grads) if g is not None}
+        both = [i for i, c in enumerate(cons_grads) if c is not None and i in totals]
+        if both:
+            torch._foreach_add_([totals[i] for i in both], [cons_grads[i] for i in both])
+        totals.update({i: c for i, c in enumerate(cons_grads) if c is not None and i not in totals})
+        existing = [i for i in totals if params[i].grad is not None]
+        if existing:
+            torch._foreach_add_([params[i].grad for i in existing], [totals[i] for i in existing])
+        for i in totals.keys() - set(existing):
+            params[i].grad = totals[i].to(params[i].dtype)
 
     def _all_reduce_mean(self, params: list[torch.Tensor]) -> None:
         # every process must reduce the same tensors: give the trainable parameters without a gradient a zero one

@@ -38,6 +38,7 @@ import typing
 from dataclasses import dataclass
 from typing import Any
 
+from regtune.recipes.loader import apply_overrides, parse_set_overrides
 from regtune.recipes.validation import Errors, check_mapping, check_value, load_yaml
 
 
@@ -331,29 +332,7 @@ def validate_study(raw: dict, source: str = "<dict>") -> MultiEpochStudy:
     return study
 
 
-def set_by_path(raw: dict, dotted: str, value: Any) -> None:
-    """Set `raw[a][b][c] = value` for `dotted="a.b.c"`, creating mappings on the way."""
-    keys = dotted.split(".")
-    node = raw
-    for key in keys[:-1]:
-        if not isinstance(node.get(key), dict):
-            node[key] = {}
-        node = node[key]
-    node[keys[-1]] = value
-
-
-def parse_overrides(items: list[str] | None) -> dict[str, Any]:
-    """
-    `["budget.tokens=65536", "training.learning_rate=1e-2"]` -> `{"budget.tokens": 65536, ...}`: the values are YAML
-    (read like recipes: `1e-2` is a float, `no` a string).
-    """
-    overrides = {}
-    for item in items or []:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise ValueError(f"An override must look like key.path=value, got {item!r}.")
-        overrides[key.strip()] = load_yaml(value)
-    return overrides
+parse_overrides = parse_set_overrides  # the `--set` parser of `regtune study multi-epoch`
 
 
 def load_study_recipe(source, overrides: dict[str, Any] | None = None) -> MultiEpochStudy:
@@ -377,6 +356,4 @@ def load_study_recipe(source, overrides: dict[str, Any] | None = None) -> MultiE
             raise StudyRecipeError(label, [("<yaml>", str(err))]) from err
     if not isinstance(raw, dict):
         raise StudyRecipeError(label, [("<top>", f"expected a mapping, got {type(raw).__name__}")])
-    for dotted, value in (overrides or {}).items():
-        set_by_path(raw, dotted, value)
-    return validate_study(raw, label)
+    return validate_study(apply_overrides(raw, overrides or {}), label)
