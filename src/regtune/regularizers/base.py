@@ -36,7 +36,13 @@ class Regularizer:
          forward/backward for the micro-batch (multi-pass methods: LfU, GLAD, gradient dropout). At most one
          regularizer may own the step.
 
-    4. `state_dict()` whenever the trainer writes a checkpoint: it is saved inside `checkpoint-N/` (file
+    4. `diagnostics()` whenever the Trainer logs training metrics (every `logging_steps`): a dict of numbers that
+       show whether the regularizer's mechanism is active (e.g. the fraction of masks flipped, the cosine between the
+       plain and the SAM gradient). The mixin adds them to the Trainer's logs as `"<name>/<key>"`, so they reach
+       every `report_to` integration (tensorboard, wandb, trackio). Accumulate detached tensors during the steps (no
+       `.item()` inside a step) and return their mean since the last call; return `{}` when
+       `log_diagnostics` is `False`.
+    5. `state_dict()` whenever the trainer writes a checkpoint: it is saved inside `checkpoint-N/` (file
        `regtune_regularizers.pt`, one per process under DDP) and given back to `load_state_dict` on resume, so a
        resumed run continues exactly. Return tensors and Python primitives only (the file is read with
        `torch.load(weights_only=True)`).
@@ -46,6 +52,8 @@ class Regularizer:
             built-in ones. Two regularizers of one trainer must have different names (set `self.name` in `__init__`
             to use one class twice).
         owns_step (`bool`, defaults to `False`): whether [`Regularizer.training_step`] replaces the Trainer's.
+        log_diagnostics (`bool`, defaults to `True`): whether [`Regularizer.diagnostics`] computes and reports the
+            mechanism's diagnostics (set it to `False` to skip their cost).
 
     Example (a loss term):
 
@@ -65,6 +73,7 @@ class Regularizer:
 
     name: str = "regularizer"
     owns_step: bool = False
+    log_diagnostics: bool = True
 
     def setup(self, trainer: Trainer) -> None:
         """Called at the start of every `train()` call, after the model is wrapped and the optimizer is created."""
@@ -123,6 +132,14 @@ class Regularizer:
     def callbacks(self) -> list[TrainerCallback]:
         """Return the `TrainerCallback`s to add to the trainer (called once, at trainer construction)."""
         return []
+
+    def diagnostics(self) -> dict[str, float | torch.Tensor]:
+        """
+        Return the mechanism's diagnostics accumulated since the last call (numbers or 0-dim tensors), then reset them.
+
+        Called by the mixin when the Trainer logs training metrics; keys are prefixed with `"<name>/"` in the logs.
+        """
+        return {}
 
     def state_dict(self) -> dict:
         """Return the state needed to resume exactly (tensors and Python primitives)."""

@@ -255,6 +255,25 @@ class RegularizedTrainerMixin:
                 loss = loss + (term * scale if scale != 1.0 else term)
         return (loss, outputs) if return_outputs else loss
 
+    # ---- logging ----
+
+    def log(self, logs: dict[str, float], *args, **kwargs) -> None:
+        # training logs (they carry the loss) get the regularizers' mechanism diagnostics, through the Trainer's own
+        # logging, so they reach every `report_to` integration
+        if self.regularizers and "loss" in logs:
+            logs = {**logs, **self.regularizer_diagnostics()}
+        super().log(logs, *args, **kwargs)
+
+    def regularizer_diagnostics(self) -> dict[str, float]:
+        """Collect every regularizer's [`Regularizer.diagnostics`] as `{"<name>/<key>": float}` (resets them)."""
+        out: dict[str, float] = {}
+        for reg in self.regularizers:
+            if not reg.log_diagnostics:
+                continue
+            for key, value in reg.diagnostics().items():
+                out[f"{reg.name}/{key}"] = float(value.item() if isinstance(value, torch.Tensor) else value)
+        return out
+
     # ---- checkpoints ----
 
     def _save_checkpoint(self, model, trial) -> None:
