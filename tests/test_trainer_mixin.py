@@ -26,12 +26,14 @@ from distributed_worker import (
     training_args,
 )
 from peft import LoraConfig, get_peft_model
+from tiny_models import tiny_mlp
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast, Trainer, TrainerCallback
 from trl import SFTConfig, SFTTrainer
 
 from regtune.regularizers import DropoutSchedule, MultiSampleDropout, Regularizer
 from regtune.trainers import REGULARIZERS_STATE_NAME, RegTrainer, RegularizedTrainerMixin
+from regtune.trainers.mixin import NonFiniteLossError
 
 
 class Recorder(Regularizer):
@@ -433,3 +435,140 @@ def test_sft_trainer_loss_term_under_gradient_accumulation_and_schedule(tmp_path
 def test_sft_fused_head_rejects_multi_sample_dropout(tmp_path):
     with pytest.raises(ValueError, match="trl's fused LM head"):
         _sft(tmp_path, [MultiSampleDropout(num_samples=2, p=0.1)], max_steps=1)
+
+
+# ---- non-finite guard ----
+
+
+def _float_dataset(n: int = 24, nan_rows: range | None = None) -> datasets.Dataset:
+    """Features for tiny_models.MLP; `nan_rows` get a NaN feature (batch 3 of 4-row batches: rows 8-11)."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(n, 12, generator=g)
+    if nan_rows is not None:
+        x[list(nan_rows), 0] = float("nan")
+    return datasets.Dataset.from_dict({"x": x.tolist(), "labels": torch.randint(0, 3, (n,), generator=g).tolist()})
+
+
+def _guarded_run(tmp_path, data, regularizers=(), max_steps=5, **kwargs):
+    model = tiny_mlp().train()
+    trainer = RegTrainer(
+        model=model,
+        args=training_args(str(tmp_path), max_steps=max_steps, learning_rate=0.1, **kwargs.pop("args", {})),
+        train_dataset=data,
+        regularizers=list(regularizers),
+        **kwargs,
+    )
+    return model, trainer
+
+
+def test_nonfinite_guard_off_reproduces_the_silent_nan(tmp_path):
+    """Without the guard the Trainer hides the NaN: weights become NaN while the logged loss reads 0.0."""
+    model, trainer = _guarded_run(tmp_path, _float_dataset(nan_rows=range(8, 12)), on_nonfinite="ignore")
+    trainer.train()
+    assert torch.isnan(flat_weights(model)).all()
+    losses = [log["loss"] for log in trainer.state.log_history if "loss" in log]
+    assert losses[2] == 0.0 and all(math.isfinite(loss) for loss in losses)
+
+
+def test_nonfinite_guard_stops_at_the_step_naming_the_term(tmp_path):
+    model, trainer = _guarded_run(tmp_path, _float_dataset(nan_rows=range(8, 12)))
+    assert trainer.on_nonfinite == "error"  # on by default
+    with pytest.raises(NonFiniteLossError, match=r"at optimizer step 3 \(global_step 2 -> 3\): task loss = nan") as e:
+        trainer.train()
+    assert "gradient norm = nan" in str(e.value) and "on_nonfinite='skip'" in str(e.value)
+    assert trainer.state.global_step == 2 and torch.isfinite(flat_weights(model)).all()
+    # stopped before the update: the weights are those after 2 clean steps
+    clean, clean_trainer = _guarded_run(tmp_path, _float_dataset(), max_steps=2)
+    clean_trainer.train()
+    torch.testing.assert_close(flat_weights(model), flat_weights(clean), rtol=0, atol=0)
+
+
+def test_nonfinite_guard_names_the_micro_batch_under_gradient_accumulation(tmp_path):
+    _, trainer = _guarded_run(
+        tmp_path,
+        _float_dataset(nan_rows=range(10, 12)),
+        args={"per_device_train_batch_size": 2, "gradient_accumulation_steps": 2},
+    )
+    with pytest.raises(NonFiniteLossError, match=r"optimizer step 3 .*task loss = nan \(micro-batch 2 of 2\)"):
+        trainer.train()
+
+
+def test_nonfinite_guard_skip_counts_and_leaves_the_weights(tmp_path):
+    model, trainer = _guarded_run(tmp_path, _float_dataset(nan_rows=range(8, 12)), max_steps=3, on_nonfinite="skip")
+    trainer.train()
+    assert trainer.nonfinite_skipped_steps == 1 and trainer.state.global_step == 3
+    assert [log["nonfinite_skipped_steps"] for log in trainer.state.log_history if "loss" in log] == [0, 0, 1]
+    clean, clean_trainer = _guarded_run(tmp_path, _float_dataset(), max_steps=2)
+    clean_trainer.train()
+    torch.testing.assert_close(flat_weights(model), flat_weights(clean), rtol=0, atol=0)  # step 3 changed nothing
+    # with AdamW too: the skipped step leaves the moments and the step count untouched, and training continues
+    model, trainer = _guarded_run(
+        tmp_path, _float_dataset(nan_rows=range(8, 12)), on_nonfinite="skip", args={"optim": "adamw_torch"}
+    )
+    trainer.train()
+    assert trainer.nonfinite_skipped_steps == 1 and torch.isfinite(flat_weights(model)).all()
+    steps = {int(state["step"]) for state in trainer.optimizer.state.values()}
+    assert steps == {4}  # 5 optimizer steps, one skipped
+
+
+class _NaNTermAt(Regularizer):
+    """A loss term that is NaN at one optimizer step (the task loss stays finite)."""
+
+    name = "nan_term"
+
+    def __init__(self, step: int):
+        self.step, self.calls = step, 0
+
+    def loss_term(self, model, inputs, outputs):
+        self.calls += 1
+        value = float("nan") if self.calls == self.step else 0.0
+        return outputs["logits"].sum() * 0.0 + value
+
+
+class _InfiniteGradient(Regularizer):
+    """A finite term (0) whose gradient is NaN: d sqrt(u)/du at u = 0 times du/dw = 0."""
+
+    name = "sqrt_at_zero"
+
+    def loss_term(self, model, inputs, outputs):
+        return (outputs["logits"] * 0.0).pow(2).sum().sqrt()
+
+
+def test_nonfinite_guard_names_a_regularizer_term_and_the_gradient_norm(tmp_path):
+    _, trainer = _guarded_run(tmp_path, _float_dataset(), regularizers=[_NaNTermAt(step=2)])
+    with pytest.raises(NonFiniteLossError, match=r"optimizer step 2 .*: loss term of regularizer 'nan_term' = nan"):
+        trainer.train()
+    _, trainer = _guarded_run(tmp_path, _float_dataset(), regularizers=[_InfiniteGradient()])
+    with pytest.raises(NonFiniteLossError, match=r"optimizer step 1 .*: gradient norm = nan\.") as err:
+        trainer.train()
+    assert "task loss" not in str(err.value)  # the losses were finite
+
+
+def test_nonfinite_guard_checks_step_owners_and_validates_its_argument(tmp_path):
+    _, trainer = _guarded_run(tmp_path, _float_dataset(nan_rows=range(4, 8)), regularizers=[PlainStepOwner()])
+    with pytest.raises(NonFiniteLossError, match=r"optimizer step 2 .*task loss = nan.*'plain_step_owner'"):
+        trainer.train()
+    with pytest.raises(ValueError, match=r"`on_nonfinite` must be one of \['error', 'skip', 'ignore'\], got 'stop'"):
+        _guarded_run(tmp_path, _float_dataset(), on_nonfinite="stop")
+
+
+def test_nonfinite_guard_reads_the_device_once_per_optimizer_step(tmp_path, monkeypatch):
+    """Micro-batches only keep tensors; the guard's single transfer happens in the check before each step."""
+    _, trainer = _guarded_run(
+        tmp_path,
+        _float_dataset(),
+        max_steps=3,
+        args={"per_device_train_batch_size": 2, "gradient_accumulation_steps": 3},
+    )
+    checks, sizes = [], []
+    original = trainer._regtune_check_finite
+
+    def spy(state):
+        sizes.append(len(trainer._regtune_watched))
+        checks.append(state.global_step)
+        return original(state)
+
+    monkeypatch.setattr(trainer, "_regtune_check_finite", spy)
+    trainer.train()
+    assert checks == [0, 1, 2]  # once per optimizer step
+    assert sizes == [6, 6, 6]  # task loss and training loss of each of the 3 micro-batches

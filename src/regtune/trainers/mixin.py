@@ -28,6 +28,25 @@ REGULARIZERS_STATE_NAME = "regtune_regularizers.pt"
 
 _STATE_FORMAT = 1
 
+NONFINITE_ACTIONS = ("error", "skip", "ignore")
+"""What the non-finite guard of [`RegularizedTrainerMixin`] does (its `on_nonfinite` argument)."""
+
+
+class NonFiniteLossError(FloatingPointError):
+    """
+    A training step produced a non-finite (NaN or infinite) task loss, regularizer term, training loss or gradient
+    norm: raised by [`RegularizedTrainerMixin`] with `on_nonfinite="error"` (the default) before the optimizer step,
+    so the weights are those of the previous step. The message names the optimizer step, the micro-batch and the
+    term.
+    """
+
+
+class RegularizerStateError(ValueError):
+    """
+    A checkpoint's regularizer state (`regtune_regularizers.pt`) is damaged or does not fit this run: the message
+    names the file, the regularizer and what is wrong.
+    """
+
 
 def regularizer_state_file(world_size: int, process_index: int) -> str:
     """The name of the regularizer-state file written by process `process_index` of `world_size`."""
@@ -96,6 +115,23 @@ class _RegularizerLifecycleCallback(TrainerCallback):
             trainer._regtune_setup()
 
 
+class _NonFiniteGuardCallback(TrainerCallback):
+    """Checks, once per optimizer step (before it), what the mixin recorded during the step's micro-batches."""
+
+    def __init__(self, trainer: RegularizedTrainerMixin):
+        self._trainer = weakref.ref(trainer)
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        trainer = self._trainer()
+        if trainer is not None:
+            trainer._regtune_guard_reset()
+
+    def on_pre_optimizer_step(self, args, state, control, **kwargs):
+        trainer = self._trainer()
+        if trainer is not None:
+            trainer._regtune_check_finite(state)
+
+
 class RegularizedTrainerMixin:
     """
     Gives any `transformers.Trainer` subclass a `regularizers=[...]` argument (see [`Regularizer`] for the hooks).
@@ -127,16 +163,44 @@ class RegularizedTrainerMixin:
     - **Checkpoints.** The regularizers' `state_dict()` is written into `checkpoint-N/regtune_regularizers.pt`
       (`regtune_regularizers_{rank}.pt` per process under DDP), atomically (a temp file then `os.replace`), next
       to the optimizer state and before `trainer_state.json`, so every complete checkpoint holds it. On
-      `train(resume_from_checkpoint=...)` it is read with the optimizer state and given to `load_state_dict` right
-      after `setup`.
+      `train(resume_from_checkpoint=...)` it is read with the optimizer state (`torch.load(weights_only=True)`
+      only) and given to `load_state_dict` right after `setup`. A damaged file (empty, not a torch file, objects
+      other than tensors and primitives, a tensor whose shape differs from the regularizer's, NaN or infinite values
+      where the regularizer holds finite ones) raises a [`RegularizerStateError`] naming the file, the regularizer
+      and the problem.
+    - **Non-finite guard.** During each micro-batch the mixin keeps (on the device, without reading them) the task
+      loss, every regularizer's loss term and the loss the step returns; once per optimizer step, right before it
+      (`on_pre_optimizer_step`, after the Trainer computed the gradient norm), it reads them together with the
+      gradient norm in one host transfer (one all-reduced flag under DDP, so every process takes the same
+      decision). A NaN or infinite value then raises a [`NonFiniteLossError`] naming the optimizer step, the
+      micro-batch and the term (`on_nonfinite="error"`, the default), or skips the update (`"skip"`: all gradients
+      are dropped, so the optimizer leaves every weight and its own state as they were; the learning-rate schedule
+      and `global_step` advance; the count is logged as `nonfinite_skipped_steps`), or does nothing (`"ignore"`:
+      the Trainer's own behaviour, where `logging_nan_inf_filter` hides the NaN loss from the logs while the weights
+      become NaN). Under fp16 mixed precision the gradient norm is not checked: the gradient scaler skips
+      overflowing steps itself. `"skip"` is refused under DeepSpeed, whose engine steps inside the backward.
 
     Args:
         regularizers (`list[Regularizer]`, *optional*): the regularizers, applied in list order. A mapping
             `{"type": name, **kwargs}` is built with [`build_regularizer`].
+        on_nonfinite (`str`, defaults to `"error"`): what the non-finite guard does with a NaN or infinite task
+            loss, loss term, training loss or gradient norm: `"error"` (stop with a [`NonFiniteLossError`]),
+            `"skip"` (skip the optimizer step, log the count) or `"ignore"` (no guard).
         *args, **kwargs: passed to the host trainer.
     """
 
-    def __init__(self, *args, regularizers: Iterable[Regularizer] | None = None, **kwargs):
+    def __init__(
+        self, *args, regularizers: Iterable[Regularizer] | None = None, on_nonfinite: str = "error", **kwargs
+    ):
+        if not isinstance(on_nonfinite, str) or on_nonfinite not in NONFINITE_ACTIONS:
+            raise ValueError(
+                f"`on_nonfinite` must be one of {list(NONFINITE_ACTIONS)}, got {on_nonfinite!r}: 'error' stops at a "
+                "NaN/infinite loss, term or gradient norm, 'skip' skips that optimizer step, 'ignore' turns the guard "
+                "off."
+            )
+        self.on_nonfinite = on_nonfinite
+        self.nonfinite_skipped_steps = 0
+        self._regtune_guard_reset()
         regs = check_regularizers(regularizers)
         self.regularizers: list[Regularizer] = regs
         self._regtune_owner = next((reg for reg in regs if reg.owns_step), None)
@@ -144,6 +208,8 @@ class RegularizedTrainerMixin:
         self._regtune_in_training_step = False
         self._regtune_pending_state: dict | None = None
         super().__init__(*args, **kwargs)
+        if on_nonfinite != "ignore":
+            self.add_callback(_NonFiniteGuardCallback(self))
         if regs:
             self.add_callback(_RegularizerLifecycleCallback(self))
             for reg in regs:
@@ -153,6 +219,11 @@ class RegularizedTrainerMixin:
     # ---- training ----
 
     def _regtune_setup(self) -> None:
+        if self.on_nonfinite == "skip" and self.accelerator.distributed_type == DistributedType.DEEPSPEED:
+            raise ValueError(
+                "`on_nonfinite='skip'` cannot skip a DeepSpeed optimizer step (the engine steps inside the backward); "
+                "use on_nonfinite='error' or 'ignore'."
+            )
         for reg in self.regularizers:
             reg.setup(self)
         pending, self._regtune_pending_state = self._regtune_pending_state, None
@@ -178,14 +249,19 @@ class RegularizedTrainerMixin:
         num_items_in_batch: torch.Tensor | int | None = None,
     ) -> torch.Tensor:
         self._regtune_in_training_step = True
+        self._regtune_micro_batch += 1
         try:
             if self._regtune_owner is None:
-                return super().training_step(model, inputs, num_items_in_batch)
+                loss = super().training_step(model, inputs, num_items_in_batch)
+                self._regtune_watch("training loss", loss)
+                return loss
             model.train()
             if hasattr(self.optimizer, "train") and callable(self.optimizer.train):
                 self.optimizer.train()
             inputs = self._prepare_inputs(inputs)
-            return self._regtune_owner.training_step(self, model, inputs, num_items_in_batch)
+            loss = self._regtune_owner.training_step(self, model, inputs, num_items_in_batch)
+            self._regtune_watch(f"training loss (returned by {self._regtune_owner.name!r})", loss)
+            return loss
         finally:
             self._regtune_in_training_step = False
 
@@ -219,10 +295,16 @@ class RegularizedTrainerMixin:
         return_outputs: bool = False,
         num_items_in_batch: torch.Tensor | int | None = None,
     ):
-        if not self._regtune_in_training_step or not self.regularizers:
+        if not self._regtune_in_training_step:
             return super().compute_loss(
                 model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch
             )
+        if not self.regularizers:
+            result = super().compute_loss(
+                model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch
+            )
+            self._regtune_watch("task loss", result[0] if return_outputs else result)
+            return result
         captured: list[Any] = []
         with contextlib.ExitStack() as stack:
             for reg in self.regularizers:
@@ -241,6 +323,7 @@ class RegularizedTrainerMixin:
             loss, outputs = result
         else:
             loss, outputs = result, (captured[0] if captured else None)
+        self._regtune_watch("task loss", loss)
         if self._regtune_term_regs:
             scale = 1.0 / self._regtune_ga_steps() if self.loss_is_scaled_for_ga_now(num_items_in_batch) else 1.0
             for reg in self._regtune_term_regs:
@@ -252,6 +335,7 @@ class RegularizedTrainerMixin:
                         f"Regularizer {reg.name!r}: `loss_term` must return a scalar tensor or None, got "
                         f"{type(term).__name__}{tuple(term.shape) if isinstance(term, torch.Tensor) else ''}."
                     )
+                self._regtune_watch(f"loss term of regularizer {reg.name!r}", term)
                 loss = loss + (term * scale if scale != 1.0 else term)
         return (loss, outputs) if return_outputs else loss
 
@@ -262,6 +346,8 @@ class RegularizedTrainerMixin:
         # logging, so they reach every `report_to` integration
         if self.regularizers and "loss" in logs:
             logs = {**logs, **self.regularizer_diagnostics()}
+        if self.on_nonfinite == "skip" and "loss" in logs:
+            logs = {**logs, "nonfinite_skipped_steps": self.nonfinite_skipped_steps}
         super().log(logs, *args, **kwargs)
 
     def regularizer_diagnostics(self) -> dict[str, float]:
@@ -273,6 +359,99 @@ class RegularizedTrainerMixin:
             for key, value in reg.diagnostics().items():
                 out[f"{reg.name}/{key}"] = float(value.item() if isinstance(value, torch.Tensor) else value)
         return out
+
+    # ---- non-finite guard ----
+
+    def _regtune_guard_reset(self) -> None:
+        self._regtune_watched: list[tuple[int, str, torch.Tensor]] = []
+        self._regtune_micro_batch = 0
+        self._regtune_grad_norm: torch.Tensor | None = None
+
+    def _regtune_watch(self, label: str, value: Any) -> None:
+        """Keep `value` (a loss or a term of the current micro-batch) for the check before the optimizer step."""
+        if self.on_nonfinite == "ignore" or value is None:
+            return
+        if isinstance(value, torch.Tensor):
+            value = value.detach()
+            value = (value.float().sum() if value.numel() != 1 else value.reshape(())).float()
+        elif isinstance(value, (int, float)) and not isinstance(value, bool):
+            value = torch.tensor(float(value))
+        else:
+            return
+        self._regtune_watched.append((self._regtune_micro_batch, label, value))
+
+    def _get_grad_norm(self, model, grad_norm=None):
+        # the Trainer's gradient norm of the step (computed anyway, right before `on_pre_optimizer_step`), kept for
+        # the guard; never read here
+        grad_norm = super()._get_grad_norm(model, grad_norm=grad_norm)
+        if self.on_nonfinite != "ignore" and grad_norm is not None:
+            norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
+            self._regtune_grad_norm = norm.detach() if isinstance(norm, torch.Tensor) else torch.tensor(float(norm))
+        return grad_norm
+
+    def _regtune_check_finite(self, state) -> None:
+        """Called once per optimizer step, before it: one host read of everything kept since the last step."""
+        watched, micro_batches, grad_norm = self._regtune_watched, self._regtune_micro_batch, self._regtune_grad_norm
+        self._regtune_guard_reset()
+        if self.on_nonfinite == "ignore":
+            return
+        entries = [(index, label) for index, label, _ in watched]
+        values = [value for _, _, value in watched]
+        # fp16 AMP: the gradient scaler detects overflowing gradients and skips those steps itself
+        if grad_norm is not None and getattr(self.accelerator, "scaler", None) is None:
+            entries.append((None, "gradient norm"))
+            values.append(grad_norm)
+        distributed = self.accelerator.num_processes > 1
+        if not values and not distributed:
+            return
+        device = values[0].device if values else self.args.device
+        stacked = (
+            torch.stack([value.to(device=device, dtype=torch.float32).reshape(()) for value in values])
+            if values
+            else torch.zeros(0, device=device)
+        )
+        flag = (~torch.isfinite(stacked)).any().to(torch.float32).reshape(1)
+        if distributed:
+            # every process must take the same decision (a rank that raises alone would leave the others waiting)
+            flag = self.accelerator.reduce(flag, reduction="sum")
+        host = torch.cat([stacked, flag]).cpu()  # the one host sync of the guard per optimizer step
+        if host[-1].item() == 0:
+            return
+        step = state.global_step + 1
+        bad = [
+            f"{label} = {host[i].item()}"
+            + (f" (micro-batch {index} of {micro_batches})" if index is not None and micro_batches > 1 else "")
+            for i, (index, label) in enumerate(entries)
+            if not torch.isfinite(host[i])
+        ]
+        where = f"optimizer step {step} (global_step {state.global_step} -> {step})"
+        if bad:
+            first, rest = bad[0], bad[1:]
+            message = f"Non-finite value at {where}: {first}."
+            if rest:
+                message += f" Also non-finite in that step: {'; '.join(rest)}."
+        else:
+            message = f"Non-finite value at {where} on another process (this process's values are finite)."
+        if self.on_nonfinite == "skip":
+            # no gradient, no update: torch optimizers skip parameters whose `grad` is None (weights, moments and
+            # their step counts stay as they were)
+            for group in self.optimizer.param_groups:
+                for param in group["params"]:
+                    param.grad = None
+            self.nonfinite_skipped_steps += 1
+            logger.warning(
+                "%s Skipped this optimizer step (on_nonfinite='skip'): the weights and the optimizer state are "
+                "unchanged; %d step(s) skipped so far.",
+                message,
+                self.nonfinite_skipped_steps,
+            )
+            return
+        raise NonFiniteLossError(
+            f"{message} The weights were not updated at this step. Typical causes: a bad batch (NaN/inf inputs, or "
+            "labels that are all ignored, which gives 0/0), a learning rate too high for the model, an overflowing "
+            "half-precision forward, a regularizer weight too large. Pass `on_nonfinite='skip'` to the trainer to "
+            "skip such steps and count them (logged as `nonfinite_skipped_steps`), or 'ignore' to turn the guard off."
+        )
 
     # ---- checkpoints ----
 
