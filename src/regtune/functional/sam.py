@@ -1,25 +1,27 @@
-"""Sharpness-aware perturbation and GLAD's SAM-referenced gradient, as foreach ops over parameter lists.
+"""Sharpness-aware perturbation, as foreach ops over parameter lists (shared by GLAD and LfU's ascent step).
 
-SAM: "Sharpness-Aware Minimization for Efficiently Improving Generalization", https://huggingface.co/papers/2010.01412.
-GLAD: "Generalizable Tuning for Vision-Language Models", https://huggingface.co/papers/2507.13089 (exact rule not
-public; METHODS.md §3 fixes the default):
+SAM: "Sharpness-Aware Minimization for Efficiently Improving Generalization", https://huggingface.co/papers/2010.01412:
 
-    g       = grad L(theta)
-    eps     = rho * g / ||g||                  (one global L2 norm over all trainable parameters)
-    g_sam   = grad L(theta + eps)
-    g_final = g + lambda * (g_sam - g)         (lambda = 0: plain training, lambda = 1: SAM)
+    eps = rho * g / ||g||                      (one global L2 norm over all trainable parameters)
 
-No host synchronisation: the norm stays a device tensor.
+GLAD's combination of the plain and the perturbed gradient lives in [`regtune.functional.glad`]
+(`sam_referenced_gradient` is still importable from here). No host synchronisation: the norm stays a device tensor.
 """
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
+
+
+__all__ = ["global_grad_norm", "sam_perturbation", "sam_referenced_gradient"]
 
 
 def global_grad_norm(grads: list[torch.Tensor]) -> torch.Tensor:
     """L2 norm of the concatenation of `grads` (a 0-d tensor, computed in float32)."""
-    norms = torch._foreach_norm([g.float() for g in grads]) if grads else [torch.zeros(())]
+    # accumulated in float32 without a float32 copy of low-precision gradients
+    norms = torch._foreach_norm(grads, 2, dtype=torch.float32) if grads else [torch.zeros(())]
     return torch.linalg.vector_norm(torch.stack(norms))
 
 
@@ -29,13 +31,10 @@ def sam_perturbation(grads: list[torch.Tensor], rho: float, eps: float = 1e-12) 
     return torch._foreach_mul(grads, scale.to(grads[0].dtype)) if grads else []
 
 
-def sam_referenced_gradient(
-    grads: list[torch.Tensor], sam_grads: list[torch.Tensor], glad_lambda: float
-) -> list[torch.Tensor]:
-    """`g + lambda * (g_sam - g)` per tensor. With `lambda = 0` it returns `g` itself (bit for bit)."""
-    if glad_lambda == 0.0:
-        return list(grads)
-    if glad_lambda == 1.0:
-        return list(sam_grads)
-    diff = torch._foreach_sub(sam_grads, grads)
-    return torch._foreach_add(grads, diff, alpha=glad_lambda)
+def __getattr__(name: str) -> Any:
+    # GLAD's combination moved to functional/glad.py (which imports this module): re-exported lazily
+    if name == "sam_referenced_gradient":
+        from .glad import sam_referenced_gradient
+
+        return sam_referenced_gradient
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

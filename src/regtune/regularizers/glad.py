@@ -6,15 +6,36 @@ from typing import Any
 
 import torch
 
-from regtune.functional.sam import sam_perturbation, sam_referenced_gradient
+from regtune.functional.glad import glad_diagnostics_, glad_perturb_, glad_restore_
+from regtune.tuners.glad.settings import GLADSettings, bool_error, raise_field_errors
 
 from .base import Regularizer
 
 
+def _capture_rng(device: torch.device | None) -> dict[str, Any]:
+    """The state of the random generators a forward pass draws from: the CPU one and the model's accelerator's."""
+    state: dict[str, Any] = {"cpu": torch.get_rng_state()}
+    if device is not None and device.type not in ("cpu", "meta"):
+        module = getattr(torch, device.type, None)
+        if module is not None and hasattr(module, "get_rng_state"):
+            index = device.index if device.index is not None else module.current_device()
+            state[device.type] = (index, module.get_rng_state(index))
+    return state
+
+
+def _restore_rng(state: dict[str, Any]) -> None:
+    for key, value in state.items():
+        if key == "cpu":
+            torch.set_rng_state(value)
+        else:
+            index, device_state = value
+            getattr(torch, key).set_rng_state(device_state, index)
+
+
 class GLADRegularizer(Regularizer):
     """
-    GLAD: steer the gradient towards the Sharpness-Aware Minimization gradient
-    ([paper](https://huggingface.co/papers/2507.13089); the exact rule is not public, METHODS.md §3 fixes it):
+    GLAD: steer the gradient towards the sharpness-aware (SAM) gradient
+    ([paper](https://huggingface.co/papers/2507.13089); the rule and its decisions are described in docs/glad.md):
 
         g = grad L(theta),  eps = rho * g / ||g||,  g_sam = grad L(theta + eps),  g_final = g + lambda * (g_sam - g)
 
@@ -24,45 +45,93 @@ class GLADRegularizer(Regularizer):
 
     Semantics (tested):
 
+    - **Dropout**: with `share_dropout_masks=True` (the default, as in the reference SAM implementation, which draws
+      both passes' dropout from one random key) the second pass replays the random-number state of the first pass
+      of each micro-batch (CPU and the model's accelerator), so both passes drop the same units and `g_sam - g`
+      measures the perturbation, not dropout noise; the random state after the step is the one after the first
+      pass, so the rest of the run draws exactly what plain training draws. `False` draws fresh masks.
     - **Gradient accumulation**: the perturbation uses the accumulated gradient of the whole optimizer step. The
       micro-batches of the step are kept; after the last one's ordinary backward, the parameters are perturbed,
       all micro-batches are run again (forward + backward) to get `g_sam`, the parameters are restored exactly (a
       copy, not `theta + eps - eps`) and the combined gradient is left in `.grad` for the optimizer step.
     - **DDP**: the last micro-batch's backward is all-reduced, so `g` (and `eps`) is the global batch's gradient and
-      identical on every rank; the second pass is all-reduced the same way (`no_sync` on all but its last
-      micro-batch), so `g_sam` is global too. Each process keeps only its own micro-batches.
-    - **Cost**: two forward/backward passes per optimizer step, one copy of the trainable parameters and of their
-      gradients. The only reduction is one global gradient norm, kept on device (no host sync).
+      identical on every rank; the second pass accumulates on top of the (rescaled, rank-identical) `g` and is
+      all-reduced the same way (`no_sync` on all but its last micro-batch), so `g_sam` is global too. Each process
+      keeps only its own micro-batches.
+    - **Memory**: one copy of the trainable parameters during the step, no extra copy of the gradients (the second
+      backward accumulates into the rescaled gradient buffers; see [`regtune.functional.glad`]). Nothing is kept
+      between steps but the diagnostics' two scalars.
+    - **Diagnostics** (`log_diagnostics=True`): `glad/cos_g_gsam` = cos(g, g_sam) and `glad/rel_diff` =
+      ||g_sam - g|| / ||g||, averaged over the optimizer steps since the last log, as Trainer metrics. They are
+      accumulated as device tensors (no host synchronisation inside steps).
 
     Args:
-        rho (`float`, defaults to `0.05`): SAM radius (> 0).
-        glad_lambda (`float`, defaults to `0.5`): weight of the SAM reference, in [0, 1].
+        rho (`float`, *optional*): SAM radius (> 0); default: `settings.rho`, else 0.05.
+        glad_lambda (`float`, *optional*): weight of the SAM reference, in [0, 1]; default: `settings.glad_lambda`,
+            else 0.5.
+        share_dropout_masks (`bool`, *optional*): whether both passes use the same dropout masks; default:
+            `settings.share_dropout_masks`, else `True`.
+        settings ([`GLADSettings`], *optional*): all three at once (explicit arguments win).
+        log_diagnostics (`bool`, defaults to `True`): whether to compute and log the diagnostics.
     """
 
     name = "glad"
     owns_step = True
 
-    def __init__(self, rho: float = 0.05, glad_lambda: float = 0.5):
-        if not (isinstance(rho, (int, float)) and rho > 0):
-            raise ValueError(f"GLADRegularizer: `rho` must be a number > 0, got {rho!r}.")
-        if not (isinstance(glad_lambda, (int, float)) and 0.0 <= glad_lambda <= 1.0):
-            raise ValueError(f"GLADRegularizer: `glad_lambda` must be in [0, 1], got {glad_lambda!r}.")
-        self.rho = float(rho)
-        self.glad_lambda = float(glad_lambda)
-        self._window: list[tuple[dict[str, Any], Any]] = []
+    def __init__(
+        self,
+        rho: float | None = None,
+        glad_lambda: float | None = None,
+        *,
+        share_dropout_masks: bool | None = None,
+        settings: GLADSettings | None = None,
+        log_diagnostics: bool = True,
+    ):
+        errors = [bool_error("log_diagnostics", log_diagnostics)]
+        if settings is not None and not isinstance(settings, GLADSettings):
+            errors.append(f"`settings` = {settings!r} (allowed: None or a GLADSettings)")
+            settings = None
+        explicit = {"rho": rho, "glad_lambda": glad_lambda, "share_dropout_masks": share_dropout_masks}
+        explicit = {key: value for key, value in explicit.items() if value is not None}
+        errors += GLADSettings.field_errors(explicit)
+        raise_field_errors("GLADRegularizer", errors)
+        self.settings: GLADSettings = (settings or GLADSettings()).replace(**explicit)
+        self.log_diagnostics = log_diagnostics
+        self._window: list[tuple[dict[str, Any], Any, dict[str, Any] | None]] = []
+        self._diag_sum: torch.Tensor | None = None  # (cos, rel_diff) summed over steps, on device
+        self._diag_steps = 0
+
+    # the settings' fields, under their public names
+    @property
+    def rho(self) -> float:
+        return self.settings.rho
+
+    @property
+    def glad_lambda(self) -> float:
+        return self.settings.glad_lambda
+
+    @property
+    def share_dropout_masks(self) -> bool:
+        return self.settings.share_dropout_masks
 
     @classmethod
-    def from_model(cls, model: torch.nn.Module, rho: float | None = None, glad_lambda: float | None = None):
-        """Build from the knobs recorded in the model's [`GLADConfig`] (explicit arguments win)."""
-        config = next(iter(getattr(model, "peft_config", {}).values()), None)
-        kwargs = {}
-        if config is not None and hasattr(config, "glad_lambda"):
-            kwargs = {"rho": config.rho, "glad_lambda": config.glad_lambda}
-        if rho is not None:
-            kwargs["rho"] = rho
-        if glad_lambda is not None:
-            kwargs["glad_lambda"] = glad_lambda
-        return cls(**kwargs)
+    def from_model(
+        cls,
+        model: torch.nn.Module,
+        rho: float | None = None,
+        glad_lambda: float | None = None,
+        *,
+        share_dropout_masks: bool | None = None,
+        log_diagnostics: bool = True,
+    ) -> GLADRegularizer:
+        """Build from the [`GLADSettings`] recorded in the model's [`GLADConfig`] (explicit arguments win)."""
+        return cls(
+            rho,
+            glad_lambda,
+            share_dropout_masks=share_dropout_masks,
+            settings=GLADSettings.from_model(model),
+            log_diagnostics=log_diagnostics,
+        )
 
     def _loss_and_backward(self, trainer, model, inputs, num_items_in_batch) -> torch.Tensor:
         with trainer.compute_loss_context_manager():
@@ -70,37 +139,65 @@ class GLADRegularizer(Regularizer):
         return trainer.scaled_backward(loss, num_items_in_batch)
 
     def training_step(self, trainer, model, inputs, num_items_in_batch=None) -> torch.Tensor:
+        settings = self.settings
+        if settings.glad_lambda == 0.0:
+            return self._loss_and_backward(trainer, model, inputs, num_items_in_batch)
+        device = getattr(trainer.args, "device", None) if settings.share_dropout_masks else None
+        rng = _capture_rng(device) if settings.share_dropout_masks else None
         loss = self._loss_and_backward(trainer, model, inputs, num_items_in_batch)
-        if self.glad_lambda == 0.0:
-            return loss
-        self._window.append((inputs, num_items_in_batch))
+        self._window.append((inputs, num_items_in_batch, rng))
         if not trainer.accelerator.sync_gradients:  # not the last micro-batch of this optimizer step
             return loss
         window, self._window = self._window, []
 
         params = [p for p in model.parameters() if p.requires_grad and p.grad is not None]
-        grads = [p.grad.detach().clone() for p in params]
-        saved = [p.detach().clone() for p in params]
-        with torch.no_grad():
-            torch._foreach_add_(params, sam_perturbation(grads, self.rho))
-        for p in params:
-            p.grad = None
-        for index, (batch, items) in enumerate(window):
+        grads = [p.grad for p in params]
+        saved, grad_norm, scale = glad_perturb_(params, grads, settings.rho, settings.glad_lambda)
+        after_first_pass = _capture_rng(device) if settings.share_dropout_masks else None
+        for index, (batch, items, batch_rng) in enumerate(window):
             last = index == len(window) - 1
-            sync = trainer.accelerator.no_sync(model) if not last else torch.enable_grad()
-            with sync:
+            if batch_rng is not None:
+                _restore_rng(batch_rng)
+            with trainer.accelerator.no_sync(model) if not last else torch.enable_grad():
                 self._loss_and_backward(trainer, model, batch, items)
-        with torch.no_grad():
-            for p, original in zip(params, saved):
-                p.copy_(original)
-            sam_grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-            for p, g in zip(params, sam_referenced_gradient(grads, sam_grads, self.glad_lambda)):
+        if after_first_pass is not None:
+            _restore_rng(after_first_pass)
+        # the second backward accumulated g_sam into the same tensors (unless a hook replaced them)
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+        if self.log_diagnostics:
+            values = torch.stack(glad_diagnostics_(params, saved, grads, grad_norm, scale, settings.glad_lambda))
+            self._diag_sum = values if self._diag_sum is None else self._diag_sum + values
+            self._diag_steps += 1
+        glad_restore_(params, saved, grads, settings.glad_lambda)
+        for p, g in zip(params, grads):
+            if p.grad is not g:
                 p.grad = g
         return loss
 
+    def diagnostics(self) -> dict[str, torch.Tensor]:
+        """`cos_g_gsam` (cos(g, g_sam)) and `rel_diff` (||g_sam - g|| / ||g||), averaged over the optimizer steps
+        since the last call; `{}` when `log_diagnostics` is off or no perturbed step ran."""
+        if not self.log_diagnostics or self._diag_sum is None:
+            return {}
+        mean = self._diag_sum / self._diag_steps
+        self._diag_sum, self._diag_steps = None, 0
+        return {"cos_g_gsam": mean[0], "rel_diff": mean[1]}
+
     def state_dict(self) -> dict:
         # the micro-batch window is empty at every checkpoint (checkpoints follow optimizer steps)
-        return {"rho": self.rho, "glad_lambda": self.glad_lambda}
+        settings = self.settings
+        return {
+            "rho": settings.rho,
+            "glad_lambda": settings.glad_lambda,
+            "share_dropout_masks": settings.share_dropout_masks,
+        }
 
     def load_state_dict(self, state: dict) -> None:
-        self.rho, self.glad_lambda = float(state["rho"]), float(state["glad_lambda"])
+        self.settings = GLADSettings(
+            rho=state["rho"],
+            glad_lambda=state["glad_lambda"],
+            share_dropout_masks=state.get("share_dropout_masks", self.settings.share_dropout_masks),
+        )
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.settings}, log_diagnostics={self.log_diagnostics})"

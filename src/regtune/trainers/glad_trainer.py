@@ -7,6 +7,13 @@ from dataclasses import dataclass, field
 from transformers import TrainingArguments
 
 from regtune.regularizers.glad import GLADRegularizer
+from regtune.tuners.glad.settings import (
+    SETTINGS_FIELDS,
+    GLADSettings,
+    bool_error,
+    raise_field_errors,
+    settings_field,
+)
 
 from .reg_trainer import RegTrainer
 
@@ -14,38 +21,61 @@ from .reg_trainer import RegTrainer
 @dataclass
 class GLADTrainingArguments(TrainingArguments):
     """
-    `TrainingArguments` plus GLAD's two knobs ([paper](https://huggingface.co/papers/2507.13089)).
+    `TrainingArguments` plus GLAD's [`GLADSettings`], as `glad_<field>` ([paper](https://huggingface.co/papers/2507.13089);
+    what GLAD computes: docs/glad.md). A field left at `None` takes its value from the model's [`GLADConfig`], else
+    from [`GLADSettings`]'s default. Every GLAD field is validated at construction, together: one `ValueError` names
+    each invalid field and its allowed values.
 
     Args:
         glad_rho (`float`, *optional*):
-            SAM radius (> 0). Defaults to the `rho` of the model's [`GLADConfig`], else 0.05.
+            SAM radius, a finite number > 0. Defaults to the `rho` of the model's [`GLADConfig`], else 0.05.
         glad_lambda (`float`, *optional*):
             Weight of the SAM reference gradient in [0, 1] (0 = plain training, 1 = SAM). Defaults to the
             `glad_lambda` of the model's [`GLADConfig`], else 0.5.
+        glad_share_dropout_masks (`bool`, *optional*):
+            Whether the perturbed pass reuses the first pass's dropout masks. Defaults to the model's
+            [`GLADConfig`], else `True`.
+        glad_log_diagnostics (`bool`, defaults to `True`):
+            Whether to log `glad/cos_g_gsam` and `glad/rel_diff` with the training loss.
     """
 
-    glad_rho: float | None = field(
-        default=None, metadata={"help": "SAM radius (> 0); default: the model's GLADConfig.rho, else 0.05."}
-    )
-    glad_lambda: float | None = field(
-        default=None,
-        metadata={
-            "help": "Weight of the SAM reference in [0, 1]; default: the model's GLADConfig.glad_lambda, else 0.5."
-        },
+    glad_rho: float | None = settings_field("rho", optional=True)
+    glad_lambda: float | None = settings_field("glad_lambda", optional=True)
+    glad_share_dropout_masks: bool | None = settings_field("share_dropout_masks", optional=True)
+    glad_log_diagnostics: bool = field(
+        default=True,
+        metadata={"help": "Whether to log cos(g, g_sam) and ||g_sam - g|| / ||g|| with the training loss."},
     )
 
     def __post_init__(self):
+        overrides = self._glad_overrides()
+        names = {name: self._glad_arg_name(name) for name in SETTINGS_FIELDS}
+        errors = GLADSettings.field_errors(overrides, names) + [
+            bool_error("glad_log_diagnostics", self.glad_log_diagnostics)
+        ]
+        raise_field_errors("GLADTrainingArguments", errors)
         super().__post_init__()
-        if self.glad_rho is not None and not self.glad_rho > 0:
-            raise ValueError(f"GLADTrainingArguments: `glad_rho` must be > 0, got {self.glad_rho!r}.")
-        if self.glad_lambda is not None and not 0.0 <= self.glad_lambda <= 1.0:
-            raise ValueError(f"GLADTrainingArguments: `glad_lambda` must be in [0, 1], got {self.glad_lambda!r}.")
+
+    @staticmethod
+    def _glad_arg_name(name: str) -> str:
+        return name if name.startswith("glad_") else f"glad_{name}"
+
+    def _glad_overrides(self) -> dict:
+        values = {name: getattr(self, self._glad_arg_name(name)) for name in SETTINGS_FIELDS}
+        return {name: value for name, value in values.items() if value is not None}
+
+    def glad_settings(self, base: GLADSettings | None = None) -> GLADSettings:
+        """`base` (e.g. the model's recorded settings; default: [`GLADSettings`]'s defaults) with this config's
+        non-`None` GLAD fields applied."""
+        return (base or GLADSettings()).replace(**self._glad_overrides())
 
 
 class GLADTrainer(RegTrainer):
     """
     A [`RegTrainer`] whose training step is GLAD's (see [`regtune.regularizers.GLADRegularizer`] for the exact
-    semantics under gradient accumulation and DDP). Other, non-step-owning regularizers can be added with
+    semantics under dropout, gradient accumulation and DDP). Its config class is [`GLADTrainingArguments`] (so a
+    recipe's `training.glad_lambda` works). The settings are the model's [`GLADConfig`] ones (when it has one),
+    overridden by the non-`None` `glad_*` fields of `args`. Other, non-step-owning regularizers can be added with
     `regularizers=[...]`.
 
     Example:
@@ -57,8 +87,13 @@ class GLADTrainer(RegTrainer):
         ```
     """
 
-    def __init__(self, model=None, args: TrainingArguments | None = None, *pargs, regularizers=None, **kwargs):
-        glad = GLADRegularizer.from_model(
-            model, rho=getattr(args, "glad_rho", None), glad_lambda=getattr(args, "glad_lambda", None)
-        )
+    config_class = GLADTrainingArguments
+
+    def __init__(self, model=None, args: GLADTrainingArguments | None = None, *pargs, regularizers=None, **kwargs):
+        settings = GLADSettings.from_model(model)
+        log_diagnostics = True
+        if isinstance(args, GLADTrainingArguments):
+            settings = args.glad_settings(settings)
+            log_diagnostics = args.glad_log_diagnostics
+        glad = GLADRegularizer(settings=settings, log_diagnostics=log_diagnostics)
         super().__init__(model, args, *pargs, regularizers=[glad, *(regularizers or [])], **kwargs)
