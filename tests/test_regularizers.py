@@ -183,8 +183,8 @@ def test_build_unknown_field_lists_the_allowed_fields():
         ({"p": 0.1, "mode": "constant", "start_step": 3}, "mode='constant' takes only `p`"),
         ({"p": 0.1, "mode": "step", "start_step": 2, "start_fraction": 0.5}, "at most one of `start_step`"),
         ({"p": 0.1, "mode": "linear", "start_step": 5, "end_step": 5}, "`end_step` .5. must be > `start_step`"),
-        ({"p": 0.1, "mode": "linear", "end_fraction": 1.5}, "`end_fraction` must be a number in"),
-        ({"p": 0.1, "mode": "step", "start_step": -1}, "`start_step` must be an integer >= 0"),
+        ({"p": 0.1, "mode": "linear", "end_fraction": 1.5}, "`end_fraction` must be None or a number in"),
+        ({"p": 0.1, "mode": "step", "start_step": -1}, "`start_step` must be None or an integer >= 0"),
         ({"p": 0.1, "kinds": ("modules", "weights")}, "`kinds` must be a non-empty subset of"),
     ],
 )
@@ -473,7 +473,7 @@ def test_schedule_in_epochs():
         ({"p": {"hidden": 0.1}, "mode": "step", "start_step": 1, "start_p": {"lora": 0.1}}, "that `p` does not"),
         ({"p": 0.1, "mode": "step", "start_step": 1, "start_epoch": 1}, "at most one of `start_step`"),
         ({"p": 0.1, "mode": "linear", "start_epoch": 2, "end_epoch": 2}, r"`end_epoch` \(2\) must be > `start_epoch`"),
-        ({"p": 0.1, "mode": "step", "start_epoch": -1}, "`start_epoch` must be a number >= 0"),
+        ({"p": 0.1, "mode": "step", "start_epoch": -1}, "`start_epoch` must be None or a finite number >= 0"),
         ({"p": 0.1, "mode": "constant", "start_epoch": 1}, "mode='constant' takes only `p`"),
     ],
 )
@@ -580,3 +580,72 @@ def test_effective_per_type_rates_in_llama_switched_on_at_an_epoch(tmp_path, mon
     assert hidden_rates == pytest.approx([0.0] * 4 + [0.2] * 4, abs=0.03)
     assert attention_rates == pytest.approx([0.0] * 4 + [0.4] * 4, abs=0.03)
     assert model.model.layers[0].self_attn.attention_dropout == 0.0  # restored
+
+
+# ---- validation: every bad field, at once, with its allowed values ----
+
+
+def test_multi_sample_dropout_reports_every_bad_field():
+    with pytest.raises(ValueError) as err:
+        MultiSampleDropout(num_samples="8", p=float("nan"), head=3, head_dropout="")
+    message = str(err.value)
+    assert message.startswith("MultiSampleDropout: 4 invalid arguments")
+    for fragment in ("`num_samples` must be an integer >= 1, got '8'", "`p` must be None or a number in [0, 1), got nan",
+                     "`head` must be None or a module path", "`head_dropout` must be 'auto', None or a module path"):  # fmt: skip
+        assert fragment in message
+    with pytest.raises(ValueError, match=r"`p` must be None or a number in \[0, 1\), got inf"):
+        MultiSampleDropout(p=float("inf"))
+    with pytest.raises(ValueError, match="`num_samples` must be an integer >= 1, got True"):
+        MultiSampleDropout(num_samples=True)
+
+
+def test_dropout_schedule_reports_every_bad_field_and_non_finite_values():
+    with pytest.raises(ValueError) as err:
+        DropoutSchedule(p=float("nan"), mode="x", kinds=5, start_epoch=float("inf"), end_step=2.5, start_fraction="a")
+    message = str(err.value)
+    for fragment in (
+        "`mode` must be one of ['constant', 'linear', 'step'], got 'x'",
+        "`p` must be a number in [0, 1) or a mapping of dropout types",
+        "`kinds` must be a non-empty subset of ['modules', 'attributes', 'config'], got 5",
+        "`start_epoch` must be None or a finite number >= 0, got inf",
+        "`end_step` must be None or an integer >= 0, got 2.5",
+        "`start_fraction` must be None or a number in [0, 1], got 'a'",
+    ):
+        assert fragment in message
+    with pytest.raises(ValueError, match=r"`p.hidden` must be a number in \[0, 1\), got nan"):
+        DropoutSchedule(p={"hidden": float("nan")})
+    with pytest.raises(ValueError, match=r"`kinds` must be a non-empty subset .* got 'modules'"):
+        DropoutSchedule(p=0.1, kinds="modules")  # a bare string is not a list of kinds
+    with pytest.raises(ValueError, match="`schedule` must be a DropoutSchedule"):
+        DropoutScheduleCallback(schedule=0.1)
+
+
+def test_build_regularizer_turns_every_bad_input_into_a_value_error():
+    with pytest.raises(ValueError, match=r"Unknown regularizer type \['dropout_schedule'\]"):
+        build_regularizer(["dropout_schedule"])
+    with pytest.raises(ValueError, match=r"unknown field\(s\) \['rate'\]. Allowed fields: \['p', 'mode'"):
+        build_regularizer("dropout_schedule", p=0.1, rate=0.2)
+    with pytest.raises(ValueError, match=r"'dropout_schedule'.*missing 1 required .*'p'.*Allowed fields"):
+        build_regularizer("dropout_schedule")
+    with pytest.raises(ValueError, match="`num_samples` must be an integer >= 1"):
+        build_regularizer("multi_sample_dropout", num_samples=0)
+
+
+def test_functional_dropout_reports_every_bad_argument():
+    with pytest.raises(ValueError) as err:
+        scheduled_dropout_rate(-1, float("nan"), mode="linear", start_p=2.0, start_step=3, end_step=3)
+    message = str(err.value)
+    for fragment in ("`step` must be an integer >= 0, got -1", "`p` must be a number in [0, 1], got nan",
+                     "`start_p` must be a number in [0, 1], got 2.0", "`end_step` must be given and > `start_step`"):  # fmt: skip
+        assert fragment in message
+    model = tiny_bert()
+    with pytest.raises(ValueError, match=r"`p` must be a number in \[0, 1\], got inf.*`kinds` must be a non-empty"):
+        set_dropout(model, float("inf"), kinds=("weights",))
+    with pytest.raises(ValueError, match=r"`types` must be a non-empty subset .* got 3"):
+        dropout_sites(model, types=3)
+    with pytest.raises(ValueError, match="`model` must be a torch.nn.Module, got str"):
+        typed_dropout_sites("bert")
+    with pytest.raises(ValueError, match=r"`p` must be a number.*`sublayers` must be a non-empty list.*`embedding`"):
+        add_hidden_dropout(tiny_llama(), p=-0.1, sublayers="mlp", embedding="yes")
+    with pytest.raises(ValueError, match="`name` must be a string, got None"):
+        dropout_type(None)

@@ -35,6 +35,8 @@ from typing import Any
 
 from torch import nn
 
+from ._checks import is_int, is_rate, raise_field_errors, str_subset
+
 
 DROPOUT_SCHEDULE_MODES = ("constant", "linear", "step")
 DROPOUT_KINDS = ("modules", "attributes", "config")
@@ -79,18 +81,27 @@ def scheduled_dropout_rate(
     Returns:
         `float`: the dropout probability.
     """
-    if mode not in DROPOUT_SCHEDULE_MODES:
-        raise ValueError(f"`mode` must be one of {list(DROPOUT_SCHEDULE_MODES)}, got {mode!r}.")
-    if step < 0:
-        raise ValueError(f"`step` must be >= 0, got {step}.")
+    errors = []
+    if not isinstance(mode, str) or mode not in DROPOUT_SCHEDULE_MODES:
+        errors.append(f"`mode` must be one of {list(DROPOUT_SCHEDULE_MODES)}, got {mode!r}")
+    if not is_int(step) or step < 0:
+        errors.append(f"`step` must be an integer >= 0, got {step!r}")
+    for field, value in (("p", p), ("start_p", start_p)):
+        if not is_rate(value):
+            errors.append(f"`{field}` must be a number in [0, 1], got {value!r}")
+    if not is_int(start_step) or start_step < 0:
+        errors.append(f"`start_step` must be an integer >= 0, got {start_step!r}")
+    if mode == "linear" and (not is_int(end_step) or (is_int(start_step) and end_step <= start_step) or end_step < 0):
+        errors.append(
+            f"`end_step` must be given and > `start_step` ({start_step!r}) for mode='linear', got {end_step!r}"
+        )
+    elif mode != "linear" and end_step is not None and not is_int(end_step):
+        errors.append(f"`end_step` must be None or an integer, got {end_step!r}")
+    raise_field_errors("scheduled_dropout_rate", errors)
     if mode == "constant":
         return float(p)
     if mode == "step":
         return float(p) if step >= start_step else float(start_p)
-    if end_step is None or end_step <= start_step:
-        raise ValueError(
-            f"`end_step` must be given and > `start_step` ({start_step}) for mode='linear', got {end_step}."
-        )
     if step <= start_step:
         return float(start_p)
     if step >= end_step:
@@ -104,7 +115,7 @@ def _is_dropout_name(name: str) -> bool:
 
 
 def _is_rate(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and 0.0 <= value <= 1.0
+    return is_rate(value)
 
 
 def dropout_type(name: str, path: str = "", owner_class: str | None = None) -> str:
@@ -135,6 +146,14 @@ def dropout_type(name: str, path: str = "", owner_class: str | None = None) -> s
     Returns:
         `str`: one of [`DROPOUT_TYPES`].
     """
+    errors = [
+        f"`{field}` must be a string, got {value!r}"
+        for field, value in (("name", name), ("path", path))
+        if not isinstance(value, str)
+    ]
+    if owner_class is not None and not isinstance(owner_class, str):
+        errors.append(f"`owner_class` must be None or a class name (a string), got {owner_class!r}")
+    raise_field_errors("dropout_type", errors)
     if "lora_dropout" in path.split("."):
         return "lora"
     lowered = name.lower()
@@ -153,11 +172,23 @@ def dropout_type(name: str, path: str = "", owner_class: str | None = None) -> s
     return "hidden"
 
 
-def _check_types(types: Iterable[str]) -> tuple[str, ...]:
-    types = tuple(types)
-    if not types or any(type_ not in DROPOUT_TYPES for type_ in types):
-        raise ValueError(f"`types` must be a non-empty subset of {list(DROPOUT_TYPES)}, got {list(types)}.")
-    return types
+def _check_types(types: Iterable[str], errors: list[str]) -> tuple[str, ...]:
+    checked = str_subset(types, DROPOUT_TYPES)
+    if checked is None:
+        errors.append(f"`types` must be a non-empty subset of {list(DROPOUT_TYPES)}, got {types!r}")
+    return checked or ()
+
+
+def _check_kinds(kinds: Iterable[str], errors: list[str]) -> tuple[str, ...]:
+    checked = str_subset(kinds, DROPOUT_KINDS)
+    if checked is None:
+        errors.append(f"`kinds` must be a non-empty subset of {list(DROPOUT_KINDS)}, got {kinds!r}")
+    return checked or ()
+
+
+def _check_model(model: Any, errors: list[str]) -> None:
+    if not isinstance(model, nn.Module):
+        errors.append(f"`model` must be a torch.nn.Module, got {type(model).__name__}")
 
 
 def typed_dropout_sites(model: nn.Module, kinds: Iterable[str] = DROPOUT_KINDS) -> list[tuple[object, str, str]]:
@@ -166,10 +197,10 @@ def typed_dropout_sites(model: nn.Module, kinds: Iterable[str] = DROPOUT_KINDS) 
 
     Like [`dropout_sites`], with the [`dropout_type`] of each place. A config shared by several modules appears once.
     """
-    kinds = tuple(kinds)
-    unknown = [kind for kind in kinds if kind not in DROPOUT_KINDS]
-    if unknown or not kinds:
-        raise ValueError(f"`kinds` must be a non-empty subset of {list(DROPOUT_KINDS)}, got {list(kinds)}.")
+    errors: list[str] = []
+    _check_model(model, errors)
+    kinds = _check_kinds(kinds, errors)
+    raise_field_errors("typed_dropout_sites", errors)
     sites: list[tuple[object, str, str]] = []
     seen: set[tuple[int, str]] = set()
 
@@ -219,7 +250,11 @@ def dropout_sites(
         `list[tuple[object, str]]`: `(module, "p")` for dropout modules, `(module, name)` for float attributes and
         `(config, name)` for config fields. Each object/name pair appears once.
     """
-    types = _check_types(types)
+    errors: list[str] = []
+    _check_model(model, errors)
+    _check_kinds(kinds, errors)
+    types = _check_types(types, errors)
+    raise_field_errors("dropout_sites", errors)
     return [(obj, name) for obj, name, type_ in typed_dropout_sites(model, kinds) if type_ in types]
 
 
@@ -252,11 +287,22 @@ def set_dropout(
     Returns:
         `int`: the number of places set (0 means the model has no dropout that can be set: warn the user).
     """
+    errors = []
     if not _is_rate(p):
-        raise ValueError(f"`p` must be a number in [0, 1], got {p!r}.")
+        errors.append(f"`p` must be a number in [0, 1], got {p!r}")
     if sites is None:
         if model is None:
-            raise ValueError("`set_dropout` needs `model` or `sites`.")
+            errors.append("`model` or `sites` must be given")
+        else:
+            _check_model(model, errors)
+        _check_kinds(kinds, errors)
+        _check_types(types, errors)
+    elif not isinstance(sites, (list, tuple)) or not all(
+        isinstance(site, tuple) and len(site) == 2 and isinstance(site[1], str) for site in sites
+    ):
+        errors.append("`sites` must be a list of (object, attribute name) pairs (from `dropout_sites`)")
+    raise_field_errors("set_dropout", errors)
+    if sites is None:
         sites = dropout_sites(model, kinds, types)
     for obj, name in sites:
         setattr(obj, name, float(p))
@@ -349,11 +395,22 @@ def add_hidden_dropout(
         `ValueError`: for a rate outside [0, 1], when no module is named in `sublayers`, or when the model already has
             this dropout.
     """
+    errors: list[str] = []
+    _check_model(model, errors)
     embedding_p = p if embedding_p is None else embedding_p
     for field, value in (("p", p), ("embedding_p", embedding_p)):
         if not _is_rate(value):
-            raise ValueError(f"`{field}` must be a number in [0, 1], got {value!r}.")
-    sublayers = tuple(sublayers)
+            errors.append(f"`{field}` must be a number in [0, 1], got {value!r}")
+    if (
+        isinstance(sublayers, (str, bytes))
+        or not isinstance(sublayers, Iterable)
+        or not (sublayers := tuple(sublayers))
+        or not all(isinstance(name, str) and name for name in sublayers)
+    ):
+        errors.append(f"`sublayers` must be a non-empty list of attribute names, got {sublayers!r}")
+    if not isinstance(embedding, bool):
+        errors.append(f"`embedding` must be True or False, got {embedding!r}")
+    raise_field_errors("add_hidden_dropout", errors)
     targets = [module for name, module in model.named_modules() if name and name.rsplit(".", 1)[-1] in sublayers]
     if not targets:
         raise ValueError(

@@ -11,7 +11,7 @@ from .base import Regularizer
 from .dropout_schedule import DropoutSchedule, DropoutScheduleCallback
 from .glad import GLADRegularizer
 from .lfu import LfURegularizer
-from .mask_tuning import GradientDropout, MaskScorePenalty
+from .mask_tuning import GradientDropout, MaskFlipMonitor, MaskScorePenalty
 from .multi_sample_dropout import MultiSampleDropout
 
 
@@ -37,21 +37,30 @@ def build_regularizer(type: str, **kwargs) -> Regularizer:  # noqa: A002 - `type
     ```
 
     Args:
-        type (`str`): a key of [`REGULARIZERS`] (`"multi_sample_dropout"`, `"dropout_schedule"`, `"glad"`, `"mask_score_penalty"`, `"gradient_dropout"`).
+        type (`str`): a key of [`REGULARIZERS`] (`"multi_sample_dropout"`, `"dropout_schedule"`, `"glad"`, `"lfu"`,
+            `"mask_score_penalty"`, `"gradient_dropout"`).
         **kwargs: the regularizer's constructor arguments; each constructor validates its own.
 
     Raises:
-        `ValueError`: for an unknown `type` (the message lists the allowed names), or an invalid argument (the message
-            names the field and the allowed values).
+        `ValueError`: for an unknown `type` (the message lists the allowed names), an unknown or missing field (the
+            message lists the allowed fields), or invalid values (the message names every bad field and its allowed
+            values).
     """
-    if type not in REGULARIZERS:
+    if not isinstance(type, str) or type not in REGULARIZERS:
         raise ValueError(f"Unknown regularizer type {type!r}; allowed: {sorted(REGULARIZERS)}.")
     cls = REGULARIZERS[type]
+    parameters = inspect.signature(cls.__init__).parameters.values()
+    fields = [p.name for p in parameters if p.name != "self" and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
+    unknown = sorted(set(kwargs) - set(fields))
+    if unknown and not any(p.kind == p.VAR_KEYWORD for p in parameters):
+        raise ValueError(
+            f"Invalid arguments for regularizer {type!r}: unknown field(s) {unknown}. Allowed fields: {fields}."
+        )
     try:
         return cls(**kwargs)
     except TypeError as err:
-        # an unknown keyword: say which regularizer and which fields it takes
-        fields = [name for name in inspect.signature(cls.__init__).parameters if name != "self"]
+        # a missing required argument (or a constructor that let a bad type through): say which regularizer and which
+        # fields it takes
         raise ValueError(f"Invalid arguments for regularizer {type!r}: {err}. Allowed fields: {fields}.") from err
 
 
@@ -62,6 +71,7 @@ __all__ = [
     "GLADRegularizer",
     "GradientDropout",
     "LfURegularizer",
+    "MaskFlipMonitor",
     "MaskScorePenalty",
     "MultiSampleDropout",
     "Regularizer",

@@ -7,6 +7,7 @@ from collections.abc import Iterable, Mapping
 
 from transformers import TrainerCallback
 
+from regtune.functional._checks import is_int, is_rate, is_real, raise_field_errors, str_subset
 from regtune.functional.dropout import (
     DROPOUT_KINDS,
     DROPOUT_SCHEDULE_MODES,
@@ -24,23 +25,28 @@ from .base import Regularizer
 logger = logging.getLogger(__name__)
 
 
-def _is_number(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
-def _check_rates(field: str, value) -> dict[str, float] | float:
-    """A rate in [0, 1), or a mapping of dropout types to rates; returns floats."""
+def _check_rates(field: str, value, errors: list[str]) -> dict[str, float] | float | None:
+    """A rate in [0, 1), or a mapping of dropout types to rates; returns floats (None after adding to `errors`)."""
     if isinstance(value, Mapping):
         if not value:
-            raise ValueError(f"DropoutSchedule: `{field}` must name at least one of {list(DROPOUT_TYPES)}.")
+            errors.append(f"`{field}` must name at least one of {list(DROPOUT_TYPES)}")
+            return None
         unknown = [key for key in value if key not in DROPOUT_TYPES]
         if unknown:
-            raise ValueError(
-                f"DropoutSchedule: `{field}` has unknown dropout type(s) {unknown}; allowed: {list(DROPOUT_TYPES)}."
-            )
-        return {key: _check_rates(f"{field}.{key}", rate) for key, rate in value.items()}
-    if not _is_number(value) or not 0.0 <= value < 1.0:
-        raise ValueError(f"DropoutSchedule: `{field}` must be a number in [0, 1), got {value!r}.")
+            errors.append(f"`{field}` has unknown dropout type(s) {unknown}; allowed: {list(DROPOUT_TYPES)}")
+        rates = {}
+        for key, rate in value.items():
+            if not is_rate(rate, upper_inclusive=False):
+                errors.append(f"`{field}.{key}` must be a number in [0, 1), got {rate!r}")
+            elif key in DROPOUT_TYPES:
+                rates[key] = float(rate)
+        return rates
+    if not is_rate(value, upper_inclusive=False):
+        errors.append(
+            f"`{field}` must be a number in [0, 1) or a mapping of dropout types {list(DROPOUT_TYPES)} to such "
+            f"numbers, got {value!r}"
+        )
+        return None
     return float(value)
 
 
@@ -116,31 +122,19 @@ class DropoutSchedule(Regularizer):
         end_epoch: float | None = None,
         kinds: Iterable[str] = DROPOUT_KINDS,
     ):
-        if mode not in DROPOUT_SCHEDULE_MODES:
-            raise ValueError(f"DropoutSchedule: `mode` must be one of {list(DROPOUT_SCHEDULE_MODES)}, got {mode!r}.")
-        p = _check_rates("p", p)
-        start_p = _check_rates("start_p", start_p)
+        errors: list[str] = []
+        if not isinstance(mode, str) or mode not in DROPOUT_SCHEDULE_MODES:
+            errors.append(f"`mode` must be one of {list(DROPOUT_SCHEDULE_MODES)}, got {mode!r}")
+        p = _check_rates("p", p, errors)
+        start_p = _check_rates("start_p", start_p, errors)
         types = tuple(p) if isinstance(p, dict) else DROPOUT_TYPES
-        if isinstance(start_p, dict):
+        if isinstance(start_p, dict) and p is not None:
             extra = [key for key in start_p if key not in types]
             if extra:
-                raise ValueError(
-                    f"DropoutSchedule: `start_p` names type(s) {extra} that `p` does not schedule ({list(types)})."
-                )
-        kinds = tuple(kinds)
-        if not kinds or any(kind not in DROPOUT_KINDS for kind in kinds):
-            raise ValueError(
-                f"DropoutSchedule: `kinds` must be a non-empty subset of {list(DROPOUT_KINDS)}, got {list(kinds)}."
-            )
-        for field, value in (("start_step", start_step), ("end_step", end_step)):
-            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
-                raise ValueError(f"DropoutSchedule: `{field}` must be an integer >= 0, got {value!r}.")
-        for field, value in (("start_fraction", start_fraction), ("end_fraction", end_fraction)):
-            if value is not None and (not _is_number(value) or not 0 <= value <= 1):
-                raise ValueError(f"DropoutSchedule: `{field}` must be a number in [0, 1], got {value!r}.")
-        for field, value in (("start_epoch", start_epoch), ("end_epoch", end_epoch)):
-            if value is not None and (not _is_number(value) or value < 0):
-                raise ValueError(f"DropoutSchedule: `{field}` must be a number >= 0, got {value!r}.")
+                errors.append(f"`start_p` names type(s) {extra} that `p` does not schedule ({list(types)})")
+        checked_kinds = str_subset(kinds, DROPOUT_KINDS)
+        if checked_kinds is None:
+            errors.append(f"`kinds` must be a non-empty subset of {list(DROPOUT_KINDS)}, got {kinds!r}")
         given = {
             "start_step": start_step,
             "start_fraction": start_fraction,
@@ -149,40 +143,49 @@ class DropoutSchedule(Regularizer):
             "end_fraction": end_fraction,
             "end_epoch": end_epoch,
         }
+        bad = set()
+        for field, value in given.items():
+            if value is None:
+                continue
+            if field.endswith("_step"):
+                ok, allowed = is_int(value) and value >= 0, "an integer >= 0"
+            elif field.endswith("_fraction"):
+                ok, allowed = is_real(value) and 0 <= value <= 1, "a number in [0, 1]"
+            else:
+                ok, allowed = is_real(value) and value >= 0, "a finite number >= 0"
+            if not ok:
+                bad.add(field)
+                errors.append(f"`{field}` must be None or {allowed}, got {value!r}")
         starts = [name for name, value in given.items() if name.startswith("start") and value is not None]
         ends = [name for name, value in given.items() if name.startswith("end") and value is not None]
         for which, names in (("start", starts), ("end", ends)):
             if len(names) > 1:
-                raise ValueError(
-                    f"DropoutSchedule: give at most one of `{which}_step`, `{which}_fraction` and `{which}_epoch`, "
-                    f"got {names}."
+                errors.append(
+                    f"give at most one of `{which}_step`, `{which}_fraction` and `{which}_epoch`, got {names}"
                 )
         start_p_values = start_p.values() if isinstance(start_p, dict) else [start_p]
-        if mode == "constant" and (starts or ends or any(value != 0.0 for value in start_p_values)):
-            raise ValueError(
-                "DropoutSchedule: mode='constant' takes only `p`; `start_p`, `start_step`, `end_step`, "
-                "`start_fraction`, `end_fraction`, `start_epoch` and `end_epoch` apply to mode='linear' or mode='step'."
+        if mode == "constant" and (starts or ends or any(value not in (0.0, None) for value in start_p_values)):
+            errors.append(
+                "mode='constant' takes only `p`; `start_p`, `start_step`, `end_step`, `start_fraction`, "
+                "`end_fraction`, `start_epoch` and `end_epoch` apply to mode='linear' or mode='step'"
             )
         if mode == "step":
             if not starts:
-                raise ValueError(
-                    "DropoutSchedule: mode='step' needs `start_step` or `start_fraction` (or `start_epoch`)."
-                )
+                errors.append("mode='step' needs `start_step` or `start_fraction` (or `start_epoch`)")
             if ends:
-                raise ValueError(
-                    "DropoutSchedule: mode='step' takes no `end_step`/`end_fraction`/`end_epoch` (use mode='linear')."
-                )
+                errors.append("mode='step' takes no `end_step`/`end_fraction`/`end_epoch` (use mode='linear')")
         if mode == "linear":
             if not ends:
-                raise ValueError("DropoutSchedule: mode='linear' needs `end_step` or `end_fraction` (or `end_epoch`).")
-            pairs = (
-                ("start_step", start_step, "end_step", end_step),
-                ("start_fraction", start_fraction, "end_fraction", end_fraction),
-                ("start_epoch", start_epoch, "end_epoch", end_epoch),
-            )
-            for low, low_value, high, high_value in pairs:
-                if low_value is not None and high_value is not None and high_value <= low_value:
-                    raise ValueError(f"DropoutSchedule: `{high}` ({high_value}) must be > `{low}` ({low_value}).")
+                errors.append("mode='linear' needs `end_step` or `end_fraction` (or `end_epoch`)")
+            for unit in ("step", "fraction", "epoch"):
+                low, high = f"start_{unit}", f"end_{unit}"
+                low_value, high_value = given[low], given[high]
+                if low_value is None or high_value is None or {low, high} & bad:
+                    continue
+                if high_value <= low_value:
+                    errors.append(f"`{high}` ({high_value}) must be > `{low}` ({low_value})")
+        raise_field_errors("DropoutSchedule", errors)
+        kinds = checked_kinds
         self.p = p
         self.mode = mode
         self.start_p = start_p
@@ -345,7 +348,10 @@ class DropoutScheduleCallback(TrainerCallback):
                 raise ValueError("DropoutScheduleCallback: give a DropoutSchedule or its arguments (at least `p`).")
             schedule = DropoutSchedule(**kwargs)
         if not isinstance(schedule, DropoutSchedule):
-            raise TypeError(f"DropoutScheduleCallback: `schedule` must be a DropoutSchedule, got {type(schedule)}.")
+            raise ValueError(
+                f"DropoutScheduleCallback: `schedule` must be a DropoutSchedule (or give its arguments as keywords), "
+                f"got {type(schedule).__name__}."
+            )
         self.schedule = schedule
         self.steps_per_epoch: int | None = None
 

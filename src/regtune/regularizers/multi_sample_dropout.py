@@ -11,6 +11,8 @@ import torch.nn.functional as F
 from accelerate.utils import extract_model_from_parallel
 from torch import nn
 
+from regtune.functional._checks import is_int, is_rate, raise_field_errors
+
 from .base import Regularizer
 
 
@@ -92,17 +94,17 @@ class MultiSampleDropout(Regularizer):
         head: str | None = None,
         head_dropout: str | None = "auto",
     ):
-        if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
-            raise ValueError(f"MultiSampleDropout: `num_samples` must be an integer >= 1, got {num_samples!r}.")
-        if p is not None and (isinstance(p, bool) or not isinstance(p, (int, float)) or not 0.0 <= p < 1.0):
-            raise ValueError(f"MultiSampleDropout: `p` must be None or a number in [0, 1), got {p!r}.")
+        errors = []
+        if not is_int(num_samples) or num_samples < 1:
+            errors.append(f"`num_samples` must be an integer >= 1, got {num_samples!r}")
+        if p is not None and not is_rate(p, upper_inclusive=False):
+            errors.append(f"`p` must be None or a number in [0, 1), got {p!r}")
         if head is not None and (not isinstance(head, str) or not head):
-            raise ValueError(f"MultiSampleDropout: `head` must be None or a module path, got {head!r}.")
+            errors.append(f"`head` must be None or a module path (a non-empty string), got {head!r}")
         if head_dropout is not None and (not isinstance(head_dropout, str) or not head_dropout):
-            raise ValueError(
-                f"MultiSampleDropout: `head_dropout` must be 'auto', None or a module path, got {head_dropout!r}."
-            )
-        self.num_samples = num_samples
+            errors.append(f"`head_dropout` must be 'auto', None or a module path, got {head_dropout!r}")
+        raise_field_errors("MultiSampleDropout", errors)
+        self.num_samples = int(num_samples)
         self.p = None if p is None else float(p)
         self.head = head
         self.head_dropout = head_dropout
