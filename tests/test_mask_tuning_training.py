@@ -77,7 +77,7 @@ def test_one_step_gradient_matches_reference(tmp_path):
     model, data = _model(), _data(4)
     capture = GradCapture(model)
     trainer = MaskTuningTrainer(model=model, args=_args(tmp_path, steps=1), train_dataset=data, callbacks=[capture])
-    assert [type(r).__name__ for r in trainer.regularizers] == ["MaskScorePenalty", "GradientDropout"]
+    assert [type(r).__name__ for r in trainer.regularizers] == ["MaskScorePenalty", "GradientDropout", "MaskFlipMonitor"]
     trainer.train()
 
     ref = _model()
@@ -122,7 +122,7 @@ def test_accumulated_step_equals_full_batch(tmp_path):
 
 def test_lambda_zero_has_no_gradient_dropout(tmp_path):
     trainer = MaskTuningTrainer(model=_model(lam=0.0), args=_args(tmp_path), train_dataset=_data())
-    assert [type(r).__name__ for r in trainer.regularizers] == ["MaskScorePenalty"]
+    assert [type(r).__name__ for r in trainer.regularizers] == ["MaskScorePenalty", "MaskFlipMonitor"]
     with pytest.raises(ValueError, match="graddrop_lambda"):
         GradientDropout(graddrop_lambda=1.5)
 

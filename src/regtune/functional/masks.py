@@ -43,8 +43,21 @@ def unpack_mask(packed: torch.Tensor, shape: torch.Size | tuple[int, ...]) -> to
     return bits.flatten()[:numel].view(shape).bool()
 
 
+def gradient_dropout_keep(
+    grad_task: torch.Tensor, grad_knowledge: torch.Tensor, uniform: torch.Tensor
+) -> torch.Tensor:
+    """The Bernoulli draw of R-AMT's gradient dropout, `1[P > U]` (in `grad_task`'s dtype), with
+    `P = (sign(g_a) * (g_a + g_b) / (|g_a| + |g_b| + 1e-8) + 1) / 2` (see [`gradient_dropout`])."""
+    agreement = torch.sign(grad_task) * (grad_task + grad_knowledge) / (grad_task.abs() + grad_knowledge.abs() + 1e-8)
+    return ((agreement + 1.0) / 2.0 > uniform).to(grad_task.dtype)
+
+
 def gradient_dropout(
-    grad_task: torch.Tensor, grad_knowledge: torch.Tensor, graddrop_lambda: float, uniform: torch.Tensor
+    grad_task: torch.Tensor,
+    grad_knowledge: torch.Tensor,
+    graddrop_lambda: float,
+    uniform: torch.Tensor,
+    keep: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """R-AMT's gradient dropout: keep the task gradient where it agrees with the knowledge gradient.
 
@@ -58,9 +71,10 @@ def gradient_dropout(
             pre-trained model's outputs).
         graddrop_lambda (`float`): in [0, 1]; 0 returns `g_a`.
         uniform (`torch.Tensor`): `U`, same shape, uniform in [0, 1).
+        keep (`torch.Tensor`, *optional*): `1[P > U]` if already computed by [`gradient_dropout_keep`].
     """
-    agreement = torch.sign(grad_task) * (grad_task + grad_knowledge) / (grad_task.abs() + grad_knowledge.abs() + 1e-8)
-    keep = ((agreement + 1.0) / 2.0 > uniform).to(grad_task.dtype)
+    if keep is None:
+        keep = gradient_dropout_keep(grad_task, grad_knowledge, uniform)
     return ((1.0 - graddrop_lambda) + graddrop_lambda * keep) * grad_task
 
 

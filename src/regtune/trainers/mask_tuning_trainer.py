@@ -6,7 +6,8 @@ from dataclasses import dataclass, field
 
 from transformers import TrainingArguments
 
-from regtune.regularizers.mask_tuning import GradientDropout, MaskScorePenalty
+from regtune.regularizers.mask_tuning import GradientDropout, MaskFlipMonitor, MaskScorePenalty
+from regtune.tuners.mask_tuning.settings import DEFAULTS, HELP, check_fields, raise_if_errors
 
 from .reg_trainer import RegTrainer
 
@@ -14,39 +15,58 @@ from .reg_trainer import RegTrainer
 @dataclass
 class MaskTuningTrainingArguments(TrainingArguments):
     """
-    `TrainingArguments` plus R-AMT's knobs ([paper](https://huggingface.co/papers/2307.15049)). Unset knobs come
-    from the model's [`MaskTuningConfig`].
+    `TrainingArguments` plus R-AMT's training knobs ([paper](https://huggingface.co/papers/2307.15049)), the config
+    class of [`MaskTuningTrainer`] (its `config_class`; a recipe's `training.graddrop_lambda` sets it). Defaults,
+    allowed values and error messages come from `regtune.tuners.mask_tuning.settings`, shared with
+    [`MaskTuningConfig`] and the regularizers. Knobs left at `None` come from the model's [`MaskTuningConfig`]
+    (which records how the adapter was trained).
 
     Args:
-        score_l2_weight (`float`, *optional*): weight of `sum_l ||S_l||_2` (>= 0); default: the config's (1e-4).
-        graddrop_lambda (`float`, *optional*): gradient-dropout strength in [0, 1], 0 = off; default: the
-            config's (1.0).
+        score_l2_weight (`float`, *optional*): weight of `sum_l ||S_l||_2`, a finite number >= 0; default: the
+            config's (1e-4).
+        graddrop_lambda (`float`, *optional*): gradient-dropout strength in [0, 1], 0 = off; default: the config's
+            (1.0; the official README recommends 0.3).
+        graddrop_temperature (`float`, defaults to `1.0`): temperature of the knowledge loss, a finite number > 0.
+        mask_flips_per_layer (`bool`, defaults to `True`): log the flipped share of every masked layer
+            (`mask_tuning/flipped/<layer>`) besides the overall one.
     """
 
     score_l2_weight: float | None = field(
-        default=None, metadata={"help": "Weight of the score penalty (>= 0); default: MaskTuningConfig's."}
+        default=None, metadata={"help": HELP["score_l2_weight"] + " Default: the MaskTuningConfig's."}
     )
     graddrop_lambda: float | None = field(
-        default=None, metadata={"help": "Gradient dropout in [0, 1], 0 = off; default: MaskTuningConfig's."}
+        default=None, metadata={"help": HELP["graddrop_lambda"] + " Default: the MaskTuningConfig's."}
+    )
+    graddrop_temperature: float = field(
+        default=DEFAULTS["graddrop_temperature"], metadata={"help": HELP["graddrop_temperature"]}
+    )
+    mask_flips_per_layer: bool = field(
+        default=True, metadata={"help": "Log the flipped share of every masked layer besides the overall one."}
     )
 
     def __post_init__(self):
+        errors = check_fields(
+            {
+                "score_l2_weight": self.score_l2_weight,
+                "graddrop_lambda": self.graddrop_lambda,
+                "graddrop_temperature": self.graddrop_temperature,
+            },
+            optional=("score_l2_weight", "graddrop_lambda"),
+        )
+        if not isinstance(self.mask_flips_per_layer, bool):
+            errors.append(f"`mask_flips_per_layer` must be True or False, got {self.mask_flips_per_layer!r}")
+        raise_if_errors(type(self).__name__, errors)
         super().__post_init__()
-        if self.score_l2_weight is not None and self.score_l2_weight < 0:
-            raise ValueError(
-                f"MaskTuningTrainingArguments: `score_l2_weight` must be >= 0, got {self.score_l2_weight}."
-            )
-        if self.graddrop_lambda is not None and not 0.0 <= self.graddrop_lambda <= 1.0:
-            raise ValueError(
-                f"MaskTuningTrainingArguments: `graddrop_lambda` must be in [0, 1], got {self.graddrop_lambda}."
-            )
 
 
 class MaskTuningTrainer(RegTrainer):
     """
-    A [`RegTrainer`] for mask-tuning models: adds [`MaskScorePenalty`] and, unless `graddrop_lambda` is 0,
-    [`GradientDropout`] (it owns the step). Checkpoints keep the real-valued scores (so a resumed run continues
-    exactly); `save_model()` publishes bit-packed masks.
+    A [`RegTrainer`] for mask-tuning models: adds [`MaskScorePenalty`], [`GradientDropout`] (it owns the step) unless
+    `graddrop_lambda` is 0, and [`MaskFlipMonitor`] (the `mask_tuning/flipped` metrics). Checkpoints keep the
+    real-valued scores (so a resumed run continues exactly); `save_model()` publishes bit-packed masks.
+
+    Its config class is [`MaskTuningTrainingArguments`] (`MaskTuningTrainer.config_class`); plain
+    `TrainingArguments` work too (the knobs then come from the model's [`MaskTuningConfig`]).
 
     Example:
 
@@ -57,11 +77,26 @@ class MaskTuningTrainer(RegTrainer):
         ```
     """
 
-    def __init__(self, model=None, args: TrainingArguments | None = None, *pargs, regularizers=None, **kwargs):
+    config_class = MaskTuningTrainingArguments
+
+    def __init__(
+        self,
+        model=None,
+        args: MaskTuningTrainingArguments | None = None,
+        *pargs,
+        regularizers=None,
+        **kwargs,
+    ):
+        if args is None:
+            args = MaskTuningTrainingArguments(output_dir="trainer_output")
         config = next(iter(getattr(model, "peft_config", {}).values()), None)
         weight = getattr(args, "score_l2_weight", None)
         lam = getattr(args, "graddrop_lambda", None)
-        weight = weight if weight is not None else getattr(config, "score_l2_weight", 1e-4)
-        lam = lam if lam is not None else getattr(config, "graddrop_lambda", 1.0)
-        own = [MaskScorePenalty(weight)] + ([GradientDropout(lam)] if lam > 0 else [])
+        weight = weight if weight is not None else getattr(config, "score_l2_weight", DEFAULTS["score_l2_weight"])
+        lam = lam if lam is not None else getattr(config, "graddrop_lambda", DEFAULTS["graddrop_lambda"])
+        temperature = getattr(args, "graddrop_temperature", DEFAULTS["graddrop_temperature"])
+        own = [MaskScorePenalty(weight)]
+        if lam > 0:
+            own.append(GradientDropout(lam, temperature=temperature))
+        own.append(MaskFlipMonitor(per_layer=getattr(args, "mask_flips_per_layer", True)))
         super().__init__(model, args, *pargs, regularizers=[*own, *(regularizers or [])], **kwargs)

@@ -2,17 +2,21 @@ from regtune._compat import register_regtune_method
 
 from .config import TRANSFORMERS_MODELS_TO_MASK_TUNING_TARGET_MODULES_MAPPING, MaskTuningConfig
 from .importance import rank_modules_by_gradient
-from .layer import Conv2d, Linear, MaskTuningLayer
-from .model import MaskTuningModel, save_real_valued_scores
+from .layer import Conv1d, Conv2d, Conv3d, Embedding, Linear, MaskTuningLayer
+from .model import MaskTuningModel, published_scores, save_real_valued_scores
 
 
 __all__ = [
     "TRANSFORMERS_MODELS_TO_MASK_TUNING_TARGET_MODULES_MAPPING",
+    "Conv1d",
     "Conv2d",
+    "Conv3d",
+    "Embedding",
     "Linear",
     "MaskTuningConfig",
     "MaskTuningLayer",
     "MaskTuningModel",
+    "published_scores",
     "rank_modules_by_gradient",
     "save_real_valued_scores",
 ]

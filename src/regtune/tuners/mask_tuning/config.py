@@ -5,7 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from peft.config import PeftConfig
-from peft.utils import PeftType
+from peft.utils import PeftType, TaskType
+
+from .settings import DEFAULTS, HELP, check_bool, check_fields, check_str_list, raise_if_errors
 
 
 # attention projections per model family (the paper masks multi-head self-attention: Q, K, V and out)
@@ -65,12 +67,10 @@ class MaskTuningConfig(PeftConfig):
         default=None, metadata={"help": "Modules to mask; default: the attention projections of the model family."}
     )
     exclude_modules: list[str] | str | None = field(default=None, metadata={"help": "Modules not to mask."})
-    score_init: float = field(default=1e-2, metadata={"help": "Initial value of every score (> threshold)."})
-    threshold: float = field(default=5e-3, metadata={"help": "A weight is kept where its score is above it."})
-    score_l2_weight: float = field(
-        default=1e-4, metadata={"help": "Weight of sum_l ||S_l||_2 added to the training loss (>= 0)."}
-    )
-    graddrop_lambda: float = field(default=1.0, metadata={"help": "Gradient-dropout strength in [0, 1]."})
+    score_init: float = field(default=DEFAULTS["score_init"], metadata={"help": HELP["score_init"]})
+    threshold: float = field(default=DEFAULTS["threshold"], metadata={"help": HELP["threshold"]})
+    score_l2_weight: float = field(default=DEFAULTS["score_l2_weight"], metadata={"help": HELP["score_l2_weight"]})
+    graddrop_lambda: float = field(default=DEFAULTS["graddrop_lambda"], metadata={"help": HELP["graddrop_lambda"]})
     fan_in_fan_out: bool = field(default=False, metadata={"help": "Layer stores weight as (fan_in, fan_out)."})
     layers_to_transform: list[int] | int | None = field(
         default=None, metadata={"help": "Only mask the layers with these indices."}
@@ -86,22 +86,32 @@ class MaskTuningConfig(PeftConfig):
     )
 
     def __post_init__(self):
+        raise_if_errors(type(self).__name__, self._field_errors())
         super().__post_init__()
         self.peft_type = PeftType.MASK_TUNING
         self.target_modules = (
-            set(self.target_modules) if isinstance(self.target_modules, list) else self.target_modules
+            set(self.target_modules) if isinstance(self.target_modules, (list, tuple)) else self.target_modules
         )
         self.exclude_modules = (
-            set(self.exclude_modules) if isinstance(self.exclude_modules, list) else self.exclude_modules
+            set(self.exclude_modules) if isinstance(self.exclude_modules, (list, tuple)) else self.exclude_modules
         )
-        if not self.threshold < self.score_init:
-            raise ValueError(
-                f"MaskTuningConfig: `score_init` ({self.score_init}) must be greater than `threshold` "
-                f"({self.threshold}) so that the mask starts as all ones (the pre-trained model)."
-            )
-        if self.score_l2_weight < 0:
-            raise ValueError(f"MaskTuningConfig: `score_l2_weight` must be >= 0, got {self.score_l2_weight}.")
-        if not 0.0 <= self.graddrop_lambda <= 1.0:
-            raise ValueError(f"MaskTuningConfig: `graddrop_lambda` must be in [0, 1], got {self.graddrop_lambda}.")
+
+    def _field_errors(self) -> list[str]:
+        """Every invalid field (type, range, finiteness, relations), as messages naming the field."""
+        errors = check_fields({name: getattr(self, name) for name in DEFAULTS if hasattr(self, name)})
+        for name in ("target_modules", "exclude_modules", "layers_pattern", "modules_to_save"):
+            errors.append(check_str_list(name, getattr(self, name)))
+        for name in ("fan_in_fan_out", "init_weights", "inference_mode"):
+            errors.append(check_bool(name, getattr(self, name)))
+        layers = self.layers_to_transform
+        as_list = [layers] if not isinstance(layers, (list, tuple)) else list(layers)
+        if layers is not None and not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in as_list):
+            errors.append(f"`layers_to_transform` must be None, an int >= 0 or a list of them, got {layers!r}")
         if self.layers_pattern and not self.layers_to_transform:
-            raise ValueError("MaskTuningConfig: `layers_pattern` needs `layers_to_transform`.")
+            errors.append("`layers_pattern` needs `layers_to_transform` (the indices of the layers to mask)")
+        if layers is not None and isinstance(self.target_modules, str):
+            errors.append("`layers_to_transform` cannot be used when `target_modules` is a str (a regex)")
+        task_types = [t.value for t in TaskType]
+        if self.task_type is not None and self.task_type not in task_types:
+            errors.append(f"`task_type` must be None or one of {task_types}, got {self.task_type!r}")
+        return [e for e in errors if e]

@@ -28,6 +28,8 @@ class MaskTuningLayer(BaseTunerLayer):
         # merged adapter -> (boolean mask, the weight values it zeroed), so that unmerge restores W exactly
         self.masktune_removed: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         self._disable_adapters = False
+        # set by `MaskTuningModel.masks_disabled()`: the base weight without any mask, other modules untouched
+        self.masktune_masks_off = False
         self.merged_adapters: list[str] = []
         self.in_features, self.out_features = _get_in_out_features(self.get_base_layer())
         self.kwargs = kwargs
@@ -91,6 +93,10 @@ class MaskTuningLayer(BaseTunerLayer):
             if self.merged:
                 self.unmerge()
             return self.base_layer(x, *args, **kwargs)
+        if self.masktune_masks_off:
+            if self.merged:  # `masks_disabled()` refuses merged layers; this guards a flag set by hand
+                raise RuntimeError("A merged mask-tuning layer cannot run with its masks off: unmerge it first.")
+            return self.base_layer(x, *args, **kwargs)
         if self.merged or not any(name in self.masktune_scores for name in self.active_adapters):
             return self.base_layer(x, *args, **kwargs)
         return self._forward_with_weight(x, self.masked_weight())
@@ -117,8 +123,8 @@ class Linear(nn.Module, MaskTuningLayer):
         return "masktune." + super().__repr__()
 
 
-class Conv2d(nn.Module, MaskTuningLayer):
-    """Mask tuning of an `nn.Conv2d` (the paper also masks the patch embedding of ViT)."""
+class _ConvNd(nn.Module, MaskTuningLayer):
+    """Mask tuning of an `nn.Conv1d` / `nn.Conv2d` / `nn.Conv3d` (any kernel, stride, padding, dilation, groups)."""
 
     def __init__(self, base_layer: nn.Module, adapter_name: str, config, **kwargs) -> None:
         super().__init__()
@@ -132,6 +138,40 @@ class Conv2d(nn.Module, MaskTuningLayer):
     def _forward_with_weight(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         base = self.get_base_layer()
         return base._conv_forward(x.to(weight.dtype), weight, base.bias)
+
+    def __repr__(self) -> str:
+        return "masktune." + super().__repr__()
+
+
+class Conv1d(_ConvNd):
+    """Mask tuning of an `nn.Conv1d`."""
+
+
+class Conv2d(_ConvNd):
+    """Mask tuning of an `nn.Conv2d` (the paper also masks the patch embedding of ViT)."""
+
+
+class Conv3d(_ConvNd):
+    """Mask tuning of an `nn.Conv3d`."""
+
+
+class Embedding(nn.Module, MaskTuningLayer):
+    """Mask tuning of an `nn.Embedding`: entries of the embedding table are masked (the output is a row lookup)."""
+
+    def __init__(self, base_layer: nn.Module, adapter_name: str, config, **kwargs) -> None:
+        super().__init__()
+        MaskTuningLayer.__init__(self, base_layer, **kwargs)
+        self._active_adapter = adapter_name
+        self.update_layer(adapter_name, config, inference_mode=config.inference_mode)
+
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        return self.masked_forward(x, *args, **kwargs)
+
+    def _forward_with_weight(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        base = self.get_base_layer()
+        return F.embedding(
+            x, weight, base.padding_idx, base.max_norm, base.norm_type, base.scale_grad_by_freq, base.sparse
+        )
 
     def __repr__(self) -> str:
         return "masktune." + super().__repr__()

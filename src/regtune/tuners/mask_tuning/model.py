@@ -1,4 +1,4 @@
-"""The mask-tuning tuner: injects [`Linear`] / [`Conv2d`] mask layers and saves the masks bit-packed."""
+"""The mask-tuning tuner: injects mask layers ([`Linear`], [`Conv2d`], ...) and saves the masks bit-packed."""
 
 from __future__ import annotations
 
@@ -13,13 +13,31 @@ from transformers.pytorch_utils import Conv1D
 from regtune.functional.masks import pack_mask, unpack_mask
 
 from .config import TRANSFORMERS_MODELS_TO_MASK_TUNING_TARGET_MODULES_MAPPING
-from .layer import Conv2d, Linear, MaskTuningLayer
+from .layer import Conv1d, Conv2d, Conv3d, Embedding, Linear, MaskTuningLayer
 
+
+_CONV_LAYERS = ((torch.nn.Conv1d, Conv1d), (torch.nn.Conv2d, Conv2d), (torch.nn.Conv3d, Conv3d))
+_UNSUPPORTED_REASONS = {
+    "MultiheadAttention": (
+        " (its projections live in one fused `in_proj_weight` that torch's attention reads directly, so a masked"
+        " copy cannot be swapped in without re-implementing the attention; target its `out_proj` or use a model"
+        " with separate projection layers)"
+    ),
+}
 
 SCORES = "masktune_scores"
 PACKED = "masktune_packed_mask"
 
 _SAVE_SCORES = contextvars.ContextVar("regtune_mask_tuning_save_scores", default=False)
+
+
+def published_scores(score_init: float, threshold: float) -> tuple[float, float]:
+    """
+    The scores that loading a published (bit-packed) mask gives to kept and removed entries: `score_init` and its
+    mirror image below the threshold, `2 * threshold - score_init` (0.0 with the defaults). Both sit at the same
+    distance from the threshold, and the removed one is below it for any threshold, negative ones included.
+    """
+    return float(score_init), float(2.0 * threshold - score_init)
 
 
 @contextlib.contextmanager
@@ -84,18 +102,16 @@ class MaskTuningModel(BaseTuner):
                 warnings.warn("fan_in_fan_out is False but the target is `Conv1D`; setting it to True.", stacklevel=2)
                 config.fan_in_fan_out = True
             return Linear(target, adapter_name, config)
-        if isinstance(base, torch.nn.Conv2d):
-            return Conv2d(target, adapter_name, config)
+        for kind, layer_cls in _CONV_LAYERS:
+            if type(base) is kind:  # not ConvTranspose (a subclass of _ConvNd with another forward)
+                return layer_cls(target, adapter_name, config)
+        if isinstance(base, torch.nn.Embedding):
+            return Embedding(target, adapter_name, config)
+        reason = _UNSUPPORTED_REASONS.get(type(base).__name__, "")
         raise ValueError(
-            f"Mask tuning supports `torch.nn.Linear`, `Conv1D` and `torch.nn.Conv2d` targets, got {type(base).__name__}."
+            f"Mask tuning supports `torch.nn.Linear`, transformers' `Conv1D`, `torch.nn.Conv1d`/`Conv2d`/`Conv3d` and "
+            f"`torch.nn.Embedding` targets, got {type(base).__name__}{reason}. See docs/mask_tuning.md."
         )
-
-    def _replace_module(self, parent, child_name, new_module, child):
-        setattr(parent, child_name, new_module)
-        device = child.get_base_layer().weight.device if isinstance(child, BaseTunerLayer) else child.weight.device
-        for name, param in new_module.named_parameters():
-            if self.prefix in name:
-                param.data = param.data.to(device)
 
     @contextlib.contextmanager
     def _enable_peft_forward_hooks(self, *args, **kwargs):
@@ -133,11 +149,51 @@ class MaskTuningModel(BaseTuner):
                 if model_key not in shapes:
                     model_key = model_key.removeprefix("base_model.model.")
                 mask = unpack_mask(value, shapes[model_key])
-                # any score above the threshold gives the same mask: use score_init (kept) and 0 (removed)
-                converted[scores_key] = torch.where(mask, config.score_init, 0.0).to(torch.float32)
+                kept, removed = published_scores(config.score_init, config.threshold)
+                converted[scores_key] = torch.where(mask, kept, removed).to(torch.float32)
             else:
                 converted[key] = value
         return super()._remap_adapter_state_dict_for_load(model, config, adapter_name, converted)
+
+    # ---- what mask tuning does not support ----
+
+    def add_weighted_adapter(self, *args, **kwargs):
+        """Not supported: refuses with the reason (see docs/mask_tuning.md)."""
+        raise NotImplementedError(
+            "add_weighted_adapter is not supported for MASK_TUNING, because a mask-tuning adapter is a binary mask "
+            "over the frozen weights, not an additive update: a weighted sum of masks is not a mask, and products of "
+            "masks are what several active adapters already compute (`set_adapter([...])`)."
+        )
+
+    # ---- the model with its masks off (the teacher of gradient dropout) ----
+
+    @contextlib.contextmanager
+    def masks_disabled(self):
+        """
+        Within this context the model runs with every mask off (each masked layer uses its frozen weight) while every
+        other module -- a trained classifier head in `modules_to_save` included -- keeps its current state.
+
+        Unlike peft's `disable_adapter()`, this does not swap `modules_to_save` modules back to their original
+        weights: it is the teacher of R-AMT's gradient dropout, the pre-trained weights with the *current* head.
+
+        Raises:
+            `ValueError`: when a mask is merged into its weight (the frozen weight is then not at hand; unmerge first).
+        """
+        layers = [m for m in self.model.modules() if isinstance(m, MaskTuningLayer)]
+        merged = [m for m in layers if m.merged]
+        if merged:
+            raise ValueError(
+                "masks_disabled(): some masks are merged into their weights, so the model with its masks off is not "
+                "available; call `unmerge_adapter()` first."
+            )
+        previous = [m.masktune_masks_off for m in layers]
+        for m in layers:
+            m.masktune_masks_off = True
+        try:
+            yield
+        finally:
+            for m, flag in zip(layers, previous):
+                m.masktune_masks_off = flag
 
     # ---- reporting ----
 
