@@ -1,4 +1,4 @@
-"""The ALLoRA tuner: peft's `LoraModel` routing `nn.Linear` / `Conv1D` targets to [`ALLoRALinear`]."""
+"""The ALLoRA tuner: peft's `LoraModel` routing every layer type peft's LoRA supports to its ALLoRA layer."""
 
 from __future__ import annotations
 
@@ -9,7 +9,15 @@ from peft.tuners.lora import LoraModel
 from peft.tuners.tuners_utils import BaseTunerLayer
 from transformers.pytorch_utils import Conv1D
 
-from .layer import ALLoRALinear
+from .layer import (
+    ALLoRAConv1d,
+    ALLoRAConv2d,
+    ALLoRAConv3d,
+    ALLoRAEmbedding,
+    ALLoRALinear,
+    ALLoRAMultiheadAttention,
+    ALLoRAParamWrapper,
+)
 
 
 class ALLoRAModel(LoraModel):
@@ -17,6 +25,10 @@ class ALLoRAModel(LoraModel):
     Creates an ALLoRA model from a pretrained transformers model
     ([paper](https://huggingface.co/papers/2410.09692)). Use it through `peft.get_peft_model` with an
     [`ALLoRAConfig`].
+
+    Supported targets are those of peft's LoRA (without quantized layers): `nn.Linear`, transformers' `Conv1D`,
+    `nn.Embedding`, `nn.Conv1d`, `nn.Conv2d`, `nn.Conv3d`, `nn.MultiheadAttention` and `target_parameters`; the
+    output row of each is defined in `regtune.tuners.allora.layer` and in the docs page (docs/allora.md).
 
     Example:
 
@@ -32,8 +44,19 @@ class ALLoRAModel(LoraModel):
     @staticmethod
     def _create_new_module(lora_config, adapter_name, target, **kwargs):
         base = target.get_base_layer() if isinstance(target, BaseTunerLayer) else target
-        if kwargs.get("parameter_name") is not None:
-            raise ValueError("ALLoRA does not support `target_parameters`; target nn.Linear or Conv1D modules.")
+        parameter_name = kwargs.pop("parameter_name", None)
+        if parameter_name is not None:
+            return ALLoRAParamWrapper(target, adapter_name, parameter_name=parameter_name, config=lora_config, **kwargs)
+        if isinstance(base, torch.nn.Embedding):
+            return ALLoRAEmbedding(target, adapter_name, config=lora_config, **kwargs)
+        if isinstance(base, torch.nn.Conv2d):
+            return ALLoRAConv2d(target, adapter_name, config=lora_config, **kwargs)
+        if isinstance(base, torch.nn.Conv3d):
+            return ALLoRAConv3d(target, adapter_name, config=lora_config, **kwargs)
+        if isinstance(base, torch.nn.Conv1d):
+            return ALLoRAConv1d(target, adapter_name, config=lora_config, **kwargs)
+        if isinstance(base, torch.nn.MultiheadAttention):
+            return ALLoRAMultiheadAttention(target, adapter_name, config=lora_config, **kwargs)
         if isinstance(base, torch.nn.Linear):
             if lora_config.fan_in_fan_out:
                 warnings.warn(
@@ -51,6 +74,7 @@ class ALLoRAModel(LoraModel):
                 lora_config.fan_in_fan_out = True
             return ALLoRALinear(target, adapter_name, is_target_conv_1d_layer=True, config=lora_config, **kwargs)
         raise ValueError(
-            f"ALLoRA supports `torch.nn.Linear` and `transformers.pytorch_utils.Conv1D` targets, got {type(base).__name__}. "
-            "Remove it from `target_modules`."
+            f"ALLoRA supports the layer types of peft's LoRA (torch.nn.Linear, transformers' Conv1D, nn.Embedding, "
+            f"nn.Conv1d/2d/3d, nn.MultiheadAttention, and `target_parameters`), got {type(base).__name__}. Remove it "
+            "from `target_modules`."
         )

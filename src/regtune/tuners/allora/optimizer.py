@@ -1,4 +1,4 @@
-"""ALLoRA's row coefficient applied to the optimizer *update* instead of the gradient (METHODS.md §1 ambiguity b).
+"""ALLoRA's row coefficient applied to the optimizer *update* instead of the gradient (`coefficient_on="update"`).
 
 Under Adam a slowly varying per-row gradient scale is largely normalized away, so the gradient-side reading may
 carry little of the paper's effect. This optimizer factory, in the style of `peft.optimizers.create_loraplus_optimizer`,
@@ -8,25 +8,147 @@ scales what the optimizer does to each row instead:
     A   <- A   + mean_i(c_i) * (step)    (A has no output rows; its rows mix all of them, so it gets the layer mean)
 
 where `step` is what the wrapped optimizer would have done (including decoupled weight decay, which is scaled too).
-Both `c` and the mean equal `eta` at `dW = 0`.
+Both `c` and the mean equal `eta` at `dW = 0`. With `row_norm="factors"` every row of `A` and `B` gets its own
+coefficient instead.
+
+Because an adapter with `coefficient_on="update"` computes plain LoRA gradients, stepping it with any other optimizer
+would silently train plain LoRA. A process-wide `torch.optim` step pre-hook therefore refuses that, at the first step
+of such an optimizer, with the fix in the message.
 """
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 from torch import nn
 
-from regtune.functional.allora import allora_row_coefficient
-
-from .layer import ALLoRALinear
+from .layer import ALLoRALayer, _install_global_hooks, _Registry, allora_adapters
 
 
-def _allora_layers(model: nn.Module):
-    for module in model.modules():
-        if isinstance(module, ALLoRALinear):
-            for name in module.lora_A.keys():
-                if name in module.allora_eta:
-                    yield module, name
+_ALLORA_OPTIMIZERS: weakref.WeakSet = weakref.WeakSet()  # optimizers that apply the update-side coefficient
+_CHECKED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # optimizer -> update_layers_version checked
+
+
+class ALLoRAOptimizerError(RuntimeError):
+    """An optimizer that does not apply ALLoRA's update-side coefficient steps an adapter with
+    `coefficient_on="update"` (it would train plain LoRA)."""
+
+
+def _update_mode_parameters() -> dict[int, str]:
+    """`{id(param): description}` of the trainable A/B of every live adapter with `coefficient_on="update"`."""
+    found = {}
+    for layer in list(_Registry.update_layers):
+        for name, is_gradient in layer.allora_scale_gradients.items():
+            if is_gradient:
+                continue
+            try:
+                weights = layer.allora_weights(name)
+            except KeyError:  # adapter deleted
+                continue
+            for weight in weights:
+                if weight.requires_grad:
+                    found[id(weight)] = f"{type(layer).__name__} adapter {name!r}"
+    return found
+
+
+def _wrapped(optimizer):
+    """`optimizer` and the optimizers it wraps (accelerate's `AcceleratedOptimizer.optimizer`, ...)."""
+    seen = []
+    while optimizer is not None and all(optimizer is not s for s in seen) and len(seen) < 8:
+        seen.append(optimizer)
+        optimizer = getattr(optimizer, "optimizer", None)
+    return seen
+
+
+def _guard_optimizer_step(optimizer, args, kwargs) -> None:
+    """Global `torch.optim` step pre-hook: refuse to step update-mode ALLoRA adapters without their coefficient."""
+    if not _Registry.update_layers:
+        return
+    if any(opt in _ALLORA_OPTIMIZERS for opt in _wrapped(optimizer)):
+        return
+    version = _Registry.update_layers_version
+    if _CHECKED.get(optimizer) == version:
+        return
+    update_params = _update_mode_parameters()
+    hits = sorted(
+        {
+            update_params[id(p)]
+            for group in getattr(optimizer, "param_groups", [])
+            for p in group["params"]
+            if id(p) in update_params
+        }
+    )
+    if hits:
+        raise ALLoRAOptimizerError(
+            f"{type(optimizer).__name__} is stepping ALLoRA adapters with coefficient_on='update' "
+            f"({', '.join(hits[:3])}{', ...' if len(hits) > 3 else ''}), but it does not apply ALLoRA's update-side "
+            "row coefficient, so it would train plain LoRA. Fix: train with a regtune trainer (RegTrainer, "
+            "LfUTrainer, ...: they build the ALLoRA optimizer themselves), or build the optimizer with "
+            "`regtune.create_allora_optimizer(model, torch.optim.AdamW, lr=...)`, or attach the coefficient to your "
+            "own optimizer with `regtune.tuners.allora.attach_allora_update(optimizer, model)`; or use "
+            "ALLoRAConfig(coefficient_on='gradient')."
+        )
+    _CHECKED[optimizer] = version
+
+
+def attach_allora_update(optimizer: torch.optim.Optimizer, model: nn.Module) -> torch.optim.Optimizer:
+    """
+    Make `optimizer` apply ALLoRA's update-side coefficient to the update-mode ALLoRA adapters of `model`.
+
+    Registers a step pre-hook (copies `A` and `B` of those adapters that the optimizer steps, and computes their
+    coefficients from the weights before the step) and a step post-hook (rescales the change the optimizer made,
+    row by row). Adapters with `coefficient_on="gradient"` and parameters outside the optimizer are left alone.
+    Does nothing (and returns `optimizer`) when `model` has no such adapter.
+
+    Args:
+        optimizer (`torch.optim.Optimizer`): an optimizer over (some of) `model`'s parameters.
+        model (`torch.nn.Module`): a peft model with ALLoRA adapters.
+
+    Returns:
+        `torch.optim.Optimizer`: `optimizer`, with the hooks registered.
+    """
+    if optimizer in _ALLORA_OPTIMIZERS:
+        return optimizer
+    stepped = {id(p) for group in optimizer.param_groups for p in group["params"]}
+    layers: list[tuple[ALLoRALayer, str]] = []
+    scaled: list[torch.Tensor] = []
+    for _, module, name in allora_adapters(model):
+        if module.allora_scale_gradients[name]:
+            continue
+        weight_A, weight_B = module.allora_weights(name)
+        if id(weight_A) in stepped or id(weight_B) in stepped:
+            layers.append((module, name))
+            scaled.extend((weight_A, weight_B))
+    if not layers:
+        return optimizer
+    _install_global_hooks()
+    snapshot: list[torch.Tensor] = []
+    scales: list[torch.Tensor] = []
+
+    @torch.no_grad()
+    def pre_step(opt, args, kw):
+        snapshot[:] = torch._foreach_mul(scaled, 1.0)  # copies of A, B before the step
+        scales.clear()
+        for module, name in layers:
+            weight_A, weight_B = module.allora_weights(name)
+            scale_A, scale_B = module.allora_param_scales(name)
+            scales.append(scale_A.to(weight_A.dtype))
+            scales.append(scale_B.to(weight_B.dtype))
+
+    @torch.no_grad()
+    def post_step(opt, args, kw):
+        # p <- p_old + scale * (p_new - p_old)
+        step = torch._foreach_sub(scaled, snapshot)
+        torch._foreach_mul_(step, scales)
+        torch._foreach_add_(snapshot, step)
+        torch._foreach_copy_(scaled, snapshot)
+        snapshot.clear()
+
+    optimizer.register_step_pre_hook(pre_step)
+    optimizer.register_step_post_hook(post_step)
+    _ALLORA_OPTIMIZERS.add(optimizer)
+    return optimizer
 
 
 def create_allora_optimizer(
@@ -36,7 +158,8 @@ def create_allora_optimizer(
     Create an optimizer that applies ALLoRA's row coefficient to the parameter update.
 
     The ALLoRA adapters of `model` must use `coefficient_on="update"` (their layers then compute plain gradients);
-    any other trainable parameter is optimized normally by `optimizer_cls`.
+    any other trainable parameter is optimized normally by `optimizer_cls`. regtune's trainers do this themselves
+    (through [`attach_allora_update`] on the optimizer they build).
 
     Args:
         model (`torch.nn.Module`): a peft model with ALLoRA adapters.
@@ -45,7 +168,7 @@ def create_allora_optimizer(
         **kwargs: passed on to `optimizer_cls`.
 
     Returns:
-        `torch.optim.Optimizer`: an `optimizer_cls` instance with a step post-hook that rescales the update.
+        `torch.optim.Optimizer`: an `optimizer_cls` instance with step hooks that rescale the update.
 
     Example:
 
@@ -55,44 +178,16 @@ def create_allora_optimizer(
         >>> trainer = transformers.Trainer(model=model, optimizers=(optimizer, None), ...)
         ```
     """
-    triples = []  # (A, B, eta, norm_squared) of every trainable ALLoRA adapter
-    for module, name in _allora_layers(model):
+    trainable = False
+    for _, module, name in allora_adapters(model):
         if module.allora_scale_gradients[name]:
             raise ValueError(
                 f"create_allora_optimizer: adapter '{name}' has coefficient_on='gradient', so its gradients are "
                 "already scaled; scaling the update too would apply the coefficient twice. Build the model with "
                 "ALLoRAConfig(coefficient_on='update')."
             )
-        weight_A, weight_B = module.lora_A[name].weight, module.lora_B[name].weight
-        if weight_A.requires_grad or weight_B.requires_grad:
-            triples.append((weight_A, weight_B, module.allora_eta[name], module.allora_norm_squared[name]))
-    if not triples:
+        trainable = trainable or any(w.requires_grad for w in module.allora_weights(name))
+    if not trainable:
         raise ValueError("create_allora_optimizer: the model has no trainable ALLoRA adapter.")
-
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = optimizer_cls(params, lr=lr, **kwargs)
-    scaled = [p for a, b, _, _ in triples for p in (a, b)]
-    snapshot: list[torch.Tensor] = []
-    row_coefficients: list[torch.Tensor] = []
-
-    def pre_step(opt, args, kw):
-        snapshot.clear()
-        snapshot.extend(torch._foreach_mul(scaled, 1.0))  # copies of A, B before the step
-        row_coefficients.clear()
-        for weight_A, weight_B, eta, squared in triples:
-            c = allora_row_coefficient(weight_A, weight_B, eta, squared)
-            row_coefficients.append(c.mean().to(weight_A.dtype).reshape(1, 1))
-            row_coefficients.append(c.to(weight_B.dtype)[:, None])
-
-    @torch.no_grad()
-    def post_step(opt, args, kw):
-        # p <- p_old + c * (p_new - p_old)
-        step = torch._foreach_sub(scaled, snapshot)
-        torch._foreach_mul_(step, row_coefficients)
-        torch._foreach_add_(snapshot, step)
-        torch._foreach_copy_(scaled, snapshot)
-        snapshot.clear()
-
-    optimizer.register_step_pre_hook(pre_step)
-    optimizer.register_step_post_hook(post_step)
-    return optimizer
+    return attach_allora_update(optimizer_cls(params, lr=lr, **kwargs), model)
