@@ -39,7 +39,7 @@ def main() -> None:
     rows = {}
     for method in methods:
         path = os.path.join(args.study, method, f"seed{args.seed}", "checkpoint.pt")
-        state = torch.load(path, map_location="cpu", weights_only=False)
+        state = torch.load(path, map_location="cpu", weights_only=True)
         cfg = GARDOConfig(**{**state["config"], "resume": False, "output_dir": os.path.join(args.study, "_samples")})
         bed = build_testbed(study.testbed, log=None)
         bed.pop("info")

@@ -27,8 +27,8 @@ def test_two_processes_match_one_process(tmp_path):
     result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, f"{result.stdout[-3000:]}\n{result.stderr[-6000:]}"
 
-    single = torch.load(one / "rank0.pt", weights_only=False)
-    ranks = [torch.load(two / f"rank{r}.pt", weights_only=False) for r in (0, 1)]
+    single = torch.load(one / "rank0.pt", weights_only=True)
+    ranks = [torch.load(two / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
     assert single["world_size"] == 1
     assert [r["world_size"] for r in ranks] == [2, 2] and [r["num_processes"] for r in ranks] == [2, 2]
     assert {r["wrapped"] for r in ranks} == {"DistributedDataParallel"}

@@ -240,3 +240,48 @@ def test_importing_regtune_does_not_import_diffusers():
 
     code = "import sys, regtune; assert 'diffusers' not in sys.modules and 'regtune.diffusion' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+
+
+def test_topk_gate_counts_as_the_released_code():
+    """The default rule gates the u values above numpy's percentile 100 - 100 k of the non-negative ones."""
+    import numpy as np
+
+    u = torch.tensor([0.3, -0.1, 0.5, 0.1, -0.4, 0.2, 0.0, 0.05, 0.01, 0.02])
+    # non-negative, sorted: 0, .01, .02, .05, .1, .2, .3, .5; 80th percentile = .2 + .6 * .1 = .26
+    assert Fn.topk_gate(u, 0.2).nonzero().flatten().tolist() == [0, 2]
+    assert Fn.topk_gate(u, 0.1).nonzero().flatten().tolist() == [2]  # 90th: .36
+    assert Fn.topk_gate(u, 0.4).nonzero().flatten().tolist() == [0, 2, 5]  # 60th: .12
+    assert not Fn.topk_gate(u, 0.0).any()
+    assert not Fn.topk_gate(torch.tensor([-1.0, 0.0, 0.0, -2.0]), 0.5).any()  # ties at the top: none above
+    # the option "batch": round(k B) of the whole batch, among u > 0
+    assert Fn.topk_gate(u, 0.4, rule="batch").nonzero().flatten().tolist() == [0, 2, 3, 5]
+    assert Fn.topk_gate(u, 0.01, rule="batch").nonzero().flatten().tolist() == [2]  # at least one
+    assert Fn.topk_gate(-u.abs() - 1, 0.5, rule="batch").sum() == 0
+    with pytest.raises(ValueError, match="rule must be one of 'nonnegative', 'batch'"):
+        Fn.topk_gate(u, 0.1, rule="all")
+    # a batch of rank gaps: the count equals the released code's, about half of the "batch" rule's
+    g = torch.Generator().manual_seed(0)
+    proxy, aux1, aux2 = torch.rand(3, 1000, generator=g)
+    gaps = Fn.rank_gap_uncertainty(proxy, [aux1, aux2])
+    for k in (0.02, 0.1, 0.2):
+        pos = gaps.numpy()[gaps.numpy() >= 0]
+        expected = int((gaps.numpy() > np.percentile(pos, 100 - k * 100)).sum())
+        got = int(Fn.topk_gate(gaps, k).sum())
+        assert got == expected
+        assert abs(got - k * len(pos)) <= 1  # the top k of the non-negative samples
+        assert int(Fn.topk_gate(gaps, k, rule="batch").sum()) == round(k * 1000)
+        assert got < 0.6 * round(k * 1000)
+
+
+def test_reward_scale_batch_std_of_the_gathered_rewards():
+    r = torch.tensor([1.0, 3.0, 0.0, 10.0])
+    g = torch.tensor([0, 0, 1, 1])
+    everything = torch.tensor([1.0, 3.0, 0.0, 10.0, 5.0, -5.0])  # e.g. the batch gathered over processes
+    torch.testing.assert_close(
+        Fn.reward_scale(r, g, "batch", batch_rewards=everything), (everything.std(unbiased=False) + 1e-4).expand(4)
+    )
+    centered = torch.tensor([-1.0, 1.0, -5.0, 5.0])
+    torch.testing.assert_close(Fn.group_advantages(r, g), centered / (r.std(unbiased=False) + 1e-4))  # default
+    torch.testing.assert_close(
+        Fn.group_advantages(r, g, "group"), centered / (torch.tensor([1.0, 1.0, 5.0, 5.0]) + 1e-4)
+    )

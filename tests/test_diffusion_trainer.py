@@ -43,10 +43,30 @@ def _record_velocity_calls(trainer):
         ({"kl_mode": "some"}, "kl_mode must be one of 'gated', 'all', 'none'"),
         ({"uncertainty_sign": "up"}, "uncertainty_sign must be one of 'proxy_overrates', 'released_code'"),
         ({"scale_rewards": "std"}, "scale_rewards must be one of"),
-        ({"num_generations": 1}, "num_generations must be >= 2"),
-        ({"clip_range": 0.0}, "clip_range must be > 0"),
+        ({"num_generations": 1}, "num_generations must be an integer >= 2, got 1"),
+        ({"clip_range": 0.0}, "clip_range must be a finite number > 0, got 0.0"),
         ({"gate_init": 0.5}, r"gate_init must lie in \[gate_min, gate_max\]"),
-        ({"timestep_fraction": 1.5}, "timestep_fraction must be <= 1"),
+        ({"timestep_fraction": 1.5}, "timestep_fraction must be a finite number > 0 and <= 1, got 1.5"),
+        ({"gate_fraction_of": "all"}, "gate_fraction_of must be one of 'nonnegative', 'batch', got 'all'"),
+        ({"optimizer_steps_per_epoch": 0}, "optimizer_steps_per_epoch must be an integer >= 1, got 0"),
+        ({"optimizer_steps_per_epoch": 9}, r"optimizer_steps_per_epoch must be <= num_generations \(8\)"),
+        ({"learning_rate": "a"}, "learning_rate must be a finite number > 0, got 'a'"),
+        ({"learning_rate": float("nan")}, "learning_rate must be a finite number > 0, got nan"),
+        ({"beta": float("inf")}, "beta must be a finite number >= 0, got inf"),
+        ({"num_epochs": 2.5}, "num_epochs must be an integer >= 1, got 2.5"),
+        ({"num_epochs": "10"}, "num_epochs must be an integer >= 1, got '10'"),
+        ({"num_epochs": True}, "num_epochs must be an integer >= 1, got True"),
+        ({"diversity_advantages": "yes"}, "diversity_advantages must be True or False, got 'yes'"),
+        ({"ref_kl_threshold": -1.0}, "ref_kl_threshold must be a finite number > 0, or None, got -1.0"),
+        ({"train_batch_size": 0}, "train_batch_size must be an integer >= 1, or None, got 0"),
+        (
+            {"lora_target_modules": "to_q"},
+            r"lora_target_modules must be a non-empty list of module names \(strings\), e.g. \['to_q', 'to_k'\], "
+            r"got 'to_q' \(a string; write \['to_q'\]\)",
+        ),
+        ({"lora_target_modules": []}, "lora_target_modules must be a non-empty list of module names"),
+        ({"lora_target_modules": ["to_q", 3]}, "lora_target_modules must be a non-empty list of module names"),
+        ({"output_dir": ""}, "output_dir must be a string, got ''"),
     ],
 )
 def test_config_errors_name_the_field(kwargs, match):
@@ -54,12 +74,33 @@ def test_config_errors_name_the_field(kwargs, match):
         GARDOConfig(**kwargs)
 
 
+def test_config_reports_every_bad_field_at_once():
+    bad = {
+        "learning_rate": "a",
+        "num_epochs": 2.5,
+        "lora_target_modules": "to_q",
+        "beta": float("nan"),
+        "kl_mode": "some",
+        "seed": 1.5,
+        "max_grad_norm": 0,
+    }
+    with pytest.raises(ValueError) as err:
+        GARDOConfig(**bad)
+    message = str(err.value)
+    assert all(f"{name} must be" in message for name in bad), message
+    assert message.count(" must be ") == len(bad)
+    # valid values of every type are accepted, tuples of modules become lists
+    cfg = GARDOConfig(max_grad_norm=None, ref_refresh_every=None, lora_target_modules=("to_q",), learning_rate=1)
+    assert cfg.lora_target_modules == ["to_q"] and cfg.learning_rate == 1
+
+
 def test_reference_passes_only_for_gated_samples(tmp_path):
-    trainer = GARDOTrainer(tiny_config(tmp_path, num_epochs=1, eval_every=0), **tiny_setup())
+    cfg = tiny_config(tmp_path, num_epochs=1, eval_every=0, optimizer_steps_per_epoch=1)
+    trainer = GARDOTrainer(cfg, **tiny_setup())
     calls = _record_velocity_calls(trainer)
     batch = trainer._rollout(0)
     gated = int(batch["gate_global"].sum())
-    assert 0 < gated < 8  # top 25% of 8 samples among those with positive uncertainty
+    assert 0 < gated < 8  # the top 60% of the samples with a non-negative uncertainty
     trainer._train_on(batch)
     ref = [c for c in calls if c[0] == "ref"]
     policy = [c for c in calls if c[0] == "default" and c[2]]
@@ -73,7 +114,8 @@ def test_reference_passes_only_for_gated_samples(tmp_path):
 
 @pytest.mark.parametrize(("mode", "ref_batch"), [("all", 8), ("none", None)])
 def test_kl_switches(tmp_path, mode, ref_batch):
-    trainer = GARDOTrainer(tiny_config(tmp_path, num_epochs=1, eval_every=0, kl_mode=mode), **tiny_setup())
+    cfg = tiny_config(tmp_path, num_epochs=1, eval_every=0, kl_mode=mode, optimizer_steps_per_epoch=1)
+    trainer = GARDOTrainer(cfg, **tiny_setup())
     calls = _record_velocity_calls(trainer)
     trainer._train_on(trainer._rollout(0))
     ref = [c[1] for c in calls if c[0] == "ref"]
@@ -84,7 +126,8 @@ def test_kl_switches(tmp_path, mode, ref_batch):
 
 
 def test_kl_starts_at_zero_and_grows(tmp_path):
-    trainer = GARDOTrainer(tiny_config(tmp_path, kl_mode="all", ref_kl_threshold=None, eval_every=0), **tiny_setup())
+    cfg = tiny_config(tmp_path, kl_mode="all", ref_kl_threshold=None, eval_every=0, optimizer_steps_per_epoch=1)
+    trainer = GARDOTrainer(cfg, **tiny_setup())
     ref0 = _lora(trainer, "ref")
     policy0 = _lora(trainer, "default")
     assert all(torch.equal(policy0[n], ref0[n.replace(".default.", ".ref.")]) for n in policy0)
@@ -105,7 +148,14 @@ def test_reference_refresh_every_n_and_on_threshold(tmp_path):
     policy, ref = _lora(trainer, "default"), _lora(trainer, "ref")
     assert all(torch.equal(p, ref[n.replace(".default.", ".ref.")]) for n, p in policy.items())
 
-    cfg = tiny_config(tmp_path / "thr", kl_mode="all", ref_kl_threshold=1e-30, ref_refresh_every=None, eval_every=0)
+    cfg = tiny_config(
+        tmp_path / "thr",
+        kl_mode="all",
+        ref_kl_threshold=1e-30,
+        ref_refresh_every=None,
+        eval_every=0,
+        optimizer_steps_per_epoch=1,
+    )
     history = GARDOTrainer(cfg, **tiny_setup()).train()
     # epoch 0 has KL 0 (no refresh at epoch 1); epoch 1's KL > threshold -> refresh at the start of epoch 2
     assert [r["ref_refreshed"] for r in history] == [False, False, True]
@@ -115,7 +165,7 @@ def test_gated_kl_matches_masked_formula(tmp_path):
     """The trainer's KL statistic equals the mean of the per-step Gaussian KL over the gated samples."""
     from regtune.diffusion import gaussian_step_kl, sde_step_with_logprob
 
-    trainer = GARDOTrainer(tiny_config(tmp_path, eval_every=0), **tiny_setup())
+    trainer = GARDOTrainer(tiny_config(tmp_path, eval_every=0, optimizer_steps_per_epoch=1), **tiny_setup())
     trainer._train_on(trainer._rollout(0))
     with torch.no_grad():  # make the adapters differ, then recompute the KL by hand
         for n, p in trainer.model.named_parameters():
@@ -225,12 +275,186 @@ def test_saved_lora_loads_into_a_diffusers_pipeline(tmp_path):
 
 
 def test_minibatches_and_timestep_fraction(tmp_path):
-    cfg = tiny_config(tmp_path, eval_every=0, train_batch_size=4, timestep_fraction=0.5, kl_mode="all")
+    cfg = tiny_config(tmp_path, eval_every=0, train_batch_size=2, timestep_fraction=0.5, kl_mode="all")
     trainer = GARDOTrainer(cfg, **tiny_setup())
     calls = _record_velocity_calls(trainer)
     trainer._train_on(trainer._rollout(0))
     policy = [c[1] for c in calls if c[0] == "default" and c[2]]
     ref = [c[1] for c in calls if c[0] == "ref"]
-    assert policy == [4] * 4 and ref == [4] * 4  # 2 optimizer steps x ceil(0.5 * 3) = 2 trained steps
+    # 2 optimizer steps of 4 samples x 2 micro-batches of 2 x ceil(0.5 * 3) = 2 trained timesteps
+    assert policy == [2] * 8 and ref == [2] * 8
     steps = {int(s["step"]) for s in trainer.optimizer.state_dict()["state"].values()}
     assert steps == {2}
+
+
+# ---- issue 12 items 7-9, issue 13: gate count, reward scale, several optimizer steps, safe and checked resume ----
+
+
+def test_gate_count_follows_the_released_code(tmp_path):
+    """The trainer's gate is the top k of the samples with u >= 0 (numpy's percentile rule), not k of the batch."""
+    import numpy as np
+
+    from regtune.diffusion import rank_gap_uncertainty
+
+    cfg = tiny_config(tmp_path, prompts_per_epoch=4, gate_init=0.5, gate_max=0.5, adaptive_gate=False, eval_every=0)
+    assert GARDOConfig().gate_fraction_of == "nonnegative"
+    kwargs = tiny_setup()
+    trainer = GARDOTrainer(cfg, **kwargs)
+    counts = []
+    for epoch in range(3):
+        batch = trainer._rollout(epoch)
+        images, prompts = batch["images"], batch["prompts"]
+        aux = [fn(images, prompts) for fn in kwargs["aux_reward_fns"]]
+        u = rank_gap_uncertainty(batch["proxy"], aux).numpy()
+        expected = u > np.percentile(u[u >= 0], 50)
+        assert batch["gate_global"].flatten().tolist() == expected.tolist()
+        counts.append(int(expected.sum()))
+    assert sum(counts) > 0
+    other = GARDOTrainer(tiny_config(tmp_path / "b", **{**cfg.to_dict(), "gate_fraction_of": "batch"}), **tiny_setup())
+    batch = other._rollout(0)
+    assert int(batch["gate_global"].sum()) > counts[0]  # the option gates k of the whole batch (8 of 16 here)
+
+
+@pytest.mark.parametrize(
+    ("scale", "diversity"), [("batch", False), ("group", False), ("none", False), ("batch", True)]
+)
+def test_advantages_divided_by_the_reward_std(tmp_path, scale, diversity):
+    from regtune.diffusion import nn_cosine_distance
+
+    assert GARDOConfig().scale_rewards == "batch"  # the released configs' global_std=True
+    cfg = tiny_config(tmp_path, scale_rewards=scale, diversity_advantages=diversity, adv_clip_max=1e6, eval_every=0)
+    trainer = GARDOTrainer(cfg, **tiny_setup())
+    batch = trainer._rollout(0)
+    r = batch["proxy"].double()
+    n = cfg.num_generations
+    expected = []
+    for g in range(cfg.prompts_per_epoch):
+        rg = r[g * n : (g + 1) * n]
+        centered = rg - rg.mean()
+        if diversity:
+            d = nn_cosine_distance(batch["images"][g * n : (g + 1) * n].flatten(1), torch.zeros(n)).double()
+            centered = torch.where(centered >= 0, centered * d / d.mean(), centered)
+        if scale == "batch":
+            centered = centered / (r.std(unbiased=False) + 1e-4)
+        elif scale == "group":
+            centered = centered / (rg.std(unbiased=False) + 1e-4)
+        expected.append(centered)
+    torch.testing.assert_close(batch["advantages"].double(), torch.cat(expected), rtol=1e-4, atol=1e-6)
+
+
+def test_several_optimizer_steps_per_epoch_let_clipping_bind(tmp_path):
+    assert GARDOConfig().optimizer_steps_per_epoch == 2
+    cfg = tiny_config(tmp_path, clip_range=1e-4, num_epochs=2, eval_every=0)
+    trainer = GARDOTrainer(cfg, **tiny_setup())
+    calls = _record_velocity_calls(trainer)
+    history = trainer.train()
+    steps = {int(s["step"]) for s in trainer.optimizer.state_dict()["state"].values()}
+    assert steps == {4}  # 2 optimizer steps per epoch
+    policy = [c[1] for c in calls if c[0] == "default" and c[2]]
+    assert policy == [4] * (2 * 2 * cfg.num_inference_steps)  # each step: half of each of the 2 groups of 4
+    for record in history:
+        assert 0 < record["clip_fraction"] <= 1 and record["approx_kl"] > 0  # the second step clips
+        assert record["optimizer_steps"] == 2 and "gated_fraction" in record and "refreshes" in record
+    with open(tmp_path / "metrics.jsonl") as f:
+        logged = [json.loads(line) for line in f]
+    assert [r["clip_fraction"] for r in logged] == [r["clip_fraction"] for r in history]
+
+    one = GARDOTrainer(tiny_config(tmp_path / "one", clip_range=1e-4, optimizer_steps_per_epoch=1), **tiny_setup())
+    stats = one._train_on(one._rollout(0))
+    assert stats["clip_fraction"] == 0.0 and stats["approx_kl"] < 1e-8  # one step: the ratio is 1, nothing clips
+
+
+def test_micro_batches_accumulate_to_the_same_step(tmp_path):
+    full = GARDOTrainer(tiny_config(tmp_path / "a", eval_every=0, kl_mode="all"), **tiny_setup())
+    micro = GARDOTrainer(tiny_config(tmp_path / "b", eval_every=0, kl_mode="all", train_batch_size=1), **tiny_setup())
+    a, b = full._train_on(full._rollout(0)), micro._train_on(micro._rollout(0))
+    assert a["clip_fraction"] == b["clip_fraction"]
+    for (name, p), (_, q) in zip(full.model.named_parameters(), micro.model.named_parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_diagnostics_reach_the_accelerator_trackers(tmp_path):
+    from accelerate import Accelerator
+    from accelerate.tracking import GeneralTracker
+
+    class ListTracker(GeneralTracker):
+        name, requires_logging_directory = "list", False
+
+        def __init__(self):
+            super().__init__()
+            self.logged = []
+
+        @property
+        def tracker(self):
+            return self
+
+        def store_init_configuration(self, values):
+            pass
+
+        def log(self, values, step=None, **kwargs):
+            self.logged.append((step, dict(values)))
+
+    tracker = ListTracker()
+    accelerator = Accelerator(log_with=[tracker])
+    accelerator.init_trackers("gardo")
+    GARDOTrainer(tiny_config(tmp_path, num_epochs=1, eval_every=0), accelerator=accelerator, **tiny_setup()).train()
+    step, values = tracker.logged[-1]
+    assert step == 1
+    for key in ("clip_fraction", "approx_kl", "gated_fraction", "kl", "refreshes", "reward"):
+        assert f"gardo/{key}" in values
+
+
+class _Evil:
+    """Unpickling this runs code: it writes the file `marker`."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (exec, (f"open({self.marker!r}, 'w').write('ran')",))
+
+
+def test_checkpoint_reader_refuses_a_malicious_pickle(tmp_path):
+    marker = tmp_path / "pwned"
+    torch.save({"adapters": _Evil(marker), "config": {}}, tmp_path / "checkpoint.pt")
+    trainer = GARDOTrainer(tiny_config(tmp_path, eval_every=0), **tiny_setup())
+    with pytest.raises(ValueError, match="refused for safety") as err:
+        trainer.train()
+    assert "checkpoint.pt" in str(err.value) and "weights_only=False" not in str(err.value)
+    assert not marker.exists()
+
+
+def test_testbed_cache_reader_refuses_a_malicious_pickle(tmp_path):
+    from regtune.diffusion.testbed import TestbedConfig, cache_path, load_or_pretrain
+
+    config = TestbedConfig(pretrain_steps=2, classifier_steps=2, width=4, cache_dir=str(tmp_path / "cache"))
+    path = cache_path(config)
+    assert path.endswith(".safetensors")
+    state = load_or_pretrain(config, log=None)  # pretrains and writes the cache
+    again = load_or_pretrain(config, log=None)  # reads it back
+    assert again["pretrain_loss"] == pytest.approx(state["pretrain_loss"])
+    assert all(torch.equal(state["transformer"][k], again["transformer"][k]) for k in state["transformer"])
+    marker = tmp_path / "pwned"
+    torch.save({"transformer": _Evil(marker)}, path)
+    with pytest.raises(ValueError, match="not a testbed safetensors file") as err:
+        load_or_pretrain(config, log=None)
+    assert path in str(err.value)
+    assert not marker.exists()
+
+
+def test_resume_refuses_changed_settings(tmp_path):
+    GARDOTrainer(tiny_config(tmp_path, num_epochs=1, eval_every=0), **tiny_setup()).train()
+    ckpt = torch.load(tmp_path / "checkpoint.pt", weights_only=True)  # plain tensors and values only
+    assert ckpt["config"]["learning_rate"] == 1e-2
+    changed = tiny_config(tmp_path, num_epochs=2, eval_every=0, learning_rate=5e-3, beta=0.5)
+    with pytest.raises(ValueError) as err:
+        GARDOTrainer(changed, **tiny_setup()).train()
+    message = str(err.value)
+    assert "learning_rate (0.01 -> 0.005)" in message and "beta (1.0 -> 0.5)" in message
+    assert "num_epochs" not in message  # more epochs continue the run
+    longer = GARDOTrainer(tiny_config(tmp_path, num_epochs=2, eval_every=0), **tiny_setup())
+    assert [r["epoch"] for r in longer.train()] == [1, 2]
+    fresh = GARDOTrainer(changed.__class__(**{**changed.to_dict(), "resume": False}), **tiny_setup())
+    assert [r["epoch"] for r in fresh.train()] == [1, 2]  # resume=False starts over
+    with open(tmp_path / "metrics.jsonl") as f:
+        assert [json.loads(line)["epoch"] for line in f] == [1, 2]  # the old log is replaced, not appended to

@@ -1,14 +1,19 @@
-"""`GARDOConfig`: the settings of [`GARDOTrainer`], validated in `__post_init__` (errors name the field)."""
+"""`GARDOConfig`: the settings of [`GARDOTrainer`], validated at construction (every bad field named at once)."""
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+import math
+import typing
+from dataclasses import asdict, dataclass, field, fields
 
 
 SD3_LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"]
 KL_MODES = ("gated", "all", "none")
-SCALES = ("none", "group", "batch")
+SCALES = ("group", "batch", "none")
 SIGNS = ("proxy_overrates", "released_code")
+GATE_RULES = ("nonnegative", "batch")
+# fields that may differ between a checkpoint and the config that resumes it (they do not change the trajectory)
+RESUMABLE_FIELDS = ("output_dir", "resume", "num_epochs", "save_every", "eval_every")
 
 
 @dataclass
@@ -17,11 +22,17 @@ class GARDOConfig:
     Configuration of [`GARDOTrainer`]: GARDO ("Reinforcing Diffusion Models without Reward Hacking",
     https://huggingface.co/papers/2512.24138) on Flow-GRPO (https://huggingface.co/papers/2505.05470).
 
-    The defaults are those of the paper's released code (METHODS.md §6): SDE noise level 0.7, PPO clip 1e-4,
-    advantages clipped at 5 without std normalisation, KL coefficient 0.04 on the gated ~10% of samples
-    (k in [0.02, 0.2]), reference refresh when the KL exceeds 3e-4 or every 15 epochs, LoRA r 32 / alpha 64,
+    The defaults are those of the paper's released code (github tinnerhrhe/GARDO, `config/gardo.py`): SDE noise
+    level 0.7, PPO clip 1e-4, advantages divided by the batch's reward std (Flow-GRPO's `global_std=True`) and
+    clipped at 5, two optimizer steps per epoch (the code accumulates over half of an epoch's sample batches and
+    all trained timesteps), KL coefficient 0.04 on the top k = 10% (adapted within [0.02, 0.2]) of the samples whose
+    uncertainty is >= 0, reference refresh when the KL exceeds 3e-4 or every 15 epochs, LoRA r 32 / alpha 64,
     lr 3e-4. The baselines are switches of the same code: `kl_mode="none"` (Flow-GRPO without KL),
     `kl_mode="all"` (Flow-GRPO's KL on every sample), each with `diversity_advantages=False` and no refresh.
+    See docs/gardo.md.
+
+    Every field is checked at construction (type, range, finiteness, allowed values); all bad fields are reported
+    in one `ValueError`.
     """
 
     output_dir: str = field(default="gardo_out", metadata={"help": "checkpoint, metrics.jsonl and LoRA weights"})
@@ -36,8 +47,21 @@ class GARDOConfig:
     timestep_fraction: float = field(
         default=1.0, metadata={"help": "train on the first ceil(fraction * steps) steps", "gt": 0, "le": 1}
     )
+    optimizer_steps_per_epoch: int = field(
+        default=2,
+        metadata={
+            "help": "optimizer steps per epoch: step s trains on members [s G/S, (s+1) G/S) of every group (the "
+            "released code takes 2); from the second on, PPO's clipping can bind",
+            "ge": 1,
+        },
+    )
     train_batch_size: int | None = field(
-        default=None, metadata={"help": "samples per optimizer step per process (None: all of them)", "ge": 1}
+        default=None,
+        metadata={
+            "help": "micro-batch size per process; gradients of an optimizer step's micro-batches are accumulated "
+            "(None: one micro-batch)",
+            "ge": 1,
+        },
     )
     learning_rate: float = field(default=3e-4, metadata={"help": "AdamW learning rate", "gt": 0})
     weight_decay: float = field(default=1e-4, metadata={"help": "AdamW weight decay", "ge": 0})
@@ -45,8 +69,12 @@ class GARDOConfig:
     clip_range: float = field(default=1e-4, metadata={"help": "PPO ratio clip epsilon", "gt": 0})
     adv_clip_max: float = field(default=5.0, metadata={"help": "advantages are clipped to +-this", "gt": 0})
     scale_rewards: str = field(
-        default="none",
-        metadata={"help": "advantage std normalisation: none (GARDO) | group | batch (Flow-GRPO)", "choices": SCALES},
+        default="batch",
+        metadata={
+            "help": "divide the advantages by a reward std: batch (the batch's std, Flow-GRPO's global_std, the "
+            "released configs' setting) | group (the prompt group's std) | none",
+            "choices": SCALES,
+        },
     )
     diversity_advantages: bool = field(
         default=True, metadata={"help": "scale above-mean advantages by the nearest-neighbour feature distance"}
@@ -59,6 +87,14 @@ class GARDOConfig:
     gate_init: float = field(default=0.1, metadata={"help": "initial gated fraction k", "ge": 0, "le": 1})
     gate_min: float = field(default=0.02, metadata={"help": "lower bound of k", "ge": 0, "le": 1})
     gate_max: float = field(default=0.2, metadata={"help": "upper bound of k", "ge": 0, "le": 1})
+    gate_fraction_of: str = field(
+        default="nonnegative",
+        metadata={
+            "help": "nonnegative (the released code: the top k of the samples whose uncertainty is >= 0) | batch "
+            "(round(k B) samples of the whole batch, among those with u > 0: about twice as many)",
+            "choices": GATE_RULES,
+        },
+    )
     gate_window: int = field(default=20, metadata={"help": "epochs in k's sliding window", "ge": 1})
     adaptive_gate: bool = field(default=True, metadata={"help": "adapt k (False: keep gate_init)"})
     uncertainty_sign: str = field(
@@ -93,30 +129,29 @@ class GARDOConfig:
     resume: bool = field(default=True, metadata={"help": "continue from output_dir/checkpoint.pt if it exists"})
 
     def __post_init__(self):
-        errors = []
-        for name, f in self.__dataclass_fields__.items():
-            value = getattr(self, name)
-            meta = f.metadata
-            if "choices" in meta and value not in meta["choices"]:
-                allowed = ", ".join(repr(c) for c in meta["choices"])
-                errors.append(f"{name} must be one of {allowed}, got {value!r}")
-            if value is None or isinstance(value, bool) or not isinstance(value, (int, float)):
-                continue
-            for key, ok, sign in (
-                ("ge", lambda v, b: v >= b, ">="),
-                ("gt", lambda v, b: v > b, ">"),
-                ("le", lambda v, b: v <= b, "<="),
-            ):
-                if key in meta and not ok(value, meta[key]):
-                    errors.append(f"{name} must be {sign} {meta[key]}, got {value!r}")
-        if not self.gate_min <= self.gate_init <= self.gate_max:
+        errors = _field_errors(self)
+        bad = {name for name, _ in errors}
+        if not bad & {"gate_init", "gate_min", "gate_max"} and not self.gate_min <= self.gate_init <= self.gate_max:
             errors.append(
-                f"gate_init must lie in [gate_min, gate_max] = [{self.gate_min}, {self.gate_max}], got {self.gate_init}"
+                (
+                    "gate_init",
+                    f"gate_init must lie in [gate_min, gate_max] = [{self.gate_min}, {self.gate_max}], "
+                    f"got {self.gate_init!r}",
+                )
             )
-        if not self.lora_target_modules:
-            errors.append("lora_target_modules must name at least one module")
+        if not bad & {"optimizer_steps_per_epoch", "num_generations"} and (
+            self.optimizer_steps_per_epoch > self.num_generations
+        ):
+            errors.append(
+                (
+                    "optimizer_steps_per_epoch",
+                    f"optimizer_steps_per_epoch must be <= num_generations ({self.num_generations}): every step "
+                    f"trains on a share of each group, got {self.optimizer_steps_per_epoch!r}",
+                )
+            )
         if errors:
-            raise ValueError("Invalid GARDOConfig: " + "; ".join(errors))
+            raise ValueError("Invalid GARDOConfig: " + "; ".join(message for _, message in errors))
+        self.lora_target_modules = list(self.lora_target_modules)
 
     @property
     def uses_reference(self) -> bool:
@@ -124,3 +159,93 @@ class GARDOConfig:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    def changed_fields(self, stored: dict) -> dict[str, tuple]:
+        """
+        `{field: (stored value, this value)}` for every field that differs from the settings `stored` (a
+        [`to_dict`] of another config, e.g. read from a checkpoint), except those that may change on resume
+        (`output_dir`, `resume`, `num_epochs`, `save_every`, `eval_every`). A field missing from `stored` (an
+        older checkpoint) counts as changed unless this config holds its default.
+        """
+        mine = self.to_dict()
+        changed = {}
+        for f in fields(self):
+            if f.name in RESUMABLE_FIELDS:
+                continue
+            if f.name in stored:
+                old = stored[f.name]
+                if isinstance(old, tuple):
+                    old = list(old)
+                if old != mine[f.name]:
+                    changed[f.name] = (old, mine[f.name])
+            elif mine[f.name] != getattr(type(self)(), f.name):
+                changed[f.name] = ("<absent>", mine[f.name])
+        return changed
+
+
+_TYPE_NAMES = {int: "an integer", float: "a finite number", bool: "True or False", str: "a string"}
+
+
+def _allowed(hint, meta: dict) -> str:
+    """What a field accepts, in words: `an integer >= 1`, `one of 'a', 'b'`, `a finite number > 0, or None`."""
+    args = typing.get_args(hint)
+    optional = type(None) in args
+    base = (
+        next((a for a in args if a is not type(None)), hint) if args and typing.get_origin(hint) is not list else hint
+    )
+    if "choices" in meta:
+        text = "one of " + ", ".join(repr(c) for c in meta["choices"])
+    elif typing.get_origin(base) is list:
+        text = "a non-empty list of module names (strings), e.g. ['to_q', 'to_k']"
+    else:
+        text = _TYPE_NAMES.get(base, getattr(base, "__name__", str(base)))
+        bounds = [f"{sign} {meta[key]}" for key, sign in (("ge", ">="), ("gt", ">"), ("le", "<=")) if key in meta]
+        if bounds:
+            text += " " + " and ".join(bounds)
+    return text + (", or None" if optional else "")
+
+
+def _value_ok(value, hint, meta: dict) -> bool:
+    args = typing.get_args(hint)
+    if value is None:
+        return type(None) in args
+    base = (
+        next((a for a in args if a is not type(None)), hint) if args and typing.get_origin(hint) is not list else hint
+    )
+    if typing.get_origin(base) is list:
+        return (
+            isinstance(value, (list, tuple))
+            and len(value) > 0
+            and all(isinstance(v, str) and v.strip() for v in value)
+        )
+    if base is bool:
+        ok = isinstance(value, bool)
+    elif base is int:
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    elif base is float:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    elif base is str:
+        ok = isinstance(value, str) and bool(value)
+    else:
+        ok = True
+    if not ok:
+        return False
+    if "choices" in meta and value not in meta["choices"]:
+        return False
+    checks = (("ge", lambda v, b: v >= b), ("gt", lambda v, b: v > b), ("le", lambda v, b: v <= b))
+    return all(check(value, meta[key]) for key, check in checks if key in meta) if base in (int, float) else True
+
+
+def _field_errors(config) -> list[tuple[str, str]]:
+    """`[(field, message)]` for every field of a config dataclass whose value its annotation and metadata refuse."""
+    hints = typing.get_type_hints(type(config))
+    errors = []
+    for f in fields(config):
+        value, meta = getattr(config, f.name), dict(f.metadata)
+        if _value_ok(value, hints[f.name], meta):
+            continue
+        shown = repr(value)
+        if isinstance(value, str) and typing.get_origin(hints[f.name]) is list:
+            shown += f" (a string; write [{value!r}])"
+        errors.append((f.name, f"{f.name} must be {_allowed(hints[f.name], meta)}, got {shown}"))
+    return errors

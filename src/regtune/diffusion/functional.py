@@ -21,6 +21,7 @@ import torch
 
 
 LOG_SQRT_2PI = 0.5 * math.log(2 * math.pi)
+SCALES = ("group", "batch", "none")
 
 
 def _batch_vector(t: torch.Tensor, n: int) -> torch.Tensor:
@@ -164,33 +165,46 @@ def _group_mean(values: torch.Tensor, inverse: torch.Tensor, n_groups: int) -> t
     return (z.index_add(0, inverse, values) / counts)[inverse]
 
 
-def reward_scale(rewards: torch.Tensor, group_ids: torch.Tensor, scale: str = "none", eps: float = 1e-4):
+def reward_scale(
+    rewards: torch.Tensor,
+    group_ids: torch.Tensor,
+    scale: str = "batch",
+    eps: float = 1e-4,
+    batch_rewards: torch.Tensor | None = None,
+) -> torch.Tensor:
     """
-    The per-sample divisor of the advantages: `1` (`"none"`), the group's std + eps (`"group"`), or the batch's
-    std + eps (`"batch"`); population stds. `[B]`.
+    The per-sample divisor of the advantages (trl GRPO's `scale_rewards` names; population stds, as Flow-GRPO's
+    `PerPromptStatTracker`): `1` (`"none"`), the group's std + eps (`"group"`), or the batch's std + eps (`"batch"`,
+    Flow-GRPO's `global_std=True`). `batch_rewards`: the rewards whose std `"batch"` uses (default `rewards`; under
+    DDP pass the gathered global batch). `[B]`.
     """
-    if scale not in ("none", "group", "batch"):
-        raise ValueError(f"scale must be one of 'none', 'group', 'batch', got {scale!r}")
+    if scale not in SCALES:
+        raise ValueError(f"scale must be one of {', '.join(repr(s) for s in SCALES)}, got {scale!r}")
     rewards = rewards.float()
     if scale == "none":
         return torch.ones_like(rewards)
     if scale == "batch":
-        return (rewards.std(unbiased=False) + eps).expand_as(rewards)
+        pool = rewards if batch_rewards is None else batch_rewards.float()
+        return (pool.std(unbiased=False) + eps).expand_as(rewards)
     inverse, n_groups = _group_index(group_ids)
     centered = rewards - _group_mean(rewards, inverse, n_groups)
     return _group_mean(centered**2, inverse, n_groups).sqrt() + eps
 
 
 def group_advantages(
-    rewards: torch.Tensor, group_ids: torch.Tensor, scale: str = "none", eps: float = 1e-4
+    rewards: torch.Tensor,
+    group_ids: torch.Tensor,
+    scale: str = "batch",
+    eps: float = 1e-4,
+    batch_rewards: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """
-    Per-prompt group advantages `A_i = (r_i - mean_{group(i)} r) / s_i`.
+    Per-prompt group advantages `A_i = (r_i - mean_{group(i)} r) / s_i` (Flow-GRPO).
 
-    `scale`: `"none"` (GARDO: `s = 1`), `"group"` (GRPO: the group's std), `"batch"` (Flow-GRPO's `global_std`: the
-    std of all `rewards`); see [`reward_scale`].
+    `scale`: `"batch"` (Flow-GRPO's `global_std=True`, the released configs' setting: `s` = the std of all rewards of
+    the batch), `"group"` (GRPO: the group's std) or `"none"` (`s = 1`); see [`reward_scale`].
     """
-    divisor = reward_scale(rewards, group_ids, scale, eps)
+    divisor = reward_scale(rewards, group_ids, scale, eps, batch_rewards)
     rewards = rewards.float()
     inverse, n_groups = _group_index(group_ids)
     return (rewards - _group_mean(rewards, inverse, n_groups)) / divisor
@@ -270,21 +284,41 @@ def rank_gap_uncertainty(
     return u / proxy.numel()
 
 
-def topk_gate(uncertainty: torch.Tensor, fraction: float, positive_only: bool = True) -> torch.Tensor:
+GATE_RULES = ("nonnegative", "batch")
+
+
+def topk_gate(uncertainty: torch.Tensor, fraction: float, rule: str = "nonnegative") -> torch.Tensor:
     """
-    Boolean gate of the `round(fraction * B)` most uncertain samples (at least 1 when `fraction > 0`); with
-    `positive_only` only samples with `u > 0` can be gated (fewer are gated if fewer are positive).
+    Boolean gate of the most uncertain samples: GARDO applies its KL to these only.
+
+    * `rule="nonnegative"` (default, the released code's rule): among the samples with `u >= 0`, the threshold is
+      their `100 (1 - fraction)`-th percentile (linear interpolation, as `numpy.percentile`), and the samples with
+      `u` strictly above it are gated -- about `fraction` of the non-negative samples, and none when they are tied.
+    * `rule="batch"`: the `round(fraction * B)` samples with the largest `u` (at least 1 when `fraction > 0`), of
+      which only those with `u > 0` are gated -- about `fraction` of the whole batch (about twice the released
+      code's count, since about half of the rank gaps are non-negative).
+
+    `fraction = 0` gates nothing. Returns a `[B]` boolean tensor.
     """
+    if rule not in GATE_RULES:
+        raise ValueError(f"rule must be one of {', '.join(repr(r) for r in GATE_RULES)}, got {rule!r}")
     n = uncertainty.numel()
-    k = min(n, max(1, round(fraction * n))) if fraction > 0 else 0
     gate = torch.zeros(n, dtype=torch.bool, device=uncertainty.device)
-    if k == 0:
+    if fraction <= 0 or n == 0:
         return gate
-    top = torch.topk(uncertainty, k, sorted=True).indices
+    u = uncertainty.float().reshape(-1)
+    if rule == "nonnegative":
+        nonnegative = u[u >= 0]
+        if nonnegative.numel() == 0:
+            return gate
+        # numpy.percentile(pos, 100 - 100 k) of the released code, linear interpolation
+        q = min(max((100 - 100 * float(fraction)) / 100, 0.0), 1.0)
+        threshold = torch.quantile(nonnegative, q, interpolation="linear")
+        return u > threshold
+    k = min(n, max(1, round(fraction * n)))
+    top = torch.topk(u, k, sorted=True).indices
     gate[top] = True
-    if positive_only:
-        gate &= uncertainty > 0
-    return gate
+    return gate & (u > 0)
 
 
 class AdaptiveGateFraction:
@@ -292,8 +326,9 @@ class AdaptiveGateFraction:
     GARDO's adaptive gated fraction `k` (the released code's `RiskCompensator`).
 
     `k` starts at `init` and stays in `[min_fraction, max_fraction]`. Each epoch, `update(u)` compares the mean of
-    the positive uncertainties with a sliding window of the previous `window` epochs' means: above the window's max,
-    `k *= up`; below its min, `k *= down`; then the mean joins the window. State: `state_dict()`/`load_state_dict()`.
+    the non-negative uncertainties (`u >= 0`, as the released code) with a sliding window of the previous `window`
+    epochs' means: above the window's max, `k *= up`; below its min, `k *= down`; then the mean joins the window.
+    State: `state_dict()`/`load_state_dict()`.
     """
 
     def __init__(
@@ -316,8 +351,8 @@ class AdaptiveGateFraction:
 
     def update(self, uncertainty: torch.Tensor) -> float:
         """Update `k` from this epoch's uncertainties (one host sync per epoch); return the new `k`."""
-        positive = uncertainty[uncertainty > 0]
-        current = float(positive.mean()) if positive.numel() else 0.0
+        nonnegative = uncertainty[uncertainty >= 0]
+        current = float(nonnegative.mean()) if nonnegative.numel() else 0.0
         if self.history:
             if current > max(self.history):
                 self.k = min(self.k * self.up, self.max_fraction)
@@ -414,7 +449,8 @@ def diversity_scaled_advantages(
 ) -> torch.Tensor:
     """
     GARDO's diversity-aware advantage: `A_i = (r_i - m_g) * w_i` with `m_g` the group's mean reward and
-    `w_i = d_i / mean_g(d)` for samples with `r_i >= m_g`, `w_i = 1` otherwise (no std normalisation).
+    `w_i = d_i / mean_g(d)` for samples with `r_i >= m_g`, `w_i = 1` otherwise. No std division here (the released
+    code's `type="gardo"` tracker has none); [`GARDOTrainer`] divides the result by its `scale_rewards` std.
     """
     centered = group_advantages(rewards, group_ids, scale="none")
     inverse, n_groups = _group_index(group_ids)

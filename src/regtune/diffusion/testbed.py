@@ -247,20 +247,62 @@ def pretrain(config: TestbedConfig, log=print) -> dict:
     }
 
 
+def cache_path(config: TestbedConfig) -> str | None:
+    """Where [`load_or_pretrain`] caches the pretrained testbed: `cache_dir/testbed-<key>.safetensors` (or None)."""
+    if not config.cache_dir:
+        return None
+    return os.path.join(os.path.expanduser(config.cache_dir), f"testbed-{config.key()}.safetensors")
+
+
+def save_testbed_state(state: dict, path: str) -> None:
+    """Write a [`pretrain`] result as safetensors (tensors, prefixed by model) + metadata, atomically."""
+    from safetensors.torch import save_file
+
+    tensors = {
+        f"{part}.{name}": t.detach().contiguous()
+        for part in ("transformer", "classifier")
+        for name, t in state[part].items()
+    }
+    metadata = {key: json.dumps(float(state[key])) for key in ("pretrain_loss", "classifier_accuracy")}
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    tmp = f"{path}.tmp{os.getpid()}"
+    save_file(tensors, tmp, metadata=metadata)
+    os.replace(tmp, path)
+
+
+def load_testbed_state(path: str) -> dict:
+    """
+    Read a cached testbed written by [`save_testbed_state`]. It is a safetensors file (tensors and string metadata
+    only, no pickle): anything else is refused with a `ValueError` naming the file, and nothing in it runs.
+    """
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(path, framework="pt") as f:
+            metadata = f.metadata() or {}
+            tensors = {key: f.get_tensor(key) for key in f.keys()}
+        state = {part: {} for part in ("transformer", "classifier")}
+        for key, value in tensors.items():
+            part, name = key.split(".", 1)
+            state[part][name] = value
+        for key in ("pretrain_loss", "classifier_accuracy"):
+            state[key] = float(json.loads(metadata[key]))
+    except (SafetensorError, OSError, KeyError, ValueError) as err:
+        raise ValueError(
+            f"the cached GARDO testbed {path} is not a testbed safetensors file ({type(err).__name__}: {err}); "
+            "delete it to pretrain again"
+        ) from None
+    return state
+
+
 def load_or_pretrain(config: TestbedConfig, log=print) -> dict:
-    """[`pretrain`], cached in `config.cache_dir/<key>.pt` (written atomically)."""
-    path = None
-    if config.cache_dir:
-        cache = os.path.expanduser(config.cache_dir)
-        path = os.path.join(cache, f"testbed-{config.key()}.pt")
-        if os.path.exists(path):
-            return torch.load(path, map_location="cpu", weights_only=False)
+    """[`pretrain`], cached as safetensors in `config.cache_dir/testbed-<key>.safetensors` (written atomically)."""
+    path = cache_path(config)
+    if path and os.path.exists(path):
+        return load_testbed_state(path)
     state = pretrain(config, log=log)
     if path:
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        tmp = f"{path}.tmp{os.getpid()}"
-        torch.save(state, tmp)
-        os.replace(tmp, path)
+        save_testbed_state(state, path)
     return state
 
 

@@ -65,6 +65,20 @@ def _cpu_only_multiprocess() -> bool:
     return int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
 
 
+def _plain(value):
+    """Python/numpy scalars and tuples as plain values that `torch.load(weights_only=True)` reads."""
+    if isinstance(value, tuple):
+        return [_plain(v) for v in value]
+    if isinstance(value, np.generic):
+        return value.item()
+    return value
+
+
+def _as_tuples(value):
+    """Lists back to tuples (`random.setstate` wants the tuples `random.getstate` gave)."""
+    return tuple(_as_tuples(v) for v in value) if isinstance(value, list) else value
+
+
 def _seed_for(*parts: int) -> int:
     h = 0
     for p in parts:
@@ -170,6 +184,7 @@ class GARDOTrainer:
         self.gate = AdaptiveGateFraction(config.gate_init, config.gate_min, config.gate_max, window=config.gate_window)
         self.refresh = ReferenceRefresh(config.ref_kl_threshold, config.ref_refresh_every)
         self.epoch = 0
+        self.refreshes = 0
         self.history: list[dict] = []
 
     # ----------------------------------------------------------------------------------------------------------------
@@ -276,19 +291,20 @@ class GARDOTrainer:
         images, sprompts = batch["images"], batch["prompts"]
         proxy = self._score(self.reward_fn, images, sprompts, "reward_fn")
         group_ids = torch.arange(len(local), device=self.device).repeat_interleave(cfg.num_generations)
+        # "batch" scaling uses the std of the global batch (gathered), as Flow-GRPO's global_std
+        all_proxy = acc.gather(proxy)
+        n_global = all_proxy.numel()
+        scale = reward_scale(proxy, group_ids, cfg.scale_rewards, batch_rewards=all_proxy)
         if cfg.diversity_advantages:
             feats = self.feature_fn(images)
             distances = nn_cosine_distance(feats, group_ids)
-            adv = diversity_scaled_advantages(proxy, group_ids, distances)
-            adv = adv / reward_scale(proxy, group_ids, cfg.scale_rewards)
+            adv = diversity_scaled_advantages(proxy, group_ids, distances) / scale
         else:
-            adv = group_advantages(proxy, group_ids, cfg.scale_rewards)
+            adv = group_advantages(proxy, group_ids, "none") / scale
         batch["advantages"] = adv.clamp(-cfg.adv_clip_max, cfg.adv_clip_max)
         batch["proxy"] = proxy
 
         # the gate: ranks over the global batch
-        all_proxy = acc.gather(proxy)
-        n_global = all_proxy.numel()
         if self.aux_reward_fns:
             aux = torch.stack(
                 [self._score(f, images, sprompts, f"aux_reward_fns[{i}]") for i, f in enumerate(self.aux_reward_fns)]
@@ -296,7 +312,7 @@ class GARDOTrainer:
             all_aux = acc.gather(aux.T.contiguous()).T  # [n_aux, B_global]
             u = rank_gap_uncertainty(all_proxy, list(all_aux), sign=cfg.uncertainty_sign)
             k = self.gate.update(u) if cfg.adaptive_gate else self.gate.k
-            gate = topk_gate(u, k)
+            gate = topk_gate(u, k, rule=cfg.gate_fraction_of)
         else:
             gate = torch.zeros(n_global, dtype=torch.bool, device=self.device)
         if cfg.kl_mode == "all":
@@ -312,67 +328,101 @@ class GARDOTrainer:
         batch["diversity"] = float(acc.gather(within_group_pairwise_l2(images, group_ids).reshape(1)).mean())
         return batch
 
+    def _step_members(self, n_local: int) -> list[torch.Tensor]:
+        """
+        Local sample indices of each optimizer step: step `s` of `S` trains on the members `m` of every prompt group
+        with `floor(m S / G) = s`. Every process holds whole groups, so each step's global sample set (and every
+        process's share of it) is the same for any number of processes.
+        """
+        cfg = self.config
+        member = torch.arange(n_local, device=self.device) % cfg.num_generations
+        step_of = member * cfg.optimizer_steps_per_epoch // cfg.num_generations
+        return [(step_of == s).nonzero().flatten() for s in range(cfg.optimizer_steps_per_epoch)]
+
     def _train_on(self, batch: dict) -> dict:
+        """
+        `optimizer_steps_per_epoch` optimizer steps on the epoch's samples. Each accumulates the loss of every
+        trained timestep of its samples (in micro-batches of `train_batch_size`), as the released code accumulates
+        over sample batches and timesteps; from the second step on the policy differs from the sampling policy, so
+        PPO's clipping can bind. Returns the epoch's statistics (means over steps, timesteps and samples): policy
+        loss, gated KL, clip fraction (`|r - 1| > clip_range`), approx KL (`0.5 (logp - logp_old)^2`), the number of
+        optimizer steps.
+        """
         cfg, acc = self.config, self.accelerator
         T = len(self.sigmas) - 1
         steps = list(range(math.ceil(cfg.timestep_fraction * T)))
         n_local = batch["latents"].shape[0]
-        mb = cfg.train_batch_size or n_local
         clamp = float(1 - self.sigmas[1])
         world = acc.num_processes
-        stats = {"policy_loss": 0.0, "kl": 0.0, "n_steps": 0}
-        kl_values, pg_values = [], []
-        for start in range(0, n_local, mb):
-            sl = slice(start, min(start + mb, n_local))
-            gate_all = batch["gate_global"][:, sl]  # [world, mb]: the step's gated samples on every process
+        kl_values = []
+        # diagnostics, summed over processes once at the end of the epoch: [pg sum, clipped, approx kl sum, count]
+        sums = torch.zeros(4, device=self.device)
+        for members in self._step_members(n_local):
+            n_step = members.numel()  # this process's samples in the step (equal on every process)
+            gate_all = batch["gate_global"][:, members]  # [world, n_step]: the step's gated samples everywhere
             n_gated = gate_all.sum()
             gate_local = gate_all[acc.process_index]
-            idx = gate_local.nonzero().flatten()
-            cond = tuple(c[sl] for c in batch["cond"])
-            adv = batch["advantages"][sl]
             kl_acc = torch.zeros((), device=self.device)
-            # reference means of the gated samples for every trained step, with one adapter switch per optimizer step
-            ref_means: dict[int, torch.Tensor] = {}
-            if cfg.uses_reference and idx.numel():
-                cond_g = tuple(c[idx] for c in cond)
-                with torch.no_grad(), self._adapter(REF_ADAPTER) as ref:
-                    for j in steps:
-                        x_g = batch["latents"][sl, j][idx]
-                        v_ref = self._velocity(ref, x_g, float(self.sigmas[j]), cond_g)
-                        _, _, ref_means[j], _ = sde_step_with_logprob(
-                            v_ref,
-                            x_g,
-                            self.sigmas[j],
-                            self.sigmas[j + 1],
-                            cfg.noise_level,
-                            prev_sample=batch["latents"][sl, j + 1][idx],
-                            sigma_max_clamp=clamp,
+            micro = cfg.train_batch_size or n_step
+            chunks = list(range(0, n_step, micro))
+            for c_i, start in enumerate(chunks):
+                sl = members[start : start + micro]
+                idx = gate_local[start : start + micro].nonzero().flatten()  # gated samples of the micro-batch
+                cond = tuple(c[sl] for c in batch["cond"])
+                adv = batch["advantages"][sl]
+                latents, old_logps = batch["latents"][sl], batch["log_probs"][sl]
+                # reference means of the gated samples for every trained step, one adapter switch per micro-batch
+                ref_means: dict[int, torch.Tensor] = {}
+                if cfg.uses_reference and idx.numel():
+                    cond_g = tuple(c[idx] for c in cond)
+                    with torch.no_grad(), self._adapter(REF_ADAPTER) as ref:
+                        for j in steps:
+                            x_g = latents[idx, j]
+                            v_ref = self._velocity(ref, x_g, float(self.sigmas[j]), cond_g)
+                            _, _, ref_means[j], _ = sde_step_with_logprob(
+                                v_ref,
+                                x_g,
+                                self.sigmas[j],
+                                self.sigmas[j + 1],
+                                cfg.noise_level,
+                                prev_sample=latents[idx, j + 1],
+                                sigma_max_clamp=clamp,
+                            )
+                for n, j in enumerate(steps):
+                    x, x_next = latents[:, j], latents[:, j + 1]
+                    sigma, sigma_next = self.sigmas[j], self.sigmas[j + 1]
+                    ref_mean = ref_means.get(j)
+                    sync = n == len(steps) - 1 and c_i == len(chunks) - 1
+                    with nullcontext() if sync else acc.no_sync(self.ddp_model):
+                        v = self._velocity(self.ddp_model, x, float(sigma), cond)
+                        _, logp, mean, std = sde_step_with_logprob(
+                            v, x, sigma, sigma_next, cfg.noise_level, prev_sample=x_next, sigma_max_clamp=clamp
                         )
-            for n, j in enumerate(steps):
-                x, x_next = batch["latents"][sl, j], batch["latents"][sl, j + 1]
-                sigma, sigma_next = self.sigmas[j], self.sigmas[j + 1]
-                ref_mean = ref_means.get(j)
-                sync = n == len(steps) - 1
-                with nullcontext() if sync else acc.no_sync(self.ddp_model):
-                    v = self._velocity(self.ddp_model, x, float(sigma), cond)
-                    _, logp, mean, std = sde_step_with_logprob(
-                        v, x, sigma, sigma_next, cfg.noise_level, prev_sample=x_next, sigma_max_clamp=clamp
-                    )
-                    pg = ppo_clip_loss(logp, batch["log_probs"][sl, j], adv, cfg.clip_range).mean()
-                    loss = pg
-                    if cfg.uses_reference:
-                        if ref_mean is not None:
-                            kl = gaussian_step_kl(mean[idx], ref_mean, std[idx])
-                            # sum over the local gated samples / global gated count; DDP's mean over processes
-                            # is undone by `* world`: the gradient of the mean KL over all gated samples
-                            kl_term = kl.sum() * world / n_gated.clamp_min(1)
-                            kl_acc = kl_acc + kl.detach().sum()
-                        else:
-                            # keep every process's graph identical (DDP): a zero KL that touches the output
-                            kl_term = mean.sum() * 0.0
-                        loss = loss + cfg.beta * kl_term
-                    acc.backward(loss / len(steps))
-                pg_values.append(pg.detach())
+                        per_sample = ppo_clip_loss(logp, old_logps[:, j], adv, cfg.clip_range)
+                        loss = per_sample.sum() / n_step  # the mean over the step's samples, across micro-batches
+                        if cfg.uses_reference:
+                            if ref_mean is not None:
+                                kl = gaussian_step_kl(mean[idx], ref_mean, std[idx])
+                                # sum over the local gated samples / global gated count; DDP's mean over processes
+                                # is undone by `* world`: the gradient of the mean KL over all gated samples
+                                kl_term = kl.sum() * world / n_gated.clamp_min(1)
+                                kl_acc = kl_acc + kl.detach().sum()
+                            else:
+                                # keep every process's graph identical (DDP): a zero KL that touches the output
+                                kl_term = mean.sum() * 0.0
+                            loss = loss + cfg.beta * kl_term
+                        acc.backward(loss / len(steps))
+                    with torch.no_grad():
+                        log_ratio = logp.detach() - old_logps[:, j]
+                        clipped = ((torch.exp(log_ratio) - 1).abs() > cfg.clip_range).sum()
+                        sums += torch.stack(
+                            [
+                                per_sample.detach().sum(),
+                                clipped.float(),
+                                0.5 * log_ratio.pow(2).sum(),
+                                torch.tensor(float(len(sl)), device=self.device),
+                            ]
+                        )
             if cfg.max_grad_norm is not None:
                 acc.clip_grad_norm_(self.ddp_model.parameters(), cfg.max_grad_norm)
             self.optimizer.step()
@@ -383,16 +433,22 @@ class GARDOTrainer:
                 kl_values.append(float(kl_step))
                 if n_gated > 0:
                     self.refresh.observe_kl(kl_values[-1])
-        pg_mean = acc.reduce(torch.stack(pg_values).mean().reshape(1), reduction="mean")
-        stats["policy_loss"] = float(pg_mean)
-        stats["kl"] = float(np.mean(kl_values)) if kl_values else 0.0
-        return stats
+        total = acc.reduce(sums, reduction="sum").tolist()
+        count = max(total[3], 1.0)
+        return {
+            "policy_loss": total[0] / count,
+            "kl": float(np.mean(kl_values)) if kl_values else 0.0,
+            "clip_fraction": total[1] / count,
+            "approx_kl": total[2] / count,
+            "optimizer_steps": self.config.optimizer_steps_per_epoch,
+        }
 
     def _maybe_refresh(self, epoch: int) -> bool:
         if not self.config.uses_reference or not self.refresh.should_refresh(epoch):
             return False
         copy_adapter_weights(self.model, "default", REF_ADAPTER)
         self.refresh.mark(epoch)
+        self.refreshes += 1
         return True
 
     # ----------------------------------------------------------------------------------------------------------------
@@ -431,6 +487,11 @@ class GARDOTrainer:
         os.makedirs(cfg.output_dir, exist_ok=True)
         if cfg.resume and os.path.exists(os.path.join(cfg.output_dir, CHECKPOINT)):
             self.load_checkpoint(os.path.join(cfg.output_dir, CHECKPOINT))
+        elif self.epoch == 0 and not self.history and self.is_main_process:
+            # a fresh start (no checkpoint, or resume=False): do not append to an older run's log
+            metrics = os.path.join(cfg.output_dir, "metrics.jsonl")
+            if os.path.exists(metrics):
+                os.remove(metrics)
         if self.epoch == 0 and cfg.eval_every and self.eval_prompts and not self.history:
             self._log({"epoch": 0, **self.evaluate()})
         end = cfg.num_epochs if stop_after is None else min(cfg.num_epochs, self.epoch + stop_after)
@@ -449,7 +510,11 @@ class GARDOTrainer:
                 "gate_k": self.gate.k,
                 "kl": stats["kl"],
                 "policy_loss": stats["policy_loss"],
+                "clip_fraction": stats["clip_fraction"],
+                "approx_kl": stats["approx_kl"],
+                "optimizer_steps": stats["optimizer_steps"],
                 "ref_refreshed": refreshed,
+                "refreshes": self.refreshes,
             }
             if cfg.eval_every and self.eval_prompts and (self.epoch % cfg.eval_every == 0 or self.epoch == end):
                 record.update(self.evaluate())
@@ -461,10 +526,17 @@ class GARDOTrainer:
         return self.history
 
     def _log(self, record: dict) -> None:
+        """
+        Append one epoch's record to the history and `metrics.jsonl`, and send its numbers to the Accelerator's
+        trackers (tensorboard, wandb, trackio, ...: pass `Accelerator(log_with=...)` and call its `init_trackers`)
+        under `gardo/<key>`, at step = epoch.
+        """
         self.history.append(record)
         if self.is_main_process:
             with open(os.path.join(self.config.output_dir, "metrics.jsonl"), "a", encoding="utf-8") as f:
                 f.write(json.dumps(record) + "\n")
+        numbers = {f"gardo/{k}": float(v) for k, v in record.items() if k != "epoch" and isinstance(v, (int, float))}
+        self.accelerator.log(numbers, step=int(record["epoch"]))
 
     def _adapter_state(self) -> dict[str, torch.Tensor]:
         return {n: p.detach().cpu().clone() for n, p in self.model.named_parameters() if "lora_" in n}
@@ -472,15 +544,24 @@ class GARDOTrainer:
     def save_checkpoint(self, path: str | None = None) -> str:
         """
         Write policy and reference adapters, optimizer, RNG states (torch, numpy, python), gate and refresh state,
-        epoch and log to `path` (default `output_dir/checkpoint.pt`) atomically (temp file + `os.replace`).
+        epoch, log and the settings (`config`) to `path` (default `output_dir/checkpoint.pt`) atomically (temp file
+        + `os.replace`). The file holds only tensors and plain Python values, so that [`load_checkpoint`] reads it
+        with `torch.load(weights_only=True)`.
         """
         path = path or os.path.join(self.config.output_dir, CHECKPOINT)
+        np_state = np.random.get_state()
         state = {
+            "format": 2,
             "adapters": self._adapter_state(),
             "optimizer": self.optimizer.state_dict(),
-            "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()},
+            "rng": {
+                "torch": torch.get_rng_state(),
+                "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *map(_plain, np_state[2:])],
+                "python": _plain(random.getstate()),
+            },
             "gate": self.gate.state_dict(),
             "refresh": self.refresh.state_dict(),
+            "refreshes": self.refreshes,
             "epoch": self.epoch,
             "history": self.history,
             "config": self.config.to_dict(),
@@ -494,8 +575,31 @@ class GARDOTrainer:
         return path
 
     def load_checkpoint(self, path: str) -> None:
-        """Restore everything [`save_checkpoint`] wrote; training continues exactly where it stopped."""
-        state = torch.load(path, map_location="cpu", weights_only=False)
+        """
+        Restore everything [`save_checkpoint`] wrote; training continues exactly where it stopped.
+
+        The file is read with `torch.load(weights_only=True)`: a file that holds anything but tensors and plain
+        values (e.g. a crafted pickle) is refused without running it. A checkpoint written with other settings is
+        refused too, with the changed fields named (only `output_dir`, `resume`, `num_epochs`, `save_every` and
+        `eval_every` may change).
+        """
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as err:  # UnpicklingError, a damaged zip, ...: never fall back to unsafe loading
+            raise ValueError(
+                f"cannot read the GARDO checkpoint {path}: it is not a checkpoint written by GARDOTrainer, or it holds "
+                f"objects other than tensors and plain values, which are refused for safety ({type(err).__name__}: "
+                f"{str(err).splitlines()[0] if str(err) else ''}). Delete it, or use another output_dir."
+            ) from None
+        if not isinstance(state, dict) or "adapters" not in state or "config" not in state:
+            raise ValueError(f"{path} is not a GARDO checkpoint (no adapters and settings in it)")
+        changed = self.config.changed_fields(state["config"])
+        if changed:
+            listing = ", ".join(f"{k} ({old!r} -> {new!r})" for k, (old, new) in changed.items())
+            raise ValueError(
+                f"{path} was written with other settings: {listing}. Resuming it would continue another run. Use "
+                "another output_dir, or resume=False to start this one from scratch."
+            )
         params = dict(self.model.named_parameters())
         missing = sorted(set(state["adapters"]) ^ {n for n in params if "lora_" in n})
         if missing:
@@ -505,10 +609,12 @@ class GARDOTrainer:
                 params[name].copy_(value)
         self.optimizer.load_state_dict(state["optimizer"])
         torch.set_rng_state(state["rng"]["torch"])
-        np.random.set_state(state["rng"]["numpy"])
-        random.setstate(state["rng"]["python"])
+        kind, keys, *rest = state["rng"]["numpy"]
+        np.random.set_state((kind, keys.numpy().astype(np.uint32), *rest))
+        random.setstate(_as_tuples(state["rng"]["python"]))
         self.gate.load_state_dict(state["gate"])
         self.refresh.load_state_dict(state["refresh"])
+        self.refreshes = int(state.get("refreshes", 0))
         self.epoch, self.history = int(state["epoch"]), list(state["history"])
 
     def lora_state_dict(self) -> dict[str, torch.Tensor]:
