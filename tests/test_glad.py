@@ -30,6 +30,7 @@ def _mlp():
 
 
 def _args(tmp_path, batch=8, accumulation=1, steps=3, cls=TrainingArguments, **kwargs):
+    kwargs.setdefault("logging_strategy", "no")
     return cls(
         output_dir=str(tmp_path),
         per_device_train_batch_size=batch,
@@ -42,7 +43,6 @@ def _args(tmp_path, batch=8, accumulation=1, steps=3, cls=TrainingArguments, **k
         weight_decay=0.0,
         report_to="none",
         save_strategy="no",
-        logging_strategy="no",
         use_cpu=True,
         seed=0,
         data_seed=0,
@@ -155,3 +155,270 @@ def test_ddp_two_processes_match_one_process(tmp_path):
     one = _run_worker(tmp_path / "one", nproc=1, per_device_batch=4, accumulation=2)
     for name in one:
         torch.testing.assert_close(two[name], one[name], atol=1e-6, rtol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------- one settings object
+
+
+def test_one_settings_object_for_adapter_trainer_and_regularizer(tmp_path):
+    from dataclasses import fields
+    from typing import get_type_hints
+
+    from transformers import HfArgumentParser
+
+    from regtune import GLADSettings
+
+    config = regtune.GLADConfig(r=4, target_modules=["lin0"], rho=0.2, glad_lambda=0.7, share_dropout_masks=False)
+    assert config.glad_settings == GLADSettings(rho=0.2, glad_lambda=0.7, share_dropout_masks=False)
+    # defaults and help texts are defined once, in GLADSettings
+    settings_fields = {f.name: f for f in fields(GLADSettings)}
+    config_fields = {f.name: f for f in fields(regtune.GLADConfig)}
+    args_fields = {f.name: f for f in fields(GLADTrainingArguments)}
+    for name, source in settings_fields.items():
+        assert config_fields[name].default == source.default
+        assert config_fields[name].metadata["help"] == source.metadata["help"]
+        arg = args_fields[name if name.startswith("glad_") else f"glad_{name}"]
+        assert arg.default is None and arg.metadata["help"].startswith(source.metadata["help"])
+
+    # the trainer's config class (what a recipe's `training:` section is validated against) carries the settings
+    assert GLADTrainer.config_class is GLADTrainingArguments
+    assert get_type_hints(GLADTrainer.__init__)["args"] == GLADTrainingArguments | None
+    (args,) = HfArgumentParser(GLADTrainingArguments).parse_dict(
+        {"output_dir": str(tmp_path), "glad_lambda": 0.25, "use_cpu": True, "report_to": "none"}
+    )
+    assert args.glad_settings() == GLADSettings(glad_lambda=0.25)
+
+    # the regularizer holds the model's settings with the trainer config's overrides applied
+    model = get_peft_model(_mlp(), config)
+    trainer = GLADTrainer(model=model, args=args, train_dataset=_data())
+    glad = trainer.regularizers[0]
+    assert glad.settings == GLADSettings(rho=0.2, glad_lambda=0.25, share_dropout_masks=False)
+    assert (glad.rho, glad.glad_lambda, glad.share_dropout_masks) == (0.2, 0.25, False)
+    assert GLADRegularizer(settings=GLADSettings(rho=0.3), glad_lambda=1.0).settings == GLADSettings(0.3, 1.0)
+    # the recorded settings survive save/load of the adapter
+    model.save_pretrained(tmp_path / "adapter")
+    loaded = regtune.GLADConfig.from_pretrained(tmp_path / "adapter")
+    assert loaded.glad_settings == config.glad_settings
+
+
+@pytest.mark.parametrize(
+    "build, fields",
+    [
+        (lambda: regtune.GLADConfig(rho=float("inf")), ["rho"]),
+        (lambda: regtune.GLADConfig(rho=0.0, glad_lambda=float("nan"), share_dropout_masks="yes"), None),
+        (lambda: regtune.GLADConfig(rho=True, glad_lambda=2, r=0, lora_dropout=1.5, target_modules=123), None),
+        (lambda: regtune.GLADConfig(rho="0.1", r="8", lora_alpha=float("nan"), bias="some"), None),
+        (lambda: regtune.GLADConfig(r=2.5, glad_lambda=-0.1), None),
+        (lambda: GLADTrainingArguments("out", glad_rho=float("inf"), glad_lambda=2.0), None),
+        (
+            lambda: GLADTrainingArguments("out", glad_rho=-1, glad_share_dropout_masks=1, glad_log_diagnostics="no"),
+            None,
+        ),
+        (lambda: GLADRegularizer(rho=float("nan"), glad_lambda=1.5, log_diagnostics=None), None),
+        (lambda: GLADRegularizer(rho="a", share_dropout_masks=0, settings={"rho": 1}), None),
+        (lambda: regtune.GLADSettings(rho=-1e-3, glad_lambda=float("inf"), share_dropout_masks=None), None),
+    ],
+)
+def test_every_bad_field_is_reported_at_construction(build, fields):
+    """One ValueError names every bad field with its allowed values (the fields are read from the lambda's source)."""
+    import inspect
+    import re
+
+    if fields is None:
+        source = inspect.getsource(build).split("lambda:", 1)[1]
+        fields = re.findall(r"(\w+)=", source.split("(", 1)[1])
+    with pytest.raises(ValueError) as info:
+        build()
+    message = str(info.value)
+    for name in fields:
+        assert f"`{name}`" in message, (name, message)
+    assert message.count("allowed:") == len(fields), message
+
+
+def test_good_values_build():
+    assert regtune.GLADConfig(r=2, lora_alpha=4.0, rho=1, glad_lambda=0, target_modules="all-linear").rho == 1
+    assert GLADRegularizer(rho=10, glad_lambda=1).settings.rho == 10.0
+    assert GLADRegularizer(0.3, 0.5).settings == regtune.GLADSettings(rho=0.3, glad_lambda=0.5)
+
+
+# ------------------------------------------------------------------------------------------------- diagnostics
+
+
+def _direct_g_and_gsam(model, data, rho):
+    x, y = torch.tensor(data["x"]), torch.tensor(data["labels"])
+    params = [p for p in model.parameters() if p.requires_grad]
+    grads = torch.autograd.grad(model(x, labels=y)["loss"], params)
+    norm = torch.sqrt(sum((g**2).sum() for g in grads))
+    with torch.no_grad():
+        for p, g in zip(params, grads):
+            p.add_(rho * g / norm)
+    sam = torch.autograd.grad(model(x, labels=y)["loss"], params)
+    g, g_sam = torch.cat([t.flatten() for t in grads]), torch.cat([t.flatten() for t in sam])
+    return g, g_sam
+
+
+@pytest.mark.parametrize("glad_lambda", [0.3, 1.0])
+def test_diagnostics_are_logged_and_match_the_formula(tmp_path, glad_lambda):
+    data = _data()
+    g, g_sam = _direct_g_and_gsam(_mlp(), data, rho=0.3)
+    expected_cos = torch.nn.functional.cosine_similarity(g, g_sam, dim=0)
+    expected_rel = (g_sam - g).norm() / g.norm()
+    assert expected_cos < 0.999  # the perturbation visibly turns the gradient: the check has signal
+
+    reg = GLADRegularizer(rho=0.3, glad_lambda=glad_lambda)
+    args = _args(tmp_path, steps=1, logging_strategy="steps", logging_steps=1)
+    trainer = RegTrainer(model=_mlp(), args=args, train_dataset=data, regularizers=[reg])
+    trainer.train()
+    (log,) = [entry for entry in trainer.state.log_history if "loss" in entry]
+    assert log["glad/cos_g_gsam"] == pytest.approx(expected_cos.item(), abs=1e-5)
+    assert log["glad/rel_diff"] == pytest.approx(expected_rel.item(), rel=1e-4)
+    assert reg.diagnostics() == {}  # reset by the log
+
+
+def test_diagnostics_average_over_steps_and_can_be_turned_off(tmp_path):
+    logs = {}
+    for flag in (True, False):
+        args = _args(tmp_path / str(flag), steps=4, logging_strategy="steps", logging_steps=2)
+        reg = GLADRegularizer(rho=0.3, glad_lambda=0.5, log_diagnostics=flag)
+        trainer = RegTrainer(model=_mlp(), args=args, train_dataset=_data(), regularizers=[reg])
+        trainer.train()
+        logs[flag] = [entry for entry in trainer.state.log_history if "loss" in entry]
+        weights = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
+        logs[f"weights{flag}"] = weights
+    assert len(logs[True]) == 2 and all(0.0 < entry["glad/cos_g_gsam"] <= 1.0 for entry in logs[True])
+    assert not any(key.startswith("glad/") for entry in logs[False] for key in entry)
+    # the diagnostics use the perturbed parameters as scratch space: the training itself is unchanged by them
+    for name, value in logs["weightsTrue"].items():
+        torch.testing.assert_close(logs["weightsFalse"][name], value, atol=1e-6, rtol=1e-5)
+    args = _args(tmp_path / "trainer", cls=GLADTrainingArguments, glad_log_diagnostics=False)
+    assert not GLADTrainer(model=_mlp(), args=args, train_dataset=_data()).regularizers[0].log_diagnostics
+
+
+def test_no_host_sync_inside_the_step(tmp_path, monkeypatch):
+    """The GLAD step (perturbation, restore, diagnostics) never reads a tensor value on the host."""
+    reg = GLADRegularizer(rho=0.3, glad_lambda=0.5)
+    trainer = RegTrainer(model=_mlp(), args=_args(tmp_path), train_dataset=_data(), regularizers=[reg])
+    trainer.create_optimizer_and_scheduler(num_training_steps=1)
+    inputs = next(iter(trainer.get_train_dataloader()))
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("host sync inside the GLAD step")
+
+    for method in ("item", "__bool__", "__float__", "__int__", "tolist", "numpy"):
+        monkeypatch.setattr(torch.Tensor, method, refuse)
+    trainer.training_step(trainer.model, inputs)
+    monkeypatch.undo()
+    assert set(reg.diagnostics()) == {"cos_g_gsam", "rel_diff"}
+
+
+# ------------------------------------------------------------------------------------------------- dropout masks
+
+
+class _DropoutMLP(MLP):
+    def __init__(self, p=0.5):
+        super().__init__()
+        self.drop = torch.nn.Dropout(p)
+
+    def forward(self, x, labels=None):
+        hidden = self.drop(self.act(self.lin1(self.drop(self.act(self.lin0(x))))))
+        logits = self.head(hidden)
+        loss = torch.nn.functional.cross_entropy(logits, labels) if labels is not None else None
+        return {"loss": loss, "logits": logits}
+
+
+def _dropout_mlp():
+    torch.manual_seed(0)
+    return _DropoutMLP()
+
+
+def test_shared_masks_and_vanishing_rho_give_the_plain_gradient_exactly(tmp_path):
+    """With shared masks and a perturbation below float32 resolution, g_sam = g bit for bit, so SAM (lambda 1) is
+    plain training; and the random stream after each step is plain training's. Independent masks differ."""
+    plain = _train(_dropout_mlp(), _args(tmp_path / "plain", accumulation=2, batch=4), [])
+    kwargs = {"rho": 1e-30, "glad_lambda": 1.0}
+    shared = _train(_dropout_mlp(), _args(tmp_path / "s", accumulation=2, batch=4), [GLADRegularizer(**kwargs)])
+    fresh = _train(
+        _dropout_mlp(),
+        _args(tmp_path / "i", accumulation=2, batch=4),
+        [GLADRegularizer(**kwargs, share_dropout_masks=False)],
+    )
+    for name in plain:
+        assert torch.equal(shared[name], plain[name]), name
+    assert any(not torch.allclose(fresh[name], plain[name]) for name in plain)
+
+
+def test_shared_masks_remove_the_dropout_noise_from_gsam(tmp_path):
+    """With a small rho, g_sam - g is small with shared masks and dominated by dropout noise without them."""
+    rel = {}
+    for shared in (True, False):
+        args = _args(tmp_path / str(shared), steps=4, logging_strategy="steps", logging_steps=4)
+        reg = GLADRegularizer(rho=1e-3, glad_lambda=0.5, share_dropout_masks=shared)
+        trainer = RegTrainer(model=_dropout_mlp(), args=args, train_dataset=_data(), regularizers=[reg])
+        trainer.train()
+        (log,) = [entry for entry in trainer.state.log_history if "loss" in entry]
+        rel[shared] = log["glad/rel_diff"]
+        if shared:
+            assert log["glad/cos_g_gsam"] > 0.99
+    assert rel[True] < 0.05 < 0.3 < rel[False], rel
+
+
+# ------------------------------------------------------------------------------------------------- memory
+
+
+def _peak_tensor_bytes(fn):
+    """Peak bytes of live CPU tensors while `fn` runs (from the profiler's allocation events)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    events = sorted(
+        (e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"), key=lambda e: e.start_ns()
+    )
+    current = peak = 0
+    for event in events:
+        current += event.nbytes()
+        peak = max(peak, current)
+    return peak
+
+
+@pytest.mark.parametrize("adapter, shared", [("lora", False), ("full", False), ("full", True)])
+def test_peak_memory_is_plain_plus_one_copy_of_the_trainable_parameters(tmp_path, adapter, shared):
+    """Around one optimizer step (2 accumulated micro-batches), GLAD's peak tensor memory exceeds plain training's by
+    at most one copy of the trainable parameters (no copy of the gradients), and nothing is kept after the step."""
+
+    def model():
+        torch.manual_seed(0)
+        base = MLP(hidden=256)  # wide enough that the parameters dominate the fixed costs
+        if adapter == "full":
+            return base
+        return get_peft_model(base, LoraConfig(r=4, target_modules=["lin0", "lin1"]))
+
+    peaks = {}
+    glad = GLADRegularizer(rho=0.3, glad_lambda=0.5, share_dropout_masks=shared)
+    for name, regs in (("plain", []), ("glad", [glad])):
+        trainer = RegTrainer(
+            model=model(),
+            args=_args(tmp_path / name, batch=4, accumulation=2),
+            train_dataset=_data(),
+            regularizers=regs,
+        )
+        trainer.create_optimizer_and_scheduler(num_training_steps=1)
+        trainer.current_gradient_accumulation_steps = 2  # set by the Trainer's loop
+        batches = list(trainer.get_train_dataloader())
+        assert len(batches) == 2
+
+        def step(trainer=trainer, batches=batches):
+            for index, batch in enumerate(batches):
+                trainer.accelerator.gradient_state._set_sync_gradients(index == len(batches) - 1)
+                trainer.training_step(trainer.model, batch)
+
+        peaks[name] = _peak_tensor_bytes(step)
+        if regs:
+            held = [v for v in vars(regs[0]).values() if isinstance(v, torch.Tensor) and v.numel() > 2]
+            assert not held and not regs[0]._window
+    trainable = sum(p.numel() * p.element_size() for p in model().parameters() if p.requires_grad)
+    # besides: a few scalars, and with shared masks the random-number state replayed for each micro-batch (5 KB
+    # each on CPU)
+    rng_states = 3 * torch.get_rng_state().numel() if shared else 0
+    assert peaks["glad"] - peaks["plain"] <= trainable + rng_states + 1024, (peaks, trainable)
+    # the old step (a copy of the parameters and of the gradients, then out-of-place combination) needed 4 copies

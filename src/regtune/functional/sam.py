@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 
-__all__ = ["global_grad_norm", "sam_perturbation", "sam_referenced_gradient"]
+__all__ = ["global_grad_norm", "sam_perturbation"]
 
 
 def global_grad_norm(grads: list[torch.Tensor]) -> torch.Tensor:
