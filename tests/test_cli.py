@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import subprocess
@@ -141,6 +142,177 @@ def test_python_dash_m_regtune(tmp_path):
         cwd=tmp_path,
     )
     assert proc.returncode == 2 and "adapter.ra" in proc.stderr
+
+
+# -- user errors: one message, exit 2, no traceback -------------------------------------------------------------------
+
+# (overrides of the quickstart recipe, the key path the message must name)
+BAD_RECIPES = [
+    (["--adapter.ra=8"], "adapter.ra"),
+    (["--runs.allora.adapter.etaa=4"], "runs[1].adapter.etaa"),
+    (["--runs.allora.adapter.eta=.inf"], "runs[1].adapter.eta"),
+    (["--runs.allora.adapter.eta=.nan"], "runs[1].adapter.eta"),
+    (["--runs.allora.adapter.eta=-1"], "runs[1].adapter.eta"),
+    (["--adapter.r=0"], "adapter.r"),
+    (["--adapter.r=-3"], "adapter.r"),
+    (["--adapter.r=eight"], "adapter.r"),
+    (["--adapter.r=2.5"], "adapter.r"),
+    (["--adapter.lora_dropout=1.5"], "adapter.lora_dropout"),
+    (["--adapter.target_modules=3"], "adapter.target_modules"),
+    (["--adapter.type=LORAA"], "adapter.type"),
+    (["--training.learning_rate=-1"], "training.learning_rate"),
+    (["--training.learning_rate=.inf"], "training.learning_rate"),
+    (["--training.learning_rat=1e-3"], "training.learning_rat"),
+    (["--training.num_train_epochs=three"], "training.num_train_epochs"),
+    (["--training.eval_strategy=epochs"], "training.eval_strategy"),
+    (["--training.output_dir=x"], "training.output_dir"),
+    (["--training.push_to_hub=true"], "training.push_to_hub"),
+    (["--training.adam_beta2=1.5"], "training.adam_beta2"),
+    (["--data.max_length=0"], "data.max_length"),
+    (["--data.builtin=quickstart"], "data.builtin"),
+    (["--data.options.n_train=1"], "data.options.n_train"),
+    (["--data.options.bogus=1"], "data.options.bogus"),
+    (["--model.name_or_path=/no/such/model"], "model.name_or_path"),
+    (["--model.name_or_path=./missing-model"], "model.name_or_path"),
+    (["--model.name_or_path=builtin:nope"], "model.name_or_path"),
+    (["--model.trust_remote_code=yes"], "model.trust_remote_code"),
+    (["--model.task=regression"], "model.task"),
+    (["--seed=-3"], "seed"),
+    (["--trainer=RegTrainr"], "trainer"),
+    (["--regularizers=[{type: multi_sample_dropoutt}]"], "regularizers[0].type"),
+    (["--regularizers=[{type: dropout_schedule, p: 2.0}]"], "regularizers[0].p"),
+    (["--evaluation.metrics=[acuracy]"], "evaluation.metrics[0]"),
+    (["--runs.nope.adapter.r=4"], "runs.nope"),
+    (["--nme=x"], "nme"),
+]
+
+
+@pytest.mark.parametrize("overrides, path", BAD_RECIPES, ids=[" ".join(o) for o, _ in BAD_RECIPES])
+def test_bad_recipe_exits_2_with_one_message_naming_the_key_path(overrides, path, capsys):
+    assert main(["validate", QUICKSTART, *overrides]) == 2
+    err = capsys.readouterr().err
+    assert f"  {path}: " in err and "Traceback" not in err, err
+
+
+def test_debug_shows_the_traceback():
+    from regtune.recipes import RecipeError
+
+    with pytest.raises(RecipeError, match="adapter.ra"):
+        main(["validate", QUICKSTART, "--adapter.ra=8", "--debug"])
+
+
+def test_validate_a_directory_checks_every_recipe(tmp_path, capsys):
+    good = yaml.safe_load(open(QUICKSTART))
+    (tmp_path / "good.yaml").write_text(yaml.safe_dump(good))
+    (tmp_path / "bad.yaml").write_text(yaml.safe_dump({**good, "adapter": {**good["adapter"], "r": 0}}))
+    assert main(["validate", str(tmp_path)]) == 2
+    captured = capsys.readouterr()
+    assert "good.yaml: valid" in captured.out
+    assert "bad.yaml" in captured.err and "adapter.r" in captured.err and "1 of 2 recipes" in captured.err
+    (tmp_path / "bad.yaml").unlink()
+    assert main(["validate", str(tmp_path)]) == 0
+    assert main(["validate", str(tmp_path / "empty")]) == 2  # a missing path: one line, no traceback
+    assert "Traceback" not in capsys.readouterr().err
+
+
+def test_version(capsys):
+    with pytest.raises(SystemExit) as info:
+        main(["--version"])
+    assert info.value.code == 0
+    assert capsys.readouterr().out.startswith("regtune ")
+
+
+@pytest.mark.parametrize(
+    "argv", [["run"], ["validate"], ["push"], ["study"], ["study", "multi-epoch"], ["study", "gardo"]]
+)
+def test_every_command_help_has_a_description(argv, capsys):
+    from regtune.cli import _build_parser
+
+    parser = _build_parser(with_studies=True)
+    for name in argv:
+        actions = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+        parser = actions[0].choices[name]
+    assert parser.description and len(parser.description) > 40, argv
+
+
+def test_push_without_credentials_hints_at_login(tmp_path, monkeypatch, capsys):
+    import regtune.hub
+
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))  # no stored token
+    monkeypatch.setattr(regtune.hub, "prepare_hub_folder", lambda run_dir, folder, *a: os.makedirs(folder) or folder)
+
+    class Unauthorized(FakeHfApi):
+        def create_repo(self, *args, **kwargs):
+            raise RuntimeError("401 Client Error: Unauthorized for url: https://huggingface.co/api/repos/create")
+
+    monkeypatch.setattr(regtune.hub, "HfApi", Unauthorized)
+    assert main(["push", str(tmp_path), "me/repo"]) == 2
+    err = capsys.readouterr().err
+    assert "hf auth login" in err and "huggingface-cli login" in err and "HF_TOKEN" in err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1
+
+
+def test_push_with_a_refused_token_says_so(tmp_path, monkeypatch, capsys):
+    from huggingface_hub.errors import HfHubHTTPError
+
+    import regtune.hub
+
+    monkeypatch.setattr(regtune.hub, "prepare_hub_folder", lambda run_dir, folder, *a: os.makedirs(folder) or folder)
+
+    class Response:  # the attributes HfHubHTTPError reads
+        status_code, headers, request = 401, {}, None
+
+    response = Response()
+
+    class Refused(FakeHfApi):
+        def create_repo(self, *args, **kwargs):
+            raise HfHubHTTPError("401 Unauthorized", response=response)
+
+    monkeypatch.setattr(regtune.hub, "HfApi", Refused)
+    monkeypatch.setenv("HF_TOKEN", "hf_invalid")
+    assert main(["push", str(tmp_path), "me/repo"]) == 2
+    assert "refused the token" in capsys.readouterr().err
+
+
+def test_method_label_names_the_trainer():
+    overrides = [("trainer", "LfUTrainer"), ("runs.lora.trainer", "trl.SFTTrainer"), ("training.bf16", False)]
+    recipe = load_recipe(QUICKSTART, overrides)
+    labels = {run.name: run.method for run in recipe.runs}
+    assert labels == {"lora": "LORA / SFTTrainer", "allora": "ALLORA / LfUTrainer"}
+
+
+def _tiny_config_recipe(tmp_path, **changes) -> str:
+    recipe = {
+        "name": "tiny",
+        "output_dir": str(tmp_path / "out"),
+        "model": {
+            "config": {"model_type": "bert", "vocab_size": 30522, **TINY_BERT},
+            "tokenizer": "builtin:all-MiniLM-L6-v2",
+        },
+        "data": {"builtin": "quickstart-sentiment", "options": {"n_train": 8, "n_eval": 8}, "max_length": 16},
+        "adapter": {"type": "LORA", "r": 2, "target_modules": ["query"]},
+        "training": {**TINY_TRAINING, "max_steps": 1, "eval_strategy": "no"},
+    }
+    for key, value in changes.items():
+        recipe[key] = {**recipe[key], **value}
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    return str(path)
+
+
+@pytest.mark.parametrize(
+    "changes, path, expected",
+    [
+        ({"adapter": {"target_modules": ["no_such_layer"]}}, "adapter.target_modules", "no_such_layer"),
+        ({"model": {"tokenizer": "nobody-here/no-such-model"}}, "model.tokenizer", "no-such-model"),
+    ],
+)
+def test_run_failures_that_need_the_model_exit_2(tmp_path, changes, path, expected, capsys):
+    """What only loading the model can tell (a missing Hub model, target modules that match nothing)."""
+    assert main(["run", _tiny_config_recipe(tmp_path, **changes)]) == 2
+    err = capsys.readouterr().err
+    assert f"  {path}: " in err and expected in err and "Traceback" not in err, err
 
 
 # -- run, end to end --------------------------------------------------------------------------------------------------

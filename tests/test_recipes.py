@@ -227,7 +227,7 @@ def test_regularizer_kwargs_are_checked_against_its_signature():
 
 def test_regularizer_own_checks_run_at_validation():
     errors = errors_of(recipe(regularizers=[{"type": "dropout_schedule", "p": 2.0}]))
-    assert "regularizers[0]" in errors and "`p`" in errors["regularizers[0]"]
+    assert "regularizers[0].p" in errors and "`p`" in errors["regularizers[0].p"]
     (run, _) = validate_recipe(recipe(regularizers=[{"type": "dropout_schedule", "p": 0.2}])).runs
     assert run.regularizers[0].type == "dropout_schedule" and run.method == "LORA + dropout_schedule"
 
@@ -304,13 +304,13 @@ def test_adapter_config_own_checks_are_reported_under_the_run():
     raw = recipe()
     raw["runs"][1]["adapter"]["eta"] = -1.0
     errors = errors_of(raw)
-    assert "runs[1].adapter" in errors and "eta" in errors["runs[1].adapter"]
+    assert "runs[1].adapter.eta" in errors and "> 0" in errors["runs[1].adapter.eta"]
 
 
 def test_allora_rejects_lora_alpha_from_its_own_run():
     raw = recipe()
     raw["runs"][1]["adapter"]["lora_alpha"] = 16
-    assert "lora_alpha" in errors_of(raw)["runs[1].adapter"]
+    assert "lora_alpha" in errors_of(raw)["runs[1].adapter.lora_alpha"]
 
 
 @pytest.mark.parametrize("key", ["output_dir", "push_to_hub"])

@@ -332,9 +332,36 @@ def push_to_hub(
     with tempfile.TemporaryDirectory(prefix="regtune-push-") as tmp:
         folder = prepare_hub_folder(run_dir, os.path.join(tmp, "repo"), repo_id, runs)
         api = HfApi(token=token)
-        api.create_repo(repo_id, private=private, exist_ok=True)
-        return api.upload_folder(
-            repo_id=repo_id,
-            folder_path=folder,
-            commit_message=commit_message or f"Upload {os.path.basename(os.path.normpath(run_dir))} with regtune",
-        )
+        try:
+            api.create_repo(repo_id, private=private, exist_ok=True)
+            return api.upload_folder(
+                repo_id=repo_id,
+                folder_path=folder,
+                commit_message=commit_message or f"Upload {os.path.basename(os.path.normpath(run_dir))} with regtune",
+            )
+        except Exception as e:
+            hint = _auth_hint(e, token)
+            if hint is None:
+                raise
+            raise HubAuthError(f"cannot push to {repo_id}: {hint}") from e
+
+
+class HubAuthError(ValueError):
+    """Pushing failed for want of (valid) Hugging Face credentials; the message says how to log in."""
+
+
+LOGIN_HINT = "log in with `hf auth login` (or `huggingface-cli login`), or set the HF_TOKEN environment variable"
+
+
+def _auth_hint(error: Exception, token: str | None) -> str | None:
+    """A log-in hint when `error` comes from missing or refused credentials, else `None`."""
+    from huggingface_hub import get_token
+    from huggingface_hub.errors import HfHubHTTPError, LocalTokenNotFoundError
+
+    status = getattr(getattr(error, "response", None), "status_code", None)
+    first = (str(error).strip().splitlines() or [type(error).__name__])[0]
+    if isinstance(error, LocalTokenNotFoundError) or (token is None and get_token() is None):
+        return f"no Hugging Face token found; {LOGIN_HINT}. ({first})"
+    if isinstance(error, HfHubHTTPError) and status in (401, 403):
+        return f"the Hub refused the token (HTTP {status}); check `hf auth whoami`, or {LOGIN_HINT}. ({first})"
+    return None

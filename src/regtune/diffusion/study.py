@@ -177,7 +177,7 @@ def write_report(study: GARDOStudy, root: str, methods: list[str]) -> dict:
     for method in methods:
         runs = {seed: read_history(os.path.join(root, method, f"seed{seed}")) for seed in study.seeds}
         finals = {}
-        for key in (*CURVE_KEYS, "gated_fraction", "kl"):
+        for key in (*CURVE_KEYS, "gated_fraction", "kl", "clip_fraction", "approx_kl", "refreshes"):
             vals = [next((r[key] for r in reversed(h) if key in r), None) if h else None for h in runs.values()]
             vals = [v for v in vals if v is not None]
             if vals:
@@ -310,6 +310,9 @@ def add_gardo_parser(subparsers) -> argparse.ArgumentParser:
     parser = subparsers.add_parser(
         "gardo",
         help="GARDO vs no-KL vs KL-on-all diffusion RL on the offline testbed (arXiv:2512.24138)",
+        description="Train GARDO and its baselines (Flow-GRPO without KL, with KL on every sample) with LoRA on the "
+        "offline diffusion testbed, for every method and seed of the recipe (resumable), then write results.json, "
+        "results.md and curves.png.",
         allow_abbrev=False,
     )
     _add_arguments(parser)
@@ -324,6 +327,8 @@ def run_from_cli(args: argparse.Namespace) -> int:
         only = [m.strip() for m in args.only.split(",") if m.strip()] if args.only else None
         result = run_gardo_study(study, output_dir=args.output_dir, only=only, report_only=args.report_only)
     except (RecipeError, ValueError, FileNotFoundError) as err:
+        if getattr(args, "debug", False):
+            raise
         print(f"error: {err}", file=sys.stderr)
         return 2
     if _is_main() and result.get("files", {}).get("table"):

@@ -19,6 +19,7 @@ Under `accelerate launch` every process runs this; only the main process writes 
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import json
 import math
@@ -40,7 +41,7 @@ from .builder import (
 )
 from .report import format_table, plot_results
 from .schema import Recipe, RunSpec, resolve_trainer
-from .validation import dump_yaml
+from .validation import RecipeError, dump_yaml
 
 
 @dataclass
@@ -67,20 +68,27 @@ def run_one(run: RunSpec, run_dir: str, cache: dict | None = None) -> dict:
     cache = {} if cache is None else cache
     tokenizer_key = ("tokenizer", run.model.tokenizer or run.model.name_or_path, run.model.revision)
     if tokenizer_key not in cache:
-        cache[tokenizer_key] = load_tokenizer(run.model, run.task)
+        key = "tokenizer" if run.model.tokenizer else "name_or_path"
+        with _as_recipe_error(f"model.{key}", run, loading=getattr(run.model, key)):
+            cache[tokenizer_key] = load_tokenizer(run.model, run.task)
     tokenizer = cache[tokenizer_key]
     sft = takes_raw_data(run)
     data_key = ("data", repr(run.data), repr(run.evaluation), tokenizer_key, run.task, sft)
     if data_key not in cache:
-        data = load_data(run.data, run.task, run.evaluation, raw_format=sft)
+        with _as_recipe_error("data.path" if run.data.path else "data", run, loading=run.data.path):
+            data = load_data(run.data, run.task, run.evaluation, raw_format=sft)
         # trl's SFT trainers (LfUTrainer, SFTTrainer) tokenize their own formats; the others get token ids
         tokenized = data.splits if sft else tokenize_data(data, tokenizer, run.task, run.data.max_length)
         cache[data_key] = (data, tokenized)
     data, tokenized = cache[data_key]
 
     set_seed(run.seed)
-    model = load_model(run.model, run.task, data.label_names, tokenizer)
-    model = apply_adapter(model, run)
+    with _as_recipe_error(
+        "model.name_or_path" if run.model.name_or_path else "model.config", run, run.model.name_or_path
+    ):
+        model = load_model(run.model, run.task, data.label_names, tokenizer)
+    with _as_recipe_error("adapter", run, fields=run.adapter.kwargs if run.adapter else None):
+        model = apply_adapter(model, run)
     trainable, total = count_parameters(model)
 
     _, config_cls = resolve_trainer(run.trainer)
@@ -137,6 +145,26 @@ def run_one(run: RunSpec, run_dir: str, cache: dict | None = None) -> dict:
     del trainer, model
     gc.collect()
     return result
+
+
+@contextlib.contextmanager
+def _as_recipe_error(path: str, run: RunSpec, loading: str | None = None, fields: dict | None = None):
+    """
+    Report a failure to load what a section names (a missing model, target modules that match nothing, ...) as a
+    [`RecipeError`] under the section's key path (or those of the `fields` its message names), not a traceback.
+    """
+    try:
+        yield
+    except (OSError, ValueError, KeyError) as e:
+        if isinstance(e, RecipeError):
+            raise
+        from .schema import _fields_named
+
+        text = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        named = _fields_named(text, fields or {})
+        given = ", ".join(f"{name}={fields[name]!r}" for name in named)
+        prefix = f"run {run.name!r}: " + (f"cannot load {loading!r}: " if loading else f"{given}: " if given else "")
+        raise RecipeError([(f"{path}.{n}" if named else path, prefix + text) for n in named or [""]]) from e
 
 
 def _has_accelerator() -> bool:

@@ -25,6 +25,7 @@ import copy
 import dataclasses
 import importlib
 import inspect
+import os
 import re
 import typing
 from dataclasses import dataclass, field
@@ -43,6 +44,8 @@ from .validation import (
 
 
 TASKS = ("sequence-classification", "causal-lm")
+DEFAULT_TRAINERS = ("RegTrainer", "Trainer", "transformers.Trainer")
+HUB_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?$")
 CLASSIFICATION_METRICS = ("accuracy", "macro_f1")
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 SECTION_KEYS = ("model", "data", "adapter", "regularizers", "training", "evaluation")
@@ -59,6 +62,8 @@ TRAINING_FORBIDDEN = {
     "push_to_hub": "use `regtune run RECIPE --push_to_hub REPO_ID` (or `regtune push RUN_DIR REPO_ID`), which uploads the "
     "adapter with a model card",
 }
+# Bounds that peft's configs do not check.
+ADAPTER_RANGES = {"r": {"ge": 1}, "lora_dropout": {"ge": 0.0, "lt": 1.0}}
 # Bounds that TrainingArguments itself does not check.
 TRAINING_RANGES = {
     "learning_rate": {"ge": 0.0},
@@ -209,8 +214,13 @@ class RunSpec:
 
     @property
     def method(self) -> str:
-        """A short label of the method: the adapter type (or `full` fine-tuning), with the regularizers."""
+        """
+        A short label of the method: the adapter type (or `full` fine-tuning), the trainer when it is not the
+        default one (`ALLORA / LfUTrainer`, `ALLORA / SFTTrainer`), and the regularizers (`LORA + lfu`).
+        """
         label = self.adapter.type if self.adapter is not None else "full"
+        if self.trainer not in DEFAULT_TRAINERS:
+            label += " / " + self.trainer.rpartition(".")[2]
         if self.regularizers:
             label += " + " + " + ".join(r.type for r in self.regularizers)
         return label
@@ -379,6 +389,11 @@ def _validate_model(raw, errors: Errors) -> ModelSpec:
                     f"unknown built-in model {name!r}.{suggest(name, BUILTIN_MODELS)} "
                     f"Known: {', '.join('builtin:' + n for n in BUILTIN_MODELS)}",
                 )
+        elif isinstance(value, str) and _missing_local_path(value):
+            errors.add(
+                f"model.{key}",
+                f"no such local directory {value!r}, and not a Hub id (a Hub id is `name` or `owner/name`)",
+            )
     if spec.config is not None:
         if not isinstance(spec.config.get("model_type"), str):
             errors.add("model.config.model_type", "required: the transformers model type, e.g. bert, llama, gpt2")
@@ -387,6 +402,29 @@ def _validate_model(raw, errors: Errors) -> ModelSpec:
                 "model.tokenizer", "required with `model.config` (a model built from a config has no tokenizer)"
             )
     return spec
+
+
+def _missing_local_path(value: str) -> bool:
+    """Whether `value` names a local path (not a Hub id) that does not exist: checked before anything is loaded."""
+    if os.path.exists(os.path.expanduser(value)):
+        return False
+    return value.startswith(("/", ".", "~")) or not HUB_ID_RE.match(value)
+
+
+def _fields_named(message: str, fields) -> list[str]:
+    """The field names that an error message of a host config mentions (to report it under their key paths)."""
+    return [f for f in fields if re.search(rf"(?<![A-Za-z0-9_]){re.escape(f)}(?![A-Za-z0-9_])", message)]
+
+
+def _constructor_errors(build, path: str, fields, errors: Errors, what: str) -> None:
+    """Construct a host config / regularizer (its own checks) and report a `ValueError` under the fields it names."""
+    try:
+        build()
+    except Exception as e:  # noqa: BLE001 (any rejection by the host class is the recipe's problem)
+        message = f"{what} rejected these values: {e}"
+        named = _fields_named(str(e), fields)
+        for name in named or [None]:
+            errors.add(join_path(path, name) if name else path, message)
 
 
 def _validate_data(raw, errors: Errors) -> DataSpec:
@@ -481,12 +519,12 @@ def _validate_adapter(raw, task: str, errors: Errors) -> AdapterSpec | None:
     fields = {f.name for f in dataclasses.fields(config_cls)}
     if "task_type" in fields and kwargs.get("task_type") is None:
         kwargs["task_type"] = {"sequence-classification": "SEQ_CLS", "causal-lm": "CAUSAL_LM"}[task]
+    for key, bounds in ADAPTER_RANGES.items():
+        if key in fields and key in kwargs:
+            check_range(kwargs[key], bounds, f"adapter.{key}", errors)
     spec = AdapterSpec(type=canonical, kwargs=kwargs, config_cls=config_cls)
-    if len(errors.items) == n_errors:
-        try:
-            spec.build_config()
-        except Exception as e:  # the config's own __post_init__ checks (ranges, combinations)
-            errors.add("adapter", f"{config_cls.__name__} rejected these values: {e}")
+    if len(errors.items) == n_errors:  # the config's own __post_init__ checks (ranges, combinations)
+        _constructor_errors(spec.build_config, "adapter", kwargs, errors, config_cls.__name__)
     return spec
 
 
@@ -516,13 +554,11 @@ def _validate_regularizers(raw, errors: Errors) -> list[RegularizerSpec]:
             continue
         n_errors = len(errors.items)
         kwargs = _check_call_kwargs(registry[name], kwargs, path, errors, f"regularizer {name!r}")
-        if len(errors.items) == n_errors:
-            try:  # the regularizer's own checks (ranges, combinations); building one is cheap
-                from regtune.regularizers import build_regularizer
+        if len(errors.items) == n_errors:  # the regularizer's own checks (ranges, combinations); building is cheap
+            from regtune.regularizers import build_regularizer
 
-                build_regularizer(name, **copy.deepcopy(kwargs))
-            except (TypeError, ValueError) as e:
-                errors.add(path, str(e))
+            build = lambda name=name, kwargs=kwargs: build_regularizer(name, **copy.deepcopy(kwargs))  # noqa: E731
+            _constructor_errors(build, path, kwargs, errors, f"regularizer {name!r}")
         specs.append(RegularizerSpec(type=name, kwargs=kwargs))
     return specs
 
@@ -539,10 +575,8 @@ def _validate_training(raw, config_cls, errors: Errors) -> dict:
         what=config_cls.__name__,
     )
     if len(errors.items) == n_errors:
-        try:
-            config_cls(output_dir="regtune-validation", **copy.deepcopy(training))
-        except Exception as e:
-            errors.add("training", f"{config_cls.__name__} rejected these values: {e}")
+        build = lambda: config_cls(output_dir="regtune-validation", **copy.deepcopy(training))  # noqa: E731
+        _constructor_errors(build, "training", training, errors, config_cls.__name__)
     return training
 
 
@@ -588,7 +622,7 @@ def validate_run(raw: dict) -> RunSpec:
             errors.add(key, f"required: a mapping (got {raw.get(key)!r})")
     model = _validate_model(raw.get("model") if isinstance(raw.get("model"), dict) else {}, errors)
     data = _validate_data(raw.get("data") if isinstance(raw.get("data"), dict) else {}, errors)
-    task = model.task
+    task = model.task if model.task in TASKS else None
     if task is None:
         builtin = BUILTIN_TASKS.get(data.builtin) if data.builtin else None
         task = builtin.problem if builtin is not None else "sequence-classification"

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import enum
+import math
 import re
 import types
 import typing
@@ -210,6 +211,8 @@ def _check(value, annotation, path: str):
             return value
         raise _Mismatch(path, f"expected an integer, got {_show(value)}")
     if annotation is float:
+        if isinstance(value, float) and not math.isfinite(value):
+            raise _Mismatch(path, f"expected a finite number, got {value!r}")
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return value  # an int stays an int (`num_train_epochs: 3` reads back as written)
         raise _Mismatch(path, f"expected a number, got {_show(value)}")

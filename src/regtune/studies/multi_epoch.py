@@ -564,6 +564,8 @@ def run_from_cli(args: argparse.Namespace) -> int:
         overrides = parse_overrides(args.overrides)
         study = load_study_recipe(args.recipe, overrides)
     except (StudyRecipeError, ValueError, FileNotFoundError) as err:
+        if getattr(args, "debug", False):
+            raise
         print(f"error: {err}", file=sys.stderr)
         return 2
     try:
@@ -571,6 +573,8 @@ def run_from_cli(args: argparse.Namespace) -> int:
             study, output_dir=args.output_dir, overwrite=args.overwrite, report_only=args.report_only
         )
     except (StudyRecipeError, ValueError, FileNotFoundError) as err:
+        if getattr(args, "debug", False):
+            raise
         print(f"error: {err}", file=sys.stderr)
         return 2
     if _is_main() and result.files.get("table"):
