@@ -109,3 +109,67 @@ def test_sharded_checkpoint_resumes_exactly(fsdp2_run):
     assert [r["resume_files"] for r in reports] == [["regtune_regularizers_0.pt", "regtune_regularizers_1.pt"]] * 2
     result = torch.load(out / "resume.pt", weights_only=True)
     torch.testing.assert_close(result["resumed"], result["straight"], rtol=0, atol=0)
+
+
+# ---- DeepSpeed: what cannot run refuses before training (DeepSpeed itself is not installed in CI) ----
+
+
+def _stub_trainer(stage, regularizers, model=None):
+    from types import SimpleNamespace
+
+    from accelerate.utils import DistributedType
+
+    kind = DistributedType.DEEPSPEED if stage is not None else DistributedType.MULTI_GPU
+    plugin = SimpleNamespace(zero_stage=stage)
+    accelerator = SimpleNamespace(distributed_type=kind, state=SimpleNamespace(deepspeed_plugin=plugin))
+    return SimpleNamespace(accelerator=accelerator, regularizers=regularizers, model=model)
+
+
+def test_deepspeed_refusals_name_every_problem():
+    from peft import get_peft_model
+    from tiny_models import tiny_llama
+
+    import regtune
+    from regtune._sharding import check_distributed_support
+    from regtune.regularizers import GLADRegularizer, GradientDropout, MaskScorePenalty
+
+    # ZeRO-2: GLAD rewrites .grad between two backward passes; the score penalty is fine
+    with pytest.raises(ValueError, match=r"ZeRO-2") as error:
+        check_distributed_support(_stub_trainer(2, [GLADRegularizer(), MaskScorePenalty()]))
+    assert "GLADRegularizer" in str(error.value) and "MaskScorePenalty" not in str(error.value)
+    # ZeRO-3: every problem at once, the adapter's too
+    allora = get_peft_model(tiny_llama(), regtune.ALLoRAConfig(r=2, target_modules=["q_proj"]))
+    with pytest.raises(ValueError, match=r"ZeRO-3") as error:
+        check_distributed_support(_stub_trainer(3, [GradientDropout(), MaskScorePenalty()], allora))
+    for name in ("GradientDropout", "MaskScorePenalty", "ALLoRA", "docs/distributed.md"):
+        assert name in str(error.value)
+
+
+def test_deepspeed_runs_loss_terms_and_dropout_hooks():
+    from regtune._sharding import check_distributed_support
+    from regtune.regularizers import DropoutSchedule, MaskScorePenalty, MultiSampleDropout
+
+    regs = [MultiSampleDropout(num_samples=2, p=0.1), DropoutSchedule(p=0.1)]
+    for stage in (None, 0, 1, 2, 3):
+        check_distributed_support(_stub_trainer(stage, regs))  # nothing to refuse
+    check_distributed_support(_stub_trainer(2, [MaskScorePenalty()]))
+
+
+def test_trainer_refuses_before_training_under_deepspeed(tmp_path, monkeypatch):
+    from distributed_worker import causal_dataset, tiny_llama, training_args
+
+    import regtune._sharding as sharding
+    from regtune.regularizers import GLADRegularizer
+    from regtune.trainers import RegTrainer
+
+    monkeypatch.setattr(sharding, "deepspeed_zero_stage", lambda trainer: 2)
+    trainer = RegTrainer(
+        model=tiny_llama(),
+        args=training_args(str(tmp_path), max_steps=1),
+        train_dataset=causal_dataset(n=4),
+        regularizers=[GLADRegularizer()],
+    )
+    before = [p.detach().clone() for p in trainer.model.parameters()]
+    with pytest.raises(ValueError, match=r"DeepSpeed ZeRO-2: GLADRegularizer"):
+        trainer.train()
+    assert all(torch.equal(a, b) for a, b in zip(before, trainer.model.parameters()))  # refused before any step

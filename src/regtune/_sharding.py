@@ -72,3 +72,73 @@ def forward_tensors(owners: Sequence[tuple[nn.Module, Callable[[nn.Module], torc
     finally:
         for handle in handles:
             handle.remove()
+
+
+# ---- DeepSpeed ----
+
+# what cannot run under DeepSpeed, by class name (no imports of the regularizers here): (ZeRO stages, why)
+_DEEPSPEED_LIMITS = {
+    "GLADRegularizer": (
+        (0, 1, 2, 3),
+        "GLAD runs a second backward pass inside the optimizer step and rewrites the parameters' `.grad`, while the "
+        "DeepSpeed engine counts every backward as a micro-step and keeps the gradients in its own buffers",
+    ),
+    "GradientDropout": (
+        (0, 1, 2, 3),
+        "gradient dropout rewrites the mask scores' `.grad` after the last backward of the step, while the DeepSpeed "
+        "engine keeps the gradients in its own buffers",
+    ),
+    "MaskScorePenalty": (
+        (3,),
+        "the score penalty reads the mask scores outside the forward, where ZeRO-3 leaves only an empty placeholder "
+        "of each partitioned parameter",
+    ),
+}
+
+
+def deepspeed_zero_stage(trainer) -> int | None:
+    """The ZeRO stage of the trainer's DeepSpeed engine, or `None` when it does not run DeepSpeed."""
+    from accelerate.utils import DistributedType
+
+    accelerator = trainer.accelerator
+    if accelerator.distributed_type != DistributedType.DEEPSPEED:
+        return None
+    plugin = getattr(accelerator.state, "deepspeed_plugin", None)
+    return int(getattr(plugin, "zero_stage", 0) or 0)
+
+
+def check_distributed_support(trainer) -> None:
+    """
+    Refuse, before training, what regtune cannot run under the trainer's DeepSpeed ZeRO stage (a `ValueError` that
+    names every regularizer or adapter concerned and the reason). Nothing to check without DeepSpeed: DDP runs
+    everything, and under FSDP2 LfU refuses by itself. docs/distributed.md has the whole table.
+    """
+    stage = deepspeed_zero_stage(trainer)
+    if stage is None:
+        return
+    problems = []
+    for reg in getattr(trainer, "regularizers", []):
+        for cls in type(reg).__mro__:
+            limit = _DEEPSPEED_LIMITS.get(cls.__name__)
+            if limit is not None and stage in limit[0]:
+                problems.append(f"{type(reg).__name__} ({reg.name!r}): {limit[1]}")
+                break
+    model = getattr(trainer, "model", None)
+    if stage == 3 and model is not None:
+        gradient_mode = [
+            module
+            for module in model.modules()
+            if type(module).__name__ == "ALLoRALinear" and any(getattr(module, "allora_scale_gradients", {}).values())
+        ]
+        if gradient_mode:
+            problems.append(
+                "ALLoRA adapters with coefficient_on='gradient': their forward reads the A and B weights directly, "
+                "where ZeRO-3 leaves only empty placeholders of the partitioned parameters"
+            )
+    if problems:
+        raise ValueError(
+            f"regtune cannot train this under DeepSpeed ZeRO-{stage}: "
+            + "; ".join(problems)
+            + ". Use DDP (recipes/accelerate/ddp.yaml) or FSDP2 (recipes/accelerate/fsdp2.yaml); see "
+            "docs/distributed.md."
+        )
