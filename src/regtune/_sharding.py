@@ -52,6 +52,16 @@ def shard_like(value: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
     return distribute_tensor(value, reference.device_mesh, reference.placements, src_data_rank=None)
 
 
+@torch.no_grad()
+def foreach_copy_(targets: Sequence[torch.Tensor], sources: Sequence[torch.Tensor]) -> None:
+    """`torch._foreach_copy_(targets, sources)`, one `copy_` per tensor for `DTensor`s (no foreach copy for them)."""
+    if targets and is_sharded(targets[0]):
+        for target, source in zip(targets, sources):
+            target.copy_(source)
+    elif targets:
+        torch._foreach_copy_(list(targets), list(sources))
+
+
 @contextlib.contextmanager
 def forward_tensors(owners: Sequence[tuple[nn.Module, Callable[[nn.Module], torch.Tensor]]]) -> Iterator[list]:
     """
