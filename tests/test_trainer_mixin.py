@@ -7,6 +7,8 @@ import contextlib
 import glob
 import math
 import os
+import pickle
+import shutil
 
 import datasets
 import pytest
@@ -33,7 +35,7 @@ from trl import SFTConfig, SFTTrainer
 
 from regtune.regularizers import DropoutSchedule, MultiSampleDropout, Regularizer
 from regtune.trainers import REGULARIZERS_STATE_NAME, RegTrainer, RegularizedTrainerMixin
-from regtune.trainers.mixin import NonFiniteLossError
+from regtune.trainers.mixin import NonFiniteLossError, RegularizerStateError
 
 
 class Recorder(Regularizer):
@@ -572,3 +574,140 @@ def test_nonfinite_guard_reads_the_device_once_per_optimizer_step(tmp_path, monk
     trainer.train()
     assert checks == [0, 1, 2]  # once per optimizer step
     assert sizes == [6, 6, 6]  # task loss and training loss of each of the 3 micro-batches
+
+
+# ---- damaged regularizer state ----
+
+
+class _EmaState(Regularizer):
+    """A stateful regularizer with a float tensor and a float in its state (no effect on the loss)."""
+
+    name = "ema_state"
+
+    def __init__(self):
+        self.ema, self.scale = torch.zeros(4), 1.0
+
+    def loss_term(self, model, inputs, outputs):
+        self.ema = 0.9 * self.ema + 0.1 * outputs["logits"].detach().float().mean()
+        return None
+
+    def state_dict(self):
+        return {"ema": self.ema.clone(), "scale": self.scale}
+
+    def load_state_dict(self, state):
+        self.ema, self.scale = state["ema"].clone(), float(state["scale"])
+
+
+def _state_trainer(output_dir, max_steps):
+    args = training_args(str(output_dir), max_steps=max_steps, save_strategy="steps", save_steps=1)
+    return RegTrainer(
+        model=tiny_bert(),
+        args=args,
+        train_dataset=classification_dataset(n=8),
+        regularizers=[NoisyPenalty(), _EmaState()],
+    )
+
+
+@pytest.fixture(scope="module")
+def saved_checkpoint(tmp_path_factory):
+    root = tmp_path_factory.mktemp("state")
+    _state_trainer(root, max_steps=1).train()
+    return root / "checkpoint-1"
+
+
+class _Exploit:
+    """Unpickling it would run a shell command."""
+
+    def __reduce__(self):
+        return (os.system, ("touch pwned",))
+
+
+def _payload(checkpoint):
+    return torch.load(checkpoint / REGULARIZERS_STATE_NAME, weights_only=True)
+
+
+def _damage(kind, checkpoint, path):
+    if kind == "empty":
+        path.write_bytes(b"")
+    elif kind == "garbage":
+        path.write_bytes(b"this is not a torch file\n" * 4)
+    elif kind == "truncated":
+        data = (checkpoint / REGULARIZERS_STATE_NAME).read_bytes()
+        path.write_bytes(data[: len(data) // 2])
+    elif kind == "pickle":  # a crafted checkpoint
+        torch.save({"format": 1, "regularizers": {"ema_state": {"ema": _Exploit()}}}, path)
+    elif kind == "raw_pickle":
+        path.write_bytes(pickle.dumps({"format": 1, "regularizers": {"ema_state": _Exploit()}}))
+    elif kind == "not_a_payload":
+        torch.save([1, 2, 3], path)
+    else:
+        payload = _payload(checkpoint)
+        state = payload["regularizers"]["ema_state"]
+        if kind == "shape":
+            state["ema"] = torch.zeros(3)
+        elif kind == "nan":
+            state["ema"] = torch.tensor([0.0, float("nan"), 0.0, 0.0])
+        elif kind == "inf_float":
+            state["scale"] = float("inf")
+        elif kind == "bad_value":
+            payload["regularizers"]["noisy_penalty"]["generator"] = torch.zeros(3, dtype=torch.uint8)
+        torch.save(payload, path)
+
+
+@pytest.mark.parametrize(
+    "kind, match",
+    [
+        ("empty", r"is empty \(0 bytes\)"),
+        ("garbage", r"is damaged: it is not a readable torch file"),
+        ("truncated", r"is damaged: it is not a readable torch file"),
+        ("pickle", r"cannot be read safely: it holds an object that is not a tensor or a Python primitive \(posix"),
+        ("raw_pickle", r"cannot be read safely: it is not a torch.save file holding only tensors"),
+        ("not_a_payload", r"does not hold regtune regularizer state .* got list"),
+        (
+            "shape",
+            r"does not fit regularizer 'ema_state' \(_EmaState\): `ema` has shape \(3,\), this run expects \(4,\)",
+        ),
+        ("nan", r"does not fit regularizer 'ema_state' .*`ema` holds 1 NaN/infinite value\(s\) of 4"),
+        ("inf_float", r"does not fit regularizer 'ema_state' .*`scale` is inf"),
+        ("bad_value", r"does not fit regularizer 'noisy_penalty' .*`generator` has shape \(3,\)"),
+    ],
+)
+def test_damaged_regularizer_state_is_refused_with_the_file_and_the_regularizer(
+    kind, match, saved_checkpoint, tmp_path, monkeypatch
+):
+    checkpoint = tmp_path / "checkpoint-1"
+    shutil.copytree(saved_checkpoint, checkpoint)
+    path = checkpoint / REGULARIZERS_STATE_NAME
+    _damage(kind, saved_checkpoint, path)
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(RegularizerStateError, match=match) as err:
+        _state_trainer(tmp_path, max_steps=2).train(resume_from_checkpoint=str(checkpoint))
+    message = str(err.value)
+    assert str(path) in message
+    if kind in ("empty", "garbage", "truncated", "pickle", "raw_pickle", "not_a_payload"):
+        assert "['noisy_penalty', 'ema_state']" in message  # the regularizers whose state the file holds
+    assert "weights_only=False" not in message and "weights_only = False" not in message
+    assert err.value.__cause__ is None or "weights_only=False" not in str(err.value.__cause__)
+    assert not (tmp_path / "pwned").exists()
+
+
+def test_undamaged_state_resumes_and_a_regularizer_loader_error_is_named(saved_checkpoint, tmp_path):
+    trainer = _state_trainer(tmp_path, max_steps=2)
+    trainer.train(resume_from_checkpoint=str(saved_checkpoint))
+    assert trainer.state.global_step == 2 and trainer.regularizers[0].calls == 2  # NoisyPenalty resumed at 1 call
+
+    class _Picky(_EmaState):
+        def load_state_dict(self, state):
+            raise KeyError("momentum")
+
+    args = training_args(str(tmp_path), max_steps=2)
+    trainer = RegTrainer(
+        model=tiny_bert(),
+        args=args,
+        train_dataset=classification_dataset(n=8),
+        regularizers=[NoisyPenalty(), _Picky()],
+    )
+    with pytest.raises(
+        RegularizerStateError, match=r"regularizer 'ema_state' \(_Picky\) could not load its state: KeyError"
+    ):
+        trainer.train(resume_from_checkpoint=str(saved_checkpoint))

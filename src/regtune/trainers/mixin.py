@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import os
+import pickle
+import re
 import weakref
 from collections.abc import Iterable, Mapping
 from typing import Any
@@ -15,6 +18,7 @@ from torch import nn
 from transformers import TrainerCallback
 from transformers.training_args import OptimizerNames
 
+from regtune._sharding import check_distributed_support
 from regtune.regularizers import Regularizer, build_regularizer
 from regtune.regularizers.base import overrides
 from regtune.tuners.mask_tuning import save_real_valued_scores
@@ -101,6 +105,53 @@ def check_regularizers(regularizers: Regularizer | Iterable[Regularizer | Mappin
         if not overrides(reg, "training_step"):
             raise ValueError(f"Regularizer {reg.name!r} sets `owns_step = True` but does not define `training_step`.")
     return result
+
+
+def _state_problems(loaded: Any, current: Any, key: str = "") -> list[str]:
+    """
+    What is wrong with a regularizer's `loaded` state against its `current` one (after `setup`): tensors of another
+    shape, NaN or infinite values where the current state is finite, a tensor where the current state holds none.
+    Keys of only one side are left to the regularizer's `load_state_dict`.
+    """
+    label = f"`{key}`" if key else "the state"
+    if isinstance(loaded, dict):
+        if not isinstance(current, dict):
+            return []
+        return [
+            problem
+            for name, value in loaded.items()
+            if name in current
+            for problem in _state_problems(value, current[name], f"{key}.{name}" if key else str(name))
+        ]
+    if isinstance(loaded, (list, tuple)):
+        if not isinstance(current, (list, tuple)) or len(current) != len(loaded):
+            return []
+        return [
+            problem
+            for index, (value, reference) in enumerate(zip(loaded, current))
+            for problem in _state_problems(value, reference, f"{key}[{index}]")
+        ]
+    problems = []
+    if isinstance(current, torch.Tensor):
+        if not isinstance(loaded, torch.Tensor):
+            return [f"{label} is a {type(loaded).__name__}, this run has a tensor of shape {tuple(current.shape)}"]
+        if loaded.shape != current.shape:
+            return [f"{label} has shape {tuple(loaded.shape)}, this run expects {tuple(current.shape)}"]
+    # non-finite values are refused, except where the regularizer's own fresh state has them too (a sentinel)
+    if isinstance(loaded, torch.Tensor) and (loaded.is_floating_point() or loaded.is_complex()):
+        bad = ~torch.isfinite(loaded)
+        sentinel = (
+            isinstance(current, torch.Tensor)
+            and current.shape == loaded.shape
+            and (current.is_floating_point() or current.is_complex())
+            and bad.equal(~torch.isfinite(current))
+        )
+        if bad.any() and not sentinel:
+            problems.append(f"{label} holds {int(bad.sum())} NaN/infinite value(s) of {loaded.numel()}")
+    elif isinstance(loaded, float) and not math.isfinite(loaded):
+        if not (isinstance(current, float) and not math.isfinite(current)):
+            problems.append(f"{label} is {loaded}")
+    return problems
 
 
 class _RegularizerLifecycleCallback(TrainerCallback):
@@ -208,6 +259,9 @@ class RegularizedTrainerMixin:
         self._regtune_in_training_step = False
         self._regtune_pending_state: dict | None = None
         super().__init__(*args, **kwargs)
+        from regtune.tuners.allora.diagnostics import automatic_regularizers  # ALLoRA's c/eta, if it has ALLoRA
+
+        regs.extend(automatic_regularizers(self.model, regs))
         if on_nonfinite != "ignore":
             self.add_callback(_NonFiniteGuardCallback(self))
         if regs:
@@ -224,6 +278,7 @@ class RegularizedTrainerMixin:
                 "`on_nonfinite='skip'` cannot skip a DeepSpeed optimizer step (the engine steps inside the backward); "
                 "use on_nonfinite='error' or 'ignore'."
             )
+        check_distributed_support(self)  # DeepSpeed: refuse what cannot run under its ZeRO stage
         for reg in self.regularizers:
             reg.setup(self)
         pending, self._regtune_pending_state = self._regtune_pending_state, None
@@ -338,6 +393,17 @@ class RegularizedTrainerMixin:
                 self._regtune_watch(f"loss term of regularizer {reg.name!r}", term)
                 loss = loss + (term * scale if scale != 1.0 else term)
         return (loss, outputs) if return_outputs else loss
+
+    def create_optimizer(self, *args, **kwargs):
+        # ALLoRA adapters with coefficient_on="update" get their update-side coefficient on the optimizer built here
+        # (a user-given optimizer is left alone: ALLoRA's guard refuses it at its first step if it would train them)
+        built_here = self.optimizer is None
+        optimizer = super().create_optimizer(*args, **kwargs)
+        if built_here:
+            from regtune.tuners.allora import attach_allora_update
+
+            attach_allora_update(optimizer, self.model)
+        return optimizer
 
     # ---- logging ----
 
@@ -498,7 +564,7 @@ class RegularizedTrainerMixin:
                         "(if any) is taken from that file.",
                         path,
                     )
-                return torch.load(path, map_location="cpu", weights_only=True)
+                return self._regtune_load_state_file(path)
         stateful = [reg.name for reg in self.regularizers if reg.state_dict()]
         if stateful:
             logger.warning(
@@ -510,11 +576,81 @@ class RegularizedTrainerMixin:
             )
         return None
 
+    def _regtune_load_state_file(self, path: str) -> dict:
+        """Read a regularizer-state file with `weights_only=True`; a damaged one raises a `RegularizerStateError`."""
+        names = [reg.name for reg in self.regularizers]
+        where = f"The regularizer state file {path} (state of the regularizers {names})"
+        if os.path.getsize(path) == 0:
+            raise RegularizerStateError(
+                f"{where} is empty (0 bytes): the checkpoint was cut off while being written, or the file was "
+                "replaced. Resume from an earlier checkpoint, or delete the file to restart these regularizers from a "
+                "fresh state (the resumed run will then not continue exactly)."
+            )
+        try:
+            payload = torch.load(path, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as err:
+            # torch's message advises `weights_only=False`, which would run any code a crafted file holds: not
+            # passed on
+            found = re.search(r"GLOBAL ([\w.]+)", str(err))
+            reason = (
+                f"it holds an object that is not a tensor or a Python primitive ({found.group(1)})"
+                if found
+                else "it is not a torch.save file holding only tensors and Python primitives"
+            )
+            raise RegularizerStateError(
+                f"{where} cannot be read safely: {reason}. regtune reads regularizer state with "
+                "`torch.load(weights_only=True)` only, so a file it did not write (or a damaged or tampered one) is "
+                "refused. Resume from another checkpoint, or delete the file to restart these regularizers fresh."
+            ) from None
+        except Exception as err:  # noqa: BLE001 - torch raises RuntimeError, EOFError, ... for a damaged archive
+            detail = f"{type(err).__name__}: {err}".split("\n", 1)[0]
+            if "weights_only" in detail:
+                detail = type(err).__name__
+            raise RegularizerStateError(
+                f"{where} is damaged: it is not a readable torch file ({detail}). Resume from another checkpoint, or "
+                "delete the file to restart these regularizers fresh."
+            ) from None
+        if not isinstance(payload, dict) or not isinstance(payload.get("regularizers"), dict):
+            raise RegularizerStateError(
+                f"{where} does not hold regtune regularizer state (a dict with a 'regularizers' mapping), got "
+                f"{type(payload).__name__}"
+                + (f" with keys {sorted(map(str, payload))}" if isinstance(payload, dict) else "")
+                + "."
+            )
+        version = payload.get("format", _STATE_FORMAT)
+        if version != _STATE_FORMAT:
+            raise RegularizerStateError(
+                f"{where} has format {version!r}; this regtune reads format {_STATE_FORMAT} (a file from another "
+                "regtune version)."
+            )
+        for name, state in payload["regularizers"].items():
+            if not isinstance(state, dict):
+                raise RegularizerStateError(
+                    f"{where}: the state of regularizer {name!r} must be a dict, got {type(state).__name__}."
+                )
+        payload["path"] = path
+        return payload
+
     def _regtune_apply_state(self, payload: dict) -> None:
         states = payload.get("regularizers", {})
+        path = payload.get("path", REGULARIZERS_STATE_NAME)
         for reg in self.regularizers:
             if reg.name in states:
-                reg.load_state_dict(states[reg.name])
+                problems = _state_problems(states[reg.name], reg.state_dict())
+                if problems:
+                    raise RegularizerStateError(
+                        f"The regularizer state file {path} does not fit regularizer {reg.name!r} "
+                        f"({type(reg).__name__}): {'; '.join(problems)}. The file is damaged or was written by a "
+                        "run with other settings; resume from another checkpoint, or delete the file to restart the "
+                        "regularizers fresh."
+                    )
+                try:
+                    reg.load_state_dict(states[reg.name])
+                except Exception as err:  # noqa: BLE001 - whatever the regularizer's own loader raises
+                    raise RegularizerStateError(
+                        f"The regularizer state file {path}: regularizer {reg.name!r} ({type(reg).__name__}) could not "
+                        f"load its state: {type(err).__name__}: {err}"
+                    ) from err
             elif reg.state_dict():
                 logger.warning("The checkpoint holds no state for regularizer %r: it starts fresh.", reg.name)
         unknown = sorted(set(states) - {reg.name for reg in self.regularizers})
