@@ -46,7 +46,13 @@ from regtune.functional.allora import (
 )
 
 
-_ALLORA_PARAM_NAMES = ("allora_eta", "allora_norm_squared", "allora_scale_gradients", "allora_row_norm", "allora_cache")
+_ALLORA_PARAM_NAMES = (
+    "allora_eta",
+    "allora_norm_squared",
+    "allora_scale_gradients",
+    "allora_row_norm",
+    "allora_cache",
+)
 
 
 class _Registry:
@@ -430,7 +436,9 @@ class ALLoRAMultiheadAttention(ALLoRALayer, LoraMultiheadAttention):
         out_proj = ALLoRALinear(
             plain_out_proj.get_base_layer(), adapter_name, config=config, r=r, lora_alpha=lora_alpha, **kwargs
         )
-        out_proj.load_state_dict(plain_out_proj.state_dict(), assign=True)
+        # keep peft's initialization (and device: meta under low_cpu_mem_usage): move its A/B modules over
+        out_proj.lora_A[adapter_name] = plain_out_proj.lora_A[adapter_name]
+        out_proj.lora_B[adapter_name] = plain_out_proj.lora_B[adapter_name]
         self.base_layer.out_proj = out_proj
 
     def update_layer(self, adapter_name, *args, config=None, **kwargs) -> None:

@@ -46,7 +46,9 @@ class ALLoRAModel(LoraModel):
         base = target.get_base_layer() if isinstance(target, BaseTunerLayer) else target
         parameter_name = kwargs.pop("parameter_name", None)
         if parameter_name is not None:
-            return ALLoRAParamWrapper(target, adapter_name, parameter_name=parameter_name, config=lora_config, **kwargs)
+            return ALLoRAParamWrapper(
+                target, adapter_name, parameter_name=parameter_name, config=lora_config, **kwargs
+            )
         if isinstance(base, torch.nn.Embedding):
             return ALLoRAEmbedding(target, adapter_name, config=lora_config, **kwargs)
         if isinstance(base, torch.nn.Conv2d):

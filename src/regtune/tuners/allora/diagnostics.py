@@ -1,0 +1,108 @@
+"""ALLoRA's mechanism diagnostic as Trainer metrics: how far the row coefficient `c` is below `eta`.
+
+`c_i / eta = 1` while `||dW_i|| << 1/eta` (the adaptive term is not engaged: ALLoRA is then LoRA with its steps
+multiplied by `eta`); it falls towards 0 as a row grows. [`ALLoRADiagnostics`] reports, at every logging step, the
+minimum and the median of `c / eta` over the rows of each ALLoRA layer, and over all rows of the model.
+
+regtune's trainers add it automatically when the model has ALLoRA adapters (see [`automatic_regularizers`]), so the
+values reach every `report_to` integration as `allora/c_over_eta_min`, `allora/c_over_eta_median`,
+`allora/c_over_eta_min/<layer>` and `allora/c_over_eta_median/<layer>`.
+"""
+
+from __future__ import annotations
+
+import weakref
+
+import torch
+from torch import nn
+
+from regtune.regularizers.base import Regularizer
+
+from .layer import allora_adapters
+
+
+def allora_coefficient_stats(model: nn.Module) -> dict[str, torch.Tensor]:
+    """
+    The min and median of `c / eta` per ALLoRA layer and over all of them, as 0-dim tensors on the model's device
+    (no host synchronization; computed from the current weights, with the layers' cached coefficients).
+
+    Args:
+        model (`torch.nn.Module`): a model with ALLoRA adapters (a `PeftModel`, or wrapped by DDP).
+
+    Returns:
+        `dict[str, torch.Tensor]`: keys `c_over_eta_min`, `c_over_eta_median`, `c_over_eta_min/<layer>` and
+        `c_over_eta_median/<layer>` (`<layer>` is the module path without peft's `base_model.model.` prefix, with
+        `:<adapter>` appended for adapters other than `"default"`). Empty without ALLoRA adapters.
+    """
+    names, values = [], []
+    for module_name, module, adapter_name in allora_adapters(model):
+        name = module_name.split("base_model.model.", 1)[-1] or module_name
+        if adapter_name != "default":
+            name = f"{name}:{adapter_name}"
+        names.append(name)
+        values.append(module.allora_coefficient_over_eta(adapter_name))
+    if not values:
+        return {}
+    out = {
+        "c_over_eta_min": torch.stack([v.min() for v in values]).min(),
+        "c_over_eta_median": torch.cat(values).median(),
+    }
+    for name, value in zip(names, values):
+        out[f"c_over_eta_min/{name}"] = value.min()
+        out[f"c_over_eta_median/{name}"] = value.median()
+    return out
+
+
+class ALLoRADiagnostics(Regularizer):
+    """
+    Logs ALLoRA's coefficient diagnostic (min and median of `c / eta` per layer, and over the model) with the
+    Trainer's training metrics. It changes nothing in training.
+
+    The values are computed only when the Trainer logs (every `logging_steps`), from the weights at that moment, with
+    one host synchronization for all of them; the training steps themselves pay nothing.
+
+    Example:
+
+        ```py
+        >>> trainer = RegTrainer(model=allora_model, args=args, train_dataset=ds)  # added automatically
+        >>> trainer = RegTrainer(..., regularizers=[ALLoRADiagnostics(per_layer=False)])  # only the model-wide pair
+        ```
+
+    Args:
+        per_layer (`bool`, defaults to `True`): also report each layer's min and median (two metrics per layer).
+    """
+
+    name = "allora"
+
+    def __init__(self, per_layer: bool = True):
+        if not isinstance(per_layer, bool):
+            raise ValueError(f"ALLoRADiagnostics: `per_layer` = {per_layer!r} (allowed: True or False).")
+        self.per_layer = per_layer
+        self._model: weakref.ref | None = None
+
+    def setup(self, trainer) -> None:
+        self._model = weakref.ref(trainer.model)
+
+    def diagnostics(self) -> dict[str, float]:
+        model = self._model() if self._model is not None else None
+        if model is None or not self.log_diagnostics:
+            return {}
+        stats = allora_coefficient_stats(model)
+        if not self.per_layer:
+            stats = {k: v for k, v in stats.items() if "/" not in k}
+        if not stats:
+            return {}
+        values = torch.stack([v.float() for v in stats.values()]).tolist()  # one host sync for all of them
+        return dict(zip(stats, values))
+
+
+def automatic_regularizers(model: nn.Module | None, regularizers: list[Regularizer]) -> list[Regularizer]:
+    """
+    The regularizers that regtune's trainers add on their own for `model`: [`ALLoRADiagnostics`] when the model has
+    ALLoRA adapters and no regularizer named `"allora"` is given.
+    """
+    if model is None or any(reg.name == ALLoRADiagnostics.name for reg in regularizers):
+        return []
+    if next(allora_adapters(model), None) is None:
+        return []
+    return [ALLoRADiagnostics()]
