@@ -57,9 +57,13 @@ def messages_dataset(n: int = 16, seed: int = 0) -> datasets.Dataset:
     return datasets.Dataset.from_dict({"messages": rows})
 
 
-def lora_model(init_random: bool = True):
-    model = tiny_llama()
-    config = LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=not init_random)
+def lora_model(init_random: bool = True, dropout: float = 0.0):
+    """A tiny Llama with LoRA on all linear layers (random B, so the adapter acts from the start); `dropout` sets both
+    the LoRA dropout and the attention dropout."""
+    model = tiny_llama(attention_dropout=dropout)
+    config = LoraConfig(
+        r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=not init_random, lora_dropout=dropout
+    )
     torch.manual_seed(1)
     return get_peft_model(model, config)
 

@@ -95,7 +95,7 @@ def _first_batch(trainer):
 def _token_loss_sum(model, batch, params=None):
     """Summed next-token negative log-likelihood and its token count (trl's SFT loss is sum / count)."""
     inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
-    logits = functional_call(model, params, (), inputs) if params is not None else model(**inputs).logits
+    logits = (functional_call(model, params, (), inputs) if params is not None else model(**inputs)).logits
     labels = batch["labels"][:, 1:]
     logp = torch.log_softmax(logits[:, :-1].float(), -1)
     mask = labels != -100
@@ -340,8 +340,16 @@ def test_layer_range_selects_hidden_states(tmp_path):
     ("overrides", "message"),
     [
         ({"lfu_mode": "ascent"}, r"`lfu_mode` must be one of \['perturb', 'reps'\], got 'ascent'"),
-        ({"lfu_alpha": 0.0}, r"`lfu_alpha` must be a number > 0"),
-        ({"lfu_beta": -1.0}, r"`lfu_beta` must be a number >= 0"),
+        ({"lfu_alpha": 0.0}, r"`lfu_alpha` must be a finite number > 0, got 0.0"),
+        ({"lfu_alpha": float("inf")}, r"`lfu_alpha` must be a finite number > 0, got inf"),
+        ({"lfu_alpha": True}, r"`lfu_alpha` must be a finite number > 0, got True"),
+        ({"lfu_beta": -1.0}, r"`lfu_beta` must be a finite number >= 0"),
+        ({"lfu_beta": float("nan")}, r"`lfu_beta` must be a finite number >= 0"),
+        ({"lfu_start_layer": 1.0}, r"`lfu_start_layer` must be an int >= 0"),
+        ({"lfu_reps_lr_weight": "2"}, r"`lfu_reps_lr_weight` must be a finite number > 0"),
+        ({"lfu_reps_site": "attn"}, r"`lfu_reps_site` must be one of \['mlp', 'block'\], got 'attn'"),
+        ({"lfu_share_dropout_masks": "yes"}, r"`lfu_share_dropout_masks` must be True or False"),
+        ({"lfu_log_diagnostics": 1}, r"`lfu_log_diagnostics` must be True or False"),
         ({"lfu_second_batch": "other"}, r"`lfu_second_batch` must be one of \['train', 'dataset', 'same'\]"),
         ({"lfu_start_layer": 2, "lfu_end_layer": 1}, r"`lfu_end_layer` must be None .* > `lfu_start_layer`"),
     ],
@@ -509,3 +517,204 @@ def test_packed_padding_free_batches_train(tmp_path):
     logs = [h["lfu/consistency"] for h in trainer.state.log_history if "lfu/consistency" in h]
     assert len(logs) == 3 and all(v > 0 for v in logs)
     assert (trainable_weights(model) - before).abs().max() > 1e-5
+
+
+# ---- settings: every field validated at construction, all bad ones at once ----
+
+
+def test_config_reports_every_bad_lfu_field_at_once(tmp_path):
+    bad = {
+        "lfu_mode": "ascent", "lfu_alpha": float("inf"), "lfu_beta": float("nan"), "lfu_start_layer": -1,
+        "lfu_end_layer": "2", "lfu_second_batch": 3, "lfu_reps_lr_weight": 0, "lfu_reps_site": "attn",
+        "lfu_share_dropout_masks": "yes", "lfu_log_diagnostics": None,
+    }  # fmt: skip
+    with pytest.raises(ValueError) as error:
+        lfu_config(str(tmp_path), **bad)
+    message = str(error.value)
+    assert all(f"`{name}`" in message for name in bad), message
+    # the regularizer validates the same settings, under their own names
+    with pytest.raises(ValueError) as error:
+        regtune.regularizers.LfURegularizer(alpha=-1.0, reps_site="attn", start_layer=2, end_layer=2, seed="0")
+    message = str(error.value)
+    assert all(f"`{name}`" in message for name in ("alpha", "reps_site", "end_layer", "seed")), message
+    # good values build, and the trainer config hands its settings to the regularizer unchanged
+    args = lfu_config(str(tmp_path), lfu_mode="reps", lfu_alpha=1, lfu_reps_site="block")
+    assert args.lfu_settings == regtune.regularizers.lfu.LfUSettings(
+        mode="reps", alpha=1.0, reps_site="block", log_diagnostics=True
+    )
+    assert isinstance(args.lfu_settings.alpha, float)
+    assert regtune.regularizers.LfURegularizer(settings=args.lfu_settings).reps_site == "block"
+
+
+def test_config_bf16_default_follows_trl_where_it_can_run_else_fp32(tmp_path, monkeypatch):
+    """trl's SFTConfig turns bf16 on, which transformers refuses on a machine without a bf16 accelerator (unless
+    `use_cpu=True`); LfUConfig keeps trl's default wherever it runs and trains in fp32 where it would raise."""
+    import regtune.trainers.lfu_trainer as lfu_trainer
+
+    monkeypatch.setattr(lfu_trainer, "_bf16_trainable", lambda: False)
+    assert regtune.LfUConfig(str(tmp_path)).bf16 is False
+    assert regtune.LfUConfig(str(tmp_path), use_cpu=True).bf16 is True  # trl's default on an explicit CPU run
+    assert regtune.LfUConfig(str(tmp_path), use_cpu=True, bf16=False).bf16 is False
+    # with a bf16 accelerator the unset field is left to trl, which turns it on (here, where the hardware is only
+    # pretended, transformers' own check may then refuse it: the resolution is the same either way)
+    monkeypatch.setattr(lfu_trainer, "_bf16_trainable", lambda: True)
+    try:
+        assert regtune.LfUConfig(str(tmp_path)).bf16 is True
+    except ValueError as error:
+        assert "bf16" in str(error)
+
+
+@pytest.mark.parametrize("mode", ["perturb", "reps"])
+def test_readme_style_config_trains_on_cpu_without_precision_arguments(tmp_path, mode):
+    """The documented snippet's config (no bf16 / use_cpu arguments) builds and trains on a CPU-only machine."""
+    from transformers.utils import is_torch_bf16_gpu_available
+
+    args = regtune.LfUConfig(
+        str(tmp_path), lfu_mode=mode, lfu_alpha=0.1, lfu_beta=5.0, max_steps=1, report_to="none", max_length=16
+    )
+    assert args.bf16 is is_torch_bf16_gpu_available()
+    trainer = regtune.LfUTrainer(
+        model=lora_model(), args=args, train_dataset=prompt_completion_dataset(), processing_class=word_tokenizer()
+    )
+    trainer.train()
+    assert trainer.state.global_step == 1
+
+
+# ---- precision: the undesirable pass runs under the host's autocast ----
+
+
+def _lfu_logs(tmp_path, model=None, second_dataset=None, **overrides):
+    trainer = regtune.LfUTrainer(
+        model=model if model is not None else lora_model(),
+        args=lfu_config(str(tmp_path), **{"max_steps": 1, **overrides}),
+        train_dataset=prompt_completion_dataset(),
+        processing_class=word_tokenizer(),
+        lfu_dataset=second_dataset,
+    )
+    trainer.train()
+    return [h for h in trainer.state.log_history if "loss" in h], trainer
+
+
+@pytest.mark.parametrize("second_batch", ["train", "dataset", "same"])
+@pytest.mark.parametrize("mode", ["perturb", "reps"])
+def test_bf16_consistency_vanishes_at_zero_alpha(tmp_path, mode, second_batch):
+    """Under bf16 autocast the clean states come from the host's autocast forward; the undesirable pass must run in
+    the same precision, or L_cons measures bf16-vs-fp32 rounding instead of the update (it was ~3e-5 at alpha 1e-6)."""
+    second = prompt_completion_dataset(n=4, seed=3) if second_batch == "dataset" else None
+    logs, _ = _lfu_logs(
+        tmp_path, second_dataset=second, bf16=True, lfu_mode=mode, lfu_alpha=1e-6, lfu_second_batch=second_batch
+    )
+    assert logs[0]["lfu/consistency"] <= 1e-10
+    assert logs[0]["lfu/ascent_gain_abs"] == pytest.approx(0.0, abs=1e-4)
+
+
+def test_bf16_step_at_zero_alpha_equals_the_sft_step(tmp_path):
+    """At alpha -> 0 the consistency gradient vanishes, so LfU's step is SFTTrainer's step (bf16, lr 0.5, beta 5)."""
+    from trl import SFTTrainer
+
+    def step(trainer_class, **overrides):
+        model = lora_model()
+        before = trainable_weights(model)
+        args = lfu_config(str(tmp_path), max_steps=1, bf16=True, lfu_alpha=1e-6, lfu_beta=5.0, **overrides)
+        trainer_class(
+            model=model, args=args, train_dataset=prompt_completion_dataset(), processing_class=word_tokenizer()
+        ).train()
+        return before - trainable_weights(model)
+
+    sft = step(SFTTrainer)
+    lfu = step(regtune.LfUTrainer)
+    assert sft.abs().max() > 1e-3  # it trained
+    torch.testing.assert_close(lfu, sft, rtol=0, atol=1e-6)
+
+
+# ---- dropout masks: shared by the clean and the undesirable pass (default), or not ----
+
+
+@pytest.mark.parametrize("mode", ["perturb", "reps"])
+def test_shared_dropout_masks_leave_only_the_update_in_the_consistency(tmp_path, mode):
+    """With dropout on, L_cons at alpha -> 0 is zero when both passes drop the same units, and dropout noise when
+    they draw fresh masks (the option)."""
+    shared, _ = _lfu_logs(tmp_path, model=lora_model(dropout=0.3), lfu_mode=mode, lfu_alpha=1e-6)
+    fresh, _ = _lfu_logs(
+        tmp_path, model=lora_model(dropout=0.3), lfu_mode=mode, lfu_alpha=1e-6, lfu_share_dropout_masks=False
+    )
+    assert shared[0]["lfu/consistency"] <= 1e-10
+    assert fresh[0]["lfu/consistency"] > 1e-4
+
+
+@pytest.mark.parametrize("mode", ["perturb", "reps"])
+def test_diagnostics_off_remove_the_metrics_and_change_no_weight(tmp_path, mode):
+    """The diagnostics' extra forwards replay the random state: with dropout on, training is bit for bit the same
+    with `lfu_log_diagnostics` on or off; off, no `lfu/` metric is logged."""
+
+    def train(log_diagnostics):
+        model = lora_model(dropout=0.2)
+        logs, _ = _lfu_logs(
+            tmp_path, model=model, max_steps=3, lfu_mode=mode, lfu_alpha=0.5, lfu_log_diagnostics=log_diagnostics
+        )
+        return trainable_weights(model), logs
+
+    on, logs_on = train(True)
+    off, logs_off = train(False)
+    torch.testing.assert_close(on, off, rtol=0, atol=0)
+    assert all("lfu/cons_to_sft" in h for h in logs_on) and "lfu/ascent_gain" in logs_on[0]
+    assert not any(key.startswith("lfu/") for h in logs_off for key in h)
+
+
+# ---- diagnostics ----
+
+
+def test_diagnostics_match_their_definitions(tmp_path):
+    """`cons_to_sft` = beta * L_cons / L_sft of the logged step; `ascent_gain` = the relative raise of the x' loss by
+    the ascent step, against a hand computation (perturb mode, x' = x, first step)."""
+    alpha, beta = 0.5, 50.0
+    logs, trainer = _lfu_logs(
+        tmp_path, lfu_alpha=alpha, lfu_beta=beta, lfu_second_batch="same", max_steps=1, logging_steps=1
+    )
+    term = beta * logs[0]["lfu/consistency"]  # the logged loss is L_sft + beta * L_cons
+    assert term > 0.1 * logs[0]["loss"]
+    assert logs[0]["lfu/cons_to_sft"] == pytest.approx(term / (logs[0]["loss"] - term), rel=1e-4)
+    batch = _first_batch(trainer)
+    model = lora_model()
+    named = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    total, count = _token_loss_sum(model, batch)
+    grads = torch.autograd.grad(total / count, list(named.values()))
+    norm = torch.sqrt(sum((g**2).sum() for g in grads))
+    with torch.no_grad():
+        shifted = {n: p + alpha * g / norm for (n, p), g in zip(named.items(), grads)}
+        raised, _ = _token_loss_sum(model, batch, shifted)
+        clean = total / count
+    expected = ((raised / count - clean) / clean).item()
+    assert expected > 1e-3  # the ascent step raises the loss
+    assert logs[0]["lfu/ascent_gain"] == pytest.approx(expected, rel=1e-3)
+    assert logs[0]["lfu/ascent_gain_abs"] == pytest.approx(expected * clean.item(), rel=1e-3)
+
+
+@pytest.mark.parametrize(("mode", "second_batch"), [("perturb", "train"), ("perturb", "same"), ("reps", "same")])
+def test_ascent_gain_measurements_stay_within_two_percent_of_the_training_passes(mode, second_batch):
+    """Over any run, the extra forwards of the ascent-gain diagnostic cost <= 2% of the training passes (in
+    forward-equivalents, a backward = 2 forwards) plus one measurement, even when every step is logged."""
+    from types import SimpleNamespace
+
+    from regtune.regularizers.lfu import _STEP_COST
+
+    lfu = regtune.regularizers.LfURegularizer(mode=mode, second_batch=second_batch)
+    lfu._reset_gain_budget()  # as `setup` does
+    args = SimpleNamespace(logging_strategy="steps", logging_steps=1, logging_first_step=False)
+    trainer = SimpleNamespace(args=args, state=SimpleNamespace(global_step=0, logging_steps=1))
+    trainer.accelerator = SimpleNamespace(sync_gradients=True)
+    cost = 2.0 if (mode, second_batch) == ("perturb", "same") else 1.0
+    measured = []
+    for step in range(1000):
+        trainer.state.global_step = step
+        measured.append(lfu._measure_gain_now(trainer))
+    passes = 1000 * _STEP_COST[(mode, second_batch == "same")]
+    assert measured[0] and sum(measured) > 5
+    assert sum(measured) * cost <= 0.02 * passes + cost
+    # not logged: never measured
+    lfu._gain_budget = 100.0
+    trainer.state.global_step, args.logging_steps, trainer.state.logging_steps = 3, 10, 10
+    assert not lfu._measure_gain_now(trainer)
+    lfu.log_diagnostics = False
+    trainer.state.global_step = 9
+    assert not lfu._measure_gain_now(trainer)

@@ -8,9 +8,11 @@ github.com/yunpal/LfU), as pure torch functions.
 `h_l` are the hidden states of the layers in range (index 0 = the embedding output), `h~_l` the same states under the
 "undesirable" update (the ascent step in perturb mode, the steering vectors in RepS mode), and `response` the tokens
 whose label is not -100. The ascent step is [`regtune.functional.sam.sam_perturbation`] (the same normalized step as
-SAM's). RepS mode steers the output of every decoder block:
+SAM's). RepS mode steers the output of every decoder block's MLP (or, as an option, of every block):
 
     x -> normalize(normalize(x) + alpha * normalize(d_l)) * ||x||          (norms over the hidden dimension)
+
+docs/lfu.md describes the method, its defaults and the decisions taken.
 """
 
 from __future__ import annotations
@@ -62,13 +64,16 @@ def hidden_state_consistency(
 
 def steer_hidden(hidden: torch.Tensor, direction: torch.Tensor, alpha: float, eps: float = 1e-12) -> torch.Tensor:
     """
-    RepS steering of one block's output: `normalize(normalize(x) + alpha * normalize(d)) * ||x||` (over the last dim).
+    RepS steering of one hidden state: `normalize(normalize(x) + alpha * normalize(d)) * ||x||` (over the last dim).
 
-    The direction of every token's state is pushed towards `d`; its norm is kept. Differentiable in `hidden` and
+    The direction of every token's state is pushed towards `d`; its norm is kept. Computed in float32 (as the released
+    code does) and returned in `hidden`'s dtype, so a bf16 state is not rounded twice. Differentiable in `hidden` and
     `direction`.
     """
-    norm = torch.linalg.vector_norm(hidden, dim=-1, keepdim=True)
-    unit = hidden / norm.clamp(min=eps)
-    d_unit = direction / torch.linalg.vector_norm(direction, dim=-1, keepdim=True).clamp(min=eps)
-    mixed = unit + alpha * d_unit.to(hidden.dtype)
-    return mixed / torch.linalg.vector_norm(mixed, dim=-1, keepdim=True).clamp(min=eps) * norm
+    x = hidden.float()
+    norm = torch.linalg.vector_norm(x, dim=-1, keepdim=True)
+    unit = x / norm.clamp(min=eps)
+    d = direction.float()
+    d_unit = d / torch.linalg.vector_norm(d, dim=-1, keepdim=True).clamp(min=eps)
+    mixed = unit + alpha * d_unit
+    return (mixed / torch.linalg.vector_norm(mixed, dim=-1, keepdim=True).clamp(min=eps) * norm).to(hidden.dtype)

@@ -2,29 +2,42 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import logging
+from dataclasses import dataclass
 
+from transformers.utils import is_torch_bf16_gpu_available, is_torch_xla_available
 from trl import SFTConfig, SFTTrainer
 
-from regtune.regularizers.lfu import DEFAULT_BETA, LfURegularizer, check_lfu_arguments
+from regtune.functional._checks import raise_field_errors
+from regtune.regularizers.lfu import DEFAULT_BETA, SETTINGS_FIELDS, LfURegularizer, LfUSettings, settings_field
 
 from .mixin import RegularizedTrainerMixin
+
+
+logger = logging.getLogger(__name__)
+
+
+def _bf16_trainable() -> bool:
+    """Whether transformers accepts `bf16=True` without `use_cpu`: a bf16-capable accelerator (or XLA) is present."""
+    return is_torch_bf16_gpu_available() or is_torch_xla_available()
 
 
 @dataclass
 class LfUConfig(SFTConfig):
     """
-    `trl.SFTConfig` plus LfU's knobs ([paper](https://huggingface.co/papers/2511.13052)); see [`LfURegularizer`]
-    for what each does.
+    `trl.SFTConfig` plus LfU's knobs ([paper](https://huggingface.co/papers/2511.13052)), as `lfu_<name>` for each
+    field of [`LfUSettings`]; docs/lfu.md describes what each does. All of them are validated when the config is
+    built, and every bad one is reported in one `ValueError`.
 
     Args:
         lfu_mode (`str`, defaults to `"perturb"`):
             `"perturb"` (a normalized gradient-ascent step on the trainable parameters, the paper's LoRA mode) or
-            `"reps"` (learned steering vectors after every decoder block).
+            `"reps"` (learned steering vectors, one per decoder block).
         lfu_alpha (`float`, defaults to `0.1`):
-            Ascent step size (perturb) or steering strength (reps).
+            Ascent step size (perturb) or steering strength (reps); a finite number > 0.
         lfu_beta (`float`, *optional*):
-            Consistency weight. Defaults to 5.0 for perturb and 0.1 for reps (the paper's run scripts).
+            Consistency weight, a finite number >= 0. Defaults to 5.0 for perturb and 0.1 for reps (the paper's run
+            scripts).
         lfu_start_layer (`int`, defaults to `0`) and lfu_end_layer (`int`, *optional*):
             The hidden states compared, as a slice `[start, end)` of `(embeddings, block 1, ..., block L)`; the
             default compares all of them, as the paper does.
@@ -34,36 +47,48 @@ class LfUConfig(SFTConfig):
             gradient: 2 forwards + 2 backwards instead of 3 + 3).
         lfu_reps_lr_weight (`float`, defaults to `1.0`):
             Learning rate of the steering vectors' Adam, as a multiple of `learning_rate` (reps mode).
+        lfu_reps_site (`str`, defaults to `"mlp"`):
+            Where a steering vector acts (reps mode): `"mlp"`, the output of each block's MLP (the released code's
+            site), or `"block"`, the output of each decoder block.
+        lfu_share_dropout_masks (`bool`, defaults to `True`):
+            Whether the perturbed (steered) forward of a batch draws the clean forward's dropout masks, so that the
+            consistency term measures the undesirable update and not dropout noise. `False` draws fresh masks.
+        lfu_log_diagnostics (`bool`, defaults to `True`):
+            Log LfU's diagnostics with the training loss: `lfu/consistency`, `lfu/cons_to_sft` (`beta * L_cons /
+            L_sft`), `lfu/ascent_gain` (relative raise of the `x'` loss by the undesirable update; measured within a
+            2% compute budget), `lfu/steered_loss` (reps).
+        bf16 (`bool`, *optional*):
+            As in `trl.SFTConfig` (on unless `fp16` is set), except where trl's default cannot run: on a machine
+            without a bf16-capable accelerator and without `use_cpu=True` (e.g. a CPU-only machine), where trl's
+            default raises, an unset `bf16` means fp32 training. An explicit `bf16=True` is passed through unchanged.
     """
 
-    lfu_mode: str = field(default="perturb", metadata={"help": "LfU mode: 'perturb' or 'reps'."})
-    lfu_alpha: float = field(default=0.1, metadata={"help": "Ascent step (perturb) or steering strength (reps)."})
-    lfu_beta: float | None = field(
-        default=None, metadata={"help": "Consistency weight; default 5.0 (perturb) or 0.1 (reps)."}
-    )
-    lfu_start_layer: int = field(default=0, metadata={"help": "First hidden state compared (0 = embeddings)."})
-    lfu_end_layer: int | None = field(
-        default=None, metadata={"help": "End (exclusive) of the hidden states compared; default: all."}
-    )
-    lfu_second_batch: str = field(
-        default="train", metadata={"help": "Source of the ascent batch x': 'train', 'dataset' or 'same'."}
-    )
-    lfu_reps_lr_weight: float = field(
-        default=1.0, metadata={"help": "Steering vectors' learning rate as a multiple of learning_rate (reps)."}
-    )
+    lfu_mode: str = settings_field("mode")
+    lfu_alpha: float = settings_field("alpha")
+    lfu_beta: float | None = settings_field("beta")
+    lfu_start_layer: int = settings_field("start_layer")
+    lfu_end_layer: int | None = settings_field("end_layer")
+    lfu_second_batch: str = settings_field("second_batch")
+    lfu_reps_lr_weight: float = settings_field("reps_lr_weight")
+    lfu_reps_site: str = settings_field("reps_site")
+    lfu_share_dropout_masks: bool = settings_field("share_dropout_masks")
+    lfu_log_diagnostics: bool = settings_field("log_diagnostics")
 
     def __post_init__(self):
+        # LfU's fields first, all at once, so that a bad one is not hidden behind an error of the host's fields
+        raise_field_errors("LfUConfig", LfUSettings.field_errors(self._lfu_values(), prefix="lfu_"))
+        if self.bf16 is None and not self.fp16 and not self.use_cpu and not _bf16_trainable():
+            logger.info("LfUConfig: no bf16-capable accelerator found, so `bf16` (unset) defaults to False (fp32).")
+            self.bf16 = False
         super().__post_init__()
-        check_lfu_arguments(
-            self.lfu_mode,
-            self.lfu_alpha,
-            self.lfu_beta,
-            self.lfu_start_layer,
-            self.lfu_end_layer,
-            self.lfu_second_batch,
-            self.lfu_reps_lr_weight,
-            prefix="lfu_",
-        )
+
+    def _lfu_values(self) -> dict:
+        return {name: getattr(self, f"lfu_{name}") for name in SETTINGS_FIELDS}
+
+    @property
+    def lfu_settings(self) -> LfUSettings:
+        """The `lfu_*` fields as one validated [`LfUSettings`]."""
+        return LfUSettings(**self._lfu_values())
 
     @property
     def lfu_effective_beta(self) -> float:
@@ -96,7 +121,8 @@ class LfUTrainer(RegularizedTrainerMixin, SFTTrainer):
         lfu_dataset (`datasets.Dataset`, *optional*):
             The data set the ascent batch is drawn from when `args.lfu_second_batch == "dataset"`, in any format
             SFTTrainer takes; it is prepared (tokenized) like the train set.
-        *args, **kwargs: `SFTTrainer`'s (`args` must be an [`LfUConfig`]; a plain `SFTConfig` gets LfU's defaults).
+        *args, **kwargs: `SFTTrainer`'s (`args` must be an [`LfUConfig`]; `None` takes its defaults, with the
+            output directory `<model name>-LfU`).
     """
 
     config_class = LfUConfig
@@ -106,6 +132,9 @@ class LfUTrainer(RegularizedTrainerMixin, SFTTrainer):
     ):
         if args is not None and not isinstance(args, LfUConfig):
             raise TypeError(f"LfUTrainer takes an LfUConfig as `args`, got {type(args).__name__}.")
+        if args is None:
+            name = model if isinstance(model, str) else getattr(getattr(model, "config", None), "_name_or_path", "")
+            args = LfUConfig(f"{(name or 'model').rstrip('/').split('/')[-1]}-LfU")
         self._lfu_raw_dataset = lfu_dataset
         lfu = self._build_lfu(args)
         super().__init__(model, args, *pargs, regularizers=[lfu, *(regularizers or [])], **kwargs)
@@ -114,17 +143,10 @@ class LfUTrainer(RegularizedTrainerMixin, SFTTrainer):
                 lfu_dataset, self.processing_class, self.args, self.args.packing, None, "lfu"
             )
 
-    def _build_lfu(self, args: LfUConfig | None) -> LfURegularizer:
-        args = args if args is not None else LfUConfig("trainer_output")
+    def _build_lfu(self, args: LfUConfig) -> LfURegularizer:
         if args.lfu_second_batch == "dataset" and self._lfu_raw_dataset is None:
             raise ValueError('`lfu_second_batch="dataset"` needs `lfu_dataset=` passed to LfUTrainer.')
         return LfURegularizer(
-            mode=args.lfu_mode,
-            alpha=args.lfu_alpha,
-            beta=args.lfu_beta,
-            start_layer=args.lfu_start_layer,
-            end_layer=args.lfu_end_layer,
-            second_batch=args.lfu_second_batch,
+            settings=args.lfu_settings,
             second_dataset=self._lfu_raw_dataset,  # replaced by its prepared form once the trainer is built
-            reps_lr_weight=args.lfu_reps_lr_weight,
         )
