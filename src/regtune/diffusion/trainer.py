@@ -5,13 +5,17 @@ Flow-GRPO: "Flow-GRPO: Training Flow Matching Models via Online RL", https://hug
 
 One epoch: draw `prompts_per_epoch` prompts, sample `num_generations` images each with the SDE sampler (storing the
 latents and log-probabilities of every step), score them with the proxy reward (and the auxiliary rewards for the
-gate), compute per-group advantages, pick the gated samples, then take PPO-clip steps per denoising step with a KL
-to the reference adapter on the gated samples only (reference outputs are computed for those samples only).
+gate), compute per-group advantages, pick the gated samples, then take `optimizer_steps_per_epoch` optimizer steps
+(each on a share of every group, accumulating the PPO-clip loss of every trained denoising step) with a KL to the
+reference adapter on the gated samples only (reference outputs are computed for those samples only). Per epoch it
+logs the mechanism's diagnostics: clip fraction, approx KL, gated fraction, KL, reference refreshes
+(`metrics.jsonl`, `history` and the Accelerator's trackers).
 
 Distributed (Accelerate/DDP): prompt groups never straddle processes; process `r` samples groups
 `[r * G/W, (r + 1) * G/W)` with noise seeded per (seed, epoch, group), so the global batch is the same for any world
-size. Rewards are gathered for the gate (ranks over the global batch) and the adaptive k; the KL is normalised by
-the global number of gated samples of the optimizer step; DDP averages the gradients over processes.
+size. Rewards are gathered for the gate (ranks over the global batch), the adaptive k and the batch's reward std;
+every process trains on the same share of its groups in each optimizer step; the KL is normalised by the global
+number of gated samples of the optimizer step; DDP averages the gradients over processes.
 """
 
 from __future__ import annotations
