@@ -57,7 +57,12 @@ def main() -> None:
     )
     modes = {
         "gated": dict(
-            kl_mode="gated", gate_init=args.gate, gate_min=args.gate, gate_max=args.gate, adaptive_gate=False
+            kl_mode="gated",
+            gate_init=args.gate,
+            gate_min=args.gate,
+            gate_max=args.gate,
+            adaptive_gate=False,
+            gate_fraction_of="batch",  # --gate is a fraction of the whole batch here
         ),
         "all": dict(kl_mode="all"),
         "none": dict(kl_mode="none"),
