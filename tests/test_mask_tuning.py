@@ -151,3 +151,162 @@ def test_rank_modules_by_gradient_returns_usable_targets():
     assert masked == set(ranked)
     with pytest.raises(ValueError, match="candidate"):
         regtune.rank_modules_by_gradient(spec.build(), [spec.batch()], candidates=["nothing"])
+
+
+# ---- issue 12 (items 2-4) and layer coverage ----
+
+
+class TinyMixedNet(nn.Module):
+    """Every layer type mask tuning supports: Embedding, Conv1d, Conv3d, Linear."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.emb = nn.Embedding(11, 6, padding_idx=0)
+        self.conv1d = nn.Conv1d(6, 4, kernel_size=3, padding=1, groups=2)
+        self.conv3d = nn.Conv3d(1, 2, kernel_size=2)
+        self.lin = nn.Linear(4 + 2 * 8, 3)
+
+    def forward(self, input_ids, volume):
+        h = self.conv1d(self.emb(input_ids).transpose(1, 2)).mean(-1)
+        v = self.conv3d(volume).flatten(1)
+        return {"logits": self.lin(torch.cat([h, v], dim=-1))}
+
+
+def _mixed_inputs():
+    g = torch.Generator().manual_seed(3)
+    return {"input_ids": torch.randint(0, 11, (2, 5), generator=g), "volume": torch.randn(2, 1, 3, 3, 3, generator=g)}
+
+
+def test_embedding_conv1d_conv3d_are_masked_exactly():
+    config = regtune.MaskTuningConfig(target_modules=["emb", "conv1d", "conv3d", "lin"], init_weights=False)
+    model = get_peft_model(TinyMixedNet(), config)
+    net = model.base_model.model
+    masked = {
+        n: (m.get_base_layer().weight * m.binary_mask("default"))
+        for n, m in net.named_modules()
+        if hasattr(m, "masktune_scores")
+    }
+    assert set(masked) == {"emb", "conv1d", "conv3d", "lin"}
+    assert all(0 < float((w == 0).float().mean()) < 1 for w in masked.values())  # the masks remove some entries
+    reference = TinyMixedNet()
+    with torch.no_grad():
+        for name, weight in masked.items():
+            getattr(reference, name).weight.copy_(weight)
+    inputs = _mixed_inputs()
+    expected = reference(**inputs)["logits"]
+    torch.testing.assert_close(model(**inputs)["logits"], expected)
+    torch.testing.assert_close(model.merge_and_unload()(**inputs)["logits"], expected)
+
+
+def test_multihead_attention_is_refused_with_a_reason():
+    class WithMHA(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.mha = nn.MultiheadAttention(8, 2)
+
+    with pytest.raises(ValueError, match="got MultiheadAttention.*in_proj_weight"):
+        get_peft_model(WithMHA(), regtune.MaskTuningConfig(target_modules=["mha"]))
+
+
+def test_low_cpu_mem_usage_get_peft_model_and_from_pretrained(tmp_path):
+    spec = TINY_MODELS["llama"]
+    trained = get_peft_model(spec.build(), regtune.MaskTuningConfig(init_weights=False)).eval()
+    trained.save_pretrained(tmp_path)
+
+    empty = get_peft_model(spec.build(), regtune.MaskTuningConfig(init_weights=False), low_cpu_mem_usage=True)
+    scores = [p for n, p in empty.named_parameters() if "masktune_scores" in n]
+    assert scores and all(p.device.type == "meta" for p in scores)  # created without memory, as peft's LoRA does
+
+    loaded = PeftModel.from_pretrained(spec.build(), tmp_path, low_cpu_mem_usage=True).eval()
+    scores = [p for n, p in loaded.named_parameters() if "masktune_scores" in n]
+    assert scores and not any(p.device.type == "meta" for p in scores)
+    torch.testing.assert_close(logits_of(loaded, spec.batch()), logits_of(trained, spec.batch()), rtol=0, atol=0)
+    assert loaded.base_model.mask_sparsity() == trained.base_model.mask_sparsity()
+
+
+@pytest.mark.parametrize("threshold, score_init", [(-0.5, 0.5), (0.0, 1e-2), (5e-3, 1e-2), (2.0, 3.0)])
+def test_published_masks_reload_exactly_for_any_threshold(tmp_path, threshold, score_init):
+    spec = TINY_MODELS["llama"]
+    config = regtune.MaskTuningConfig(init_weights=False, threshold=threshold, score_init=score_init)
+    model = get_peft_model(spec.build(), config).eval()
+    sparsity = model.base_model.mask_sparsity()["total"]
+    assert 0.1 < sparsity < 0.9  # removed entries exist, so reloading them is tested
+    model.save_pretrained(tmp_path)
+    loaded = PeftModel.from_pretrained(spec.build(), tmp_path).eval()
+    assert loaded.base_model.mask_sparsity() == model.base_model.mask_sparsity()
+    torch.testing.assert_close(logits_of(loaded, spec.batch()), logits_of(model, spec.batch()), rtol=0, atol=0)
+    kept, removed = regtune.tuners.mask_tuning.published_scores(score_init, threshold)
+    assert removed < threshold < kept and kept - threshold == pytest.approx(threshold - removed)
+
+
+def test_save_format_scores_restores_every_parameter(tmp_path):
+    spec = TINY_MODELS["llama"]
+    model = get_peft_model(spec.build(), regtune.MaskTuningConfig(init_weights=False, save_format="scores"))
+    model.save_pretrained(tmp_path)
+    weights = load_file(tmp_path / "adapter_model.safetensors")
+    assert weights and all(k.endswith("masktune_scores") and v.dtype == torch.float32 for k, v in weights.items())
+    loaded = PeftModel.from_pretrained(spec.build(), tmp_path)
+    assert loaded.peft_config["default"].save_format == "scores"
+    for (name, p), (_, q) in zip(model.named_parameters(), loaded.named_parameters()):
+        assert torch.equal(p, q), name
+
+
+def test_init_weights_false_removes_entries_even_in_tiny_layers():
+    class Tiny(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(2, 1, bias=False)
+
+    model = get_peft_model(Tiny(), regtune.MaskTuningConfig(target_modules=["lin"], init_weights=False))
+    assert model.base_model.mask_sparsity()["total"] == 0.5
+
+
+def test_add_weighted_adapter_is_refused_with_a_reason():
+    model = get_peft_model(TINY_MODELS["llama"].build(), regtune.MaskTuningConfig())
+    model.add_adapter("other", regtune.MaskTuningConfig())
+    with pytest.raises(NotImplementedError, match=r"not supported for MASK_TUNING, because .*binary mask"):
+        model.add_weighted_adapter(["default", "other"], [0.5, 0.5], "merged", combination_type="linear")
+
+
+# ---- issue 13: validation of every field, all bad fields at once ----
+
+
+def test_config_reports_every_bad_field_at_once():
+    with pytest.raises(ValueError) as info:
+        regtune.MaskTuningConfig(score_l2_weight=float("nan"), target_modules=123, threshold="a", graddrop_lambda="x")
+    message = str(info.value)
+    for field, allowed in [
+        ("score_l2_weight", "a finite number >= 0"),
+        ("target_modules", "None, a string or a list of strings"),
+        ("threshold", "a finite number"),
+        ("graddrop_lambda", "a number in [0, 1]"),
+    ]:
+        assert f"`{field}` must be {allowed}" in message, (field, message)
+    assert "4 invalid field(s)" in message
+
+
+@pytest.mark.parametrize(
+    "kwargs, field",
+    [
+        ({"score_init": float("inf")}, "score_init"),
+        ({"score_init": 1e-3}, "score_init"),  # not above the threshold
+        ({"threshold": float("nan")}, "threshold"),
+        ({"threshold": True}, "threshold"),
+        ({"score_l2_weight": -1e-4}, "score_l2_weight"),
+        ({"graddrop_lambda": 1.5}, "graddrop_lambda"),
+        ({"graddrop_lambda": None}, "graddrop_lambda"),
+        ({"exclude_modules": [1, 2]}, "exclude_modules"),
+        ({"modules_to_save": 7}, "modules_to_save"),
+        ({"fan_in_fan_out": "yes"}, "fan_in_fan_out"),
+        ({"init_weights": 0}, "init_weights"),
+        ({"layers_to_transform": [0, -1]}, "layers_to_transform"),
+        ({"layers_to_transform": 1.5}, "layers_to_transform"),
+        ({"layers_pattern": "layers"}, "layers_pattern"),
+        ({"task_type": "NOT_A_TASK"}, "task_type"),
+        ({"save_format": "pickle"}, "save_format"),
+    ],
+)
+def test_config_rejects_each_bad_field_by_name(kwargs, field):
+    with pytest.raises(ValueError, match=f"`{field}`"):
+        regtune.MaskTuningConfig(**kwargs)

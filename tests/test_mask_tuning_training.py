@@ -4,18 +4,20 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
+import typing
 
 import pytest
 import torch
 from datasets import Dataset
 from peft import get_peft_model
-from transformers import BertConfig, BertForSequenceClassification, TrainerCallback
+from transformers import BertConfig, BertForSequenceClassification, HfArgumentParser, TrainerCallback
 
 import regtune
 from regtune.functional.masks import gradient_dropout, score_penalty, soft_cross_entropy
-from regtune.regularizers.mask_tuning import GradientDropout
+from regtune.regularizers.mask_tuning import GradientDropout, MaskScorePenalty
 from regtune.trainers.mask_tuning_trainer import MaskTuningTrainer, MaskTuningTrainingArguments
 
 
@@ -36,14 +38,18 @@ def test_gradient_dropout_formula_elementwise():
     assert torch.equal(gradient_dropout(torch.zeros(5), g_b, 1.0, U), torch.zeros(5))
 
 
-def _model(lam=1.0):
+def _base(dropout=0.0):
     torch.manual_seed(0)
     config = BertConfig(
         hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32, vocab_size=64,
-        max_position_embeddings=32, num_labels=3, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
+        max_position_embeddings=32, num_labels=3, hidden_dropout_prob=dropout, attention_probs_dropout_prob=dropout,
     )  # fmt: skip
-    base = BertForSequenceClassification(config)
-    return get_peft_model(base, regtune.MaskTuningConfig(task_type="SEQ_CLS", init_weights=False, graddrop_lambda=lam))
+    return BertForSequenceClassification(config)
+
+
+def _model(lam=1.0, dropout=0.0):
+    config = regtune.MaskTuningConfig(task_type="SEQ_CLS", init_weights=False, graddrop_lambda=lam)
+    return get_peft_model(_base(dropout), config)
 
 
 def _data(n=8):
@@ -77,7 +83,11 @@ def test_one_step_gradient_matches_reference(tmp_path):
     model, data = _model(), _data(4)
     capture = GradCapture(model)
     trainer = MaskTuningTrainer(model=model, args=_args(tmp_path, steps=1), train_dataset=data, callbacks=[capture])
-    assert [type(r).__name__ for r in trainer.regularizers] == ["MaskScorePenalty", "GradientDropout", "MaskFlipMonitor"]
+    assert [type(r).__name__ for r in trainer.regularizers] == [
+        "MaskScorePenalty",
+        "GradientDropout",
+        "MaskFlipMonitor",
+    ]
     trainer.train()
 
     ref = _model()
@@ -184,3 +194,189 @@ def test_ddp_two_processes_match_one_process(tmp_path):
     one = _launch(tmp_path, tmp_path / "one", nproc=1, batch=4)
     for name in one:
         torch.testing.assert_close(two[name], one[name], atol=1e-6, rtol=1e-5)
+
+
+# ---- issue 12 item 1: the teacher is the pre-trained weights with the *current* head, in eval mode ----
+
+
+def _head(model):
+    return model.base_model.model.classifier.modules_to_save["default"]
+
+
+def _train_head(model):
+    """Stand-in for a trained classifier head: move the trainable copy of the head away from its initial weights."""
+    g = torch.Generator().manual_seed(11)
+    with torch.no_grad():
+        for p in _head(model).parameters():
+            p.add_(torch.randn(p.shape, generator=g))
+
+
+def _reference_teacher(model, batch, dropout=0.0):
+    """The pre-trained model (fresh weights, no masks) with the current head, in eval mode."""
+    reference = _base(dropout).eval()
+    reference.classifier.load_state_dict(_head(model).state_dict())
+    with torch.no_grad():
+        return reference(**batch).logits
+
+
+def test_teacher_is_base_weights_with_current_head_in_eval_mode():
+    model, batch = _model(dropout=0.3), _batch(_data(4))
+    _train_head(model)
+    model.train()
+    teacher = GradientDropout().teacher_logits(model, batch)
+    torch.testing.assert_close(teacher, _reference_teacher(model, batch, dropout=0.3), rtol=0, atol=1e-6)
+    # deterministic (eval mode: no dropout), and every module's train/eval flag is restored
+    assert torch.equal(GradientDropout().teacher_logits(model, batch), teacher)
+    assert all(m.training for m in model.modules())
+    with torch.no_grad():
+        students = model.eval()(**batch).logits  # masks on
+        with model.disable_adapter():
+            initial_head = model(**batch).logits  # peft's disable_adapter(): masks off AND the initial head
+    assert not torch.allclose(teacher, students, atol=1e-3)
+    assert not torch.allclose(teacher, initial_head, atol=1e-3)
+
+
+def _batch(data):
+    return {k: torch.tensor(data[k]) for k in data.column_names}
+
+
+def test_one_step_gradient_with_a_trained_head_matches_reference(tmp_path):
+    model, data = _model(), _data(4)
+    _train_head(model)
+    capture = GradCapture(model)
+    trainer = MaskTuningTrainer(model=model, args=_args(tmp_path, steps=1), train_dataset=data, callbacks=[capture])
+    trainer.train()
+
+    ref = _model()
+    _train_head(ref)
+    batch = _batch(data)
+    teacher = _reference_teacher(ref, batch)
+    names = [n for n, _ in ref.named_parameters() if "masktune_scores" in n]
+    scores = [p for n, p in ref.named_parameters() if "masktune_scores" in n]
+    out = ref(**batch)
+    g_b = torch.autograd.grad(soft_cross_entropy(out.logits, teacher), scores, retain_graph=True)
+    g_a = torch.autograd.grad(out.loss + 1e-4 * score_penalty(scores), scores)
+    generator = torch.Generator().manual_seed(0)
+    for name, a, b, s in zip(names, g_a, g_b, scores):
+        expected = gradient_dropout(a, b, 1.0, torch.rand(s.shape, generator=generator))
+        torch.testing.assert_close(capture.grads[0][name], expected, atol=1e-7, rtol=1e-4)
+
+
+class NoLogits(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = torch.nn.Linear(4, 3)
+
+    def forward(self, x):
+        return {"scores": self.lin(x)}
+
+
+def test_gradient_dropout_refuses_where_no_meaningful_teacher_exists(tmp_path):
+    with pytest.raises(ValueError, match="needs a peft model with a mask-tuning adapter"):
+        GradientDropout.check_teacher(_base())
+    model = _model()
+    for name, param in model.named_parameters():
+        if "base_layer.weight" in name:
+            param.requires_grad_(True)
+    with pytest.raises(ValueError, match="no meaningful teacher.*base weights under the masks"):
+        MaskTuningTrainer(model=model, args=_args(tmp_path), train_dataset=_data()).train()
+    no_logits = get_peft_model(NoLogits(), regtune.MaskTuningConfig(target_modules=["lin"]))
+    with pytest.raises(ValueError, match="has no `logits`"):
+        GradientDropout().teacher_logits(no_logits, {"x": torch.ones(2, 4)})
+    merged = _model()
+    merged.merge_adapter()
+    with pytest.raises(ValueError, match="merged"):
+        GradientDropout().teacher_logits(merged, _batch(_data(2)))
+
+
+# ---- issues 13 and 14: one settings object, every field validated, all bad fields at once ----
+
+
+def test_regularizers_and_training_arguments_report_every_bad_field(tmp_path):
+    with pytest.raises(ValueError) as info:
+        GradientDropout(graddrop_lambda="x", temperature=float("nan"), seed=-1)
+    for field in (
+        "`graddrop_lambda` must be a number in [0, 1]",
+        "`temperature` must be a finite number > 0",
+        "`seed`",
+    ):
+        assert field in str(info.value)
+    with pytest.raises(ValueError, match="`weight` must be a finite number >= 0, got nan"):
+        MaskScorePenalty(float("nan"))
+    with pytest.raises(ValueError) as info:
+        MaskTuningTrainingArguments(
+            str(tmp_path), graddrop_lambda="x", score_l2_weight=-1.0, graddrop_temperature=0.0, mask_flips_per_layer=1
+        )
+    for field in ("graddrop_lambda", "score_l2_weight", "graddrop_temperature", "mask_flips_per_layer"):
+        assert f"`{field}`" in str(info.value)
+
+
+def test_defaults_and_validation_come_from_one_place(tmp_path):
+    from regtune.tuners.mask_tuning.settings import DEFAULTS
+
+    config, args = regtune.MaskTuningConfig(), MaskTuningTrainingArguments(str(tmp_path))
+    assert GradientDropout().graddrop_lambda == config.graddrop_lambda == DEFAULTS["graddrop_lambda"]
+    assert GradientDropout().temperature == args.graddrop_temperature == DEFAULTS["graddrop_temperature"]
+    assert MaskScorePenalty().weight == config.score_l2_weight == DEFAULTS["score_l2_weight"]
+    messages = set()
+    for build in (
+        lambda: regtune.MaskTuningConfig(graddrop_lambda=2.0),
+        lambda: GradientDropout(graddrop_lambda=2.0),
+        lambda: MaskTuningTrainingArguments(str(tmp_path), graddrop_lambda=2.0),
+    ):
+        with pytest.raises(ValueError) as info:
+            build()
+        messages.add(re.search(r"`graddrop_lambda` must be a number in \[0, 1\]", str(info.value)).group(0))
+    assert len(messages) == 1  # one allowed range, one message (the trainer's field may also be None)
+
+
+def test_trainer_config_class_carries_the_knobs(tmp_path):
+    assert MaskTuningTrainer.config_class is MaskTuningTrainingArguments
+    hints = typing.get_type_hints(MaskTuningTrainer.__init__)
+    assert MaskTuningTrainingArguments in typing.get_args(hints["args"])
+    # what a recipe's `training:` section becomes: the config class built from a dict of fields
+    (args,) = HfArgumentParser(MaskTuningTrainer.config_class).parse_dict(
+        {"output_dir": str(tmp_path), "graddrop_lambda": 0.3, "score_l2_weight": 0.0, "use_cpu": True}
+    )
+    trainer = MaskTuningTrainer(model=_model(lam=1.0), args=args, train_dataset=_data())
+    by_type = {type(r).__name__: r for r in trainer.regularizers}
+    assert by_type["GradientDropout"].graddrop_lambda == 0.3  # the args win over the adapter config's 1.0
+    assert by_type["MaskScorePenalty"].weight == 0.0
+
+
+# ---- issue 15: diagnostics of the mechanism, as Trainer metrics ----
+
+
+class LogCapture(TrainerCallback):
+    def __init__(self):
+        self.logs = []
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        self.logs.append(dict(logs or {}))
+
+
+def _masks(model):
+    return {
+        n: (m.masktune_scores["default"] > m.masktune_threshold["default"]).clone()
+        for n, m in model.named_modules()
+        if hasattr(m, "masktune_scores")
+    }
+
+
+def test_mask_flips_and_gradient_dropout_are_logged_as_metrics(tmp_path):
+    model = _model()
+    before = _masks(model)
+    capture = LogCapture()
+    args = _args(tmp_path, steps=3, optim="adamw_torch", learning_rate=3e-3, logging_steps=3)
+    MaskTuningTrainer(model=model, args=args, train_dataset=_data(), callbacks=[capture]).train()
+    logs = next(log for log in capture.logs if "loss" in log)
+    after = _masks(model)
+    flipped = {n.removeprefix("base_model.model."): (after[n] != before[n]) for n in before}
+    total = sum(int(f.sum()) for f in flipped.values()) / sum(f.numel() for f in flipped.values())
+    assert total > 0  # the test has signal: masks did flip
+    assert logs["mask_tuning/flipped"] == pytest.approx(total)
+    for name, f in flipped.items():
+        assert logs[f"mask_tuning/flipped/{name}"] == pytest.approx(float(f.float().mean()))
+    assert logs["mask_tuning/zero_fraction"] == pytest.approx(model.base_model.mask_sparsity()["total"])
+    assert 0.0 < logs["gradient_dropout/drop_fraction"] < 1.0
+    assert logs["gradient_dropout/knowledge_loss"] > 0.0

@@ -10,6 +10,8 @@ from peft.utils import PeftType, TaskType
 from .settings import DEFAULTS, HELP, check_bool, check_fields, check_str_list, raise_if_errors
 
 
+SAVE_FORMATS = ("bit_packed", "scores")
+
 # attention projections per model family (the paper masks multi-head self-attention: Q, K, V and out)
 TRANSFORMERS_MODELS_TO_MASK_TUNING_TARGET_MODULES_MAPPING = {
     "bert": ["query", "key", "value", "attention.output.dense"],
@@ -43,7 +45,8 @@ class MaskTuningConfig(PeftConfig):
 
     Args:
         target_modules (`Union[list[str], str]`, *optional*):
-            Modules to mask (`nn.Linear`, GPT-2 `Conv1D`, `nn.Conv2d`). Defaults to the attention projections of the
+            Modules to mask (`nn.Linear`, transformers' `Conv1D`, `nn.Conv1d`/`Conv2d`/`Conv3d`, `nn.Embedding`;
+            `nn.MultiheadAttention` is refused, see docs/mask_tuning.md). Defaults to the attention projections of the
             model family (`TRANSFORMERS_MODELS_TO_MASK_TUNING_TARGET_MODULES_MAPPING`); see also
             [`regtune.rank_modules_by_gradient`] for an importance-based choice.
         exclude_modules (`Union[list[str], str]`, *optional*): modules not to mask.
@@ -59,8 +62,14 @@ class MaskTuningConfig(PeftConfig):
         layers_pattern (`Union[list[str], str]`, *optional*): name of the layer container (with layers_to_transform).
         modules_to_save (`list[str]`, *optional*): modules trained fully and saved (e.g. a classifier head).
         init_weights (`bool`, defaults to `True`):
-            `True`: all scores `score_init` (identity). `False`: random scores around the threshold, so that about a
-            third of the mask is zero -- for tests only.
+            `True`: all scores `score_init` (identity). `False`: scores spread around the threshold in a random order,
+            so that about a third of the mask (at least one entry per layer) is zero -- for tests only.
+        save_format (`str`, defaults to `"bit_packed"`):
+            What `save_pretrained` stores: `"bit_packed"`, the binary masks, 8 entries per byte (R-AMT's published
+            format; loading gives kept entries the score `score_init` and removed ones `2 * threshold - score_init`,
+            so the loaded model computes exactly the same function), or `"scores"`, the real-valued scores (32 times
+            larger; loading restores every parameter exactly, e.g. to continue training from a published adapter).
+            Trainer checkpoints of regtune's trainers always keep the scores.
     """
 
     target_modules: list[str] | str | None = field(
@@ -84,6 +93,10 @@ class MaskTuningConfig(PeftConfig):
     init_weights: bool = field(
         default=True, metadata={"help": "True: identity init. False: random scores around the threshold (tests)."}
     )
+    save_format: str = field(
+        default="bit_packed",
+        metadata={"help": "What save_pretrained stores: 'bit_packed' binary masks (8 per byte) or the real 'scores'."},
+    )
 
     def __post_init__(self):
         raise_if_errors(type(self).__name__, self._field_errors())
@@ -103,6 +116,8 @@ class MaskTuningConfig(PeftConfig):
             errors.append(check_str_list(name, getattr(self, name)))
         for name in ("fan_in_fan_out", "init_weights", "inference_mode"):
             errors.append(check_bool(name, getattr(self, name)))
+        if self.save_format not in SAVE_FORMATS:
+            errors.append(f"`save_format` must be one of {list(SAVE_FORMATS)}, got {self.save_format!r}")
         layers = self.layers_to_transform
         as_list = [layers] if not isinstance(layers, (list, tuple)) else list(layers)
         if layers is not None and not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in as_list):

@@ -56,7 +56,7 @@ def rank_modules_by_gradient(
             model.zero_grad(set_to_none=True)
             model(**batch)["loss"].backward()
             for name, m in modules.items():
-                scores[name] += float((m.weight.grad * m.weight).abs().mean())
+                scores[name] += float((m.weight.grad * m.weight).detach().abs().mean())
             count += 1
     finally:
         model.zero_grad(set_to_none=True)

@@ -41,7 +41,11 @@ class MaskTuningLayer(BaseTunerLayer):
             generator = torch.Generator().manual_seed(
                 zlib.crc32(adapter_name.encode())
             )  # not hash(): salted per process
-            noise = torch.rand(weight.shape, generator=generator).to(weight.device)
+            # evenly spread ranks in a random order: about a third of the entries (at least one) fall below the
+            # threshold, even in a layer with 2 weights
+            numel = weight.numel()
+            ranks = torch.randperm(numel, generator=generator).view(weight.shape).to(weight.device)
+            noise = (ranks.float() + 0.5) / numel
             scores = config.threshold + (noise - 1.0 / 3.0) * 3.0 * (config.score_init - config.threshold)
         self.masktune_scores[adapter_name] = nn.Parameter(scores)
         self.masktune_threshold[adapter_name] = float(config.threshold)

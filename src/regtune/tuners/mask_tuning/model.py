@@ -10,6 +10,7 @@ import torch
 from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
 from transformers.pytorch_utils import Conv1D
 
+from regtune._sharding import full
 from regtune.functional.masks import pack_mask, unpack_mask
 
 from .config import TRANSFORMERS_MODELS_TO_MASK_TUNING_TARGET_MODULES_MAPPING
@@ -128,12 +129,13 @@ class MaskTuningModel(BaseTuner):
     @classmethod
     def _get_adapter_state_dict(cls, model, config, adapter_name, state_dict, unwanted_adapter_names):
         selected = super()._get_adapter_state_dict(model, config, adapter_name, state_dict, unwanted_adapter_names)
-        if _SAVE_SCORES.get():
+        if _SAVE_SCORES.get() or config.save_format == "scores":
             return selected
         packed = {}
         for key, value in selected.items():
             if f".{SCORES}." in key:
-                packed[key.replace(f".{SCORES}.", f".{PACKED}.")] = pack_mask(value > config.threshold)
+                # FSDP2: the scores are sharded DTensors; gather them (every process calls this) before packing
+                packed[key.replace(f".{SCORES}.", f".{PACKED}.")] = pack_mask(full(value) > config.threshold)
             else:
                 packed[key] = value
         return packed
