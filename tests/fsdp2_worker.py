@@ -37,6 +37,8 @@ from torch.distributed.fsdp import fully_shard  # noqa: E402
 from torch.distributed.tensor import DTensor  # noqa: E402
 
 import regtune  # noqa: E402
+from regtune.diffusion.functional import copy_adapter_weights  # noqa: E402
+from regtune.diffusion.trainer import REF_ADAPTER  # noqa: E402
 from regtune.functional.glad import glad_restore_  # noqa: E402
 from regtune.functional.sam import global_grad_norm, sam_perturbation  # noqa: E402
 from regtune.regularizers import (  # noqa: E402
@@ -269,6 +271,106 @@ def case_mask_tuning(out: str, report: dict) -> None:
     save(out, "mask_tuning", results)
 
 
+def gardo_policy() -> torch.nn.Module:
+    """GARDO's adapter layout: a trainable policy adapter and a frozen reference adapter, one peft model."""
+    torch.manual_seed(2)
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+    model = get_peft_model(llama(), config)
+    model.add_adapter(REF_ADAPTER, config)
+    copy_adapter_weights(model, "default", REF_ADAPTER)
+    model.set_adapter("default")
+    return model
+
+
+def case_gardo_reference(out: str, report: dict) -> None:
+    """
+    GARDO's reference adapter under FSDP2: per micro-batch the reference forward (adapter switched to "ref" in
+    inference mode, no grad, as `GARDOTrainer._adapter` does), then the policy's loss with a penalty towards the
+    reference outputs; after the first step the reference is refreshed from the policy (`copy_adapter_weights` on
+    the sharded parameters). The sharded run must equal the unsharded one on the whole batch.
+    """
+    rank, world = dist.get_rank(), dist.get_world_size()
+    batches = global_batches(3, 2, world, seed=13)
+    results = {}
+    for sharded in (True, False):
+        model = gardo_policy()
+        if sharded:
+            model = shard(model)
+        results["initial"] = full_weights(model)
+        params = [p for p in model.parameters() if p.requires_grad]
+        optimizer = torch.optim.SGD(params, lr=0.5)
+        for step, step_batches in enumerate(batches):
+            for index, batch in enumerate(step_batches):
+                inputs = local(batch, rank) if sharded else batch
+                with torch.no_grad():
+                    model.set_adapter(REF_ADAPTER, inference_mode=True)
+                    try:
+                        reference = model(**inputs).logits
+                    finally:
+                        model.set_adapter("default")
+                output = model(**inputs)
+                loss = (output.loss + 5.0 * (output.logits - reference).pow(2).mean()) / len(step_batches)
+                last = index == len(step_batches) - 1
+                with fsdp2_no_sync(model) if (sharded and not last) else contextlib.nullcontext():
+                    loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            if step == 0:
+                copy_adapter_weights(model, "default", REF_ADAPTER)  # GARDO's reference refresh
+        results["sharded" if sharded else "reference"] = full_weights(model)
+        if sharded:
+            results["param_types"] = sorted({type(p).__name__ for p in model.parameters()})
+            results["trainable_dtensors"] = all(isinstance(p, DTensor) for p in model.parameters() if p.requires_grad)
+            weights = results["sharded"]
+            names = [n for n in weights if ".default." in n]
+            results["ref_moved"] = max(
+                float((weights[n.replace(".default.", f".{REF_ADAPTER}.")] - results["initial"][n]).abs().max())
+                for n in names
+            )
+    save(out, "gardo_reference", results)
+
+
+def case_mask_publish(out: str, report: dict) -> None:
+    """Mask scores shard like the weights they mask; publishing gathers them and bit-packs the masks."""
+    from safetensors.torch import load_file
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    rank = dist.get_rank()
+    model = shard(mask_llama())
+    layers = [m for m in model.modules() if hasattr(m, "masktune_scores") and "default" in m.masktune_scores]
+    same_layout = all(
+        m.masktune_scores["default"].placements == m.get_base_layer().weight.placements
+        and m.masktune_scores["default"].to_local().shape == m.get_base_layer().weight.to_local().shape
+        for m in layers
+    )
+    figures = {"layers": len(layers), "scores_shard_like_weights": same_layout}
+    # what Accelerate does for a full state dict: gather it, then publish from the main process
+    full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    folder = os.path.join(out, "published_sharded")
+    if rank == 0:
+        model.save_pretrained(folder, state_dict=full)
+    # saving the sharded model directly (every process, the main one writes)
+    try:
+        model.save_pretrained(os.path.join(out, "published_direct"), is_main_process=rank == 0)
+        figures["direct_save"] = "ok"
+    except Exception as error:
+        figures["direct_save"] = f"{type(error).__name__}: {error}"
+    if rank == 0:
+        mask_llama().save_pretrained(os.path.join(out, "published_reference"))
+        reference = load_file(os.path.join(out, "published_reference", "adapter_model.safetensors"))
+        for name in ("published_sharded", "published_direct"):
+            path = os.path.join(out, name, "adapter_model.safetensors")
+            if os.path.isfile(path):
+                got = load_file(path)
+                figures[f"{name}_equal"] = got.keys() == reference.keys() and all(
+                    torch.equal(got[k], reference[k]) for k in reference
+                )
+        figures["packed"] = all(v.dtype == torch.uint8 for k, v in reference.items() if "packed" in k) and any(
+            "packed" in k for k in reference
+        )
+    report["mask_publish"] = figures
+
+
 def case_lfu_refusal(out: str, report: dict) -> None:
     model = shard(lora_llama())
     for mode in ("perturb", "reps"):
@@ -329,6 +431,8 @@ CASES = {
     "mask_tuning": case_mask_tuning,
     "lfu_refusal": case_lfu_refusal,
     "dropout_hooks": case_dropout_hooks,
+    "gardo_reference": case_gardo_reference,
+    "mask_publish": case_mask_publish,
     "resume": case_resume,
 }
 

@@ -17,7 +17,7 @@ import torch
 
 
 WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fsdp2_worker.py")
-STEP_CASES = ["glad_full", "glad_lora", "allora", "mask_tuning"]
+STEP_CASES = ["glad_full", "glad_lora", "allora", "mask_tuning", "gardo_reference"]
 
 
 @pytest.fixture(scope="module")
@@ -67,6 +67,8 @@ def test_sharded_step_equals_one_process_step(fsdp2_run, case):
     assert (result["reference"] - result["initial"]).abs().max() > 1e-4
     # each process saw half of every micro-batch, yet the gathered weights are the 1-process run's
     torch.testing.assert_close(result["sharded"], result["reference"], rtol=0, atol=2e-6)
+    if case == "gardo_reference":  # the reference adapter was refreshed from the sharded policy
+        assert result["ref_moved"] > 1e-3
 
 
 @pytest.mark.slow
@@ -99,6 +101,18 @@ def test_multi_sample_dropout_and_schedule_survive_sharding(fsdp2_run):
     for figures in (r["dropout_hooks"] for r in reports):
         assert figures["finite"]
         assert figures["msd"] != figures["plain"]  # the head's dropout samples changed the loss
+
+
+@pytest.mark.slow
+def test_mask_scores_shard_like_weights_and_publishing_gathers_them(fsdp2_run):
+    _, reports = fsdp2_run
+    _no_error(reports, "mask_publish")
+    for figures in (r["mask_publish"] for r in reports):
+        assert figures["layers"] == 6 and figures["scores_shard_like_weights"]
+        assert figures["direct_save"] == "ok"
+    # the gathered state dict and a direct save_pretrained of the sharded model publish the unsharded model's bytes
+    figures = reports[0]["mask_publish"]
+    assert figures["packed"] and figures["published_sharded_equal"] and figures["published_direct_equal"]
 
 
 @pytest.mark.slow
