@@ -239,6 +239,34 @@ def time_steps(methods, model_dir, dataset, tokenizer, rounds: int, steps: int) 
     }
 
 
+def diagnostics_overhead(model_dir, dataset, tokenizer, rounds: int, steps: int) -> dict:
+    """
+    Mean step time of LfU with its diagnostics on vs off, logging every step (the worst case: the ascent-gain
+    measurement is then limited by its compute budget only), in interleaved rounds; one warm-up step per trainer.
+    """
+    methods = ["lfu-perturb", "lfu-perturb-same", "lfu-reps"]
+    variants = [(m, diag) for m in methods for diag in (True, False)]
+    times: dict[tuple[str, bool], list[float]] = {v: [] for v in variants}
+    for r in range(rounds):
+        order = variants[r % len(variants) :] + variants[: r % len(variants)]
+        for method, diag in order:
+            with tempfile.TemporaryDirectory() as tmp:
+                trainer = make_trainer(
+                    method, model_dir, dataset, tokenizer, tmp, seed=r, max_steps=steps + 1, logging_steps=1,
+                    lfu_log_diagnostics=diag,
+                )  # fmt: skip
+                timer = StepTimer()
+                trainer.add_callback(timer)
+                trainer.train()
+                times[(method, diag)].extend(timer.times[1:])
+    out = {}
+    for method in methods:
+        on, off = statistics.mean(times[(method, True)]), statistics.mean(times[(method, False)])
+        out[method] = {"mean_step_s_on": on, "mean_step_s_off": off, "overhead": on / off - 1.0,
+                       "steps": len(times[(method, True)])}  # fmt: skip
+    return out
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=None, help="a causal LM (Hub id or directory); default: pretrain one")
@@ -248,6 +276,11 @@ def main():
     parser.add_argument("--timing-rounds", type=int, default=2)
     parser.add_argument("--timing-steps", type=int, default=5)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument(
+        "--diagnostics-overhead", type=int, default=0, metavar="ROUNDS",
+        help="only measure the step time of LfU with its diagnostics on vs off (ROUNDS interleaved rounds of "
+        "--timing-steps steps each, logging every step) on a randomly initialized model of the bench's shape",
+    )  # fmt: skip
     parser.add_argument("--out", default=os.path.join(OUT_DIR, "lfu"))
     cli = parser.parse_args()
     torch.set_num_threads(cli.threads)
@@ -259,6 +292,26 @@ def main():
     random.Random(0).shuffle(pairs)
     train_pairs, test_pairs = pairs[:160], pairs[160:]
     model_dir = cli.model
+    if cli.diagnostics_overhead:
+        if model_dir is None:  # the step time does not depend on the weights: no pretraining needed
+            model_dir = os.path.join(cli.out, "random-llama")
+            tokenizer = build_char_tokenizer(pretrain_text)
+            config = LlamaConfig(
+                vocab_size=len(tokenizer), pad_token_id=0, bos_token_id=2, eos_token_id=3, **PRETRAIN_CONFIG
+            )
+            torch.manual_seed(0)
+            LlamaForCausalLM(config).save_pretrained(model_dir)
+            tokenizer.save_pretrained(model_dir)
+        tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        result = diagnostics_overhead(
+            model_dir, sft_dataset(train_pairs), tokenizer, cli.diagnostics_overhead, cli.timing_steps
+        )
+        result = {"diagnostics_overhead": result, "machine": machine_description("cpu"), "logging_steps": 1}
+        results_dir = os.path.join(HERE, "results")
+        with open(os.path.join(results_dir, "lfu_diagnostics.json"), "w") as f:
+            json.dump(result, f, indent=1)
+        print(json.dumps(result, indent=1))
+        return
     if model_dir is None:
         model_dir = os.path.join(cli.out, f"pretrained-llama-{cli.pretrain_steps}")
         if not os.path.isfile(os.path.join(model_dir, "config.json")):

@@ -718,3 +718,140 @@ def test_ascent_gain_measurements_stay_within_two_percent_of_the_training_passes
     lfu.log_diagnostics = False
     trainer.state.global_step = 9
     assert not lfu._measure_gain_now(trainer)
+
+
+# ---- RepS steering site, against the released code's construction ----
+
+
+class _ReleasedREPLayer(torch.nn.Module):
+    """The released code's steering layer (yunpal/LfU `REPLayer`), written out independently of regtune."""
+
+    def __init__(self, direction, lam):
+        super().__init__()
+        self.direction, self.lam = direction, lam
+
+    def forward(self, x):
+        norm = torch.norm(x, dim=-1, keepdim=True)
+        direction = torch.nn.functional.normalize(self.direction, dim=-1).expand(x.size(0), x.size(1), -1)
+        x = torch.nn.functional.normalize(x.float(), dim=-1) + self.lam * direction
+        return torch.nn.functional.normalize(x, dim=-1) * norm
+
+
+class _released_steering:
+    """Steer a tiny Llama as the released code does (`layer.mlp = nn.Sequential(original_mlp, repe)`) for
+    `site="mlp"`, or by wrapping each decoder layer's `forward` for `site="block"`; undone on exit."""
+
+    def __init__(self, model, directions, alpha, site):
+        self.layers = model.get_base_model().model.layers
+        self.directions, self.alpha, self.site = directions, alpha, site
+
+    def __enter__(self):
+        for layer, direction in zip(self.layers, self.directions):
+            steer = _ReleasedREPLayer(direction, self.alpha)
+            if self.site == "mlp":
+                layer.mlp = torch.nn.Sequential(layer.mlp, steer)
+            else:
+
+                def forward(*args, _forward=layer.forward, _steer=steer, **kwargs):
+                    out = _forward(*args, **kwargs)
+                    return _steer(out) if isinstance(out, torch.Tensor) else (_steer(out[0]), *out[1:])
+
+                layer.forward = forward
+
+    def __exit__(self, *exc):
+        for layer in self.layers:
+            if self.site == "mlp":
+                layer.mlp = layer.mlp[0]
+            else:
+                del layer.forward
+
+
+@pytest.mark.parametrize("site", ["mlp", "block"])
+def test_reps_step_matches_the_released_steering_construction(tmp_path, site):
+    """One RepS step (x' = x) against a reference built like the released code: the parameter step is
+    grad(L_sft + beta * L_cons(steered, clean)), the vectors take Adam's first step up the steered loss, and the
+    logged ascent gain is the relative raise of the loss by the steering."""
+    alpha, beta, lr, weight = 0.5, 1e3, 1e-2, 50.0
+    model = lora_model()
+    trainer = regtune.LfUTrainer(
+        model=model,
+        args=lfu_config(
+            str(tmp_path),
+            max_steps=1,
+            learning_rate=lr,
+            lfu_mode="reps",
+            lfu_alpha=alpha,
+            lfu_beta=beta,
+            lfu_second_batch="same",
+            lfu_reps_lr_weight=weight,
+            lfu_reps_site=site,
+        ),  # fmt: skip
+        train_dataset=prompt_completion_dataset(),
+        processing_class=word_tokenizer(),
+    )
+    batch = _first_batch(trainer)
+    reference = lora_model()
+    named = {n: p for n, p in reference.named_parameters() if p.requires_grad}
+    directions = torch.randn(2, 16, generator=torch.Generator().manual_seed(0)).requires_grad_()
+    total, count = _token_loss_sum(reference, batch)
+    clean = [h.detach() for h in _hidden(reference, batch)]
+    with _released_steering(reference, directions, alpha, site):
+        steered = _hidden(reference, batch)
+        steered_sum, _ = _token_loss_sum(reference, batch)
+    mask = (batch["labels"] != -100).unsqueeze(-1).float()
+    cons = sum(((s - c) ** 2 * mask).sum() / (mask.sum() * s.shape[-1]) for s, c in zip(steered, clean)) / len(clean)
+    expected = torch.autograd.grad(total / count + beta * cons, list(named.values()), retain_graph=True)
+    plain_step = torch.cat(
+        [g.flatten() for g in torch.autograd.grad(total / count, list(named.values()), retain_graph=True)]
+    )
+    (up,) = torch.autograd.grad(steered_sum / count, [directions])
+    expected_directions = directions.detach() + lr * weight * up / (up.abs() + 1e-8)  # Adam's first step, ascending
+    gain = ((steered_sum - total) / total).item()
+
+    before = trainable_weights(model)
+    trainer.train()
+    step = (before - trainable_weights(model)) / lr
+    expected = torch.cat([g.flatten() for g in expected])
+    assert (expected - plain_step).abs().max() > 1e-2 * expected.abs().max()  # the consistency term matters
+    torch.testing.assert_close(step, expected, rtol=1e-3, atol=1e-4 * expected.abs().max().item())
+    lfu = trainer.regularizers[0]
+    torch.testing.assert_close(lfu.directions.detach(), expected_directions, rtol=0, atol=1e-4)
+    log = next(h for h in trainer.state.log_history if "loss" in h)
+    assert log["lfu/ascent_gain"] == pytest.approx(gain, rel=1e-3, abs=1e-7)
+    assert log["lfu/consistency"] == pytest.approx(cons.item(), rel=1e-4)
+
+
+def test_reps_sites_steer_different_tensors():
+    """`mlp` steers the MLP's output before the residual add; `block` the block's output: different states, and both
+    as the released-style reference computes them (here on a plain forward, without training)."""
+    model = lora_model()
+    x = torch.randint(5, 60, (2, 7))
+    backbone, blocks = find_decoder_blocks(model)
+    directions = torch.randn(len(blocks), 16)
+    got = {}
+    for site in ("mlp", "block"):
+        with torch.no_grad(), block_hooks(backbone, blocks, range(0, 3), directions, 0.5, site=site) as states:
+            model(input_ids=x)
+        got[site] = list(states)
+        with torch.no_grad(), _released_steering(model, directions, 0.5, site):
+            want = model(input_ids=x, output_hidden_states=True).hidden_states
+        for g, w in zip(got[site], want):
+            torch.testing.assert_close(g, w)
+    assert (got["mlp"][1] - got["block"][1]).abs().max() > 1e-3
+
+
+def test_find_mlp_follows_the_released_keywords_and_refuses_blocks_without_one():
+    from regtune.regularizers.lfu import find_mlp
+
+    class Block(torch.nn.Module):
+        def __init__(self, **children):
+            super().__init__()
+            for name, child in children.items():
+                self.add_module(name, child)
+
+    ffn = torch.nn.Linear(2, 2)
+    assert find_mlp(Block(attention=torch.nn.Linear(2, 2), ffn_norm=torch.nn.LayerNorm(2), ffn=ffn)) is ffn
+    _, blocks = find_decoder_blocks(tiny_llama())
+    assert find_mlp(blocks[0]) is blocks[0].mlp
+    with pytest.raises(ValueError, match=r"reps_site='block'"):
+        find_mlp(Block(attention=torch.nn.Linear(2, 2), experts=torch.nn.Linear(2, 2)))
