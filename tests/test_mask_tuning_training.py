@@ -380,3 +380,43 @@ def test_mask_flips_and_gradient_dropout_are_logged_as_metrics(tmp_path):
     assert logs["mask_tuning/zero_fraction"] == pytest.approx(model.base_model.mask_sparsity()["total"])
     assert 0.0 < logs["gradient_dropout/drop_fraction"] < 1.0
     assert logs["gradient_dropout/knowledge_loss"] > 0.0
+
+
+class TinyClassifier(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.lin0 = torch.nn.Linear(6, 8)
+        self.drop = torch.nn.Dropout(0.2)
+        self.head = torch.nn.Linear(8, 3)
+
+    def forward(self, x, labels=None):
+        logits = self.head(self.drop(torch.relu(self.lin0(x))))
+        loss = torch.nn.functional.cross_entropy(logits, labels) if labels is not None else None
+        return {"loss": loss, "logits": logits}
+
+
+def test_no_host_sync_inside_the_step(tmp_path, monkeypatch):
+    """The R-AMT step (teacher, knowledge gradient, dropout, diagnostics bookkeeping) never reads a value on the host."""
+    config = regtune.MaskTuningConfig(target_modules=["lin0"], modules_to_save=["head"], init_weights=False)
+    model = get_peft_model(TinyClassifier(), config)
+    g = torch.Generator().manual_seed(0)
+    data = Dataset.from_dict(
+        {"x": torch.randn(8, 6, generator=g).tolist(), "labels": torch.randint(0, 3, (8,), generator=g).tolist()}
+    )
+    trainer = MaskTuningTrainer(model=model, args=_args(tmp_path, remove_unused_columns=False), train_dataset=data)
+    trainer.create_optimizer_and_scheduler(num_training_steps=1)
+    for reg in trainer.regularizers:
+        reg.setup(trainer)
+    inputs = next(iter(trainer.get_train_dataloader()))
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("host sync inside the mask-tuning step")
+
+    for method in ("item", "__bool__", "__float__", "__int__", "tolist", "numpy"):
+        monkeypatch.setattr(torch.Tensor, method, refuse)
+    trainer.training_step(trainer.model, inputs)
+    monkeypatch.undo()
+    logs = trainer.regularizer_diagnostics()
+    assert {"gradient_dropout/drop_fraction", "gradient_dropout/knowledge_loss", "mask_tuning/flipped"} <= set(logs)
+    assert "mask_tuning/flipped/lin0" in logs
