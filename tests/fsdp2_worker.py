@@ -50,6 +50,7 @@ from regtune.regularizers import (  # noqa: E402
 from regtune.regularizers.lfu import find_decoder_blocks  # noqa: E402
 from regtune.regularizers.mask_tuning import GradientDropout, MaskScorePenalty  # noqa: E402
 from regtune.trainers import RegTrainer  # noqa: E402
+from regtune.tuners.allora import attach_allora_update  # noqa: E402
 
 
 VOCAB = 64
@@ -72,6 +73,11 @@ def lora_llama() -> torch.nn.Module:
 
 def allora_llama() -> torch.nn.Module:
     return get_peft_model(llama(), regtune.ALLoRAConfig(r=4, eta=2.0, target_modules="all-linear"))
+
+
+def allora_update_llama() -> torch.nn.Module:
+    config = regtune.ALLoRAConfig(r=4, eta=2.0, target_modules="all-linear", coefficient_on="update")
+    return get_peft_model(llama(), config)
 
 
 def mask_llama() -> torch.nn.Module:
@@ -164,7 +170,7 @@ def train_steps(trainer, model, optimizer, batches, rank: int | None, sharded: b
     return losses
 
 
-def run_pair(out, case, build, regularizers, steps=2, accumulation=2, lr=0.1):
+def run_pair(out, case, build, regularizers, steps=2, accumulation=2, lr=0.1, make_optimizer=None):
     """Train `build()` sharded (this rank's part of each batch) and unsharded (the whole batch); return both."""
     rank, world = dist.get_rank(), dist.get_world_size()
     batches = global_batches(steps, accumulation, world)
@@ -176,6 +182,8 @@ def run_pair(out, case, build, regularizers, steps=2, accumulation=2, lr=0.1):
         initial = full_weights(model)
         trainer = make_trainer(model, os.path.join(out, case), regularizers(), accumulation, sharded)
         optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=lr)
+        if make_optimizer is not None:
+            optimizer = make_optimizer(optimizer, model)
         losses = train_steps(trainer, model, optimizer, batches, rank if sharded else None, sharded)
         results["sharded" if sharded else "reference"] = full_weights(model)
         results["initial"] = initial
@@ -256,6 +264,12 @@ def case_dropout_hooks(out: str, report: dict) -> None:
 def case_allora(out: str, report: dict) -> None:
     results = run_pair(out, "allora", allora_llama, lambda: [], steps=3, accumulation=2, lr=0.5)
     save(out, "allora", results)
+    # the update-side coefficient: the optimizer rescales each row's update of the sharded A and B
+    results = run_pair(
+        out, "allora_update", allora_update_llama, lambda: [], steps=3, accumulation=2, lr=0.5,
+        make_optimizer=attach_allora_update,
+    )  # fmt: skip
+    save(out, "allora_update", results)
 
 
 def case_mask_tuning(out: str, report: dict) -> None:
