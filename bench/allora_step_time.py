@@ -45,6 +45,8 @@ from _common import DATA_DIR, OUT_DIR, TARGET_MODULES, machine_description, mini
 from transformers import AutoModelForSequenceClassification, AutoTokenizer  # noqa: E402
 
 import regtune  # noqa: E402
+from regtune.tuners.allora.diagnostics import allora_coefficient_stats  # noqa: E402
+from regtune.tuners.allora.layer import _Registry  # noqa: E402
 
 
 METHODS = {
@@ -52,6 +54,8 @@ METHODS = {
     "lora_dropout": "LoRA (peft; alpha 16, dropout 0.1)",
     "allora_gradient": "ALLoRA gradient-side (eta 2)",
     "allora_update": "ALLoRA update-side (eta 2, create_allora_optimizer)",
+    "allora_factors": "ALLoRA gradient-side, factor rows (eta 2)",
+    "allora_per_forward": "ALLoRA gradient-side, coefficient recomputed in every forward (the former behaviour)",
 }
 BASELINE = "lora"
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -69,11 +73,12 @@ def build(method: str, *, device: str, dtype: torch.dtype, r: int = 8, lr: float
             target_modules=TARGET_MODULES,
             task_type="SEQ_CLS",
         )
-    elif method in ("allora_gradient", "allora_update"):
+    elif method in ("allora_gradient", "allora_update", "allora_factors", "allora_per_forward"):
         config = regtune.ALLoRAConfig(
             r=r,
             eta=2.0,
             coefficient_on="update" if method == "allora_update" else "gradient",
+            row_norm="factors" if method == "allora_factors" else "product",
             target_modules=TARGET_MODULES,
             task_type="SEQ_CLS",
         )
@@ -81,6 +86,11 @@ def build(method: str, *, device: str, dtype: torch.dtype, r: int = 8, lr: float
         raise ValueError(f"unknown method {method!r}; choose from {list(METHODS)}")
     model = peft.get_peft_model(base, config).to(device)
     model.train()
+    if method == "allora_per_forward":  # the former behaviour: each layer computes its coefficient in every forward
+        layers = [m for m in model.modules() if isinstance(m, regtune.tuners.allora.ALLoRALayer)]
+        for layer in layers:
+            _Registry.groups.pop(layer, None)  # no batched computation across layers
+        model.register_forward_pre_hook(lambda *_: [layer.allora_clear_cache() for layer in layers] and None)
     if method == "allora_update":
         optimizer = regtune.create_allora_optimizer(model, torch.optim.AdamW, lr=lr, weight_decay=0.0)
     else:
@@ -207,6 +217,22 @@ def run(args) -> dict:
             times[m].append(wall)
             cpu_times[m].append(cpu)
 
+    # cost of ALLoRA's c/eta diagnostic (computed only when the Trainer logs): one call after a step, i.e. with the
+    # coefficients recomputed from the stepped weights, as with logging_steps=1 (the worst case)
+    diagnostics = {}
+    for m in methods:
+        if not m.startswith("allora"):
+            continue
+        samples = []
+        for _ in range(max(5, args.rounds // 3)):
+            train_step(*built[m], batch)
+            _sync(args.device)
+            start = time.perf_counter()
+            stats = allora_coefficient_stats(built[m][0])
+            torch.stack(list(stats.values())).tolist()
+            samples.append(time.perf_counter() - start)
+        diagnostics[m] = statistics.median(samples)
+
     memory = {}
     for m in methods:
         model, optimizer = built[m]
@@ -223,6 +249,7 @@ def run(args) -> dict:
         paired = [a / b for a, b in zip(t, base_t)]
         paired_cpu = [a / b for a, b in zip(cpu, base_cpu)]
         q = statistics.quantiles(t, n=4)
+        pq = statistics.quantiles(paired, n=4)
         rows.append(
             {
                 "method": m,
@@ -232,6 +259,9 @@ def run(args) -> dict:
                 "iqr_step_s": [q[0], q[2]],
                 "ratio_of_medians": statistics.median(t) / statistics.median(base_t),
                 "median_paired_ratio": statistics.median(paired),
+                "paired_ratio_iqr": [pq[0], pq[2]],
+                "diagnostics_s": diagnostics.get(m),
+                "diagnostics_fraction_of_step": (diagnostics[m] / statistics.median(t) if m in diagnostics else None),
                 "median_cpu_step_s": statistics.median(cpu),
                 "median_paired_cpu_ratio": statistics.median(paired_cpu),
                 "step_peak_MiB": memory[m]["step_peak_bytes"] / 2**20,
@@ -258,6 +288,10 @@ def run(args) -> dict:
     }
 
 
+def _percent(fraction: float | None) -> str:
+    return "" if fraction is None else f"{100 * fraction:.2f}"
+
+
 def markdown(result: dict) -> str:
     cfg, mach = result["config"], result["machine"]
     where = mach.get("gpu") or f"{mach['cpu']}, {cfg['threads']} torch threads"
@@ -266,16 +300,19 @@ def markdown(result: dict) -> str:
         f"{cfg['device']} {cfg['dtype']} ({where}); {cfg['rounds']} interleaved rounds after {cfg['warmup']} warm-up "
         f"rounds; {mach['date']}.",
         "",
-        "| method | trainable params | median step (ms) | time ratio vs LoRA (paired median) | ratio of medians "
-        "| CPU-time ratio (paired median) | step peak mem (MiB) | step peak ratio | total peak (MiB) "
-        "| total peak ratio |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| method | trainable params | median step (ms) | time ratio vs LoRA (paired median) | paired ratio IQR "
+        "| ratio of medians | CPU-time ratio (paired median) | c/eta diagnostic (% of a step) | step peak mem (MiB) "
+        "| step peak ratio | total peak (MiB) | total peak ratio |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for row in result["rows"]:
         lines.append(
             f"| {row['label']} | {row['trainable_params']:,} | {1000 * row['median_step_s']:.1f} "
-            f"| {row['median_paired_ratio']:.3f} | {row['ratio_of_medians']:.3f} "
-            f"| {row['median_paired_cpu_ratio']:.3f} | {row['step_peak_MiB']:.1f} "
+            f"| {row['median_paired_ratio']:.3f} "
+            f"| {row['paired_ratio_iqr'][0]:.3f}-{row['paired_ratio_iqr'][1]:.3f} | {row['ratio_of_medians']:.3f} "
+            f"| {row['median_paired_cpu_ratio']:.3f} "
+            f"| {_percent(row['diagnostics_fraction_of_step'])} "
+            f"| {row['step_peak_MiB']:.1f} "
             f"| {row['step_peak_ratio']:.3f} | {row['total_peak_MiB']:.1f} | {row['total_peak_ratio']:.3f} |"
         )
     lines += [

@@ -651,3 +651,27 @@ def test_trainer_logs_the_coefficient_diagnostic(tmp_path, monkeypatch):
     from distributed_worker import tiny_bert
 
     assert regtune.RegTrainer(model=tiny_bert(), args=args, train_dataset=classification_dataset()).regularizers == []
+
+
+def test_one_batched_computation_per_step_for_all_layers(monkeypatch):
+    """The first forward after a step computes every layer's coefficient at once, one stacked product per group of
+    equally shaped layers; the values equal the per-layer computation (up to float rounding of the batched matmul)."""
+    import regtune.tuners.allora.layer as layer_module
+
+    spec = TINY_MODELS["llama"]
+    torch.manual_seed(0)
+    model = get_peft_model(
+        spec.build(), regtune.ALLoRAConfig(r=4, target_modules="all-linear", init_lora_weights=False)
+    )
+    layers = [m for m in model.modules() if isinstance(m, regtune.tuners.allora.ALLoRALayer)]
+    shapes = {(tuple(m.lora_A["default"].weight.shape), tuple(m.lora_B["default"].weight.shape)) for m in layers}
+    assert len(layers) > len(shapes)
+    calls = []
+    real = layer_module.allora_row_coefficient
+    monkeypatch.setattr(layer_module, "allora_row_coefficient", lambda *a, **k: calls.append(1) or real(*a, **k))
+    model.train()
+    model(**spec.batch())["loss"].backward()
+    assert len(calls) == len(shapes)
+    for layer in layers:
+        A, B = layer.allora_weights("default")
+        torch.testing.assert_close(layer.allora_row_coefficients("default"), real(A, B, 2.0), rtol=1e-6, atol=0)

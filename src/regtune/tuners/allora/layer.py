@@ -37,6 +37,7 @@ from peft.utils.other import transpose
 from torch import nn
 from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
 
+from regtune._sharding import is_sharded
 from regtune.functional.allora import (
     _ALLoRAProduct,
     allora_conv_forward,
@@ -62,6 +63,10 @@ class _Registry:
     update_layers: weakref.WeakSet = weakref.WeakSet()  # layers with >= 1 adapter of coefficient_on="update"
     update_layers_version = 0  # bumped when a layer is added, so the optimizer guard re-checks
     hooks_installed = False
+    # layer -> its model's ALLoRACoefficientGroup (kept outside the modules: they stay deep-copyable and picklable);
+    # the group holds its layers weakly, and the tuner model holds the group (through `models`)
+    groups: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+    models: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def _bump_generation(optimizer, args, kwargs) -> None:
@@ -138,9 +143,9 @@ class ALLoRALayer:
 
     # ---- the coefficients ----
 
-    def _allora_cached(self, adapter_name: str, kind: str, compute):
+    def _allora_cache_key(self, adapter_name: str, kind: str) -> tuple:
         weight_A, weight_B = self.allora_weights(adapter_name)
-        key = (
+        return (
             kind,
             _Registry.generation,
             weight_A.data_ptr(),
@@ -150,11 +155,21 @@ class ALLoRALayer:
             weight_A.dtype,
             weight_B.dtype,
         )
+
+    def _allora_cached(self, adapter_name: str, kind: str, compute):
+        key = self._allora_cache_key(adapter_name, kind)
         cached = self.allora_cache.get(adapter_name)
         if cached is not None and cached[0] == key:
             return cached[1]
+        group = _Registry.groups.get(self) if kind == "rows" else None
+        if group is not None:
+            # one batched computation for every stale adapter of the model (once per optimizer step)
+            group.refresh()
+            cached = self.allora_cache.get(adapter_name)
+            if cached is not None and cached[0] == key:
+                return cached[1]
         with torch.no_grad():
-            value = compute(weight_A, weight_B)
+            value = compute(*self.allora_weights(adapter_name))
         self.allora_cache[adapter_name] = (key, value)
         return value
 
@@ -545,6 +560,58 @@ class ALLoRAParamWrapper(ALLoRALayer, LoraParamWrapper):
 
     def __repr__(self) -> str:
         return "allora." + super().__repr__().removeprefix("lora.")
+
+
+class ALLoRACoefficientGroup:
+    """
+    The ALLoRA layers of one model, whose row coefficients are computed together: when a layer finds its cached
+    coefficient stale (the first forward after an optimizer step), the coefficients of every stale adapter of the
+    model are computed at once, in one batched product per group of equally shaped layers (`torch.stack` + `bmm`),
+    instead of a handful of small kernels per layer. The values are exactly those of the per-layer computation.
+    """
+
+    def __init__(self, layers):
+        self.layers = weakref.WeakSet(layers)
+
+    def refresh(self) -> None:
+        batches: dict[tuple, list] = {}
+        for layer in list(self.layers):
+            if type(layer)._allora_views is not ALLoRALayer._allora_views:
+                continue  # conv / expert stacks: their own (reshaped) computation, on demand
+            for adapter_name, row_norm in layer.allora_row_norm.items():
+                if row_norm != "product":
+                    continue
+                try:
+                    weight_A, weight_B = layer.allora_weights(adapter_name)
+                except KeyError:
+                    continue
+                if not (weight_A.requires_grad or weight_B.requires_grad):
+                    continue
+                if is_sharded(weight_A) or is_sharded(weight_B):
+                    continue  # FSDP2: resharded outside its block's forward; computed there, on demand
+                key = layer._allora_cache_key(adapter_name, "rows")
+                cached = layer.allora_cache.get(adapter_name)
+                if cached is not None and cached[0] == key:
+                    continue
+                group_key = (
+                    tuple(weight_A.shape),
+                    tuple(weight_B.shape),
+                    weight_A.device,
+                    layer.allora_eta[adapter_name],
+                    layer.allora_norm_squared[adapter_name],
+                )
+                batches.setdefault(group_key, []).append((layer, adapter_name, key, weight_A, weight_B))
+        with torch.no_grad():
+            for (_, _, _, eta, squared), members in batches.items():
+                if len(members) == 1:
+                    layer, adapter_name, key, weight_A, weight_B = members[0]
+                    coefficients = [allora_row_coefficient(weight_A, weight_B, eta, squared)]
+                else:
+                    stacked_A = torch.stack([m[3].detach() for m in members])
+                    stacked_B = torch.stack([m[4].detach() for m in members])
+                    coefficients = allora_row_coefficient(stacked_A, stacked_B, eta, squared).unbind(0)
+                for (layer, adapter_name, key, _, _), value in zip(members, coefficients):
+                    layer.allora_cache[adapter_name] = (key, value)
 
 
 ALLORA_LAYER_TYPES = (

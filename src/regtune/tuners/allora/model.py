@@ -10,13 +10,16 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 from transformers.pytorch_utils import Conv1D
 
 from .layer import (
+    ALLoRACoefficientGroup,
     ALLoRAConv1d,
     ALLoRAConv2d,
     ALLoRAConv3d,
     ALLoRAEmbedding,
+    ALLoRALayer,
     ALLoRALinear,
     ALLoRAMultiheadAttention,
     ALLoRAParamWrapper,
+    _Registry,
 )
 
 
@@ -40,6 +43,15 @@ class ALLoRAModel(LoraModel):
     """
 
     prefix: str = "lora_"
+
+    def inject_adapter(self, *args, **kwargs) -> None:
+        super().inject_adapter(*args, **kwargs)
+        # the model's ALLoRA layers compute their row coefficients together, once per optimizer step
+        layers = [module for module in self.model.modules() if isinstance(module, ALLoRALayer)]
+        group = ALLoRACoefficientGroup(layers)
+        _Registry.models[self] = group  # alive as long as this model
+        for layer in layers:
+            _Registry.groups[layer] = group
 
     @staticmethod
     def _create_new_module(lora_config, adapter_name, target, **kwargs):

@@ -23,6 +23,8 @@ import weakref
 import torch
 from torch import nn
 
+from regtune._sharding import foreach_copy_
+
 from .layer import ALLoRALayer, _install_global_hooks, _Registry, allora_adapters
 
 
@@ -142,7 +144,7 @@ def attach_allora_update(optimizer: torch.optim.Optimizer, model: nn.Module) -> 
         step = torch._foreach_sub(scaled, snapshot)
         torch._foreach_mul_(step, scales)
         torch._foreach_add_(snapshot, step)
-        torch._foreach_copy_(scaled, snapshot)
+        foreach_copy_(scaled, snapshot)  # FSDP2's DTensor parameters too
         snapshot.clear()
 
     optimizer.register_step_pre_hook(pre_step)
