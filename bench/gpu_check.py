@@ -234,7 +234,8 @@ def llama(s: dict, dtype: torch.dtype) -> torch.nn.Module:
         bos_token_id=1,
         eos_token_id=2,
     )
-    model = LlamaForCausalLM(config).to(dtype)
+    with torch.device(device_and_dtype()[0]):  # initialize on the GPU: a 2048-wide model is slow to init on CPU
+        model = LlamaForCausalLM(config).to(dtype)
     model.config.use_cache = False
     return model
 
@@ -411,7 +412,15 @@ def gardo(report: dict, smoke: bool, out: str) -> None:
 # ---- 4. FSDP2 and DDP with one process (torchrun children) ----
 
 
-CHILD_METHODS = ["glad_full", "allora", "mask_tuning_gd", "msd_dropout_schedule", "lfu_perturb"]
+CHILD_METHODS = [
+    "glad_full",
+    "allora",
+    "allora_update",
+    "mask_tuning_gd",
+    "msd_dropout_schedule",
+    "lfu_perturb",
+    "gardo_gated",
+]
 
 
 def distributed(report: dict, smoke: bool, out: str) -> None:
@@ -441,6 +450,9 @@ def child(mode: str, smoke: bool, out: str) -> None:
     results = {"device": device}
     for method in CHILD_METHODS:
         entry = {}
+        if method == "gardo_gated":
+            results[method] = _child_gardo(mode, smoke, out)
+            continue
         try:
             extra = {}
             if mode == "fsdp2":
@@ -492,6 +504,9 @@ def _child_method(method: str, s: dict, dtype: torch.dtype):
         return llama(s, torch.float32), regtune.RegTrainer, [GLADRegularizer(rho=0.05, glad_lambda=0.5)]
     if method == "allora":
         return get_peft_model(llama(s, torch.float32), regtune.ALLoRAConfig(**lora)), regtune.RegTrainer, []
+    if method == "allora_update":  # RegTrainer builds the optimizer with the update-side coefficient
+        config = regtune.ALLoRAConfig(coefficient_on="update", **lora)
+        return get_peft_model(llama(s, torch.float32), config), regtune.RegTrainer, []
     if method == "mask_tuning_gd":
         config = regtune.MaskTuningConfig(target_modules=ATTENTION, task_type="CAUSAL_LM", graddrop_lambda=1.0)
         return get_peft_model(llama(s, torch.float32), config), regtune.MaskTuningTrainer, []
@@ -502,6 +517,55 @@ def _child_method(method: str, s: dict, dtype: torch.dtype):
         model = get_peft_model(llama(s, torch.float32), LoraConfig(lora_alpha=16, **lora))
         return model, regtune.RegTrainer, [LfURegularizer(mode="perturb", second_batch="same")]
     raise ValueError(method)
+
+
+def _child_gardo(mode: str, smoke: bool, out: str) -> dict:
+    """GARDO (gated KL, reference adapter, one refresh) for 2 epochs, on its own Accelerator (FSDP2 plugin or not)."""
+    from accelerate import Accelerator
+    from accelerate.utils import FullyShardedDataParallelPlugin
+
+    from regtune.diffusion import GARDOConfig, GARDOTrainer
+    from regtune.diffusion.testbed import TestbedConfig, build_testbed
+
+    try:
+        bed = build_testbed(
+            TestbedConfig(pretrain_steps=5, classifier_steps=5, width=16, cache_dir=None), log=lambda *a, **k: None
+        )
+        bed.pop("info")
+        plugin = FullyShardedDataParallelPlugin(fsdp_version=2) if mode == "fsdp2" else None
+        accelerator = Accelerator(fsdp_plugin=plugin, mixed_precision="bf16" if torch.cuda.is_available() else "no")
+        config = GARDOConfig(
+            output_dir=os.path.join(out, "gardo"),
+            num_epochs=2,
+            prompts_per_epoch=2,
+            num_generations=4,
+            num_inference_steps=4,
+            lora_r=4,
+            lora_alpha=8,
+            eval_every=0,
+            resume=False,
+            kl_mode="gated",
+            ref_refresh_every=1,
+        )
+        trainer = GARDOTrainer(config, accelerator=accelerator, **bed)
+        history = trainer.train()
+        return {
+            "status": "ok",
+            "epochs": len(history),
+            "distributed_type": str(accelerator.distributed_type),
+            "is_fsdp2": bool(getattr(accelerator, "is_fsdp2", False)),
+            "wrapped": type(trainer.ddp_model).__name__,
+            "sharded_params": any(type(p).__name__ == "DTensor" for p in trainer.model.parameters()),
+            "refreshes": trainer.refreshes,
+        }
+    except ValueError as error:
+        return {"status": "refused", "message": str(error)[:500]}
+    except Exception as error:
+        return {
+            "status": "error",
+            "message": f"{type(error).__name__}: {str(error)[:500]}",
+            "traceback": traceback.format_exc()[-1500:],
+        }
 
 
 # ---- report ----
