@@ -675,3 +675,13 @@ def test_one_batched_computation_per_step_for_all_layers(monkeypatch):
     for layer in layers:
         A, B = layer.allora_weights("default")
         torch.testing.assert_close(layer.allora_row_coefficients("default"), real(A, B, 2.0), rtol=1e-6, atol=0)
+
+
+def test_quantized_layers_are_refused_with_a_reason():
+    class Int8Linear(torch.nn.Linear):  # stands in for a quantized linear: an integer weight
+        def __init__(self):
+            super().__init__(4, 4)
+            self.weight = torch.nn.Parameter(torch.zeros(4, 4, dtype=torch.int8), requires_grad=False)
+
+    with pytest.raises(ValueError, match="does not support quantized layers"):
+        get_peft_model(_Single(Int8Linear()), regtune.ALLoRAConfig(target_modules=["layer"]))

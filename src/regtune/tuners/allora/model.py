@@ -23,6 +23,9 @@ from .layer import (
 )
 
 
+_QUANTIZATION_PACKAGES = {"bitsandbytes", "auto_gptq", "gptqmodel", "awq", "hqq", "eetq", "aqlm", "optimum", "torchao"}
+
+
 class ALLoRAModel(LoraModel):
     """
     Creates an ALLoRA model from a pretrained transformers model
@@ -56,6 +59,16 @@ class ALLoRAModel(LoraModel):
     @staticmethod
     def _create_new_module(lora_config, adapter_name, target, **kwargs):
         base = target.get_base_layer() if isinstance(target, BaseTunerLayer) else target
+        weight = getattr(base, "weight", None)
+        quantized = type(base).__module__.split(".")[0] in _QUANTIZATION_PACKAGES or (
+            isinstance(weight, torch.Tensor) and not (weight.dtype.is_floating_point or weight.device.type == "meta")
+        )
+        if quantized:
+            raise ValueError(
+                f"ALLoRA does not support quantized layers ({type(base).__module__}.{type(base).__name__}): it routes "
+                "only unquantized nn.Linear, Conv1D, nn.Embedding, nn.Conv1d/2d/3d, nn.MultiheadAttention and "
+                "`target_parameters`. Remove it from `target_modules`, or load the base model unquantized."
+            )
         parameter_name = kwargs.pop("parameter_name", None)
         if parameter_name is not None:
             return ALLoRAParamWrapper(
