@@ -163,8 +163,15 @@ def test_deepspeed_refusals_name_every_problem():
     allora = get_peft_model(tiny_llama(), regtune.ALLoRAConfig(r=2, target_modules=["q_proj"]))
     with pytest.raises(ValueError, match=r"ZeRO-3") as error:
         check_distributed_support(_stub_trainer(3, [GradientDropout(), MaskScorePenalty()], allora))
-    for name in ("GradientDropout", "MaskScorePenalty", "ALLoRA", "docs/distributed.md"):
+    for name in ("GradientDropout", "MaskScorePenalty", "coefficient_on='gradient'", "docs/distributed.md"):
         assert name in str(error.value)
+    # ALLoRA's update-side optimizer: refused at every stage; its gradient mode runs under ZeRO-2
+    update = get_peft_model(
+        tiny_llama(), regtune.ALLoRAConfig(r=2, target_modules=["q_proj"], coefficient_on="update")
+    )
+    with pytest.raises(ValueError, match=r"coefficient_on='update'"):
+        check_distributed_support(_stub_trainer(2, [], update))
+    check_distributed_support(_stub_trainer(2, [], allora))
 
 
 def test_deepspeed_runs_loss_terms_and_dropout_hooks():

@@ -134,17 +134,19 @@ def check_distributed_support(trainer) -> None:
                 problems.append(f"{type(reg).__name__} ({reg.name!r}): {limit[1]}")
                 break
     model = getattr(trainer, "model", None)
-    if stage == 3 and model is not None:
-        gradient_mode = [
-            module
-            for module in model.modules()
-            if type(module).__name__ == "ALLoRALinear" and any(getattr(module, "allora_scale_gradients", {}).values())
-        ]
-        if gradient_mode:
-            problems.append(
-                "ALLoRA adapters with coefficient_on='gradient': their forward reads the A and B weights directly, "
-                "where ZeRO-3 leaves only empty placeholders of the partitioned parameters"
-            )
+    modes = set()
+    for module in model.modules() if model is not None else []:
+        modes.update(getattr(module, "allora_scale_gradients", {}).values())  # ALLoRA layers: True = gradient mode
+    if False in modes:
+        problems.append(
+            "ALLoRA adapters with coefficient_on='update': their optimizer rescales the update of the model's A and "
+            "B, while the DeepSpeed engine steps its own copy of the parameters"
+        )
+    if stage == 3 and True in modes:
+        problems.append(
+            "ALLoRA adapters with coefficient_on='gradient': their forward reads the A and B weights directly, "
+            "where ZeRO-3 leaves only empty placeholders of the partitioned parameters"
+        )
     if problems:
         raise ValueError(
             f"regtune cannot train this under DeepSpeed ZeRO-{stage}: "
