@@ -43,13 +43,14 @@ def allora_coefficient_stats(model: nn.Module) -> dict[str, torch.Tensor]:
         values.append(module.allora_coefficient_over_eta(adapter_name))
     if not values:
         return {}
-    out = {
-        "c_over_eta_min": torch.stack([v.min() for v in values]).min(),
-        "c_over_eta_median": torch.cat(values).median(),
-    }
-    for name, value in zip(names, values):
-        out[f"c_over_eta_min/{name}"] = value.min()
-        out[f"c_over_eta_median/{name}"] = value.median()
+    # a few vectorized reductions over all layers (rows padded per layer), not two per layer
+    pad = torch.nn.utils.rnn.pad_sequence
+    mins = pad(values, batch_first=True, padding_value=float("inf")).amin(dim=1)
+    medians = pad(values, batch_first=True, padding_value=float("nan")).nanmedian(dim=1).values
+    out = {"c_over_eta_min": mins.min(), "c_over_eta_median": torch.cat(values).median()}
+    for i, name in enumerate(names):
+        out[f"c_over_eta_min/{name}"] = mins[i]
+        out[f"c_over_eta_median/{name}"] = medians[i]
     return out
 
 
