@@ -16,7 +16,7 @@ from peft import get_peft_model
 from transformers import BertConfig, BertForSequenceClassification, HfArgumentParser, TrainerCallback
 
 import regtune
-from regtune.functional.masks import gradient_dropout, score_penalty, soft_cross_entropy
+from regtune.functional.masks import gradient_dropout, pack_mask, score_penalty, soft_cross_entropy
 from regtune.regularizers.mask_tuning import GradientDropout, MaskScorePenalty
 from regtune.trainers.mask_tuning_trainer import MaskTuningTrainer, MaskTuningTrainingArguments
 
@@ -155,6 +155,19 @@ def test_resume_continues_exactly_with_real_valued_scores(tmp_path):
     trainer.train(resume_from_checkpoint=str(tmp_path / "b" / "checkpoint-2"))
     for (name, p), q in zip(_final_scores(straight).items(), _final_scores(resumed).values()):
         torch.testing.assert_close(q, p, atol=0, rtol=0, msg=name)
+    # the flip monitor counts from the start of the run, not from the resumed step
+    monitor = trainer.regularizers[-1]
+    initial = {n.removeprefix("base_model.model."): pack_mask(m) for n, m in _masks(_model()).items()}
+    assert type(monitor).__name__ == "MaskFlipMonitor" and set(monitor._reference) == set(initial)
+    assert all(torch.equal(monitor._reference[n], initial[n]) for n in initial)
+
+
+def test_scores_get_no_weight_decay(tmp_path):
+    trainer = MaskTuningTrainer(model=_model(), args=_args(tmp_path, weight_decay=0.1), train_dataset=_data())
+    optimizer = trainer.create_optimizer()
+    names = {id(p): n for n, p in trainer.model.named_parameters()}
+    decay = {names[id(p)] for group in optimizer.param_groups if group["weight_decay"] > 0 for p in group["params"]}
+    assert decay and not any("masktune_scores" in n for n in decay)  # the head is decayed, the scores are not
 
 
 WORKER = """

@@ -65,7 +65,8 @@ class MaskTuningTrainer(RegTrainer):
     `graddrop_lambda` is 0, and [`MaskFlipMonitor`] (the `mask_tuning/flipped` metrics). Checkpoints keep the
     real-valued scores (so a resumed run continues exactly); `save_model()` publishes bit-packed masks.
 
-    Its config class is [`MaskTuningTrainingArguments`] (`MaskTuningTrainer.config_class`); plain
+    The scores get no weight decay (as in the released code: the score penalty is their regularizer); other trainable
+    parameters (a classifier head) follow `weight_decay`. Its config class is [`MaskTuningTrainingArguments`] (`MaskTuningTrainer.config_class`); plain
     `TrainingArguments` work too (the knobs then come from the model's [`MaskTuningConfig`]).
 
     Example:
@@ -100,3 +101,7 @@ class MaskTuningTrainer(RegTrainer):
             own.append(GradientDropout(lam, temperature=temperature))
         own.append(MaskFlipMonitor(per_layer=getattr(args, "mask_flips_per_layer", True)))
         super().__init__(model, args, *pargs, regularizers=[*own, *(regularizers or [])], **kwargs)
+
+    def get_decay_parameter_names(self, model) -> list[str]:
+        # R-AMT trains the scores without weight decay (the released code): the score penalty is their regularizer
+        return [name for name in super().get_decay_parameter_names(model) if "masktune_scores" not in name]
