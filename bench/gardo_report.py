@@ -11,6 +11,7 @@ method's final proxy reward), and writes `bench/results/gardo_testbed.md` plus `
 from __future__ import annotations
 
 import argparse
+import glob
 import json
 import os
 import shutil
@@ -37,6 +38,45 @@ def at_proxy(res: dict, key: str, proxy: float) -> float | None:
     return None
 
 
+DIAGNOSTICS = ("clip_fraction", "approx_kl", "gated_fraction", "kl")
+
+
+def diagnostics_table(study: str, methods: list[str]) -> list[str]:
+    """The mechanism's diagnostics per method: means over epochs and seeds (from each run's metrics.jsonl)."""
+    rows = []
+    for method in methods:
+        runs = []
+        for seed_dir in sorted(glob.glob(os.path.join(study, method, "seed*"))):
+            path = os.path.join(seed_dir, "metrics.jsonl")
+            if os.path.exists(path):
+                with open(path) as f:
+                    records = [json.loads(line) for line in f if line.strip()]
+                runs.append([r for r in records if r.get("epoch", 0) > 0 and "reward" in r])
+        runs = [r for r in runs if r]
+        if not runs:
+            continue
+        means = {k: float(np.mean([np.mean([r[k] for r in run if k in r]) for run in runs])) for k in DIAGNOSTICS}
+        refreshes = float(np.mean([run[-1].get("refreshes", 0) for run in runs]))
+        steps = runs[0][-1].get("optimizer_steps", "n/a")
+        rows.append(
+            f"| {method} | {means['clip_fraction']:.3f} | {means['approx_kl']:.2e} | {means['gated_fraction']:.3f} | "
+            f"{means['kl']:.2e} | {refreshes:.1f} | {steps} |"
+        )
+    if not rows:
+        return []
+    return [
+        "## The mechanism's diagnostics (mean over epochs and seeds)",
+        "",
+        "| method | clip fraction | approx KL | gated fraction | gated KL | refreshes (run total) | optimizer steps / epoch |",
+        "|---|---|---|---|---|---|---|",
+        *rows,
+        "",
+        "The gated fraction is the gate's size in every run (it is applied only by kl_mode=gated); the KL is the mean "
+        "per-step KL over the samples under it (kl_all: every sample).",
+        "",
+    ]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--study", default="bench/out/gardo_testbed")
@@ -44,13 +84,18 @@ def main() -> None:
     parser.add_argument("--reference", default="no_kl")
     parser.add_argument("--out", default="bench/results/gardo_testbed.md")
     parser.add_argument("--img", default="docs/img")
+    parser.add_argument(
+        "--img_prefix", default="gardo", help="plots are copied to <img>/<prefix>_{curves,samples}.png"
+    )
+    parser.add_argument("--title", default="GARDO on the offline testbed")
     args = parser.parse_args()
     with open(os.path.join(args.study, "results.json")) as f:
         results = json.load(f)
     with open(os.path.join(args.study, "results.md")) as f:
         table = f.read().strip()
     ref = results["methods"][args.reference]
-    lines = ["# GARDO on the offline testbed", "", "## Final held-out evaluation (epoch 100)", "", table, ""]
+    lines = [f"# {args.title}", "", "## Final held-out evaluation (epoch 100)", "", table, ""]
+    lines += diagnostics_table(args.study, list(results["methods"]))
     lines += [
         "## At matched proxy reward",
         "",
@@ -104,7 +149,7 @@ def main() -> None:
     for name in ("curves", "samples"):
         src = os.path.join(args.study, f"{name}.png")
         if os.path.exists(src):
-            shutil.copyfile(src, os.path.join(args.img, f"gardo_{name}.png"))
+            shutil.copyfile(src, os.path.join(args.img, f"{args.img_prefix}_{name}.png"))
     print("\n".join(lines))
 
 
