@@ -105,6 +105,11 @@ def run(out: str, mode: str, per_device_batch: int, accumulation: int, max_steps
     os.makedirs(out, exist_ok=True)
     lfu = trainer.regularizers[0]
     report = {"world_size": world, "wrapped": type(trainer.model_wrapped).__name__}
+    report["diagnostics"] = [
+        {key: value for key, value in h.items() if key.startswith("lfu/")}
+        for h in trainer.state.log_history
+        if "loss" in h
+    ]
     if lfu.directions is not None:
         report["directions"] = lfu.directions.detach().flatten().tolist()
     with open(os.path.join(out, f"world_size_{rank}.txt"), "w") as f:

@@ -395,6 +395,12 @@ def test_ddp_two_processes_match_one_process_with_accumulation(tmp_path, mode):
     reports = [json.load(open(os.path.join(two, f"world_size_{rank}.txt"))) for rank in (0, 1)]
     assert [r["world_size"] for r in reports] == [2, 2]
     assert {r["wrapped"] for r in reports} == {"DistributedDataParallel"}
+    # the diagnostics are averaged over the processes: every process logs the same values
+    assert reports[0]["diagnostics"] == reports[1]["diagnostics"]
+    assert (
+        all("lfu/cons_to_sft" in h for h in reports[0]["diagnostics"])
+        and "lfu/ascent_gain" in reports[0]["diagnostics"][0]
+    )
     w_one = torch.load(os.path.join(one, "weights.pt"), weights_only=True)
     w_two = torch.load(os.path.join(two, "weights.pt"), weights_only=True)
     assert (w_one - trainable_weights(lora_model())).abs().max() > 1e-3  # it trained

@@ -41,6 +41,14 @@ _HEAD_ONLY_KEYS = ("labels", "shift_labels", "num_items_in_batch", "completion_m
 _STEP_COST = {("perturb", False): 9.0, ("perturb", True): 6.0, ("reps", False): 9.0, ("reps", True): 8.0}
 
 
+def _real(value: Any) -> bool:
+    """A finite real number (not a bool); an int too large for a float is not."""
+    try:
+        return is_real(value)
+    except OverflowError:
+        return False
+
+
 @dataclass(frozen=True)
 class LfUSettings:
     """
@@ -126,9 +134,9 @@ class LfUSettings:
 
         checks = {
             "mode": choice(LFU_MODES),
-            "alpha": (lambda v: is_real(v) and v > 0, "a finite number > 0"),
+            "alpha": (lambda v: _real(v) and v > 0, "a finite number > 0"),
             "beta": (
-                lambda v: v is None or (is_real(v) and v >= 0),
+                lambda v: v is None or (_real(v) and v >= 0),
                 "a finite number >= 0, or None for the mode's default (5.0 perturb, 0.1 reps)",
             ),
             "start_layer": (lambda v: is_int(v) and v >= 0, "an int >= 0 (0 = the embedding output)"),
@@ -137,7 +145,7 @@ class LfUSettings:
                 f"None (through the last hidden state) or an int > `{prefix}start_layer`",
             ),
             "second_batch": choice(SECOND_BATCH_SOURCES),
-            "reps_lr_weight": (lambda v: is_real(v) and v > 0, "a finite number > 0"),
+            "reps_lr_weight": (lambda v: _real(v) and v > 0, "a finite number > 0"),
             "reps_site": choice(REPS_SITES),
             "share_dropout_masks": (lambda v: isinstance(v, bool), "True or False"),
             "log_diagnostics": (lambda v: isinstance(v, bool), "True or False"),
@@ -452,9 +460,10 @@ class LfURegularizer(Regularizer):
         if kind in (DistributedType.DEEPSPEED, DistributedType.FSDP, DistributedType.MEGATRON_LM) or sharded:
             what = kind.value if not sharded else "FSDP2 (the model's parameters are sharded DTensors)"
             raise ValueError(
-                f"LfU does not support {what}: each process perturbs the full trainable parameters by its own ascent "
-                "step and takes their gradients with torch.autograd.grad, which needs every process to hold them "
-                "whole. Use DDP (recipes/accelerate/ddp.yaml); see docs/distributed.md."
+                f"LfU does not support {what}: each process perturbs the trainable parameters by its own ascent step "
+                "and takes their gradients with torch.autograd.grad, so every process must hold the whole parameters "
+                "and their gradients (FSDP and ZeRO-3 shard the parameters, the DeepSpeed engine owns the gradients). "
+                "Use DDP (recipes/accelerate/ddp.yaml); see docs/distributed.md."
             )
         if args.n_gpu > 1:
             raise ValueError("LfU does not support DataParallel (n_gpu > 1); launch one process per GPU instead.")
