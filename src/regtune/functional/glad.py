@@ -27,6 +27,8 @@ from __future__ import annotations
 
 import torch
 
+from regtune._sharding import foreach_copy_
+
 from .sam import global_grad_norm
 
 
@@ -128,7 +130,6 @@ def glad_restore_(
 ) -> None:
     """Copy `theta` back into `params` (exactly) and turn `grads` from `c * g + g_sam` into
     `(1 - lambda) * g + lambda * g_sam`, in place."""
-    if params:
-        torch._foreach_copy_(params, saved)
+    foreach_copy_(params, saved)  # exact; FSDP2's DTensor parameters too
     if grads and glad_lambda != 1.0:
         torch._foreach_mul_(grads, glad_lambda)
