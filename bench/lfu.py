@@ -239,31 +239,51 @@ def time_steps(methods, model_dir, dataset, tokenizer, rounds: int, steps: int) 
     }
 
 
-def diagnostics_overhead(model_dir, dataset, tokenizer, rounds: int, steps: int) -> dict:
+def diagnostics_overhead(model_dir, dataset, tokenizer, rounds: int, steps: int, **overrides) -> dict:
     """
-    Mean step time of LfU with its diagnostics on vs off, logging every step (the worst case: the ascent-gain
-    measurement is then limited by its compute budget only), in interleaved rounds; one warm-up step per trainer.
+    The cost of LfU's diagnostics, logging every step (the worst case: the ascent-gain measurement is then limited by
+    its compute budget only), with the diagnostics on vs off, in interleaved rounds (one warm-up step per trainer):
+
+    - counted: the backbone forwards with and without gradient (a hook on the backbone; gradient checkpointing's
+      recomputations are not forwards of the backbone), and the extra no-grad forwards of the diagnostics as a
+      fraction of the training passes, in forward-equivalents (a forward with its backward = 3);
+    - timed: the mean step time (the measurement runs on some steps only, so the mean, not the median).
     """
+    from regtune.regularizers.lfu import find_decoder_blocks
+
     methods = ["lfu-perturb", "lfu-perturb-same", "lfu-reps"]
     variants = [(m, diag) for m in methods for diag in (True, False)]
     times: dict[tuple[str, bool], list[float]] = {v: [] for v in variants}
+    counts = {v: {"grad": 0, "no_grad": 0} for v in variants}
     for r in range(rounds):
         order = variants[r % len(variants) :] + variants[: r % len(variants)]
         for method, diag in order:
             with tempfile.TemporaryDirectory() as tmp:
                 trainer = make_trainer(
                     method, model_dir, dataset, tokenizer, tmp, seed=r, max_steps=steps + 1, logging_steps=1,
-                    lfu_log_diagnostics=diag,
+                    lfu_log_diagnostics=diag, **overrides,
                 )  # fmt: skip
+                backbone, _ = find_decoder_blocks(trainer.model)
+                count = counts[(method, diag)]
+
+                def tally(module, args, count=count):
+                    count["grad" if torch.is_grad_enabled() else "no_grad"] += 1
+
+                backbone.register_forward_pre_hook(tally)
                 timer = StepTimer()
                 trainer.add_callback(timer)
                 trainer.train()
                 times[(method, diag)].extend(timer.times[1:])
     out = {}
     for method in methods:
-        on, off = statistics.mean(times[(method, True)]), statistics.mean(times[(method, False)])
-        out[method] = {"mean_step_s_on": on, "mean_step_s_off": off, "overhead": on / off - 1.0,
-                       "steps": len(times[(method, True)])}  # fmt: skip
+        on, off = counts[(method, True)], counts[(method, False)]
+        extra = on["no_grad"] - off["no_grad"]
+        t_on, t_off = statistics.mean(times[(method, True)]), statistics.mean(times[(method, False)])
+        out[method] = {
+            "forwards_on": on, "forwards_off": off, "extra_forward_fraction": extra / (3 * on["grad"]),
+            "mean_step_s_on": t_on, "mean_step_s_off": t_off, "time_overhead": t_on / t_off - 1.0,
+            "steps": len(times[(method, True)]),
+        }  # fmt: skip
     return out
 
 
@@ -303,10 +323,11 @@ def main():
             LlamaForCausalLM(config).save_pretrained(model_dir)
             tokenizer.save_pretrained(model_dir)
         tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        small = {"per_device_train_batch_size": 2, "max_length": 128}  # cheaper steps; the ratios are what matters
         result = diagnostics_overhead(
-            model_dir, sft_dataset(train_pairs), tokenizer, cli.diagnostics_overhead, cli.timing_steps
+            model_dir, sft_dataset(train_pairs), tokenizer, cli.diagnostics_overhead, cli.timing_steps, **small
         )
-        result = {"diagnostics_overhead": result, "machine": machine_description("cpu"), "logging_steps": 1}
+        result = {"diagnostics_overhead": result, "machine": machine_description("cpu"), "logging_steps": 1, **small}
         results_dir = os.path.join(HERE, "results")
         with open(os.path.join(results_dir, "lfu_diagnostics.json"), "w") as f:
             json.dump(result, f, indent=1)

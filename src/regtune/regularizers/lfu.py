@@ -609,7 +609,10 @@ class LfURegularizer(Regularizer):
         if not trainer.accelerator.sync_gradients or self._gain_budget < cost:
             return False
         args, state = trainer.args, trainer.state
-        if str(getattr(args.logging_strategy, "value", args.logging_strategy)) == "steps":
+        strategy = str(getattr(args.logging_strategy, "value", args.logging_strategy))
+        if strategy == "no":
+            return False
+        if strategy == "steps":
             step = state.global_step + 1
             interval = state.logging_steps or args.logging_steps
             logs = (args.logging_first_step and step == 1) or (interval and step % int(max(interval, 1)) == 0)
