@@ -14,7 +14,8 @@ import yaml
 from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
 
 from regtune.cli import main
-from regtune.recipes import load_recipe, resolve_model_path
+from regtune.data import resolve_model_path
+from regtune.experiments import load_recipe
 
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -194,8 +195,35 @@ def test_bad_recipe_exits_2_with_one_message_naming_the_key_path(overrides, path
     assert f"  {path}: " in err and "Traceback" not in err, err
 
 
+@pytest.mark.parametrize(
+    "argv, expected",
+    [
+        (["run", "nope.yaml"], "nope.yaml: No such file or directory"),
+        (["run", "{tmp}"], "is a folder without recipe.yaml"),
+        (["validate", "{tmp}/bad.yaml"], "not valid YAML"),
+        (["validate", "{tmp}/list.yaml"], "a recipe is a YAML mapping, got list"),
+        (["push", "{tmp}/nope", "me/x"], "not a regtune run folder"),
+        (["push", "{tmp}", "me/x", "--bogus"], "unexpected arguments --bogus"),
+        (["validate", QUICKSTART, "--only", "nope"], "no run named 'nope'"),
+        (["run", QUICKSTART, "--only", "nope"], "no run named 'nope'"),
+        (["validate", QUICKSTART, "--kind=gardo"], "unknown key for a GARDO recipe"),
+        (["validate", QUICKSTART, "--kind=ruuns"], "Did you mean 'runs'"),
+        (["study", "gardo", QUICKSTART], "is a 'runs' recipe, not a gardo one"),
+        (["validate", QUICKSTART, "--training"], "training: expected a mapping"),
+        (["validate", QUICKSTART, "--runs.5.adapter.r=2"], "index out of range"),
+        (["validate", QUICKSTART, "positional"], "expected an override --key.path=value"),
+    ],
+)
+def test_cli_user_errors_exit_2_with_one_message(argv, expected, tmp_path, capsys):
+    (tmp_path / "bad.yaml").write_text("a: [1\n")
+    (tmp_path / "list.yaml").write_text("- 1\n- 2\n")
+    assert main([a.replace("{tmp}", str(tmp_path)) for a in argv]) == 2
+    err = capsys.readouterr().err
+    assert expected in err and "Traceback" not in err, err
+
+
 def test_debug_shows_the_traceback():
-    from regtune.recipes import RecipeError
+    from regtune.experiments import RecipeError
 
     with pytest.raises(RecipeError, match="adapter.ra"):
         main(["validate", QUICKSTART, "--adapter.ra=8", "--debug"])
@@ -228,7 +256,7 @@ def test_version(capsys):
 def test_every_command_help_has_a_description(argv, capsys):
     from regtune.cli import _build_parser
 
-    parser = _build_parser(with_studies=True)
+    parser = _build_parser()
     for name in argv:
         actions = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
         parser = actions[0].choices[name]
@@ -372,8 +400,10 @@ def test_run_end_to_end_and_push(tmp_path, monkeypatch, capsys):
     assert not [f for f in files if "checkpoint" in f or f.endswith("training_args.bin")]
     assert 'PeftModel.from_pretrained(base, "me/tiny", subfolder="allora")' in upload[3]
 
-    # re-running one run keeps the other's earlier results in the comparison
-    assert main(["run", str(recipe_path), "--only", "allora", "--runs.allora.adapter.eta=4"]) == 0
+    # re-running one run with other settings needs --overwrite; the other run's earlier results stay in the table
+    assert main(["run", str(recipe_path), "--only", "allora", "--runs.allora.adapter.eta=4"]) == 2
+    assert "adapter.eta: 2.0 -> 4" in capsys.readouterr().err
+    assert main(["run", str(recipe_path), "--only", "allora", "--runs.allora.adapter.eta=4", "--overwrite"]) == 0
     summary = json.load(open(os.path.join(out, "metrics.json")))
     assert list(summary["runs"]) == ["lora", "allora"]
     (allora,) = load_recipe(os.path.join(out, "allora", "recipe.yaml")).runs
@@ -457,3 +487,71 @@ def test_run_local_files_classification_and_causal_lm(tmp_path, capsys):
     assert summary["lm"]["task"] == "causal-lm" and summary["lm"]["label_names"] is None
     assert set(summary["lm"]["metrics"]["validation"]) == {"loss", "perplexity"}
     assert json.load(open(tmp_path / "out" / "lm" / "adapter" / "adapter_config.json"))["task_type"] == "CAUSAL_LM"
+
+
+# -- resuming, and recipes from the Hub -------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_run_resumes_skips_finished_runs_and_refuses_changed_settings(tmp_path, capsys):
+    path = _tiny_config_recipe(tmp_path, training={"max_steps": 2, "save_strategy": "steps", "save_steps": 1})
+    recipe = yaml.safe_load(open(path))
+    recipe["runs"] = [{"name": "a"}, {"name": "b", "adapter": {"type": "ALLORA", "r": 2, "target_modules": ["query"]}}]
+    open(path, "w").write(yaml.safe_dump(recipe))
+    out = tmp_path / "out"
+    assert main(["run", path]) == 0
+    first = {run: json.load(open(out / run / "metrics.json")) for run in ("a", "b")}
+    mtimes = {run: os.path.getmtime(out / run / "metrics.json") for run in ("a", "b")}
+    capsys.readouterr()
+
+    assert main(["run", path]) == 0  # everything finished: nothing is trained again
+    assert capsys.readouterr().out.count("finished earlier with the same settings") == 2
+    assert {run: os.path.getmtime(out / run / "metrics.json") for run in ("a", "b")} == mtimes
+
+    # a run killed after its first checkpoint continues from it and ends where the uninterrupted run ended
+    os.remove(out / "b" / "metrics.json")
+    import shutil
+
+    shutil.rmtree(out / "b" / "checkpoints" / "checkpoint-2")
+    assert main(["run", path]) == 0
+    printed = capsys.readouterr().out
+    assert "a finished earlier" in printed and "b (ALLORA) resumed" in printed
+    again = json.load(open(out / "b" / "metrics.json"))
+    assert again["global_step"] == 2
+    assert again["metrics"]["held_out"]["loss"] == pytest.approx(first["b"]["metrics"]["held_out"]["loss"], abs=1e-5)
+
+    # changed settings are refused, naming the fields, before anything is trained; --overwrite starts again
+    assert main(["run", path, "--training.learning_rate=5e-3", "--runs.b.adapter.eta=3"]) == 2
+    err = capsys.readouterr().err
+    assert "runs.a: " in err and "training.learning_rate: 0.01 -> 0.005" in err and "--overwrite" in err
+    assert "runs.b: " in err and "adapter.eta" in err
+    assert {run: os.path.getmtime(out / run / "metrics.json") for run in ("a",)} == {"a": mtimes["a"]}
+    assert main(["run", path, "--training.learning_rate=5e-3", "--overwrite"]) == 0
+    assert json.load(open(out / "a" / "metrics.json"))["history"][0]["learning_rate"] <= 5e-3
+
+
+def test_recipe_from_a_folder_or_the_hub_cache(tmp_path, monkeypatch, capsys):
+    """`regtune validate|run owner/name[:path]` downloads with huggingface_hub: here from its own cache, offline."""
+    import huggingface_hub.constants
+
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    repo = tmp_path / "hub" / "models--me--quickstart-allora"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(commit)
+    snapshot = repo / "snapshots" / commit
+    (snapshot / "variants").mkdir(parents=True)
+    text = open(QUICKSTART).read()
+    (snapshot / "recipe.yaml").write_text(text)  # what `regtune push` uploads beside the adapter
+    (snapshot / "variants" / "small.yaml").write_text(text.replace("r: 8", "r: 2"))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+
+    assert main(["validate", "me/quickstart-allora"]) == 0
+    assert "# run allora: ALLORA" in capsys.readouterr().out
+    assert main(["validate", "me/quickstart-allora:variants/small.yaml"]) == 0
+    assert "r: 2\n" in capsys.readouterr().out
+    assert load_recipe("me/quickstart-allora").name == "quickstart"
+    assert main(["validate", "me/quickstart-allora:variants/nope.yaml"]) == 2
+    err = capsys.readouterr().err
+    assert "variants/nope.yaml" in err and "me/quickstart-allora" in err and "Traceback" not in err
+    assert main(["validate", str(snapshot)]) == 0  # a local folder holding recipe.yaml

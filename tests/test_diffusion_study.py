@@ -66,7 +66,7 @@ def test_gardo_recipe_runs_through_the_cli(tmp_path, capsys):
         ("methods.gardo.kl_mode=some", "methods.gardo.kl_mode: expected one of 'gated', 'all', 'none', got 'some'"),
         ("training.output_dir=x", "training.output_dir: set per run by the study"),
         ("testbed.width=2", "testbed.width: must be >= 4"),
-        ("epochs=3", "epochs: unknown key; allowed: name, description"),
+        ("epochs=3", "epochs: unknown key for a GARDO recipe. (allowed: description, methods, name"),
         ("methods.gardo.gate_init=0.5", "methods.gardo: Invalid GARDOConfig: gate_init must lie in"),
     ],
 )

@@ -12,8 +12,10 @@ from transformers import AutoTokenizer, BertConfig, BertForSequenceClassificatio
 import regtune
 import regtune.hub
 from regtune.cli import main
+from regtune.data import resolve_model_path
+from regtune.experiments.finetune import validate_recipe
+from regtune.experiments.runner import run_recipe
 from regtune.hub import collect_runs, make_model_card, paper_url, prepare_hub_folder, push_to_hub
-from regtune.recipes import resolve_model_path, run_recipe, validate_recipe
 
 
 TINY_BERT = {"hidden_size": 16, "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 32}

@@ -11,11 +11,18 @@ import pytest
 import torch
 import yaml
 
+from regtune.cli import main as regtune_main
 from regtune.data.char_tokenizer import build_byte_tokenizer, build_char_tokenizer, load_text_tokenizer
 from regtune.data.text import BlockDataset, make_blocks, split_text, tokenize_text
-from regtune.studies import StudyRecipeError, load_study_recipe, plan_run, run_multi_epoch_study
-from regtune.studies.multi_epoch import main, run_name
-from regtune.studies.multi_epoch_recipe import parse_overrides
+from regtune.experiments import RecipeError
+from regtune.experiments.recipe import parse_set_overrides as parse_overrides
+from regtune.experiments.token_budget import plan_run, run_multi_epoch_study, run_name
+from regtune.experiments.token_budget_recipe import load_study_recipe
+
+
+def main(argv):
+    """`regtune study multi-epoch ...` (an alias of `regtune run`)."""
+    return regtune_main(["study", "multi-epoch", *argv])
 
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -109,19 +116,19 @@ def test_recipe_errors_name_the_key_path(tmp_path):
     recipe["training"]["learning_rat"] = 1e-3
     recipe["evaluation"] = {"point": 3}
     recipe["extra"] = True
-    with pytest.raises(StudyRecipeError) as info:
+    with pytest.raises(RecipeError) as info:
         load_study_recipe(recipe)
     message = str(info.value)
     for expected in [
-        "extra: unknown key; allowed keys: name, description, output_dir",
-        "data.blok_size: unknown key (did you mean 'block_size'?); allowed keys: text_file, hub, tokenizer",
+        "extra: unknown key for a token-budget recipe. (allowed: budget, data, description, dropout",
+        "data.blok_size: unknown key for data. Did you mean 'block_size'?",
         "budget.repetitions: must be a list of distinct integers >= 1",
         "models.micro.hidden_sise: unknown key for LlamaConfig. Did you mean 'hidden_size'",
         "dropout.bad: ",
         "mode='step' needs `start_step` or `start_fraction`",
         "training.num_train_epochs: set by the study from `budget.repetitions`",
         "training.learning_rat: unknown key for TrainingArguments. Did you mean 'learning_rate'?",
-        "evaluation.point: unknown key (did you mean 'points'?); allowed keys: points, curve_tokens, batch_size",
+        "evaluation.point: unknown key for evaluation. Did you mean 'points'?",
     ]:
         assert expected in message, message
 
@@ -206,24 +213,22 @@ def test_cli_runs_a_study_and_reports_invalid_recipes(tmp_path, capsys):
     assert os.path.exists(tmp_path / "study" / "results" / "micro-r2-none.json")
     assert main([str(path), "--report_only"]) == 0
     assert main([str(path), "--set", "budget.tokenz=3"]) == 2
-    assert "budget.tokenz: unknown key (did you mean 'tokens'?)" in capsys.readouterr().err
+    assert "budget.tokenz: unknown key for budget. Did you mean 'tokens'?" in capsys.readouterr().err
 
 
 def test_cli_parser_for_the_regtune_command():
-    import argparse
+    from regtune.cli import _build_parser
 
-    from regtune.studies import add_multi_epoch_parser, run_from_cli
-
-    parser = argparse.ArgumentParser(prog="regtune study")
-    add_multi_epoch_parser(parser.add_subparsers(dest="study"))
-    args = parser.parse_args(["multi-epoch", "r.yaml", "--set", "a.b=1", "--set", "c=x", "--overwrite"])
-    assert args.handler is run_from_cli and args.recipe == "r.yaml" and args.overrides == ["a.b=1", "c=x"]
+    args = _build_parser().parse_args(
+        ["study", "multi-epoch", "r.yaml", "--set", "a.b=1", "--set", "c=x", "--overwrite"]
+    )
+    assert args.command == "study" and args.recipe == "r.yaml" and args.overrides == ["a.b=1", "c=x"]
     assert args.overwrite and not args.report_only and args.output_dir is None
 
 
 def test_hub_corpus_path_with_a_local_datasets_builder(tmp_path):
     """The `hub` data path, through `datasets.load_dataset("text", data_files=...)` (offline)."""
-    from regtune.studies.multi_epoch import prepare_corpus
+    from regtune.experiments.token_budget import prepare_corpus
 
     recipe = _recipe(tmp_path)
     corpus_file = recipe["data"].pop("text_file")
@@ -264,7 +269,7 @@ def test_a_run_killed_midway_resumes_from_its_checkpoint(tmp_path, monkeypatch):
 
 @pytest.mark.slow
 def test_study_under_two_processes(tmp_path):
-    """`torchrun --nproc_per_node 2 -m regtune.studies.multi_epoch RECIPE` (CPU, gloo): one study, runs distributed
+    """`torchrun --nproc_per_node 2 -m regtune run RECIPE` (CPU, gloo): one study, runs distributed
     over both processes (global batch = 2 x per-device batch), results written once; a second launch skips them."""
     import subprocess
     import sys
@@ -278,7 +283,7 @@ def test_study_under_two_processes(tmp_path):
     for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(key, None)
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
-    command += ["-m", "regtune.studies.multi_epoch", str(path)]
+    command += ["-m", "regtune", "run", str(path)]
     for _ in range(2):  # the second launch finds every run finished
         done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
         assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-6000:]

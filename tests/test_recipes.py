@@ -17,15 +17,8 @@ from regtune.data.quickstart import (
     TRAIN_TEMPLATES,
     TRAIN_WORDS,
 )
-from regtune.recipes import (
-    RecipeError,
-    apply_overrides,
-    load_recipe,
-    load_yaml,
-    merge_run,
-    parse_override_args,
-    validate_recipe,
-)
+from regtune.experiments import RecipeError, apply_overrides, load_recipe, load_yaml, parse_override_args
+from regtune.experiments.finetune import merge_run, validate_recipe
 
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -91,16 +84,25 @@ def test_single_run_recipe_is_named_after_the_method():
     assert run.name == "full" and run.adapter is None and run.method == "full"
 
 
-def _run_recipes():
-    """The shipped recipes for `regtune run` (study recipes, for `regtune study`, have their own schema)."""
-    paths = sorted(glob.glob(os.path.join(REPO, "recipes", "*.yaml")))
-    return [p for p in paths if {"model", "runs"} & set(load_yaml(open(p).read()) or {})]
-
-
-@pytest.mark.parametrize("path", _run_recipes())
-def test_shipped_recipes_validate(path):
+@pytest.mark.parametrize("path", sorted(glob.glob(os.path.join(REPO, "recipes", "*.yaml"))))
+def test_every_shipped_recipe_validates(path):
+    """Every recipe in recipes/, of every kind, passes the loader (what `regtune validate` runs)."""
     r = load_recipe(path)
-    assert r.runs
+    assert r.kind in ("runs", "token-budget", "gardo")
+    assert r.runs if r.kind == "runs" else r.output_dir
+
+
+def test_kind_is_explicit_or_told_by_the_sections(tmp_path):
+    from regtune.experiments import read_recipe
+
+    path = tmp_path / "r.yaml"
+    for data, kind in [(BASE, "runs"), ({"budget": {}}, "token-budget"), ({"testbed": {}}, "gardo"),
+                       ({**BASE, "kind": "runs"}, "runs"), ({"kind": "multi-epoch"}, "token-budget")]:  # fmt: skip
+        path.write_text(yaml.safe_dump(data))
+        assert read_recipe(str(path))[0] == kind
+    path.write_text(yaml.safe_dump({**BASE, "kind": "run"}))
+    with pytest.raises(RecipeError, match="Did you mean 'runs'"):
+        load_recipe(str(path))
 
 
 def test_quickstart_recipe_compares_lora_and_allora():
@@ -483,7 +485,7 @@ def test_quickstart_task_is_deterministic_and_checks_sizes():
 
 
 def test_table_and_plot(tmp_path):
-    from regtune.recipes import format_table, plot_results
+    from regtune.experiments.report import format_table, plot_results
 
     def result(name, acc, history):
         return {

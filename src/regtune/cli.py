@@ -1,13 +1,15 @@
 """The `regtune` command line.
 
 ```
-regtune run RECIPE.yaml [--only RUN[,RUN]] [--push_to_hub REPO_ID [--private]] [--key.path=value ...]
-regtune validate RECIPE.yaml|DIRECTORY [--key.path=value ...]
+regtune run RECIPE [--only NAME[,NAME]] [--overwrite] [--report_only] [--output_dir DIR] [--key.path=value ...]
+            [--push_to_hub REPO_ID [--private]]     # RECIPE: a YAML file, a folder, or owner/name[:path.yaml]
+regtune validate RECIPE|DIRECTORY [--key.path=value ...]
 regtune push RUN_DIR REPO_ID [--only RUN[,RUN]] [--private] [--stage DIR]
-regtune study multi-epoch STUDY.yaml [...]       # studies (regtune.studies) have their own recipes and options
-regtune study gardo recipes/gardo_testbed.yaml [...]   # diffusion RL (regtune.diffusion, needs the diffusion extra)
+regtune study multi-epoch|gardo RECIPE [--set key.path=value ...]   # an alias of `regtune run`
 regtune --version
 ```
+
+Every recipe kind (fine-tuning `runs`, `token-budget`, `gardo`) runs with `regtune run`; see regtune.experiments.
 
 A user error (an invalid recipe, a missing file or model, no Hub credentials) ends with one message on stderr and
 exit status 2; `--debug` shows the traceback instead. `python -m regtune ...` is the same, so multi-GPU runs are
@@ -38,7 +40,20 @@ def _version() -> str:
         return "unknown"
 
 
-def _build_parser(with_studies: bool = False) -> argparse.ArgumentParser:
+STUDY_ALIASES = {
+    "multi-epoch": "train from scratch at a fixed token budget, varying repetitions and dropout (arXiv:2305.13230)",
+    "gardo": "GARDO vs no-KL vs KL-on-all diffusion RL on the offline testbed (arXiv:2512.24138)",
+}
+
+
+def _add_run_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--only", help="comma-separated run (or GARDO method) names to run")
+    parser.add_argument("--overwrite", action="store_true", help="train again the runs whose settings changed")
+    parser.add_argument("--report_only", action="store_true", help="train nothing; rewrite the report (studies)")
+    parser.add_argument("--output_dir", help="write here instead of the recipe's output_dir")
+
+
+def _build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="regtune", description="Run, validate and publish regtune recipes.", allow_abbrev=False
     )
@@ -55,12 +70,14 @@ def _build_parser(with_studies: bool = False) -> argparse.ArgumentParser:
 
     run = command(
         "run",
-        "validate a recipe, train its runs, write results",
-        "Validate a recipe, train each of its runs (model + data + adapter + regularizers + training arguments), "
-        "then write the results (metrics.json, results.md, results.png) into the recipe's output_dir.",
+        "validate a recipe, train its runs (resuming), write results",
+        "Validate a recipe (a YAML file, a folder holding recipe.yaml, or a Hub repository owner/name[:path.yaml]), "
+        "train each of its runs, then write the results (JSON, results.md, a plot) into its output_dir. A re-run "
+        "skips finished runs, continues unfinished ones from their last checkpoint, and refuses runs whose "
+        "settings changed (naming the fields) unless --overwrite.",
     )
-    run.add_argument("recipe", help="path of the recipe YAML")
-    run.add_argument("--only", help="comma-separated run names to run (the others keep earlier results)")
+    run.add_argument("recipe", help="the recipe: a YAML file, a folder with recipe.yaml, or owner/name[:path]")
+    _add_run_options(run)
     run.add_argument("--push_to_hub", metavar="REPO_ID", help="after the run, upload adapter(s) and model card")
     run.add_argument("--private", action="store_true", help="create the Hub repository as private")
 
@@ -89,20 +106,21 @@ def _build_parser(with_studies: bool = False) -> argparse.ArgumentParser:
 
     study = sub.add_parser(
         "study",
-        help="run a study: many runs and a report (regtune study multi-epoch RECIPE.yaml)",
-        description="Run a study (many runs and one report) from its recipe: `multi-epoch` (repetitions x dropout "
-        "at a fixed token budget) or `gardo` (GARDO and its baselines on the offline diffusion-RL testbed).",
+        help="an alias of `regtune run` for study recipes (regtune study multi-epoch RECIPE.yaml)",
+        description="An alias of `regtune run` kept for study recipes: `multi-epoch` (a token-budget recipe: "
+        "repetitions x dropout at a fixed token budget) or `gardo` (GARDO and its baselines on the offline "
+        "diffusion-RL testbed). Overrides may be given as --set key.path=value.",
         allow_abbrev=False,
     )
-    if with_studies:  # imported only for `regtune study ...`
-        from .studies.multi_epoch import add_multi_epoch_parser
-
-        studies = study.add_subparsers(dest="study", metavar="STUDY")
-        studies.required = True
-        add_multi_epoch_parser(studies).add_argument("--debug", action="store_true", help="show the traceback")
-        from .diffusion.study import add_gardo_parser
-
-        add_gardo_parser(studies).add_argument("--debug", action="store_true", help="show the traceback")
+    studies = study.add_subparsers(dest="study", metavar="STUDY")
+    studies.required = True
+    for name, text in STUDY_ALIASES.items():
+        alias = studies.add_parser(name, help=text, description=f"{text}: `regtune run` on a {name} recipe.",
+                                   parents=[debug], allow_abbrev=False)  # fmt: skip
+        alias.add_argument("recipe", help="the study recipe (e.g. recipes/multi_epoch.yaml)")
+        _add_run_options(alias)
+        alias.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY.PATH=VALUE",
+                           help="override a recipe key (YAML value), e.g. --set budget.tokens=262144; repeatable")  # fmt: skip
     return parser
 
 
@@ -111,15 +129,17 @@ def _names(text: str | None) -> list[str] | None:
 
 
 def _load(path: str, args, extra: list[str]):
-    from .recipes import load_recipe, parse_override_args
+    from .experiments import load_recipe, parse_override_args
 
-    recipe = load_recipe(path, parse_override_args(extra))
-    only = _names(getattr(args, "only", None))
-    return recipe.select(only) if only else recipe
+    return load_recipe(path, parse_override_args(extra))
+
+
+def _runs(recipe) -> list:
+    return getattr(recipe, "runs", None) or []
 
 
 def _cmd_validate(args, extra) -> int:
-    from .recipes import RecipeError, dump_yaml
+    from .experiments import RecipeError, dump_yaml
 
     paths = [args.recipe]
     if os.path.isdir(args.recipe):
@@ -136,9 +156,12 @@ def _cmd_validate(args, extra) -> int:
             print(f"regtune validate: {e}", file=sys.stderr)
             failed.append(path)
             continue
-        print(f"{path}: valid, {len(recipe.runs)} run(s), output_dir {recipe.output_dir}")
+        only = _names(getattr(args, "only", None))
+        recipe = recipe.select(only) if only and recipe.kind == "runs" else recipe
+        count = f"{len(_runs(recipe))} run(s)" if recipe.kind == "runs" else f"a {recipe.kind} recipe"
+        print(f"{path}: valid, {count}, output_dir {recipe.output_dir}")
         if len(paths) == 1:
-            for run in recipe.runs:
+            for run in _runs(recipe):
                 print(f"\n# run {run.name}: {run.method}")
                 print(dump_yaml(run.to_dict()).rstrip())
     if failed:
@@ -147,24 +170,31 @@ def _cmd_validate(args, extra) -> int:
 
 
 def _cmd_run(args, extra) -> int:
-    from .recipes import run_recipe
-    from .recipes.runner import _is_main_process
+    from .experiments import run_recipe
+    from .experiments.io import is_main_process
 
+    if args.command == "study":
+        extra = extra + [f"--{item}" for item in args.overrides]
     recipe = _load(args.recipe, args, extra)
-    result = run_recipe(recipe)
-    main = _is_main_process()
+    if args.command == "study" and recipe.kind != {"multi-epoch": "token-budget"}.get(args.study, args.study):
+        raise ValueError(f"{args.recipe} is a {recipe.kind!r} recipe, not a {args.study} one: use `regtune run`")
+    result = run_recipe(
+        recipe, only=_names(args.only), overwrite=args.overwrite, report_only=args.report_only,
+        output_dir=args.output_dir,
+    )  # fmt: skip
+    main = is_main_process()
     if main:
         print()
         print(result.table)
-        print(f"\nresults: {os.path.join(result.output_dir, 'metrics.json')}")
+        if result.files.get("json"):
+            print(f"\nresults: {result.files['json']}")
         if result.plot:
             print(f"plot:    {result.plot}")
-    if args.push_to_hub and main:
+    if getattr(args, "push_to_hub", None) and main:
         from .hub import push_to_hub
 
-        info = push_to_hub(
-            result.output_dir, args.push_to_hub, runs=[r.name for r in recipe.runs], private=args.private or None
-        )
+        runs = [r.name for r in _runs(recipe)] if not args.only else _names(args.only)
+        info = push_to_hub(result.output_dir, args.push_to_hub, runs=runs, private=args.private or None)
         print(f"pushed:  {getattr(info, 'commit_url', info)}")
     return 0
 
@@ -193,7 +223,7 @@ def user_error_message(command: str, error: BaseException) -> str | None:
     `None` for anything else (a bug: the traceback is kept). During `run`, only errors that the recipe machinery
     raised as user errors count, so that a failure inside training keeps its traceback.
     """
-    from .recipes import RecipeError
+    from .experiments import RecipeError
 
     if isinstance(error, RecipeError):
         return str(error)
@@ -209,16 +239,11 @@ def user_error_message(command: str, error: BaseException) -> str | None:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `regtune` console script (`regtune = "regtune.cli:main"`). Returns the exit status."""
     argv = sys.argv[1:] if argv is None else list(argv)
-    parser = _build_parser(with_studies=bool(argv) and argv[0] == "study")
-    if argv and argv[0] == "study":
-        args = parser.parse_args(argv)  # the study's own parser (regtune.studies) owns its options
-        args.command, extra = "study", []
-    else:
-        args, extra = parser.parse_known_args(argv)
+    args, extra = _build_parser().parse_known_args(argv)
     if "--debug" in extra:
         extra.remove("--debug")
         args.debug = True
-    commands = {"run": _cmd_run, "validate": _cmd_validate, "push": _cmd_push, "study": lambda a, _: a.handler(a)}
+    commands = {"run": _cmd_run, "validate": _cmd_validate, "push": _cmd_push, "study": _cmd_run}
     try:
         return commands[args.command](args, extra)
     except Exception as e:

@@ -19,12 +19,13 @@ import re
 import shutil
 import tempfile
 
-from huggingface_hub import HfApi, ModelCardData
+from huggingface_hub import HfApi, ModelCard, ModelCardData
 
-from .recipes.validation import dump_yaml, load_yaml
+from .experiments.io import dump_yaml, load_yaml
 
 
 REGTUNE_URL = "https://github.com/regtune/regtune"
+CARD_TEMPLATE = os.path.join(os.path.dirname(__file__), "experiments", "model_card_template.md")
 # Papers of methods whose tuner class does not link one as its first papers URL.
 KNOWN_PAPERS = {"LORA": "https://huggingface.co/papers/2106.09685"}
 # training_args.bin: a pickle, not needed to load the adapter and not safe to load; README.md: peft's template card
@@ -170,8 +171,9 @@ def make_model_card(
     runs: list[dict], repo_id: str, recipe_yaml: str, subfolders: bool, title: str | None = None
 ) -> str:
     """
-    The README.md of a pushed recipe: metadata, method(s) with paper links, results table, hyper-parameters, how to
-    load (with `import regtune` first), the recipe itself and the framework versions.
+    The README.md of a pushed recipe, a `huggingface_hub.ModelCard` rendered from the template
+    `experiments/model_card_template.md`: metadata, method(s) with paper links, results table, hyper-parameters, how
+    to load (with `import regtune` first), the recipe itself and the framework versions.
 
     Args:
         runs (`list[dict]`): as returned by [`collect_runs`].
@@ -182,19 +184,17 @@ def make_model_card(
     """
     import regtune
 
-    from .recipes.report import format_table
+    from .experiments.report import format_table
 
     results = [r["metrics"] for r in runs]
     adapter_types = [m.get("adapter_type") for m in results]
-    first = runs[0]
-    task = first["metrics"].get("task", "sequence-classification")
+    task = runs[0]["metrics"].get("task", "sequence-classification")
     bases = {m.get("base_model") for m in results}
     base_model = next(iter(bases)) if len(bases) == 1 else None
     if base_model and (base_model.startswith(("builtin:", "/", ".")) or os.path.isdir(base_model)):
         base_model = None
     tags = ["regtune"] + sorted({t.lower() for t in adapter_types if t}) + [task]
-    for r in runs:
-        tags += [reg["type"] for reg in r["recipe"].get("regularizers") or []]
+    tags += [reg["type"] for r in runs for reg in r["recipe"].get("regularizers") or []]
     datasets = []
     for r in runs:
         path = (r["recipe"].get("data") or {}).get("path")
@@ -207,53 +207,50 @@ def make_model_card(
         tags=list(dict.fromkeys(tags)),
         pipeline_tag="text-classification" if task == "sequence-classification" else "text-generation",
     )
-    description = first["recipe"].get("description")
-    lines = [f"---\n{card_data.to_yaml()}\n---", "", f"# {title or repo_id.split('/')[-1]}", ""]
-    lines.append(
-        f"Trained with [regtune]({REGTUNE_URL}) {regtune.__version__} (`regtune run`). "
-        + (f"{description}" if description else "")
-    )
-    lines += ["", "## Method", ""]
-    lines += ["| run | method | paper | trainable params | base model |", "|---|---|---|---|---|"]
+    method_rows = []
     for run, metrics in zip(runs, results):
         url = paper_url(metrics.get("adapter_type"))
-        paper = f"[{url.rsplit('/', 1)[-1]}]({url})" if url else "-"
-        where = f"`{run['name']}/`" if subfolders else run["name"]
-        base = metrics.get("base_model") or "-"
-        lines.append(f"| {where} | {metrics['method']} | {paper} | {metrics['trainable_params']:,} | {base} |")
-    lines += ["", "## Results", "", format_table(results), ""]
-    lines += ["Metrics are measured on the evaluation splits of the recipe after training (see `metrics.json`).", ""]
-    lines += ["## Hyper-parameters", ""]
+        method_rows.append(
+            [
+                f"`{run['name']}/`" if subfolders else run["name"],
+                metrics["method"],
+                f"[{url.rsplit('/', 1)[-1]}]({url})" if url else "-",
+                f"{metrics['trainable_params']:,}",
+                metrics.get("base_model") or "-",
+            ]
+        )
+    hyperparameters = []
     for run in runs:
         recipe = run["recipe"]
         section = {
-            k: recipe.get(k) for k in ("adapter", "regularizers", "training") if recipe.get(k) not in (None, [], {})
+            k: recipe[k] for k in ("adapter", "regularizers", "training") if recipe.get(k) not in (None, [], {})
         }
         section["seed"] = recipe.get("seed")
-        if subfolders or len(runs) > 1:
-            lines.append(f"### {run['name']}")
-            lines.append("")
-        lines += ["```yaml", dump_yaml(section).rstrip(), "```", ""]
-    lines += ["## How to load", "", f"`pip install regtune=={regtune.__version__}`, then:", ""]
-    for run in runs:
-        if subfolders:
-            lines += [f"{run['name']}:", ""]
-        lines += [_load_snippet(run, repo_id, run["name"] if subfolders else None), ""]
-        if not subfolders:
-            break
-    lines += [
-        "## Recipe",
-        "",
-        "Re-run it with `regtune run recipe.yaml`:",
-        "",
-        "```yaml",
-        recipe_yaml.rstrip(),
-        "```",
-        "",
+        heading = run["name"] if subfolders or len(runs) > 1 else None
+        hyperparameters.append({"title": heading, "yaml": dump_yaml(section).rstrip()})
+    snippets = [
+        {
+            "title": run["name"] if subfolders else None,
+            "code": _load_snippet(run, repo_id, run["name"] if subfolders else None),
+        }
+        for run in (runs if subfolders else runs[:1])
     ]
-    lines += ["## Framework versions", ""]
-    lines += [f"- {name} {version}" for name, version in _framework_versions().items()]
-    return "\n".join(lines) + "\n"
+    card = ModelCard.from_template(
+        card_data,
+        template_path=CARD_TEMPLATE,
+        title=title or repo_id.split("/")[-1],
+        regtune_url=REGTUNE_URL,
+        version=regtune.__version__,
+        description=runs[0]["recipe"].get("description") or "",
+        method_rows=method_rows,
+        results_table=format_table(results),
+        hyperparameters=hyperparameters,
+        snippets=snippets,
+        repo_id=repo_id,
+        recipe_yaml=recipe_yaml.rstrip(),
+        versions=_framework_versions(),
+    )
+    return str(card)
 
 
 # --------------------------------------------------------------------------------------------------------------------

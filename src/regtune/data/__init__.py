@@ -10,6 +10,7 @@ import difflib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from .models import BUILTIN_MODELS, BuiltinModel, resolve_model_path
 from .quickstart import quickstart_sentiment
 
 
@@ -75,4 +76,14 @@ register_task(
     )
 )
 
-__all__ = ["BUILTIN_TASKS", "BuiltinTask", "get_task", "load_task", "quickstart_sentiment", "register_task"]
+__all__ = [
+    "BUILTIN_MODELS",
+    "BUILTIN_TASKS",
+    "BuiltinModel",
+    "BuiltinTask",
+    "get_task",
+    "load_task",
+    "quickstart_sentiment",
+    "register_task",
+    "resolve_model_path",
+]

@@ -1,4 +1,4 @@
-"""The table and plots of a multi-epoch study, from its result files."""
+"""The table and plots of a token-budget (multi-epoch) recipe, from its result files."""
 
 from __future__ import annotations
 
@@ -6,7 +6,8 @@ import csv
 import io
 import os
 
-from .multi_epoch_recipe import MultiEpochStudy
+from .io import write_atomic
+from .token_budget_recipe import MultiEpochStudy
 
 
 CSV_FIELDS = (
@@ -106,14 +107,7 @@ def write_csv(results: list[dict], path: str) -> None:
     writer.writeheader()
     for row in table_rows(results):
         writer.writerow(row)
-    _write_atomic(path, buffer.getvalue())
-
-
-def _write_atomic(path: str, text: str) -> None:
-    tmp = f"{path}.tmp.{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-    os.replace(tmp, path)
+    write_atomic(path, buffer.getvalue())
 
 
 def _pyplot():
@@ -214,10 +208,11 @@ def write_report(output_dir: str, results: list[dict], study: MultiEpochStudy | 
         "heldout_plot": os.path.join(output_dir, "heldout_vs_repetitions.png"),
         "curves_plot": os.path.join(output_dir, "training_curves.png"),
     }
+    files["plot"] = files["heldout_plot"]
     if not results:
         return {}
     title = f"# Multi-epoch study: {study.name}\n\n" if study else "# Multi-epoch study\n\n"
-    _write_atomic(files["table"], title + markdown_table(results, study))
+    write_atomic(files["table"], title + markdown_table(results, study))
     write_csv(results, files["csv"])
     plot_heldout_vs_repetitions(results, files["heldout_plot"], study)
     plot_training_curves(results, files["curves_plot"], study)

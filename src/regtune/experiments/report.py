@@ -1,8 +1,30 @@
-"""Results of a recipe as a table (console / markdown) and a PNG plot."""
+"""What every recipe kind returns ([`ExperimentResult`]), and the table and plot of fine-tuning runs."""
 
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass, field
+
+
+@dataclass
+class ExperimentResult:
+    """
+    What running a recipe returns, whatever its kind: the results of its runs (as in its results JSON), the
+    markdown table printed by `regtune run`, the files written (`{"json", "table", "plot", ...}: path`), and which
+    runs were trained now (`ran`) or found finished (`skipped`).
+    """
+
+    output_dir: str
+    results: list[dict]
+    table: str = ""
+    files: dict[str, str] = field(default_factory=dict)
+    ran: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+    wall_seconds: float | None = None
+
+    @property
+    def plot(self) -> str | None:
+        return self.files.get("plot")
 
 
 def primary_metric(result: dict) -> str | None:

@@ -21,14 +21,13 @@ from __future__ import annotations
 
 import contextlib
 import gc
-import json
 import math
 import os
+import shutil
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 
-from .builder import (
+from .build import (
     apply_adapter,
     build_trainer,
     count_parameters,
@@ -39,20 +38,20 @@ from .builder import (
     takes_raw_data,
     tokenize_data,
 )
-from .report import format_table, plot_results
-from .schema import Recipe, RunSpec, resolve_trainer
-from .validation import RecipeError, dump_yaml
-
-
-@dataclass
-class RecipeResult:
-    """What [`run_recipe`] returns: one results dict per run (see the run folders' metrics.json) and the files."""
-
-    output_dir: str
-    results: list[dict]
-    table: str
-    plot: str | None = None
-    files: list[str] = field(default_factory=list)
+from .errors import RecipeError
+from .finetune import Recipe, RunSpec, resolve_trainer
+from .io import (
+    barrier,
+    changed_fields,
+    dump_yaml,
+    has_accelerator,
+    is_main_process,
+    load_yaml,
+    plain,
+    read_json,
+    write_atomic,
+)
+from .report import ExperimentResult, format_table, plot_results
 
 
 def _model_dir_name(run: RunSpec) -> str:
@@ -62,6 +61,7 @@ def _model_dir_name(run: RunSpec) -> str:
 def run_one(run: RunSpec, run_dir: str, cache: dict | None = None) -> dict:
     """Train and evaluate one run; save its model and results in `run_dir`. Returns its results dict."""
     from transformers import set_seed
+    from transformers.trainer_utils import get_last_checkpoint
 
     import regtune
 
@@ -94,14 +94,16 @@ def run_one(run: RunSpec, run_dir: str, cache: dict | None = None) -> dict:
     _, config_cls = resolve_trainer(run.trainer)
     training = dict(run.training)
     training.setdefault("seed", run.seed)
-    if "dataloader_pin_memory" not in training and not _has_accelerator():
+    if "dataloader_pin_memory" not in training and not has_accelerator():
         training["dataloader_pin_memory"] = False  # pinning needs an accelerator (else a warning per dataloader)
     args = config_cls(output_dir=os.path.join(run_dir, "checkpoints"), **training)
     eval_dataset = {name: tokenized[split] for name, split in data.eval_splits.items()} or None
     trainer = build_trainer(run, model, args, tokenized[data.train_split], eval_dataset, tokenizer, run.task)
 
     start = time.perf_counter()
-    train_output = trainer.train()
+    checkpoints = os.path.join(run_dir, "checkpoints")
+    last = get_last_checkpoint(checkpoints) if os.path.isdir(checkpoints) else None
+    train_output = trainer.train(resume_from_checkpoint=last)  # a killed run continues from its last checkpoint
     # training time without the evaluations run during training (they are logged with their own runtime)
     eval_seconds = sum(
         v for h in trainer.state.log_history for k, v in h.items() if k.endswith("_runtime") and k.startswith("eval_")
@@ -138,10 +140,7 @@ def run_one(run: RunSpec, run_dir: str, cache: dict | None = None) -> dict:
     }
     trainer.save_model(os.path.join(run_dir, _model_dir_name(run)))
     if trainer.is_world_process_zero():
-        with open(os.path.join(run_dir, "metrics.json"), "w") as f:
-            json.dump(result, f, indent=2)
-        with open(os.path.join(run_dir, "recipe.yaml"), "w") as f:
-            f.write(dump_yaml(run.to_dict()))
+        write_atomic(os.path.join(run_dir, "metrics.json"), result)  # the run is finished once this exists
     del trainer, model
     gc.collect()
     return result
@@ -158,19 +157,13 @@ def _as_recipe_error(path: str, run: RunSpec, loading: str | None = None, fields
     except (OSError, ValueError, KeyError) as e:
         if isinstance(e, RecipeError):
             raise
-        from .schema import _fields_named
+        from .finetune import _fields_named
 
         text = (str(e).strip().splitlines() or [type(e).__name__])[0]
         named = _fields_named(text, fields or {})
         given = ", ".join(f"{name}={fields[name]!r}" for name in named)
         prefix = f"run {run.name!r}: " + (f"cannot load {loading!r}: " if loading else f"{given}: " if given else "")
         raise RecipeError([(f"{path}.{n}" if named else path, prefix + text) for n in named or [""]]) from e
-
-
-def _has_accelerator() -> bool:
-    import torch
-
-    return torch.cuda.is_available() or (hasattr(torch, "xpu") and torch.xpu.is_available())
 
 
 def _reusable_final_eval(trainer, names: list[str]) -> dict | None:
@@ -186,66 +179,104 @@ def _reusable_final_eval(trainer, names: list[str]) -> dict | None:
     return None
 
 
-def _is_main_process() -> bool:
-    try:
-        from accelerate import PartialState
+def check_resumable(recipe: Recipe, overwrite: bool = False) -> dict[str, str]:
+    """
+    The state of each selected run's folder: `"new"`, `"resume"` (started with the same settings, not finished),
+    `"finished"` or, with `overwrite`, `"overwrite"` (its settings changed: it starts again). Without `overwrite`, a
+    run whose stored settings (`<run>/recipe.yaml`) differ from the recipe's raises [`RecipeError`] naming every
+    changed field, before anything is trained: old and new results are never mixed.
+    """
+    states, errors = {}, []
+    for run in recipe.runs:
+        run_dir = os.path.join(recipe.output_dir, run.name)
+        stored_path = os.path.join(run_dir, "recipe.yaml")
+        if not os.path.isfile(stored_path):
+            states[run.name] = "new"
+            continue
+        with open(stored_path, encoding="utf-8") as f:
+            stored = load_yaml(f.read()) or {}
+        changed = changed_fields(_settings(stored), _settings(run.to_dict()))
+        if not changed:
+            finished = os.path.isfile(os.path.join(run_dir, "metrics.json"))
+            states[run.name] = "finished" if finished else "resume"
+        elif overwrite:
+            states[run.name] = "overwrite"
+        else:
+            shown = "; ".join(changed[:8]) + (f"; and {len(changed) - 8} more" if len(changed) > 8 else "")
+            errors.append(
+                (
+                    f"runs.{run.name}",
+                    f"{run_dir} holds this run with other settings ({shown}). Pass --overwrite "
+                    "to train it again, or use another output_dir.",
+                )  # fmt: skip
+            )
+    if errors:
+        raise RecipeError(errors, recipe.source)
+    return states
 
-        return PartialState().is_main_process
-    except Exception:
-        return True
+
+def _settings(run: dict) -> dict:
+    return plain({k: v for k, v in run.items() if k not in ("description",)})
 
 
-def run_recipe(recipe: Recipe, log: Callable[[str], None] = print) -> RecipeResult:
+def run_recipe(
+    recipe: Recipe, log: Callable[[str], None] = print, overwrite: bool = False, **unused
+) -> ExperimentResult:
     """
     Run every run of `recipe` in order, then write the comparison (table, plot, metrics) to `recipe.output_dir`.
 
-    Runs of the recipe that are not selected (see [`Recipe.select`]) but have results in their folder from an
+    Resumable: a run finished with the same settings is not trained again, an unfinished one continues from its
+    last checkpoint (`<run>/checkpoints`), and a run whose settings changed is refused (see [`check_resumable`])
+    unless `overwrite`. Runs of the recipe that are not selected (see [`Recipe.select`]) but have results from an
     earlier invocation are included in the comparison, so one run can be re-done alone.
     """
     output_dir = recipe.output_dir
-    os.makedirs(output_dir, exist_ok=True)
-    main = _is_main_process()
+    states = check_resumable(recipe, overwrite)
+    main = is_main_process()
     if main:
-        with open(os.path.join(output_dir, "recipe.yaml"), "w") as f:
-            f.write(dump_yaml(recipe.raw))
+        write_atomic(os.path.join(output_dir, "recipe.yaml"), dump_yaml(recipe.raw))
+    barrier()
     cache: dict = {}
-    fresh = {}
+    ran, skipped = [], []
     for i, run in enumerate(recipe.runs, 1):
-        if main:
-            log(f"[regtune] run {i}/{len(recipe.runs)}: {run.name} ({run.method})")
         run_dir = os.path.join(output_dir, run.name)
-        os.makedirs(run_dir, exist_ok=True)
-        fresh[run.name] = run_one(run, run_dir, cache)
+        if states[run.name] == "finished":
+            skipped.append(run.name)
+            if main:
+                log(f"[regtune] run {i}/{len(recipe.runs)}: {run.name} finished earlier with the same settings")
+            continue
+        if main:
+            log(
+                f"[regtune] run {i}/{len(recipe.runs)}: {run.name} ({run.method}){' resumed' * (states[run.name] == 'resume')}"
+            )
+            if states[run.name] == "overwrite":
+                shutil.rmtree(run_dir)
+            write_atomic(os.path.join(run_dir, "recipe.yaml"), dump_yaml(run.to_dict()))
+        barrier()
+        run_one(run, run_dir, cache)
+        ran.append(run.name)
 
     results = []
     for name in _run_names_in_order(recipe):
-        if name in fresh:
-            results.append(fresh[name])
-        else:
-            path = os.path.join(output_dir, name, "metrics.json")
-            if os.path.isfile(path):
-                with open(path) as f:
-                    results.append(json.load(f))
-                if main:
-                    log(f"[regtune] {name}: results from an earlier invocation ({path})")
+        path = os.path.join(output_dir, name, "metrics.json")
+        if os.path.isfile(path):
+            results.append(read_json(path))
     table = format_table(results)
-    files = []
-    plot = None
+    files = {}
     if main:
         summary = {
             "recipe": recipe.name,
             "regtune_version": results[0]["regtune_version"] if results else None,
             "runs": {r["run"]: {k: v for k, v in r.items() if k != "history"} for r in results},
         }
-        paths = {name: os.path.join(output_dir, name) for name in ("metrics.json", "results.md", "results.png")}
-        with open(paths["metrics.json"], "w") as f:
-            json.dump(summary, f, indent=2)
-        with open(paths["results.md"], "w") as f:
-            f.write(f"# {recipe.name}\n\n{table}\n")
-        plot = plot_results(results, paths["results.png"], title=recipe.name)
-        files = [os.path.join(output_dir, "recipe.yaml"), paths["metrics.json"], paths["results.md"]]
-        files += [plot] if plot else []
-    return RecipeResult(output_dir=output_dir, results=results, table=table, plot=plot, files=files)
+        files = {"recipe": os.path.join(output_dir, "recipe.yaml"), "json": os.path.join(output_dir, "metrics.json"),
+                 "table": os.path.join(output_dir, "results.md")}  # fmt: skip
+        write_atomic(files["json"], summary)
+        write_atomic(files["table"], f"# {recipe.name}\n\n{table}\n")
+        plot = plot_results(results, os.path.join(output_dir, "results.png"), title=recipe.name)
+        if plot:
+            files["plot"] = plot
+    return ExperimentResult(output_dir, results, table, files, ran, skipped)
 
 
 def _run_names_in_order(recipe: Recipe) -> list[str]:

@@ -1,4 +1,4 @@
-"""Multi-epoch degradation and dropout ("To Repeat or Not To Repeat", Xue et al. 2023, arXiv:2305.13230).
+"""The `token-budget` kind: multi-epoch degradation and dropout ("To Repeat or Not To Repeat", arXiv:2305.13230).
 
 Train a causal LM from scratch at a fixed token budget while varying how often a unique subset of the data is repeated
 (`repetitions` epochs over `budget / repetitions` unique tokens, nested random samples of blocks of the training text)
@@ -8,32 +8,36 @@ study continues where it stopped. Under `accelerate launch` every process runs t
 distributes each run.
 
 ```
-regtune study multi-epoch recipes/multi_epoch.yaml [--set budget.tokens=262144] [--report_only]
-python -m regtune.studies.multi_epoch recipes/multi_epoch.yaml
-accelerate launch -m regtune.studies.multi_epoch recipes/multi_epoch_gpu.yaml
+regtune run recipes/multi_epoch.yaml [--budget.tokens=262144] [--report_only]
+accelerate launch -m regtune run recipes/multi_epoch_gpu.yaml
 ```
 
 ```py
->>> from regtune.studies import run_multi_epoch_study
->>> results = run_multi_epoch_study("recipes/multi_epoch.yaml")
+>>> from regtune.experiments import load_recipe, run_recipe
+>>> result = run_recipe(load_recipe("recipes/multi_epoch.yaml"))
 ```
 """
 
 from __future__ import annotations
 
-import argparse
 import gc
 import json
 import os
 import shutil
-import sys
 import time
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from .multi_epoch_recipe import MultiEpochStudy, StudyRecipeError, load_study_recipe, parse_overrides
+from .errors import RecipeError
+from .io import barrier as _barrier
+from .io import changed_fields, plain, read_json, write_atomic
+from .io import has_accelerator as _has_accelerator
+from .io import is_main_process as _is_main
+from .io import world_size as _world_size
+from .report import ExperimentResult
+from .token_budget_recipe import MultiEpochStudy, load_study_recipe
 
 
 RESULT_FORMAT = 1
@@ -93,28 +97,12 @@ def run_name(model: str, repetitions: int, dropout: str) -> str:
 # ---- files ----
 
 
-def write_json_atomic(path: str, payload: Any) -> None:
-    """Write JSON to `path` through a temporary file and `os.replace`, so a reader never sees a partial file."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp.{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(payload, f, indent=1)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def _read_json(path: str) -> Any:
-    with open(path, encoding="utf-8") as f:
-        return json.load(f)
-
-
 def load_results(output_dir: str) -> list[dict]:
     """The finished runs of a study folder (`results/*.json`), in file-name order."""
     folder = os.path.join(output_dir, "results")
     if not os.path.isdir(folder):
         return []
-    return [_read_json(os.path.join(folder, n)) for n in sorted(os.listdir(folder)) if n.endswith(".json")]
+    return [read_json(os.path.join(folder, n)) for n in sorted(os.listdir(folder)) if n.endswith(".json")]
 
 
 # ---- the corpus ----
@@ -196,16 +184,6 @@ def load_or_prepare_corpus(study: MultiEpochStudy, needed_tokens: int, output_di
 # ---- one run ----
 
 
-def _has_accelerator() -> bool:
-    xpu = getattr(torch, "xpu", None)
-    mps = getattr(torch.backends, "mps", None)
-    return (
-        torch.cuda.is_available()
-        or bool(xpu is not None and xpu.is_available())
-        or bool(mps is not None and mps.is_available())
-    )
-
-
 def trainer_training_args(study: MultiEpochStudy) -> dict:
     """The recipe's `training` fields with the study's defaults that are not part of a run's spec."""
     training = dict(study.training)
@@ -220,24 +198,6 @@ def init_distributed(study: MultiEpochStudy) -> None:
     from transformers import TrainingArguments
 
     TrainingArguments(output_dir=study.output_dir, **trainer_training_args(study)).world_size  # noqa: B018
-
-
-def _world_size() -> int:
-    from accelerate import PartialState
-
-    return PartialState().num_processes
-
-
-def _is_main() -> bool:
-    from accelerate import PartialState
-
-    return PartialState().is_main_process
-
-
-def _barrier() -> None:
-    from accelerate import PartialState
-
-    PartialState().wait_for_everyone()
 
 
 def _data_spec(study: MultiEpochStudy) -> dict:
@@ -381,18 +341,6 @@ def train_one(
 # ---- the study ----
 
 
-@dataclass
-class StudyResults:
-    """What [`run_multi_epoch_study`] returns."""
-
-    output_dir: str
-    results: list[dict]
-    ran: list[str]
-    skipped: list[str]
-    wall_seconds: float
-    files: dict[str, str]
-
-
 def _log(message: str, verbose: bool) -> None:
     if verbose and _is_main():
         print(f"[multi-epoch] {message}", flush=True)
@@ -418,13 +366,13 @@ def run_multi_epoch_study(
     overwrite: bool = False,
     report_only: bool = False,
     verbose: bool = True,
-) -> StudyResults:
+) -> ExperimentResult:
     """
     Run (or continue) a multi-epoch study and write its table and plots.
 
     Args:
         recipe (`str`, `os.PathLike`, `dict` or `MultiEpochStudy`): the study recipe (see
-            [`~regtune.studies.multi_epoch_recipe`]).
+            [`~regtune.experiments.token_budget_recipe`]).
         output_dir (`str`, *optional*): overrides the recipe's `output_dir`.
         overrides (`dict[str, Any]`, *optional*): `{"key.path": value}` applied to the recipe before validation.
         overwrite (`bool`, defaults to `False`): rerun finished runs whose stored settings differ from the recipe's
@@ -433,10 +381,10 @@ def run_multi_epoch_study(
         verbose (`bool`, defaults to `True`): print one line per run.
 
     Returns:
-        [`StudyResults`]: the results of the study's runs that are finished, the runs trained and skipped now, and the
+        [`~regtune.experiments.report.ExperimentResult`]: the results of the study's runs that are finished, the runs trained and skipped now, and the
         paths of the written files (`table`, `csv`, `heldout_plot`, `curves_plot`).
     """
-    from .report import write_report
+    from .token_budget_report import write_report
 
     started = time.time()
     study = recipe if isinstance(recipe, MultiEpochStudy) else load_study_recipe(recipe, overrides)
@@ -453,20 +401,27 @@ def run_multi_epoch_study(
         path = os.path.join(out, "results", f"{name}.json")
         spec = run_spec(study, model, repetitions, dropout, plan)
         if os.path.exists(path):
-            stored = _read_json(path).get("spec")
-            if stored == json.loads(json.dumps(spec)):
+            stored = read_json(path).get("spec")
+            if stored == plain(spec):
                 skipped.append(name)
                 continue
             if not overwrite and not report_only:
-                raise ValueError(
-                    f"{path} holds run {name!r} with other settings than the recipe's. Use another output_dir, or "
-                    "--overwrite to rerun it."
+                changed = "; ".join(changed_fields(stored, plain(spec))[:8])
+                raise RecipeError(
+                    [
+                        (
+                            f"runs.{name}",
+                            f"{path} holds this run with other settings than the recipe's ({changed}). "
+                            "Use another output_dir, or --overwrite to rerun it.",
+                        )
+                    ],  # fmt: skip
+                    study.source,
                 )
         todo.append((model, repetitions, dropout, plan, spec))
     _barrier()
     if _is_main():
         os.makedirs(out, exist_ok=True)
-        write_json_atomic(os.path.join(out, "study.json"), study.to_dict())
+        write_atomic(os.path.join(out, "study.json"), study.to_dict())
     if skipped:
         _log(f"{len(skipped)} finished run(s) found in {out}/results, skipped: {', '.join(skipped)}", verbose)
     ran = []
@@ -483,11 +438,9 @@ def run_multi_epoch_study(
             _barrier()
             if _is_main():
                 spec_path = os.path.join(run_dir, "spec.json")
-                if os.path.isdir(run_dir) and (
-                    not os.path.exists(spec_path) or _read_json(spec_path) != json.loads(json.dumps(spec))
-                ):
+                if os.path.isdir(run_dir) and (not os.path.exists(spec_path) or read_json(spec_path) != plain(spec)):
                     shutil.rmtree(run_dir)  # an unfinished run of other settings: start it again
-                write_json_atomic(spec_path, spec)
+                write_atomic(spec_path, spec)
             _barrier()
             _log(
                 f"[{i}/{len(todo)}] {name}: {plan.unique_tokens} unique tokens x {repetitions} = {plan.train_tokens} "
@@ -497,7 +450,7 @@ def run_multi_epoch_study(
             result = train_one(study, corpus, model, repetitions, dropout, plan, run_dir)
             result["spec"] = spec
             if _is_main():
-                write_json_atomic(os.path.join(out, "results", f"{name}.json"), result)
+                write_atomic(os.path.join(out, "results", f"{name}.json"), result)
                 write_report(out, load_results(out), study)
                 shutil.rmtree(run_dir, ignore_errors=True)  # checkpoints are not needed once the result is saved
             ran.append(name)
@@ -517,77 +470,8 @@ def run_multi_epoch_study(
     _log(
         f"done in {wall:.0f} s: {len(ran)} run(s) trained, {len(skipped)} skipped; table {files.get('table')}", verbose
     )
-    return StudyResults(out, results, ran, skipped, wall, files)
-
-
-# ---- command line ----
-
-
-def _add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    parser.add_argument("recipe", help="path of the study recipe YAML (e.g. recipes/multi_epoch.yaml)")
-    parser.add_argument("--output_dir", help="the study folder (default: the recipe's output_dir)")
-    parser.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        metavar="KEY.PATH=VALUE",
-        help="override a recipe key (YAML value), e.g. --set budget.tokens=262144; repeatable",
-    )
-    parser.add_argument(
-        "--overwrite", action="store_true", help="rerun finished runs whose stored settings differ from the recipe"
-    )
-    parser.add_argument(
-        "--report_only", action="store_true", help="train nothing; rewrite the table and plots from finished runs"
-    )
-    return parser
-
-
-def add_multi_epoch_parser(subparsers) -> argparse.ArgumentParser:
-    """
-    Add the `multi-epoch` command to an `argparse` sub-parsers object (e.g. that of `regtune study`); its handler is
-    [`run_from_cli`].
-    """
-    parser = subparsers.add_parser(
-        "multi-epoch",
-        help="train from scratch at a fixed token budget, varying data repetitions and dropout (arXiv:2305.13230)",
-        description=__doc__.split("\n\n")[1],
-        allow_abbrev=False,
-    )
-    _add_arguments(parser)
-    parser.set_defaults(handler=run_from_cli)
-    return parser
-
-
-def run_from_cli(args: argparse.Namespace) -> int:
-    """Run the study of parsed command-line `args`; return the exit status (2 for an invalid recipe)."""
-    try:
-        overrides = parse_overrides(args.overrides)
-        study = load_study_recipe(args.recipe, overrides)
-    except (StudyRecipeError, ValueError, FileNotFoundError) as err:
-        if getattr(args, "debug", False):
-            raise
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    try:
-        result = run_multi_epoch_study(
-            study, output_dir=args.output_dir, overwrite=args.overwrite, report_only=args.report_only
-        )
-    except (StudyRecipeError, ValueError, FileNotFoundError) as err:
-        if getattr(args, "debug", False):
-            raise
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    if _is_main() and result.files.get("table"):
-        with open(result.files["table"], encoding="utf-8") as f:
-            print(f.read())
-    return 0
-
-
-def main(argv: list[str] | None = None) -> int:
-    """`python -m regtune.studies.multi_epoch RECIPE.yaml [...]`."""
-    parser = _add_arguments(argparse.ArgumentParser(prog="python -m regtune.studies.multi_epoch", allow_abbrev=False))
-    return run_from_cli(parser.parse_args(argv))
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+    table = ""
+    if files.get("table") and os.path.exists(files["table"]):
+        with open(files["table"], encoding="utf-8") as f:
+            table = f.read()
+    return ExperimentResult(out, results, table, files, ran, skipped, wall)

@@ -1,14 +1,14 @@
-"""A small validator for recipe data: unknown keys, types and ranges, each error naming its key path.
+"""Validation of recipe sections, every error under its key path.
 
-It checks plain dicts (parsed YAML) against dataclasses -- regtune's own recipe sections, peft config classes,
-`transformers.TrainingArguments` -- using their type annotations, and collects every problem before raising one
-[`RecipeError`]. Unknown keys and values come with close matches (difflib).
+regtune's own sections are pydantic models ([`SectionModel`], `extra="forbid"`, strict types), read by
+[`check_model`]; the sections that configure a host class (`TrainingArguments`, peft configs, `GARDOConfig`) are
+checked key by key against the dataclass's fields and annotations by [`check_mapping`], then built, so that the
+host's own checks run too.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import enum
 import math
 import re
@@ -16,110 +16,78 @@ import types
 import typing
 from typing import Any
 
-import yaml
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from .errors import Errors, join_path, suggest, unknown_key
 
 
-class RecipeError(ValueError):
-    """
-    A recipe is invalid. `errors` is the list of `(key_path, message)` pairs; `str(error)` lists them all.
+class SectionModel(BaseModel):
+    """Base of regtune's own recipe sections: unknown keys are errors, and types are not coerced (`"8"` is no int)."""
 
-    Example: `adapter.etaa: unknown key for ALLoRAConfig. Did you mean 'eta'?`
-    """
-
-    def __init__(self, errors: list[tuple[str, str]] | str, source: str | None = None):
-        if isinstance(errors, str):
-            errors = [("", errors)]
-        self.errors = list(errors)
-        self.source = source
-        head = f"Invalid recipe {source}" if source else "Invalid recipe"
-        lines = [f"  {path}: {message}" if path else f"  {message}" for path, message in self.errors]
-        noun = "error" if len(lines) == 1 else "errors"
-        super().__init__(f"{head} ({len(lines)} {noun}):\n" + "\n".join(lines))
+    model_config = ConfigDict(extra="forbid", strict=True, protected_namespaces=())
 
 
-class Errors:
-    """Collects `(path, message)` pairs; `raise_if_any` raises them as one [`RecipeError`]."""
-
-    def __init__(self):
-        self.items: list[tuple[str, str]] = []
-
-    def add(self, path: str, message: str) -> None:
-        self.items.append((path, message))
-
-    def __bool__(self) -> bool:
-        return bool(self.items)
-
-    def raise_if_any(self, source: str | None = None) -> None:
-        if self.items:
-            raise RecipeError(self.items, source)
-
-
-def join_path(path: str, key: str | int) -> str:
-    if isinstance(key, int):
-        return f"{path}[{key}]"
-    return f"{path}.{key}" if path else str(key)
-
-
-def suggest(value: str, choices, n: int = 3) -> str:
-    """`" Did you mean 'x'?"` for the closest of `choices` to `value`, or `""`."""
-    close = difflib.get_close_matches(str(value), [str(c) for c in choices], n=n, cutoff=0.6)
-    if not close:
-        return ""
-    return " Did you mean " + " or ".join(repr(c) for c in close) + "?"
-
-
-def allowed_list(choices, limit: int = 40) -> str:
-    choices = sorted(str(c) for c in choices)
-    if len(choices) > limit:
-        return f"{len(choices)} allowed keys"
-    return "allowed: " + ", ".join(choices)
-
-
-# --------------------------------------------------------------------------------------------------------------------
-# YAML: PyYAML reads `1e-3` as a string (YAML 1.1). Recipes are full of learning rates, so read it as a float.
-
-_FLOAT_RE = re.compile(
-    r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
-    |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
-    |\.[0-9_]+(?:[eE][-+]?[0-9]+)?
-    |[-+]?\.(?:inf|Inf|INF)
-    |\.(?:nan|NaN|NAN))$""",
-    re.X,
-)
-
-
-_BOOL_RE = re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$")
-
-
-class RecipeLoader(yaml.SafeLoader):
-    """
-    `yaml.SafeLoader` with YAML 1.2 scalars: `1e-3` / `5E4` are floats, and only `true` / `false` are booleans, so
-    `eval_strategy: no` and `--training.save_strategy=no` are the string `"no"` (YAML 1.1 reads `no` as false).
-    """
-
-
-RecipeLoader.yaml_implicit_resolvers = {
-    first: [
-        (tag, regexp) for tag, regexp in resolvers if tag not in ("tag:yaml.org,2002:float", "tag:yaml.org,2002:bool")
-    ]
-    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+_PYDANTIC_MESSAGES = {
+    "int_type": "expected an integer",
+    "int_parsing": "expected an integer",
+    "float_type": "expected a number",
+    "float_parsing": "expected a number",
+    "finite_number": "expected a finite number",
+    "bool_type": "expected a boolean (true/false)",
+    "string_type": "expected a string",
+    "dict_type": "expected a mapping",
+    "list_type": "expected a list",
 }
-RecipeLoader.add_implicit_resolver("tag:yaml.org,2002:float", _FLOAT_RE, list("-+0123456789."))
-RecipeLoader.add_implicit_resolver("tag:yaml.org,2002:bool", _BOOL_RE, list("tTfF"))
+_BOUNDS = {"greater_than_equal": (">=", "ge"), "greater_than": (">", "gt"), "less_than": ("<", "lt"),
+           "less_than_equal": ("<=", "le")}  # fmt: skip
 
 
-def load_yaml(text: str) -> Any:
-    """Parse YAML text with [`RecipeLoader`]."""
-    return yaml.load(text, Loader=RecipeLoader)  # noqa: S506 (a SafeLoader subclass)
+def check_model(data, model: type[SectionModel], path: str, errors: Errors, what: str | None = None):
+    """
+    Validate the mapping `data` with the pydantic model `model`; record every problem in `errors` under its key path
+    (with close matches for unknown keys and choices). Returns the model instance; when invalid, one built from the
+    valid keys only (the defaults stand in for the others), so that later checks do not report them again.
+    """
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        errors.add(path, f"expected a mapping, got {_show(data)}")
+        return model()
+    try:
+        return model(**data)
+    except ValidationError as e:
+        by_path: dict[str, list[dict]] = {}
+        bad = {error["loc"][0] for error in e.errors() if error["loc"]}
+        for error in e.errors():
+            loc = [p for p in error["loc"] if isinstance(p, int) or not any(c in p for c in "[],-")]
+            key_path = path
+            for part in loc:
+                key_path = join_path(key_path, part)
+            by_path.setdefault(key_path, []).append(error)
+        for key_path, found in by_path.items():
+            errors.add(key_path, _message(found, model, what))
+        return model.model_construct(**{k: v for k, v in data.items() if k in model.model_fields and k not in bad})
 
 
-def dump_yaml(data: Any) -> str:
-    """Dump plain data as block-style YAML, keys in insertion order."""
-    return yaml.safe_dump(data, sort_keys=False, default_flow_style=False, allow_unicode=True, width=119)
-
-
-# --------------------------------------------------------------------------------------------------------------------
-# Types
+def _message(found: list[dict], model, what: str | None) -> str:
+    error = found[0]
+    kind, value, loc = error["type"], error.get("input"), error["loc"]
+    if kind == "extra_forbidden":
+        return unknown_key(loc[-1], model.model_fields, what)
+    if len(found) > 1 and loc and loc[0] in model.model_fields:  # a union: none of its types matched
+        return f"expected {describe(model.model_fields[loc[0]].annotation)}, got {_show(value)}"
+    if kind == "literal_error":
+        choices = re.findall(r"'([^']*)'", error["ctx"]["expected"])
+        listed = ", ".join(repr(c) for c in choices)
+        return f"expected one of {listed}, got {_show(value)}.{suggest(value, choices)}"
+    if kind in _BOUNDS:
+        sign, key = _BOUNDS[kind]
+        return f"must be {sign} {error['ctx'][key]}, got {value!r}"
+    if kind == "missing":
+        return "required"
+    if kind in _PYDANTIC_MESSAGES:
+        return f"{_PYDANTIC_MESSAGES[kind]}, got {_show(value)}"
+    return error["msg"].removeprefix("Value error, ")
 
 
 def describe(annotation) -> str:
@@ -321,9 +289,7 @@ def check_mapping(
             errors.add(key_path, forbidden[key])
             continue
         if key not in fields:
-            hint = suggest(str(key), fields)
-            listing = "" if hint else f" ({allowed_list(fields)})"
-            errors.add(key_path, f"unknown key for {what}.{hint}{listing}")
+            errors.add(key_path, unknown_key(key, fields, what))
             continue
         annotation, f = fields[key]
         value = check_value(value, annotation, key_path, errors)

@@ -31,16 +31,12 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from .validation import (
-    Errors,
-    RecipeError,
-    allowed_list,
-    check_mapping,
-    check_range,
-    check_value,
-    join_path,
-    suggest,
-)
+from pydantic import Field
+
+from regtune.data.models import BUILTIN_MODELS
+
+from .checks import SectionModel, check_mapping, check_model, check_range, check_value
+from .errors import Errors, RecipeError, allowed_list, join_path, suggest
 
 
 TASKS = ("sequence-classification", "causal-lm")
@@ -86,87 +82,65 @@ TRAINING_RANGES = {
 # Sections (plain dataclasses; their annotations and metadata drive the validation)
 
 
-@dataclass
-class ModelSpec:
+class ModelSpec(SectionModel):
     """The `model:` section."""
 
-    name_or_path: str | None = field(
-        default=None,
-        metadata={"help": "A Hub id, a local directory (anything `from_pretrained` takes), or `builtin:<name>`."},
+    name_or_path: str | None = Field(
+        None, description="A Hub id, a local directory (anything `from_pretrained` takes), or `builtin:<name>`."
     )
-    config: dict[str, Any] | None = field(
-        default=None,
-        metadata={
-            "help": "Instead of `name_or_path`: build a randomly initialized model from this config "
-            "(`model_type` plus config fields, e.g. `{model_type: bert, hidden_size: 16}`); needs `tokenizer`."
-        },
+    config: dict[str, Any] | None = Field(
+        None,
+        description="Instead of `name_or_path`: build a randomly initialized model from this config "
+        "(`model_type` plus config fields, e.g. `{model_type: bert, hidden_size: 16}`); needs `tokenizer`.",
     )
-    tokenizer: str | None = field(
-        default=None,
-        metadata={"help": "Tokenizer to load (Hub id, local dir, builtin:<name>); defaults to the model's."},
+    tokenizer: str | None = Field(
+        None, description="Tokenizer to load (Hub id, local dir, builtin:<name>); defaults to the model's."
     )
-    task: Literal["sequence-classification", "causal-lm"] | None = field(
-        default=None,
-        metadata={
-            "help": "The head to load (AutoModelForSequenceClassification / AutoModelForCausalLM); defaults to "
-            "the built-in data task's, else sequence-classification."
-        },
+    task: Literal["sequence-classification", "causal-lm"] | None = Field(
+        None,
+        description="The head to load (AutoModelForSequenceClassification / AutoModelForCausalLM); defaults to the "
+        "built-in data task's, else sequence-classification.",
     )
-    revision: str | None = field(default=None, metadata={"help": "Hub revision of the model and tokenizer."})
-    dtype: Literal["auto", "float32", "float16", "bfloat16"] | None = field(
-        default=None, metadata={"help": "Dtype to load the weights in (`dtype` of from_pretrained)."}
+    revision: str | None = Field(None, description="Hub revision of the model and tokenizer.")
+    dtype: Literal["auto", "float32", "float16", "bfloat16"] | None = Field(
+        None, description="Dtype to load the weights in (`dtype` of from_pretrained)."
     )
-    trust_remote_code: bool = field(default=False, metadata={"help": "Passed to from_pretrained."})
-    kwargs: dict[str, Any] = field(default_factory=dict, metadata={"help": "Extra from_pretrained keyword arguments."})
+    trust_remote_code: bool = Field(False, description="Passed to from_pretrained.")
+    kwargs: dict[str, Any] = Field(default_factory=dict, description="Extra from_pretrained keyword arguments.")
 
 
-@dataclass
-class DataSpec:
+class DataSpec(SectionModel):
     """The `data:` section: a built-in task, or anything `datasets.load_dataset` reads."""
 
-    builtin: str | None = field(
-        default=None, metadata={"help": "A built-in task (regtune.data.BUILTIN_TASKS), e.g. quickstart-sentiment."}
+    builtin: str | None = Field(None, description="A built-in task (regtune.data.BUILTIN_TASKS).")
+    options: dict[str, Any] = Field(default_factory=dict, description="Keyword arguments of the built-in task.")
+    path: str | None = Field(None, description="`datasets.load_dataset` path: a Hub id, csv / json / parquet, a dir.")
+    name: str | None = Field(None, description="`datasets.load_dataset` configuration name.")
+    data_files: str | list[str] | dict[str, str | list[str]] | None = Field(
+        None, description="`datasets.load_dataset` data_files (local files)."
     )
-    options: dict[str, Any] = field(
-        default_factory=dict, metadata={"help": "Keyword arguments of the built-in task's build function."}
-    )
-    path: str | None = field(
-        default=None,
-        metadata={"help": "`datasets.load_dataset` path: a Hub id, csv / json / parquet, or a directory."},
-    )
-    name: str | None = field(default=None, metadata={"help": "`datasets.load_dataset` configuration name."})
-    data_files: str | list[str] | dict[str, str | list[str]] | None = field(
-        default=None, metadata={"help": "`datasets.load_dataset` data_files (local files)."}
-    )
-    revision: str | None = field(default=None, metadata={"help": "Hub revision of the data set."})
-    text_column: str | None = field(default=None, metadata={"help": "Input text column (default: text)."})
-    text_pair_column: str | None = field(default=None, metadata={"help": "Second text column for pair tasks."})
-    label_column: str | None = field(default=None, metadata={"help": "Label column (default: label)."})
-    train_split: str | None = field(default=None, metadata={"help": "Split to train on (default: train)."})
-    max_length: int = field(default=128, metadata={"help": "Truncate inputs to this many tokens.", "ge": 1})
-    max_train_samples: int | None = field(default=None, metadata={"help": "Keep the first N training rows.", "ge": 1})
-    max_eval_samples: int | None = field(
-        default=None, metadata={"help": "Keep the first N rows of each eval split.", "ge": 1}
-    )
+    revision: str | None = Field(None, description="Hub revision of the data set.")
+    text_column: str | None = Field(None, description="Input text column (default: text).")
+    text_pair_column: str | None = Field(None, description="Second text column for pair tasks.")
+    label_column: str | None = Field(None, description="Label column (default: label).")
+    train_split: str | None = Field(None, description="Split to train on (default: train).")
+    max_length: int = Field(128, ge=1, description="Truncate inputs to this many tokens.")
+    max_train_samples: int | None = Field(None, ge=1, description="Keep the first N training rows.")
+    max_eval_samples: int | None = Field(None, ge=1, description="Keep the first N rows of each eval split.")
 
 
-@dataclass
-class EvaluationSpec:
+class EvaluationSpec(SectionModel):
     """The `evaluation:` section."""
 
-    splits: list[str] | dict[str, str] | None = field(
-        default=None,
-        metadata={
-            "help": "Splits to evaluate on: a list, or {display name: split}. Defaults to the built-in task's "
-            "evaluation splits, else validation (or test)."
-        },
+    splits: list[str] | dict[str, str] | None = Field(
+        None,
+        description="Splits to evaluate on: a list, or {display name: split}. Defaults to the built-in task's "
+        "evaluation splits, else validation (or test).",
     )
-    metrics: list[Literal["accuracy", "macro_f1"]] | None = field(
-        default=None,
-        metadata={
-            "help": "Classification metrics (the loss is always reported; causal-lm reports loss and "
-            "perplexity). Default: [accuracy]."
-        },
+    metrics: list[Literal["accuracy", "macro_f1"]] | None = Field(
+        None,
+        description="Classification metrics (the loss is always reported; causal-lm reports loss and perplexity). "
+        "Default: [accuracy].",
     )
 
 
@@ -229,7 +203,7 @@ class RunSpec:
         """A standalone recipe (no `runs:`) that validates back to this run."""
 
         def section(spec):
-            return {k: v for k, v in dataclasses.asdict(spec).items() if v is not None and v != {}}
+            return {k: v for k, v in spec.model_dump().items() if v is not None and v != {}}
 
         out = {"name": self.name}
         if self.description:
@@ -254,6 +228,7 @@ class Recipe:
     runs: list[RunSpec]
     raw: dict
     source: str | None = None
+    kind = "runs"
 
     def select(self, names) -> Recipe:
         """The same recipe restricted to the runs `names` (in recipe order); unknown names raise [`RecipeError`]."""
@@ -373,10 +348,7 @@ def _takes_keyword(cls, name: str) -> bool:
 
 
 def _validate_model(raw, errors: Errors) -> ModelSpec:
-    from .builder import BUILTIN_MODELS
-
-    values = check_mapping(raw, ModelSpec, "model", errors)
-    spec = ModelSpec(**values)
+    spec = check_model(raw, ModelSpec, "model", errors, "the model section")
     if (spec.name_or_path is None) == (spec.config is None):
         errors.add("model", "set exactly one of `name_or_path` (Hub id, local directory, builtin:<name>) and `config`")
     for key in ("name_or_path", "tokenizer"):
@@ -430,8 +402,7 @@ def _constructor_errors(build, path: str, fields, errors: Errors, what: str) -> 
 def _validate_data(raw, errors: Errors) -> DataSpec:
     from regtune.data import BUILTIN_TASKS
 
-    values = check_mapping(raw, DataSpec, "data", errors)
-    spec = DataSpec(**values)
+    spec = check_model(raw, DataSpec, "data", errors, "the data section")
     if (spec.builtin is None) == (spec.path is None):
         errors.add("data", "set exactly one of `builtin` (a built-in task) and `path` (datasets.load_dataset)")
     if spec.builtin is not None:
@@ -583,7 +554,7 @@ def _validate_training(raw, config_cls, errors: Errors) -> dict:
 def _validate_evaluation(raw, task: str, data: DataSpec, errors: Errors) -> EvaluationSpec:
     from regtune.data import BUILTIN_TASKS
 
-    spec = EvaluationSpec(**check_mapping(raw, EvaluationSpec, "evaluation", errors))
+    spec = check_model(raw, EvaluationSpec, "evaluation", errors, "the evaluation section")
     if spec.splits is None and data.builtin in BUILTIN_TASKS:
         spec.splits = list(BUILTIN_TASKS[data.builtin].eval_splits)
     if spec.metrics is None and task == "sequence-classification":

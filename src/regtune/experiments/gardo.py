@@ -1,4 +1,4 @@
-"""`regtune study gardo RECIPE.yaml`: GARDO and its baselines on the offline testbed, from a recipe.
+"""The `gardo` kind: GARDO and its baselines on the offline diffusion-RL testbed (`regtune run RECIPE.yaml`).
 
 ```yaml
 name: gardo_testbed
@@ -19,24 +19,24 @@ Runs are resumable (each checkpoints into its folder; a finished run is not trai
 
 from __future__ import annotations
 
-import argparse
 import copy
 import json
 import os
-import sys
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+from pydantic import Field
 
-from regtune.recipes.loader import apply_overrides, parse_set_overrides
-from regtune.recipes.validation import Errors, RecipeError, check_mapping, check_value, join_path, load_yaml
+from regtune.diffusion.config import GARDOConfig
+from regtune.diffusion.testbed import TestbedConfig
 
-from .config import GARDOConfig
-from .testbed import TestbedConfig
+from .checks import SectionModel, check_mapping, check_model
+from .errors import Errors, RecipeError, join_path
+from .io import is_main_process, write_atomic
+from .report import ExperimentResult
 
 
-TOP_KEYS = ("name", "description", "output_dir", "seeds", "torch_num_threads", "testbed", "training", "methods")
 PER_RUN = ("output_dir", "seed")
 CURVE_KEYS = ("eval_proxy_reward", "eval_class_prob", "eval_diversity_l2", "eval_diversity_feat")
 DEFAULT_METHODS = {
@@ -59,6 +59,7 @@ class GARDOStudy:
     description: str = ""
     torch_num_threads: int | None = 1
     raw: dict = field(default_factory=dict)
+    kind = "gardo"
 
     def config(self, method: str, seed: int, output_dir: str | None = None) -> GARDOConfig:
         root = output_dir or self.output_dir
@@ -66,46 +67,41 @@ class GARDOStudy:
         return GARDOConfig(output_dir=os.path.join(root, method, f"seed{seed}"), seed=seed, **fields)
 
 
-def load_gardo_study(source, overrides: dict[str, Any] | None = None) -> GARDOStudy:
-    """Load and validate a GARDO study recipe (a YAML path or a mapping); `overrides`: `{"key.path": value}`."""
-    if isinstance(source, dict):
-        raw, label = copy.deepcopy(source), "<dict>"
-    else:
-        with open(source, encoding="utf-8") as f:
-            raw, label = load_yaml(f.read()) or {}, str(source)
-    if not isinstance(raw, dict):
-        raise RecipeError([("", f"a GARDO study recipe is a mapping, got {type(raw).__name__}")], label)
-    raw = apply_overrides(raw, overrides or {})
+class TopLevel(SectionModel):
+    """The top-level keys of a GARDO recipe (`testbed`, `training` and `methods` are checked by their classes)."""
+
+    name: str | None = Field(None, min_length=1)
+    description: str = ""
+    output_dir: str | None = None
+    seeds: list[int] = Field(default_factory=lambda: [0], min_length=1)
+    torch_num_threads: int | None = Field(1, ge=1)
+    testbed: dict | None = None
+    training: dict | None = None
+    methods: dict[str, dict | None] = Field(default_factory=lambda: copy.deepcopy(DEFAULT_METHODS), min_length=1)
+
+
+def validate_recipe(raw: dict, source: str | None = None, default_name: str | None = None) -> GARDOStudy:
+    """Validate a parsed GARDO recipe (overrides applied); raises [`RecipeError`] naming every invalid key path."""
     errors = Errors()
-    for key in raw:
-        if key not in TOP_KEYS:
-            errors.add(str(key), f"unknown key; allowed: {', '.join(TOP_KEYS)}")
-    name = raw.get("name") or (os.path.splitext(os.path.basename(label))[0] if label != "<dict>" else "gardo")
-    seeds = check_value(raw.get("seeds", [0]), list[int], "seeds", errors)
-    if isinstance(seeds, list) and not seeds:
-        errors.add("seeds", "needs at least one seed")
-    threads = check_value(raw.get("torch_num_threads", 1), int | None, "torch_num_threads", errors)
-    testbed = check_mapping(raw.get("testbed"), TestbedConfig, "testbed", errors)
+    top = check_model(raw, TopLevel, "", errors, "a GARDO recipe")
+    name = top.name or default_name or "gardo"
+    testbed = check_mapping(top.testbed, TestbedConfig, "testbed", errors)
     forbidden = {k: "set per run by the study (<output_dir>/<method>/seed<k>), not in the recipe" for k in PER_RUN}
-    training = check_mapping(raw.get("training"), GARDOConfig, "training", errors, forbidden=forbidden)
-    methods_raw = raw.get("methods", DEFAULT_METHODS)
-    methods = {}
-    if not isinstance(methods_raw, dict) or not methods_raw:
-        errors.add("methods", "expected a non-empty mapping of method name -> GARDOConfig fields")
-    else:
-        for mname, fields in methods_raw.items():
-            path = join_path("methods", str(mname))
-            methods[str(mname)] = check_mapping(fields, GARDOConfig, path, errors, forbidden=forbidden)
-    errors.raise_if_any(label)
+    training = check_mapping(top.training, GARDOConfig, "training", errors, forbidden=forbidden)
+    methods = {
+        str(method): check_mapping(fields, GARDOConfig, join_path("methods", str(method)), errors, forbidden=forbidden)
+        for method, fields in (top.methods if isinstance(top.methods, dict) else {}).items()
+    }
+    errors.raise_if_any(source)
     study = GARDOStudy(
         name=str(name),
-        output_dir=str(raw.get("output_dir") or os.path.join("runs", str(name))),
-        seeds=[int(s) for s in seeds],
+        output_dir=str(top.output_dir or os.path.join("runs", str(name))),
+        seeds=list(top.seeds),
         testbed=TestbedConfig(**testbed),
         training=training,
         methods=methods,
-        description=str(raw.get("description") or ""),
-        torch_num_threads=threads,
+        description=top.description,
+        torch_num_threads=top.torch_num_threads,
         raw=raw,
     )
     for method in study.methods:  # GARDOConfig's own cross-field checks, reported with the method's path
@@ -113,28 +109,42 @@ def load_gardo_study(source, overrides: dict[str, Any] | None = None) -> GARDOSt
             study.config(method, study.seeds[0])
         except (ValueError, TypeError) as err:
             errors.add(join_path("methods", method), str(err))
-    errors.raise_if_any(label)
+    errors.raise_if_any(source)
     return study
 
 
-def _is_main() -> bool:
-    return int(os.environ.get("RANK", "0")) == 0
+def load_gardo_study(source, overrides=None) -> GARDOStudy:
+    """Load and validate a GARDO recipe: a path (see [`~regtune.experiments.load_recipe`]) or a mapping."""
+    from .recipe import apply_overrides, load_recipe
+
+    if isinstance(source, dict):
+        return validate_recipe(apply_overrides(source, overrides or {}), None, "gardo")
+    return load_recipe(str(source), overrides)
 
 
 def run_gardo_study(
-    study: GARDOStudy, output_dir: str | None = None, only: list[str] | None = None, report_only: bool = False
-) -> dict:
-    """Train every (method, seed) run not finished yet, then write `results.json`, `results.md`, `curves.png`."""
+    study: GARDOStudy,
+    output_dir: str | None = None,
+    only: list[str] | None = None,
+    report_only: bool = False,
+    **unused,
+) -> ExperimentResult:
+    """
+    Train every (method, seed) run not finished yet (each resumes from its checkpoint), then write `results.json`,
+    `results.md` and `curves.png`.
+    """
     import torch
 
-    from .testbed import build_testbed
-    from .trainer import GARDOTrainer
+    from regtune.diffusion.testbed import build_testbed
+    from regtune.diffusion.trainer import GARDOTrainer
 
     root = output_dir or study.output_dir
     if only:
         unknown = sorted(set(only) - set(study.methods))
         if unknown:
-            raise RecipeError([("--only", f"unknown method(s) {unknown}; allowed: {sorted(study.methods)}")])
+            raise RecipeError(
+                [("--only", f"unknown method(s) {unknown}; allowed: {sorted(study.methods)}")], study.name
+            )
     methods = [m for m in study.methods if not only or m in only]
     if study.torch_num_threads:
         torch.set_num_threads(study.torch_num_threads)
@@ -144,18 +154,23 @@ def run_gardo_study(
         for method in methods:
             for seed in study.seeds:
                 cfg = study.config(method, seed, root)
-                bed = build_testbed(study.testbed, log=print if _is_main() else None)
+                bed = build_testbed(study.testbed, log=print if is_main_process() else None)
                 info = bed.pop("info")
                 trainer = GARDOTrainer(cfg, **bed)
                 trainer.train()
-                if _is_main():
+                if is_main_process():
                     last = trainer.history[-1]
                     shown = {k: round(v, 4) for k, v in last.items() if k in CURVE_KEYS}
                     print(f"[{method} seed {seed}] epoch {trainer.epoch}: {shown}", flush=True)
-        if info and _is_main():
-            with open(os.path.join(root, "testbed.json"), "w", encoding="utf-8") as f:
-                json.dump(info, f, indent=2)
-    return write_report(study, root, methods) if _is_main() else {}
+        if info and is_main_process():
+            write_atomic(os.path.join(root, "testbed.json"), info)
+    if not is_main_process():
+        return ExperimentResult(root, [])
+    results = write_report(study, root, methods)
+    files = results.pop("files")
+    with open(files["table"], encoding="utf-8") as f:
+        table = f.read()
+    return ExperimentResult(root, [{"method": m, **r} for m, r in results["methods"].items()], table, files)
 
 
 def read_history(run_dir: str) -> list[dict]:
@@ -193,14 +208,12 @@ def write_report(study: GARDOStudy, root: str, methods: list[str]) -> dict:
                 str(s): [{k: r.get(k) for k in ("epoch", "reward", *CURVE_KEYS)} for r in h] for s, h in runs.items()
             },
         }
-    with open(os.path.join(root, "results.json"), "w", encoding="utf-8") as f:
-        json.dump(results, f, indent=1)
+    write_atomic(os.path.join(root, "results.json"), results)
     table = results_table(results)
-    with open(os.path.join(root, "results.md"), "w", encoding="utf-8") as f:
-        f.write(table + "\n")
+    write_atomic(os.path.join(root, "results.md"), table + "\n")
     files = {"json": os.path.join(root, "results.json"), "table": os.path.join(root, "results.md")}
     try:
-        files["plot"] = plot_curves(results, os.path.join(root, "curves.png"))
+        files["plot"] = plot_curves(results, os.path.join(root, "curves.png"))  # needs matplotlib
     except ImportError:
         pass
     results["files"] = files
@@ -284,67 +297,3 @@ def plot_curves(results: dict, path: str) -> str:
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# command line
-
-
-def _add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    parser.add_argument("recipe", help="path of the GARDO study recipe YAML (e.g. recipes/gardo_testbed.yaml)")
-    parser.add_argument("--output_dir", help="the study folder (default: the recipe's output_dir)")
-    parser.add_argument("--only", help="comma-separated method names to run")
-    parser.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        metavar="KEY.PATH=VALUE",
-        help="override a recipe key (YAML value), e.g. --set training.num_epochs=20; repeatable",
-    )
-    parser.add_argument("--report_only", action="store_true", help="train nothing; rewrite the table and plot")
-    return parser
-
-
-def add_gardo_parser(subparsers) -> argparse.ArgumentParser:
-    """Add the `gardo` command to `regtune study`'s sub-parsers; its handler is [`run_from_cli`]."""
-    parser = subparsers.add_parser(
-        "gardo",
-        help="GARDO vs no-KL vs KL-on-all diffusion RL on the offline testbed (arXiv:2512.24138)",
-        description="Train GARDO and its baselines (Flow-GRPO without KL, with KL on every sample) with LoRA on the "
-        "offline diffusion testbed, for every method and seed of the recipe (resumable), then write results.json, "
-        "results.md and curves.png.",
-        allow_abbrev=False,
-    )
-    _add_arguments(parser)
-    parser.set_defaults(handler=run_from_cli)
-    return parser
-
-
-def run_from_cli(args: argparse.Namespace) -> int:
-    """Run the study of parsed command-line `args`; return the exit status (2 for an invalid recipe)."""
-    try:
-        study = load_gardo_study(args.recipe, parse_set_overrides(args.overrides))
-        only = [m.strip() for m in args.only.split(",") if m.strip()] if args.only else None
-        result = run_gardo_study(study, output_dir=args.output_dir, only=only, report_only=args.report_only)
-    except (RecipeError, ValueError, FileNotFoundError) as err:
-        if getattr(args, "debug", False):
-            raise
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    if _is_main() and result.get("files", {}).get("table"):
-        with open(result["files"]["table"], encoding="utf-8") as f:
-            print(f.read())
-    return 0
-
-
-def main(argv: list[str] | None = None) -> int:
-    """`python -m regtune.diffusion.study RECIPE.yaml [...]`."""
-    parser = _add_arguments(argparse.ArgumentParser(prog="python -m regtune.diffusion.study", allow_abbrev=False))
-    return run_from_cli(parser.parse_args(argv))
-
-
-if __name__ == "__main__":
-    sys.exit(main())
-
-
-__all__ = ["GARDOStudy", "add_gardo_parser", "load_gardo_study", "run_gardo_study"]
