@@ -100,19 +100,28 @@ class _ALLoRAProduct(torch.autograd.Function):
     def backward(ctx, grad_out):
         x, hidden, weight_A, weight_B, coefficient = ctx.saved_tensors
         dtype = grad_out.dtype
+        needs_x, needs_A, needs_B = ctx.needs_input_grad[:3]
         grad_out_2d = grad_out.reshape(-1, grad_out.shape[-1])
-        b = weight_B.to(dtype)
+        b = weight_B if weight_B.dtype == dtype else weight_B.to(dtype)
+        c = (coefficient if coefficient.dtype == dtype else coefficient.to(dtype))[:, None]
         grad_x = grad_A = grad_B = None
-        if ctx.needs_input_grad[0]:
+        if needs_x:
             # plain LoRA: dL/dx = (delta B) A
-            grad_x = ((grad_out @ b) @ weight_A.to(dtype)).to(x.dtype)
-        if ctx.needs_input_grad[1]:
+            a = weight_A if weight_A.dtype == dtype else weight_A.to(dtype)
+            grad_x = (grad_out @ b) @ a
+            if grad_x.dtype != x.dtype:
+                grad_x = grad_x.to(x.dtype)
+        if needs_A:
             # delta * c through B is (delta) (c[:, None] * B): scale the small (out x r) matrix, not the activations
-            scaled_b = b * coefficient.to(dtype)[:, None]
-            grad_A = ((grad_out_2d @ scaled_b).T @ x.reshape(-1, x.shape[-1]).to(dtype)).to(weight_A.dtype)
-        if ctx.needs_input_grad[2]:
-            plain_grad_B = grad_out_2d.T @ hidden.reshape(-1, hidden.shape[-1]).to(dtype)
-            grad_B = (plain_grad_B * coefficient.to(dtype)[:, None]).to(weight_B.dtype)
+            x_2d = x.reshape(-1, x.shape[-1])
+            grad_A = (grad_out_2d @ (b * c)).T @ (x_2d if x_2d.dtype == dtype else x_2d.to(dtype))
+            if grad_A.dtype != weight_A.dtype:
+                grad_A = grad_A.to(weight_A.dtype)
+        if needs_B:
+            hidden_2d = hidden.reshape(-1, hidden.shape[-1])
+            grad_B = (grad_out_2d.T @ (hidden_2d if hidden_2d.dtype == dtype else hidden_2d.to(dtype))) * c
+            if grad_B.dtype != weight_B.dtype:
+                grad_B = grad_B.to(weight_B.dtype)
         return grad_x, grad_A, grad_B, None
 
 

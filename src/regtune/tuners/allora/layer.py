@@ -143,8 +143,8 @@ class ALLoRALayer:
 
     # ---- the coefficients ----
 
-    def _allora_cache_key(self, adapter_name: str, kind: str) -> tuple:
-        weight_A, weight_B = self.allora_weights(adapter_name)
+    def _allora_cache_key(self, adapter_name: str, kind: str, weights=None) -> tuple:
+        weight_A, weight_B = weights if weights is not None else self.allora_weights(adapter_name)
         return (
             kind,
             _Registry.generation,
@@ -156,8 +156,8 @@ class ALLoRALayer:
             weight_B.dtype,
         )
 
-    def _allora_cached(self, adapter_name: str, kind: str, compute):
-        key = self._allora_cache_key(adapter_name, kind)
+    def _allora_cached(self, adapter_name: str, kind: str, compute, weights=None):
+        key = self._allora_cache_key(adapter_name, kind, weights)
         cached = self.allora_cache.get(adapter_name)
         if cached is not None and cached[0] == key:
             return cached[1]
@@ -169,19 +169,20 @@ class ALLoRALayer:
             if cached is not None and cached[0] == key:
                 return cached[1]
         with torch.no_grad():
-            value = compute(*self.allora_weights(adapter_name))
+            value = compute(*(weights if weights is not None else self.allora_weights(adapter_name)), adapter_name)
         self.allora_cache[adapter_name] = (key, value)
         return value
 
-    def allora_row_coefficients(self, adapter_name: str) -> torch.Tensor:
+    def allora_row_coefficients(self, adapter_name: str, weights=None) -> torch.Tensor:
         """
         The row coefficient `c` of every output row of `dW` (float32, shape `(..., out)`), computed from the current
         `A` and `B` (cached between changes of the weights).
         """
+        return self._allora_cached(adapter_name, "rows", self._allora_compute_rows, weights)
+
+    def _allora_compute_rows(self, weight_A, weight_B, adapter_name):
         eta, squared = self.allora_eta[adapter_name], self.allora_norm_squared[adapter_name]
-        return self._allora_cached(
-            adapter_name, "rows", lambda a, b: allora_row_coefficient(*self._allora_views(a, b), eta, squared)
-        )
+        return allora_row_coefficient(*self._allora_views(weight_A, weight_B), eta, squared)
 
     def allora_factor_coefficients(self, adapter_name: str) -> tuple[torch.Tensor, torch.Tensor]:
         """
@@ -190,7 +191,7 @@ class ALLoRALayer:
         """
         eta, squared = self.allora_eta[adapter_name], self.allora_norm_squared[adapter_name]
 
-        def compute(weight_A, weight_B):
+        def compute(weight_A, weight_B, _):
             a, b = self._allora_views(weight_A, weight_B)
             c_a = allora_factor_coefficient(a.reshape(-1, a.shape[-1]), eta, squared).reshape(a.shape[:-1])
             c_b = allora_factor_coefficient(b.reshape(-1, b.shape[-1]), eta, squared).reshape(b.shape[:-1])
@@ -264,17 +265,20 @@ class ALLoRALinearVariant(_ALLoRAVariantBase):
 
     @staticmethod
     def forward(module: ALLoRALinear, active_adapter: str, x: torch.Tensor, result: torch.Tensor, **kwargs):
-        rule = module._allora_gradient_rule(active_adapter)
-        if rule == "product":
-            weight_A, weight_B = module.allora_weights(active_adapter)
-            coefficient = module.allora_row_coefficients(active_adapter)
-            delta = _ALLoRAProduct.apply(x, weight_A, weight_B, coefficient)
-        elif rule == "factors":
+        # the hot path of training: few Python operations (every forward of every adapted layer)
+        lora_A, lora_B = module.lora_A[active_adapter], module.lora_B[active_adapter]
+        weight_A, weight_B = lora_A.weight, lora_B.weight
+        if (
+            module.allora_scale_gradients[active_adapter]
+            and torch.is_grad_enabled()
+            and (weight_A.requires_grad or weight_B.requires_grad)
+        ):
+            if module.allora_row_norm[active_adapter] == "product":
+                coefficient = module.allora_row_coefficients(active_adapter, (weight_A, weight_B))
+                return result + _ALLoRAProduct.apply(x, weight_A, weight_B, coefficient)
             weight_A, weight_B = module._allora_scaled_factors(active_adapter)
-            delta = F.linear(F.linear(x, weight_A), weight_B)
-        else:
-            delta = module.lora_B[active_adapter](module.lora_A[active_adapter](x))
-        return result + delta
+            return result + F.linear(F.linear(x, weight_A), weight_B)
+        return result + lora_B(lora_A(x))  # inference, frozen adapter or update mode: plain B A x
 
 
 class ALLoRAEmbeddingVariant(_ALLoRAVariantBase):
@@ -401,7 +405,7 @@ class _ALLoRAConvNd(ALLoRALayer):
         return self._allora_cached(
             adapter_name,
             "factors",
-            lambda a, b: (allora_factor_coefficient(a, eta, squared), allora_factor_coefficient(b, eta, squared)),
+            lambda a, b, _: (allora_factor_coefficient(a, eta, squared), allora_factor_coefficient(b, eta, squared)),
         )
 
 
