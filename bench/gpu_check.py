@@ -152,6 +152,7 @@ def _matrix_check(check, case, model_case, device, dtype) -> None:
     peft_model = _matrix_peft(case, model_case, device, dtype)
     batch = _batch(model_case, device, dtype)
     tol = 2e-2 if dtype == torch.bfloat16 else 1e-5
+    exact = 1e-3 if dtype == torch.bfloat16 else 0.0  # GPU kernels may pick another reduction order
     if check == "forward_backward":
         peft_model.train()
         out = peft_model(**batch)
@@ -194,14 +195,14 @@ def _matrix_check(check, case, model_case, device, dtype) -> None:
     elif check == "disable":
         base = model_case.build().to(device=device, dtype=dtype).eval()
         with peft_model.disable_adapter():
-            _close(_logits(peft_model, batch), _logits(base, batch), "disabled", 0.0)
+            _close(_logits(peft_model, batch), _logits(base, batch), "disabled", exact)
     elif check == "save_load":
         logits = _logits(peft_model, batch)
         with tempfile.TemporaryDirectory() as folder:
             peft_model.save_pretrained(folder)
             base = model_case.build().to(device=device, dtype=dtype)
             loaded = PeftModel.from_pretrained(base, folder).eval()
-            _close(_logits(loaded, batch), logits, "reloaded", 0.0)
+            _close(_logits(loaded, batch), logits, "reloaded", exact)
 
 
 # ---- 2. step times and peak memory on a realistic width ----
