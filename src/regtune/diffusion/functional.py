@@ -19,6 +19,8 @@ from collections import deque
 
 import torch
 
+from regtune._sharding import foreach_copy_
+
 
 LOG_SQRT_2PI = 0.5 * math.log(2 * math.pi)
 SCALES = ("group", "batch", "none")
@@ -422,7 +424,7 @@ def copy_adapter_weights(model: torch.nn.Module, source: str = "default", target
     if missing or not names:
         raise ValueError(f"adapter {target!r} lacks parameters of adapter {source!r}: {missing[:3] or 'none found'}")
     pairs = [(params[name], params[name.replace(src_tag, tgt_tag)]) for name in names]
-    torch._foreach_copy_([t for _, t in pairs], [s for s, _ in pairs])
+    foreach_copy_([t for _, t in pairs], [s for s, _ in pairs])  # FSDP2's DTensor parameters too
     return len(pairs)
 
 
