@@ -67,7 +67,10 @@ def test_gardo_recipe_runs_through_the_cli(tmp_path, capsys):
         ("training.output_dir=x", "training.output_dir: set per run by the study"),
         ("testbed.width=2", "testbed.width: must be >= 4"),
         ("epochs=3", "epochs: unknown key for a GARDO recipe. (allowed: description, methods, name"),
-        ("methods.gardo.gate_init=0.5", "methods.gardo: Invalid GARDOConfig: gate_init must lie in"),
+        (
+            "methods.gardo.gate_init=0.5",
+            "methods.gardo.gate_init: GARDOConfig rejected these values: Invalid GARDOConfig",
+        ),
     ],
 )
 def test_invalid_recipe_names_the_key(tmp_path, capsys, override, expected):

@@ -306,3 +306,22 @@ def check_mapping(
                 )
         out[key] = value
     return out
+
+
+def fields_named(message: str, fields) -> list[str]:
+    """The field names that an error message of a host config mentions (to report it under their key paths)."""
+    return [f for f in fields if re.search(rf"(?<![A-Za-z0-9_]){re.escape(f)}(?![A-Za-z0-9_])", message)]
+
+
+def construct_checked(build, path: str, fields, errors: Errors, what: str) -> None:
+    """
+    Call `build` (construct a host config or a regularizer: its own checks) and report what it rejects under the key
+    paths of the `fields` its message names (else under `path`). Returns the object, or `None` when rejected.
+    """
+    try:
+        return build()
+    except Exception as e:  # noqa: BLE001 (any rejection by the host class is the recipe's problem)
+        message = f"{what} rejected these values: {e}"
+        named = fields_named(str(e), fields)
+        for name in named or [None]:
+            errors.add(join_path(path, name) if name else path, message)

@@ -35,7 +35,7 @@ from pydantic import Field
 
 from regtune.data.models import BUILTIN_MODELS
 
-from .checks import SectionModel, check_mapping, check_model, check_range, check_value
+from .checks import SectionModel, check_mapping, check_model, check_range, check_value, construct_checked
 from .errors import Errors, RecipeError, allowed_list, join_path, suggest
 
 
@@ -383,22 +383,6 @@ def _missing_local_path(value: str) -> bool:
     return value.startswith(("/", ".", "~")) or not HUB_ID_RE.match(value)
 
 
-def _fields_named(message: str, fields) -> list[str]:
-    """The field names that an error message of a host config mentions (to report it under their key paths)."""
-    return [f for f in fields if re.search(rf"(?<![A-Za-z0-9_]){re.escape(f)}(?![A-Za-z0-9_])", message)]
-
-
-def _constructor_errors(build, path: str, fields, errors: Errors, what: str) -> None:
-    """Construct a host config / regularizer (its own checks) and report a `ValueError` under the fields it names."""
-    try:
-        build()
-    except Exception as e:  # noqa: BLE001 (any rejection by the host class is the recipe's problem)
-        message = f"{what} rejected these values: {e}"
-        named = _fields_named(str(e), fields)
-        for name in named or [None]:
-            errors.add(join_path(path, name) if name else path, message)
-
-
 def _validate_data(raw, errors: Errors) -> DataSpec:
     from regtune.data import BUILTIN_TASKS
 
@@ -495,7 +479,7 @@ def _validate_adapter(raw, task: str, errors: Errors) -> AdapterSpec | None:
             check_range(kwargs[key], bounds, f"adapter.{key}", errors)
     spec = AdapterSpec(type=canonical, kwargs=kwargs, config_cls=config_cls)
     if len(errors.items) == n_errors:  # the config's own __post_init__ checks (ranges, combinations)
-        _constructor_errors(spec.build_config, "adapter", kwargs, errors, config_cls.__name__)
+        construct_checked(spec.build_config, "adapter", kwargs, errors, config_cls.__name__)
     return spec
 
 
@@ -529,7 +513,7 @@ def _validate_regularizers(raw, errors: Errors) -> list[RegularizerSpec]:
             from regtune.regularizers import build_regularizer
 
             build = lambda name=name, kwargs=kwargs: build_regularizer(name, **copy.deepcopy(kwargs))  # noqa: E731
-            _constructor_errors(build, path, kwargs, errors, f"regularizer {name!r}")
+            construct_checked(build, path, kwargs, errors, f"regularizer {name!r}")
         specs.append(RegularizerSpec(type=name, kwargs=kwargs))
     return specs
 
@@ -547,7 +531,7 @@ def _validate_training(raw, config_cls, errors: Errors) -> dict:
     )
     if len(errors.items) == n_errors:
         build = lambda: config_cls(output_dir="regtune-validation", **copy.deepcopy(training))  # noqa: E731
-        _constructor_errors(build, "training", training, errors, config_cls.__name__)
+        construct_checked(build, "training", training, errors, config_cls.__name__)
     return training
 
 

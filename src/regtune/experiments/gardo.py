@@ -31,7 +31,7 @@ from pydantic import Field
 from regtune.diffusion.config import GARDOConfig
 from regtune.diffusion.testbed import TestbedConfig
 
-from .checks import SectionModel, check_mapping, check_model
+from .checks import SectionModel, check_mapping, check_model, construct_checked
 from .errors import Errors, RecipeError, join_path
 from .io import is_main_process, write_atomic
 from .report import ExperimentResult
@@ -92,23 +92,24 @@ def validate_recipe(raw: dict, source: str | None = None, default_name: str | No
         str(method): check_mapping(fields, GARDOConfig, join_path("methods", str(method)), errors, forbidden=forbidden)
         for method, fields in (top.methods if isinstance(top.methods, dict) else {}).items()
     }
+    testbed = construct_checked(lambda: TestbedConfig(**testbed), "testbed", testbed, errors, "TestbedConfig")
     errors.raise_if_any(source)
     study = GARDOStudy(
         name=str(name),
         output_dir=str(top.output_dir or os.path.join("runs", str(name))),
         seeds=list(top.seeds),
-        testbed=TestbedConfig(**testbed),
+        testbed=testbed,
         training=training,
         methods=methods,
         description=top.description,
         torch_num_threads=top.torch_num_threads,
         raw=raw,
     )
-    for method in study.methods:  # GARDOConfig's own cross-field checks, reported with the method's path
-        try:
-            study.config(method, study.seeds[0])
-        except (ValueError, TypeError) as err:
-            errors.add(join_path("methods", method), str(err))
+    for method in study.methods:  # GARDOConfig's own checks, under the key paths of the fields they name
+        fields = {**study.training, **study.methods[method]}
+        construct_checked(
+            lambda m=method: study.config(m, study.seeds[0]), f"methods.{method}", fields, errors, "GARDOConfig"
+        )
     errors.raise_if_any(source)
     return study
 

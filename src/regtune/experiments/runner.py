@@ -157,10 +157,10 @@ def _as_recipe_error(path: str, run: RunSpec, loading: str | None = None, fields
     except (OSError, ValueError, KeyError) as e:
         if isinstance(e, RecipeError):
             raise
-        from .finetune import _fields_named
+        from .checks import fields_named
 
         text = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        named = _fields_named(text, fields or {})
+        named = fields_named(text, fields or {})
         given = ", ".join(f"{name}={fields[name]!r}" for name in named)
         prefix = f"run {run.name!r}: " + (f"cannot load {loading!r}: " if loading else f"{given}: " if given else "")
         raise RecipeError([(f"{path}.{n}" if named else path, prefix + text) for n in named or [""]]) from e
