@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import inspect
 import math
 import re
 import types
@@ -325,3 +326,33 @@ def construct_checked(build, path: str, fields, errors: Errors, what: str) -> No
         named = fields_named(str(e), fields)
         for name in named or [None]:
             errors.add(join_path(path, name) if name else path, message)
+
+
+def check_call_kwargs(fn, kwargs, path: str, errors: Errors, what: str) -> dict:
+    """Check `kwargs` against the signature (names and annotated types) of the callable `fn`."""
+    if not isinstance(kwargs, dict):
+        errors.add(path, f"expected a mapping of keyword arguments, got {kwargs!r}")
+        return {}
+    if dataclasses.is_dataclass(fn):
+        return check_mapping(kwargs, fn, path, errors, what=what)
+    target = fn.__init__ if isinstance(fn, type) else fn
+    try:
+        params = dict(inspect.signature(target).parameters)
+    except (TypeError, ValueError):
+        return dict(kwargs)
+    params.pop("self", None)
+    if any(p.kind is p.VAR_KEYWORD for p in params.values()):
+        return dict(kwargs)
+    names = [n for n, p in params.items() if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+    try:
+        hints = typing.get_type_hints(target)
+    except Exception:
+        hints = {}
+    out = {}
+    for key, value in kwargs.items():
+        key_path = join_path(path, str(key))
+        if key not in names:
+            errors.add(key_path, unknown_key(key, names, what))
+            continue
+        out[key] = check_value(value, hints[key], key_path, errors) if key in hints else value
+    return out

@@ -35,7 +35,15 @@ from pydantic import Field
 
 from regtune.data.models import BUILTIN_MODELS
 
-from .checks import SectionModel, check_mapping, check_model, check_range, check_value, construct_checked
+from .checks import (
+    SectionModel,
+    check_call_kwargs,
+    check_mapping,
+    check_model,
+    check_range,
+    check_value,
+    construct_checked,
+)
 from .errors import Errors, RecipeError, allowed_list, join_path, suggest
 
 
@@ -398,7 +406,7 @@ def _validate_data(raw, errors: Errors) -> DataSpec:
                 f"Known: {', '.join(sorted(BUILTIN_TASKS))}",
             )
         else:
-            spec.options = _check_call_kwargs(task.build, spec.options, "data.options", errors, f"task {task.name!r}")
+            spec.options = check_call_kwargs(task.build, spec.options, "data.options", errors, f"task {task.name!r}")
             for key, bounds in getattr(task, "option_ranges", {}).items():
                 if key in spec.options:
                     check_range(spec.options[key], bounds, f"data.options.{key}", errors)
@@ -408,37 +416,6 @@ def _validate_data(raw, errors: Errors) -> DataSpec:
     elif spec.options:
         errors.add("data.options", "only for `builtin` tasks; pass load_dataset arguments as data.name / data_files")
     return spec
-
-
-def _check_call_kwargs(fn, kwargs, path: str, errors: Errors, what: str) -> dict:
-    """Check `kwargs` against the signature (names and annotated types) of the callable `fn`."""
-    if not isinstance(kwargs, dict):
-        errors.add(path, f"expected a mapping of keyword arguments, got {kwargs!r}")
-        return {}
-    if dataclasses.is_dataclass(fn):
-        return check_mapping(kwargs, fn, path, errors, what=what)
-    target = fn.__init__ if isinstance(fn, type) else fn
-    try:
-        params = dict(inspect.signature(target).parameters)
-    except (TypeError, ValueError):
-        return dict(kwargs)
-    params.pop("self", None)
-    if any(p.kind is p.VAR_KEYWORD for p in params.values()):
-        return dict(kwargs)
-    names = [n for n, p in params.items() if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
-    try:
-        hints = typing.get_type_hints(target)
-    except Exception:
-        hints = {}
-    out = {}
-    for key, value in kwargs.items():
-        key_path = join_path(path, str(key))
-        if key not in names:
-            hint = suggest(str(key), names)
-            errors.add(key_path, f"unknown option of {what}.{hint}{'' if hint else ' (' + allowed_list(names) + ')'}")
-            continue
-        out[key] = check_value(value, hints[key], key_path, errors) if key in hints else value
-    return out
 
 
 def _validate_adapter(raw, task: str, errors: Errors) -> AdapterSpec | None:
@@ -508,7 +485,7 @@ def _validate_regularizers(raw, errors: Errors) -> list[RegularizerSpec]:
             )
             continue
         n_errors = len(errors.items)
-        kwargs = _check_call_kwargs(registry[name], kwargs, path, errors, f"regularizer {name!r}")
+        kwargs = check_call_kwargs(registry[name], kwargs, path, errors, f"regularizer {name!r}")
         if len(errors.items) == n_errors:  # the regularizer's own checks (ranges, combinations); building is cheap
             from regtune.regularizers import build_regularizer
 

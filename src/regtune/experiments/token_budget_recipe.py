@@ -33,13 +33,12 @@ import copy
 import dataclasses
 import inspect
 import os
-import typing
 from dataclasses import dataclass
 from typing import Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from .checks import SectionModel, check_mapping, check_model, check_value
+from .checks import SectionModel, check_call_kwargs, check_mapping, check_model, construct_checked
 from .errors import Errors, join_path, suggest, unknown_key
 
 
@@ -214,28 +213,15 @@ def _validate_dropout(raw, errors: Errors) -> dict[str, dict]:
         return {}
     from regtune.regularizers.dropout_schedule import DropoutSchedule
 
-    allowed = [p for p in inspect.signature(DropoutSchedule.__init__).parameters if p != "self"]
-    hints = typing.get_type_hints(DropoutSchedule.__init__)
     settings = {}
     for name, args in raw.items():
         path = f"dropout.{name}"
-        if not isinstance(args, dict):
-            errors.add(path, f"expected DropoutSchedule arguments, e.g. {{p: 0.1, mode: linear, end_fraction: 1}}, "
-                       f"got {args!r}")  # fmt: skip
-            continue
         before = len(errors.items)
-        for key, value in args.items():
-            if key not in allowed:
-                errors.add(join_path(path, key), unknown_key(key, allowed, "DropoutSchedule"))
-            elif key in hints:
-                check_value(value, hints[key], join_path(path, key), errors)
-        if "p" not in args:
+        args = check_call_kwargs(DropoutSchedule, args, path, errors, "DropoutSchedule")
+        if "p" not in args and len(errors.items) == before:
             errors.add(f"{path}.p", "required: the dropout rate (or a mapping of dropout types to rates)")
         if len(errors.items) == before:
-            try:
-                DropoutSchedule(**copy.deepcopy(args))
-            except ValueError as err:
-                errors.add(path, str(err).removeprefix("DropoutSchedule: "))
+            construct_checked(lambda a=args: DropoutSchedule(**copy.deepcopy(a)), path, {}, errors, "DropoutSchedule")
         settings[str(name)] = dict(args)
     return settings
 
