@@ -1,10 +1,11 @@
 """Every ```python snippet of README.md and docs/*.md runs as written, on CPU, offline.
 
-The snippets of one file run in order in one namespace (later snippets use what earlier ones defined, as a reader
-would), in a temporary working directory where `recipes/` and `bench/` point to the repository's. Stand-ins for what a
-snippet names but does not build (see `_standins`; fresh before every snippet): `base` / `model` (a tiny BERT classifier), `allora_model`,
-data sets `train` / `dev` / `train_ds` / `eval_ds` / `ds` (token ids and labels for it; `ds` is a prompt/completion
-SFT set in the LfU pages), `args`; Hub model ids in `HUB_IDS` are replaced by a tiny Llama saved with a tokenizer.
+The snippets of one page run in order in one namespace (later snippets use what earlier ones defined, as a reader
+would), in a temporary working directory where `recipes/`, `bench/` and `../shared/` point to the repository's.
+Stand-ins for what a snippet names but does not build (see `_standins`; fresh before every snippet): `base` /
+`model` (a tiny BERT classifier), `allora_model`, data sets `train` / `dev` / `train_ds` / `eval_ds` / `ds` (token
+ids and labels for it; `ds` is a prompt/completion SFT set on the LfU pages), `args`; the Hub model ids in `HUB_IDS`
+are replaced by a tiny Llama saved with a tokenizer. A page's snippets must finish within `PAGE_SECONDS`.
 
 A snippet that is only a fragment may be skipped with a marker on the line before its fence, with a reason:
 `<!-- no-run: reason -->`. Use it sparingly: a snippet that a user cannot run as written is a bug in the docs.
@@ -159,9 +160,14 @@ def test_snippets_are_found_and_markers_have_reasons():
 @pytest.mark.parametrize("relpath", [relpath for relpath in DOCS if snippets(relpath)])
 def test_docs_snippets_run(relpath, hub_standins, tmp_path, monkeypatch):
     blocks = snippets(relpath)
-    monkeypatch.chdir(tmp_path)
+    # the working directory stands for the repository root: its recipes/ and bench/, and ../shared/ next to it
+    work = tmp_path / "repo"
+    work.mkdir()
+    monkeypatch.chdir(work)
     for folder in ("recipes", "bench"):
-        os.symlink(os.path.join(ROOT, folder), tmp_path / folder)
+        os.symlink(os.path.join(ROOT, folder), work / folder)
+    if os.path.isdir(os.path.join(ROOT, "..", "shared")):
+        os.symlink(os.path.realpath(os.path.join(ROOT, "..", "shared")), tmp_path / "shared")
     ns = {"__name__": f"docs_snippet_{os.path.basename(relpath)}"}
     deadline = time.monotonic() + PAGE_SECONDS
     failures = []

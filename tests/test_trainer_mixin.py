@@ -711,3 +711,25 @@ def test_undamaged_state_resumes_and_a_regularizer_loader_error_is_named(saved_c
         RegularizerStateError, match=r"regularizer 'ema_state' \(_Picky\) could not load its state: KeyError"
     ):
         trainer.train(resume_from_checkpoint=str(saved_checkpoint))
+
+
+def test_nonfinite_guard_follows_the_other_processes(tmp_path, monkeypatch):
+    """Under DDP the flag is all-reduced: a NaN on another process stops (or skips) this one too, at the same step."""
+    _, trainer = _guarded_run(tmp_path, _float_dataset())
+    reduced = []
+
+    def reduce(tensor, reduction):
+        reduced.append(reduction)
+        return tensor + 1.0  # another process saw a non-finite value
+
+    monkeypatch.setattr(type(trainer.accelerator), "num_processes", property(lambda self: 2))
+    monkeypatch.setattr(trainer.accelerator, "reduce", reduce)
+    with pytest.raises(NonFiniteLossError, match=r"optimizer step 1 .* on another process"):
+        trainer.train()
+    assert reduced == ["sum"]
+    model, trainer = _guarded_run(tmp_path, _float_dataset(), max_steps=2, on_nonfinite="skip")
+    monkeypatch.setattr(trainer.accelerator, "reduce", reduce)
+    before = flat_weights(model)
+    trainer.train()
+    assert trainer.nonfinite_skipped_steps == 2
+    torch.testing.assert_close(flat_weights(model), before, rtol=0, atol=0)
