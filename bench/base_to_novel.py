@@ -1,15 +1,17 @@
 """Base-to-novel generalization on text: the analogue of the CoOp/CLIP base-to-novel protocol.
 
-* Model: the offline all-MiniLM-L6-v2 (`AutoModel` + `AutoTokenizer`) used as a *dual encoder*. A text is embedded as
-  the mean of its last hidden states over non-padding tokens, L2-normalized. A class is the embedding of a short
-  natural-language description of it (`DESCRIPTIONS`). logits = SCALE * cosine(text, class), SCALE = 20 (fixed,
-  not learned; 20 is the scale all-MiniLM-L6-v2 was trained with in sentence-transformers' contrastive loss).
-  The same (adapted) encoder embeds the inputs and the class descriptions. During training the class embeddings are
-  recomputed with the current model at every step (with gradient: the descriptions are a second, tiny batch through
-  the same encoder); at evaluation they are computed once per evaluation with the adapted model.
-* Data (/work/shared/data): TREC coarse labels (train_5500 pool, TREC_10 test), AG News (test.csv only: a fixed
-  train pool of 100 examples per class is carved out with a fixed seed, the rest is the test set), SST-2 (train.tsv
-  pool, dev.tsv test; 2 classes, so it has no base/novel split and is used for the zero-shot sanity check only).
+* Model: the offline all-MiniLM-L6-v2 (`AutoModel` + `AutoTokenizer`) used as a *dual encoder*
+  ([`DualEncoderClassifier`]). A text is embedded as the mean of its last hidden states over non-padding tokens,
+  L2-normalized. A class is the embedding of a short natural-language description of it (`DESCRIPTIONS`).
+  logits = SCALE * cosine(text, class), SCALE = 20 (fixed, not learned; 20 is the scale all-MiniLM-L6-v2 was trained
+  with in sentence-transformers' contrastive loss). The same (adapted) encoder embeds the inputs and the class
+  descriptions. During training the class embeddings are recomputed by every forward pass (with gradient: the
+  descriptions are a second, tiny batch through the same encoder); at evaluation they are computed once per
+  evaluation with the adapted model.
+* Data (/work/shared/data, read by `bench.data`): TREC coarse labels (train_5500 pool, TREC_10 test), AG News
+  (test.csv only: a fixed train pool of 100 examples per class is carved out with a fixed seed, the rest is the test
+  set), SST-2 (train.tsv pool, dev.tsv test; 2 classes, so it has no base/novel split and is used for the zero-shot
+  sanity check only).
 * Split: the first half of the classes in the dataset's canonical label order is *base*, the second half *novel*
   (`SPLITS`): TREC base ABBR/ENTY/DESC, novel HUM/LOC/NUM; AG News base World/Sports, novel Business/Sci-Tech.
 * Protocol per seed: k examples per base class are drawn from the pool (seeded); the model is trained on them with
@@ -18,57 +20,76 @@
   among the novel classes; H = harmonic mean of base and novel; also *all* = accuracy of every test example
   classified among all classes (the "generalized" setting, not part of CoOp's protocol). Mean and std (population
   std, as `statistics.pstdev`) over seeds.
-* Methods are pluggable (`register_method`): a method builds `(model, optimizer, step_fn, scheduler)` from the
-  loaded encoder; `step_fn(ctx: StepContext) -> float` owns forward/backward/update, so two-pass methods (SAM, GLAD,
-  R-AMT's two backward passes) plug in. Provided: `zero-shot` (no training) and `lora`.
+* Training runs the shipped trainers: a method builds a [`TrainSetup`] (the model to train, a regtune trainer class,
+  its extra `TrainingArguments` fields and regularizers) and the harness runs `trainer.train()` with the shared
+  settings (AdamW, cosine decay to 0 without warm-up, batch `--batch-size`, `--steps` optimizer steps, no gradient
+  clipping, seed = the run's seed). The mechanism's diagnostics the trainers log (e.g. `glad/cos_g_gsam`,
+  `gradient_dropout/drop_fraction`, `mask_tuning/flipped`) are kept per run (mean over the logged steps).
 
-Usage:
-    python bench/base_to_novel.py --datasets trec ag_news --methods zero-shot lora --seeds 0 1 2 --k 16 --steps 50 \
+Methods: `zero-shot` (no training), `lora` (peft LoRA, `RegTrainer`), `glad-l<lambda>-r<rho>` (`GLADTrainer` on the
+same LoRA model), `mask`, `mask-gd0.3`, `mask-gd1.0` (`MaskTuningTrainer`: R-AMT masks on the attention
+projections, gradient dropout lambda 0 / 0.3 / 1.0).
+
+Usage (from the repository root):
+    python -m bench.base_to_novel --datasets trec ag_news --methods zero-shot lora --seeds 0 1 2 --k 16 --steps 50 \
         --out bench/out/base_to_novel
-    python bench/base_to_novel.py --datasets trec sst2 ag_news --methods zero-shot --max-test-per-class 0 \
+    python -m bench.base_to_novel --datasets trec sst2 ag_news --methods zero-shot --max-test-per-class 0 \
         --out bench/out/base_to_novel_zs_full            # zero-shot on the full test sets
-    python bench/base_to_novel.py --datasets trec ag_news --methods lora --tune-lr 1e-4 3e-4 1e-3 3e-3 --seeds 0
+    python -m bench.base_to_novel --datasets trec ag_news --methods lora --tune-lr 1e-4 3e-4 1e-3 3e-3 --seeds 0
                                                          # lr grid, scored on a base-class validation split only
 
 Writes <out>/results.json and <out>/results.md (with --tune-lr: tune_lr.json / tune_lr.md) and prints the table.
 
-Adding a method (in this file, or from another script after `sys.path.insert(0, "bench")`):
+Adding a method (in this file, or from another module that is then run with `main()`):
 
-    from base_to_novel import MethodConfig, StepContext, TrainSetup, register_method
+    from bench.base_to_novel import MethodConfig, TrainSetup, build_lora, register_method
 
-    @register_method("my-method", default_lr=1e-3)
-    def build_my_method(model: torch.nn.Module, cfg: MethodConfig) -> TrainSetup | None:
-        ...  # wrap/adapt `model`, build an optimizer with lr=cfg.lr; cfg.options holds --method-opt KEY=VALUE
-        return TrainSetup(model, optimizer, step_fn=None)  # step_fn=None: loss.backward(); step; zero_grad
+    @register_method("my-method", default_lr=3e-3)
+    def build_my_method(model: DualEncoderClassifier, cfg: MethodConfig) -> TrainSetup | None:
+        setup = build_lora(model, cfg)  # or wrap `model` with another peft config
+        setup.regularizers.append(MyRegularizer())  # a regtune.Regularizer (loss term, forward context, own step)
+        return setup
 """
 
 from __future__ import annotations
 
-import argparse
-import csv
-import json
-import math
 import os
-import random
-import statistics
-import sys
-import time
-import warnings
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
-from typing import Any
 
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 # On shared, oversubscribed cores libgomp's default spin-waiting makes 2-thread steps ~5x slower than 1-thread ones
 # (measured here: 4 s vs 0.8 s per LoRA step on TREC at load ~10); passive waiting removes that. It only takes effect
-# if set before torch (OpenMP) is first imported, i.e. when this file is run as a script or imported first.
+# if set before torch (OpenMP) is first imported, i.e. when this module is run or imported first.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import argparse  # noqa: E402
+import random  # noqa: E402
+import statistics  # noqa: E402
+import tempfile  # noqa: E402
+import time  # noqa: E402
+import warnings  # noqa: E402
+from collections.abc import Callable, Sequence  # noqa: E402
+from dataclasses import dataclass, field  # noqa: E402
+from typing import Any  # noqa: E402
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
-from _common import DATA_DIR, OUT_DIR, machine_description, minilm_dir, quiet_transformers  # noqa: E402
-from transformers import AutoModel, AutoTokenizer  # noqa: E402
+from transformers import AutoModel, AutoTokenizer, TrainerCallback, TrainingArguments  # noqa: E402
+from transformers.modeling_outputs import SequenceClassifierOutput  # noqa: E402
+
+import regtune  # noqa: E402
+from bench._common import OUT_DIR, machine_description, minilm_dir, quiet_transformers  # noqa: E402
+from bench.data import (  # noqa: E402
+    AG_NEWS_LABELS,
+    DATA_DIR,
+    SST2_LABELS,
+    TREC_LABELS,
+    data_path,
+    per_class_sample,
+    read_ag_news,
+    read_sst2,
+    read_trec,
+)
+from bench.results import fmt_mean_std, write_results  # noqa: E402
 
 
 SCALE = 20.0
@@ -78,11 +99,7 @@ POOL_SEED = 0
 DEFAULT_MAX_TEST_PER_CLASS = {"ag_news": 200}  # fixed subsample of the test set (CPU budget); 0 or None: all
 
 # Canonical label order (TREC: the coarse-label order of the HF `trec` dataset; AG News: classes.txt order).
-LABELS = {
-    "trec": ["ABBR", "ENTY", "DESC", "HUM", "LOC", "NUM"],
-    "ag_news": ["World", "Sports", "Business", "Sci/Tech"],
-    "sst2": ["negative", "positive"],
-}
+LABELS = {"trec": TREC_LABELS, "ag_news": AG_NEWS_LABELS, "sst2": SST2_LABELS}
 DESCRIPTIONS = {
     "trec": {
         "ABBR": "a question asking for an abbreviation",
@@ -134,56 +151,27 @@ class TextDataset:
         return [self.labels.index(c) for c in base], [self.labels.index(c) for c in novel]
 
 
-def _read_trec(path: str, labels: list[str]) -> list[tuple[str, int]]:
-    out = []
-    with open(path, encoding="latin-1") as f:  # train_5500.label is not valid UTF-8
-        for line in f:
-            line = line.strip()
-            if line:
-                out.append((line.split(" ", 1)[1], labels.index(line.split(":", 1)[0])))
-    return out
-
-
-def _read_sst2(path: str) -> list[tuple[str, int]]:
-    with open(path, newline="") as f:
-        rows = list(csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE))[1:]
-    return [(sentence.strip(), int(label)) for sentence, label in rows]
-
-
 def load_dataset(name: str, max_test_per_class: int | None = None, data_dir: str = DATA_DIR) -> TextDataset:
     """Load one dataset; `max_test_per_class` keeps a fixed (POOL_SEED) subsample of each class's test examples."""
+    if name not in LABELS:
+        raise ValueError(f"unknown dataset {name!r}; choose from {DATASETS}")
     labels = LABELS[name]
     if name == "trec":
-        pool = _read_trec(os.path.join(data_dir, "trec", "train_5500.label"), labels)
-        test = _read_trec(os.path.join(data_dir, "trec", "TREC_10.label"), labels)
+        pool = read_trec(data_path("trec", "train_5500.label", data_dir=data_dir), labels)
+        test = read_trec(data_path("trec", "TREC_10.label", data_dir=data_dir), labels)
         note = "TREC_10.label"
     elif name == "sst2":
-        pool = _read_sst2(os.path.join(data_dir, "sst2", "train.tsv"))
-        test = _read_sst2(os.path.join(data_dir, "sst2", "dev.tsv"))
+        pool = read_sst2(data_path("sst2", "train.tsv", data_dir=data_dir))
+        test = read_sst2(data_path("sst2", "dev.tsv", data_dir=data_dir))
         note = "dev.tsv"
-    elif name == "ag_news":
-        with open(os.path.join(data_dir, "ag_news", "test.csv"), newline="") as f:
-            rows = [
-                (f"{title}. {desc}".replace("\\n", " ").replace("\\", " ").strip(), int(cls) - 1)
-                for cls, title, desc in csv.reader(f)
-            ]
-        rng = random.Random(POOL_SEED)
-        pool_ids = set()
-        for c in range(len(labels)):
-            ids = [i for i, (_, y) in enumerate(rows) if y == c]
-            pool_ids.update(rng.sample(ids, AG_NEWS_POOL_PER_CLASS))
+    else:  # ag_news
+        rows = read_ag_news(data_path("ag_news", "test.csv", data_dir=data_dir), joiner=". ")
+        pool_ids = set(per_class_sample(rows, len(labels), AG_NEWS_POOL_PER_CLASS, POOL_SEED))
         pool = [rows[i] for i in sorted(pool_ids)]
         test = [row for i, row in enumerate(rows) if i not in pool_ids]
         note = f"test.csv minus a {AG_NEWS_POOL_PER_CLASS}/class train pool"
-    else:
-        raise ValueError(f"unknown dataset {name!r}; choose from {DATASETS}")
     if max_test_per_class:
-        rng = random.Random(POOL_SEED)
-        keep = []
-        for c in range(len(labels)):
-            ids = [i for i, (_, y) in enumerate(test) if y == c]
-            keep += ids if len(ids) <= max_test_per_class else rng.sample(ids, max_test_per_class)
-        test = [test[i] for i in sorted(keep)]
+        test = [test[i] for i in per_class_sample(test, len(labels), max_test_per_class, POOL_SEED)]
         note += f", fixed subsample of <= {max_test_per_class}/class"
     return TextDataset(name, labels, pool, test, note)
 
@@ -225,10 +213,9 @@ def tokenize(texts: Sequence[str], max_len: int = MAX_LEN) -> dict:
     return dict(tokenizer()(list(texts), padding=True, truncation=True, max_length=max_len, return_tensors="pt"))
 
 
-def embed(model: torch.nn.Module, enc: dict) -> torch.Tensor:
-    """Mean-pooled (over non-padding tokens), L2-normalized sentence embeddings."""
-    hidden = model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"]).last_hidden_state
-    mask = enc["attention_mask"].unsqueeze(-1).to(hidden.dtype)
+def mean_pool(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """Mean over the non-padding tokens, L2-normalized."""
+    mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
     return F.normalize((hidden * mask).sum(1) / mask.sum(1).clamp_min(1e-9), dim=-1)
 
 
@@ -236,16 +223,58 @@ def cosine_logits(text_emb: torch.Tensor, class_emb: torch.Tensor, scale: float 
     return scale * text_emb @ class_emb.T
 
 
+class DualEncoderClassifier(torch.nn.Module):
+    """
+    The encoder as a classifier over a fixed set of class descriptions: `forward(input_ids, attention_mask, labels)`
+    embeds the batch and the descriptions (with gradient) and returns `SequenceClassifierOutput(loss, logits)`, with
+    logits = `scale` * cosine(text, class) and the cross-entropy loss. That is the output every `transformers`
+    trainer and regtune regularizer expects, so peft adapters (LoRA, mask tuning) wrap it like any model.
+
+    Args:
+        encoder (`torch.nn.Module`): a `BertModel` (its `last_hidden_state` is mean-pooled).
+        descriptions (`dict`): the tokenized class descriptions (`input_ids`, `attention_mask`); kept as
+            non-persistent buffers.
+        scale (`float`, defaults to `SCALE`): the fixed logit scale.
+    """
+
+    def __init__(self, encoder: torch.nn.Module, descriptions: dict, scale: float = SCALE):
+        super().__init__()
+        self.encoder = encoder
+        self.config = encoder.config  # trainers read it (e.g. for the model's dtype and name)
+        self.scale = scale
+        self.register_buffer("class_input_ids", descriptions["input_ids"], persistent=False)
+        self.register_buffer("class_attention_mask", descriptions["attention_mask"], persistent=False)
+
+    def embed(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        hidden = self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        return mean_pool(hidden, attention_mask)
+
+    def forward(self, input_ids, attention_mask, labels=None) -> SequenceClassifierOutput:
+        logits = cosine_logits(
+            self.embed(input_ids, attention_mask), self.embed(self.class_input_ids, self.class_attention_mask),
+            self.scale,
+        )  # fmt: skip
+        loss = F.cross_entropy(logits, labels) if labels is not None else None
+        return SequenceClassifierOutput(loss=loss, logits=logits)
+
+
+def classifier(model: torch.nn.Module) -> DualEncoderClassifier:
+    """The [`DualEncoderClassifier`] inside `model` (a peft model wrapping one, or one itself)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
 @torch.inference_mode()
 def embed_all(model: torch.nn.Module, texts: Sequence[str], batch_size: int = 64, max_len: int = MAX_LEN):
     """Embeddings of many texts, batched by length (less padding), returned in the input order."""
+    clf = classifier(model)
     was_training = model.training
     model.eval()
     order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
-    out = torch.empty(len(texts), model.config.hidden_size)
+    out = torch.empty(len(texts), clf.config.hidden_size)
     for start in range(0, len(order), batch_size):
         ids = order[start : start + batch_size]
-        out[ids] = embed(model, tokenize([texts[i] for i in ids], max_len)).float()
+        enc = tokenize([texts[i] for i in ids], max_len)
+        out[ids] = clf.embed(enc["input_ids"], enc["attention_mask"]).float()
     model.train(was_training)
     return out
 
@@ -294,50 +323,21 @@ class MethodConfig:
 
 
 @dataclass
-class StepContext:
-    """Everything one training step needs. `logits()` runs the forward pass: the batch and the base-class
-    descriptions through `model` (default: the model being trained), with gradient; `loss()` is the CE of it."""
-
-    model: torch.nn.Module
-    optimizer: torch.optim.Optimizer
-    batch: dict  # input_ids, attention_mask (tokenized inputs)
-    labels: torch.Tensor  # indices into the base classes
-    class_batch: dict  # tokenized base-class descriptions
-    step: int
-    total_steps: int
-    scale: float = SCALE
-
-    def logits(self, model: torch.nn.Module | None = None) -> torch.Tensor:
-        model = self.model if model is None else model
-        return cosine_logits(embed(model, self.batch), embed(model, self.class_batch), self.scale)
-
-    def loss(self, logits: torch.Tensor | None = None) -> torch.Tensor:
-        return F.cross_entropy(self.logits() if logits is None else logits, self.labels)
-
-
-StepFn = Callable[[StepContext], float]
-
-
-def default_step(ctx: StepContext) -> float:
-    """One plain step: CE forward, loss.backward(), optimizer.step(), zero_grad. Returns the loss."""
-    loss = ctx.loss()
-    loss.backward()
-    ctx.optimizer.step()
-    ctx.optimizer.zero_grad(set_to_none=True)
-    return loss.item()
-
-
-@dataclass
 class TrainSetup:
-    """What a method builder returns. `step_fn` None: `default_step`. `scheduler`: stepped after every step."""
+    """
+    What a method builder returns: the model to train (usually a peft model wrapping the classifier), the trainer
+    class (`regtune.RegTrainer`, `regtune.GLADTrainer`, `regtune.MaskTuningTrainer`, ...), extra fields of its config
+    class (`trainer_class.config_class`, else `TrainingArguments`; e.g. `{"glad_lambda": 0.5}`) on top of the
+    harness's shared ones, and regularizers added with `regularizers=[...]`.
+    """
 
     model: torch.nn.Module
-    optimizer: torch.optim.Optimizer
-    step_fn: StepFn | None = None
-    scheduler: Any = None
+    trainer_class: type = regtune.RegTrainer
+    args: dict[str, Any] = field(default_factory=dict)
+    regularizers: list = field(default_factory=list)
 
 
-MethodBuilder = Callable[[torch.nn.Module, MethodConfig], "TrainSetup | None"]
+MethodBuilder = Callable[[DualEncoderClassifier, MethodConfig], "TrainSetup | None"]
 
 
 @dataclass
@@ -354,9 +354,9 @@ METHODS: dict[str, MethodSpec] = {}
 def register_method(name: str, *, default_lr: float | None = None, description: str = ""):
     """Decorator: `@register_method("name", default_lr=1e-3)` on `build(model, cfg: MethodConfig) -> TrainSetup | None`.
 
-    `build` gets a freshly loaded encoder (an `AutoModel`, `BertModel`, in train mode, seeded with cfg.seed) and
-    returns the model to train with its optimizer (and optional step function and scheduler), or None for a method
-    that does not train (evaluated as is). `cfg.lr` is --lr, else the method's `default_lr`."""
+    `build` gets a fresh [`DualEncoderClassifier`] over the base-class descriptions (in train mode, seeded with
+    cfg.seed) and returns what to train, or None for a method that does not train (evaluated as is). `cfg.lr` is
+    --lr, else the method's `default_lr`."""
 
     def deco(fn: MethodBuilder) -> MethodBuilder:
         METHODS[name] = MethodSpec(name, fn, default_lr, description or (fn.__doc__ or "").strip().split("\n")[0])
@@ -366,7 +366,7 @@ def register_method(name: str, *, default_lr: float | None = None, description: 
 
 
 @register_method("zero-shot", description="no training: the pre-trained encoder")
-def build_zero_shot(model: torch.nn.Module, cfg: MethodConfig) -> TrainSetup | None:
+def build_zero_shot(model: DualEncoderClassifier, cfg: MethodConfig) -> TrainSetup | None:
     return None
 
 
@@ -374,7 +374,7 @@ LORA_TARGETS = ["query", "key", "value"]
 
 
 @register_method("lora", default_lr=3e-3, description="peft LoRA r=8, alpha=16, dropout 0.1 on query/key/value; AdamW")
-def build_lora(model: torch.nn.Module, cfg: MethodConfig) -> TrainSetup:
+def build_lora(model: DualEncoderClassifier, cfg: MethodConfig) -> TrainSetup:
     import peft
 
     opts = cfg.options
@@ -384,37 +384,82 @@ def build_lora(model: torch.nn.Module, cfg: MethodConfig) -> TrainSetup:
         lora_dropout=float(opts.get("dropout", 0.1)),
         target_modules=LORA_TARGETS,
     )
-    model = peft.get_peft_model(model, config)
-    optimizer = torch.optim.AdamW(
-        [p for p in model.parameters() if p.requires_grad], lr=cfg.lr, weight_decay=float(opts.get("wd", 0.0))
-    )
-    return TrainSetup(model, optimizer, scheduler=cosine_schedule(optimizer, cfg.steps))
+    return TrainSetup(peft.get_peft_model(model, config), args={"weight_decay": float(opts.get("wd", 0.0))})
 
 
-def cosine_schedule(optimizer: torch.optim.Optimizer, steps: int):
-    """Cosine decay from the base lr to 0 over `steps` steps, no warm-up (CoOp's schedule, without its warm-up)."""
-    return torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, steps) / max(steps, 1)))
-    )
+def _glad_builder(glad_lambda: float, rho: float):
+    def build(model: DualEncoderClassifier, cfg: MethodConfig) -> TrainSetup:
+        setup = build_lora(model, cfg)  # the same adapter, optimizer, lr and schedule as `lora`
+        setup.trainer_class = regtune.GLADTrainer
+        share = str(cfg.options.get("share_dropout_masks", "true")).lower() in ("1", "1.0", "true")
+        setup.args.update(glad_lambda=glad_lambda, glad_rho=rho, glad_share_dropout_masks=share)
+        return setup
+
+    return build
+
+
+for _lam in (0.5, 1.0):
+    for _rho in (0.05, 0.2):
+        register_method(
+            f"glad-l{_lam}-r{_rho}",
+            default_lr=3e-3,
+            description=f"GLADTrainer on the `lora` model: SAM-referenced gradient, lambda {_lam}, rho {_rho}",
+        )(_glad_builder(_lam, _rho))
+
+
+MASK_TARGETS = r".*encoder\.layer\.\d+\.attention\.(self\.(query|key|value)|output\.dense)$"
+MASK_LR = 3e-4  # tuned on base-class validation data (grid 1e-4 .. 1e-2): see docs/mask_tuning.md
+
+
+def _mask_builder(graddrop_lambda: float):
+    def build(model: DualEncoderClassifier, cfg: MethodConfig) -> TrainSetup:
+        import peft
+
+        config = regtune.MaskTuningConfig(target_modules=MASK_TARGETS, graddrop_lambda=graddrop_lambda)
+        args = {"graddrop_lambda": graddrop_lambda, "mask_flips_per_layer": False}
+        if "score_l2_weight" in cfg.options:
+            args["score_l2_weight"] = float(cfg.options["score_l2_weight"])
+        return TrainSetup(peft.get_peft_model(model, config), regtune.MaskTuningTrainer, args)
+
+    return build
+
+
+for _lam, _what in ((0.0, "no gradient dropout"), (0.3, "gradient dropout lambda 0.3"), (1.0, "gradient dropout 1.0")):
+    register_method(
+        "mask" if _lam == 0.0 else f"mask-gd{_lam}",
+        default_lr=MASK_LR,
+        description=f"MaskTuningTrainer: R-AMT masks on attention, score penalty, {_what}",
+    )(_mask_builder(_lam))
 
 
 # ----------------------------------------------------------------------------------------------------- training
-def _batches(train: list[tuple[str, int]], batch_size: int, seed: int):
-    """Endless stream of batches: reshuffled every epoch (seeded); a batch may straddle two epochs."""
-    rng = random.Random(seed)
-    order: list[int] = []
-    while True:
-        while len(order) < batch_size:
-            perm = list(range(len(train)))
-            rng.shuffle(perm)
-            order += perm
-        ids, order = order[:batch_size], order[batch_size:]
-        yield tokenize([train[i][0] for i in ids]), torch.tensor([train[i][1] for i in ids])
+class _StepClock(TrainerCallback):
+    """Wall time of every optimizer step (from `on_step_begin` to `on_step_end`)."""
+
+    def __init__(self):
+        self.times: list[float] = []
+        self._t0 = 0.0
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        self._t0 = time.perf_counter()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.times.append(time.perf_counter() - self._t0)
+
+
+def _as_dataset(examples: list[tuple[str, int]]):
+    from datasets import Dataset
+
+    enc = tokenizer()([t for t, _ in examples], truncation=True, max_length=MAX_LEN)
+    return Dataset.from_dict(
+        {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"], "labels": [y for _, y in examples]}
+    )
 
 
 def build_method(
-    method: str, ds: TextDataset, *, lr=None, steps=50, batch_size=16, seed=0, options=None
-) -> tuple[TrainSetup | None, MethodConfig]:
+    method: str, ds: TextDataset, class_ids: Sequence[int], *, lr=None, steps=50, batch_size=16, seed=0, options=None
+) -> tuple[TrainSetup | None, MethodConfig, DualEncoderClassifier]:
+    """Seed, load a fresh classifier over `class_ids`' descriptions and build `method` on it."""
     spec = METHODS[method]
     cfg = MethodConfig(
         lr=spec.default_lr if lr is None else lr,
@@ -425,50 +470,83 @@ def build_method(
         options=dict(options or {}),
     )
     torch.manual_seed(seed)
-    model = load_encoder()
+    model = DualEncoderClassifier(load_encoder(), tokenize([ds.descriptions[c] for c in class_ids]))
     model.train()
-    setup = spec.build(model, cfg)
-    if setup is None:
-        model.eval()
-        return TrainSetup(model, None), cfg
-    return setup, cfg
+    return spec.build(model, cfg), cfg, model
 
 
-def train(setup: TrainSetup, train_set, class_ids: Sequence[int], ds: TextDataset, cfg: MethodConfig) -> list[float]:
-    """Train `setup` for cfg.steps steps on `train_set` (labels: indices into `class_ids`). Returns the losses."""
-    class_batch = tokenize([ds.descriptions[c] for c in class_ids])
-    step_fn = setup.step_fn or default_step
-    batches = _batches(train_set, cfg.batch_size, cfg.seed)
-    torch.manual_seed(cfg.seed)
-    setup.model.train()
-    losses = []
-    for step in range(cfg.steps):
-        batch, labels = next(batches)
-        ctx = StepContext(setup.model, setup.optimizer, batch, labels, class_batch, step, cfg.steps)
-        losses.append(float(step_fn(ctx)))
-        if setup.scheduler is not None:
-            setup.scheduler.step()
+def train(setup: TrainSetup, train_set, cfg: MethodConfig, output_dir: str, clock: _StepClock | None = None) -> dict:
+    """
+    Train `setup` for cfg.steps optimizer steps on `train_set` (labels: indices into the classifier's classes) with
+    its trainer. Returns `{"losses": [...], "diagnostics": {name: mean over the logged steps}}`.
+    """
+    from transformers import DataCollatorWithPadding
+
+    config_class = getattr(setup.trainer_class, "config_class", None) or TrainingArguments
+    shared = dict(
+        output_dir=output_dir,
+        max_steps=cfg.steps,
+        per_device_train_batch_size=cfg.batch_size,
+        learning_rate=cfg.lr,
+        lr_scheduler_type="cosine",
+        warmup_steps=0,
+        weight_decay=0.0,
+        max_grad_norm=0.0,  # no clipping (as the method papers' few-shot recipes)
+        optim="adamw_torch",
+        seed=cfg.seed,
+        logging_steps=1,
+        save_strategy="no",
+        report_to=[],
+        use_cpu=True,
+        disable_tqdm=True,
+        dataloader_num_workers=0,
+        remove_unused_columns=False,
+    )
+    args = config_class(**{**shared, **setup.args})
+    trainer = setup.trainer_class(
+        model=setup.model,
+        args=args,
+        train_dataset=_as_dataset(train_set),
+        data_collator=DataCollatorWithPadding(tokenizer()),
+        regularizers=list(setup.regularizers),
+        callbacks=[clock] if clock is not None else None,
+    )
+    trainer.train()
     setup.model.eval()
-    return losses
+    history = trainer.state.log_history
+    diagnostics: dict[str, list[float]] = {}
+    for entry in history:
+        for key, value in entry.items():
+            if "/" in key and isinstance(value, (int, float)):
+                diagnostics.setdefault(key, []).append(float(value))
+    return {
+        "losses": [entry["loss"] for entry in history if "loss" in entry],
+        "diagnostics": {key: statistics.fmean(values) for key, values in diagnostics.items()},
+    }
 
 
 def run_one(method: str, ds: TextDataset, *, k: int, seed: int, steps: int, batch_size: int, lr=None, options=None):
     """One (method, seed) base-to-novel run: train on k-shot base classes, evaluate base / novel / H / all."""
     t0 = time.perf_counter()
-    setup, cfg = build_method(method, ds, lr=lr, steps=steps, batch_size=batch_size, seed=seed, options=options)
-    losses = []
-    if setup.optimizer is not None:
-        base, _ = ds.split
+    base, _ = ds.split if ds.split is not None else (range(len(ds.labels)), None)
+    setup, cfg, model = build_method(
+        method, ds, base, lr=lr, steps=steps, batch_size=batch_size, seed=seed, options=options
+    )
+    trained = {"losses": [], "diagnostics": {}}
+    if setup is not None:
         train_set, _ = sample_kshot(ds, base, k, seed)
-        losses = train(setup, train_set, base, ds, cfg)
+        with tempfile.TemporaryDirectory() as tmp:
+            trained = train(setup, train_set, cfg, tmp)
+        model = setup.model
+    model.eval()
     t1 = time.perf_counter()
-    res = evaluate(setup.model, ds)
+    res = evaluate(model, ds)
     res.update(
         seed=seed,
-        lr=cfg.lr if setup.optimizer is not None else None,
+        lr=cfg.lr if setup is not None else None,
         train_s=t1 - t0,
         eval_s=time.perf_counter() - t1,
-        losses=losses,
+        **trained,
     )
     return res
 
@@ -486,46 +564,28 @@ def measure_step_times(
     lrs: dict | None = None,
     options: dict | None = None,
 ) -> dict:
-    """Median training-step time of several methods measured side by side in one process.
-
-    All methods are built (same seed, same data) and stepped *interleaved*: each round runs one step of every
-    method, in an order rotated round to round, so that load on shared cores hits all alike; `warmup` rounds are
-    discarded. Returns {method: {"median_s", "times_s", "ratio"}}; "ratio" is the median over rounds of the paired
-    ratio t(method) / t(methods[0]). `options`: {method: {KEY: VALUE}}. Methods that do not train are skipped."""
+    """Median optimizer-step time of several methods, each trained by its own trainer for `warmup + n_steps` steps
+    (same seed, same data), one method after the other; the first `warmup` steps are discarded. Returns
+    {method: {"median_s", "times_s", "ratio"}}; "ratio" is median(method) / median(methods[0]). `options`:
+    {method: {KEY: VALUE}}. Methods that do not train are skipped."""
     base, _ = ds.split
     train_set, _ = sample_kshot(ds, base, k, seed)
-    class_batch = tokenize([ds.descriptions[c] for c in base])
-    state = {}
+    times = {}
     for m in methods:
-        setup, cfg = build_method(
-            m, ds, lr=(lrs or {}).get(m), steps=warmup + n_steps, batch_size=batch_size, seed=seed,
+        setup, cfg, _ = build_method(
+            m, ds, base, lr=(lrs or {}).get(m), steps=warmup + n_steps, batch_size=batch_size, seed=seed,
             options=(options or {}).get(m),
         )  # fmt: skip
-        if setup.optimizer is None:
+        if setup is None:
             continue
-        setup.model.train()
-        state[m] = (setup, _batches(train_set, batch_size, seed))
-    names = list(state)
-    times = {m: [] for m in names}
-    for rnd in range(warmup + n_steps):
-        shift = rnd % len(names)
-        for m in names[shift:] + names[:shift]:
-            setup, batches = state[m]
-            batch, labels = next(batches)
-            ctx = StepContext(setup.model, setup.optimizer, batch, labels, class_batch, rnd, warmup + n_steps)
-            t0 = time.perf_counter()
-            (setup.step_fn or default_step)(ctx)
-            if setup.scheduler is not None:
-                setup.scheduler.step()
-            if rnd >= warmup:
-                times[m].append(time.perf_counter() - t0)
-    ref = times[names[0]] if names else []
+        clock = _StepClock()
+        with tempfile.TemporaryDirectory() as tmp:
+            train(setup, train_set, cfg, tmp, clock=clock)
+        times[m] = clock.times[warmup:]
+    names = list(times)
+    ref = statistics.median(times[names[0]]) if names else 1.0
     return {
-        m: {
-            "median_s": statistics.median(times[m]),
-            "times_s": times[m],
-            "ratio": statistics.median(a / b for a, b in zip(times[m], ref)),
-        }
+        m: {"median_s": statistics.median(times[m]), "times_s": times[m], "ratio": statistics.median(times[m]) / ref}
         for m in names
     }
 
@@ -540,11 +600,12 @@ def tune_lr(method: str, ds: TextDataset, lrs, *, k, seeds, steps, batch_size, n
     for lr in lrs:
         accs, v_losses = [], []
         for seed in seeds:
-            setup, cfg = build_method(
-                method, ds, lr=lr, steps=steps, batch_size=batch_size, seed=seed, options=options
+            setup, cfg, _ = build_method(
+                method, ds, base, lr=lr, steps=steps, batch_size=batch_size, seed=seed, options=options
             )
             train_set, val = sample_kshot(ds, base, k, seed, n_val=n_val)
-            losses = train(setup, train_set, base, ds, cfg)
+            with tempfile.TemporaryDirectory() as tmp:
+                losses = train(setup, train_set, cfg, tmp)["losses"]
             v_emb = embed_all(setup.model, [t for t, _ in val])
             c_emb = embed_all(setup.model, [ds.descriptions[c] for c in base])
             v_y = [y for _, y in val]
@@ -557,7 +618,7 @@ def tune_lr(method: str, ds: TextDataset, lrs, *, k, seeds, steps, batch_size, n
                 "val_loss": v_losses,
                 "mean": statistics.mean(accs),
                 "mean_loss": statistics.mean(v_losses),
-                "final_train_loss": losses[-1],
+                "final_train_loss": losses[-1] if losses else float("nan"),
             }
         )
         print(f"  {ds.name} {method} lr={lr:g}: val acc {accs}, val loss {v_losses}", flush=True)
@@ -566,13 +627,6 @@ def tune_lr(method: str, ds: TextDataset, lrs, *, k, seeds, steps, batch_size, n
 
 
 # ------------------------------------------------------------------------------------------------------ output
-def _ms(values: list[float]) -> str:
-    values = [v for v in values if v == v]
-    if not values:
-        return "–"
-    return f"{statistics.mean(values):.3f} ± {statistics.pstdev(values):.3f}"
-
-
 def markdown(result: dict) -> str:
     cfg = result["config"]
     lines = [
@@ -587,15 +641,34 @@ def markdown(result: dict) -> str:
         lr = f"{runs[0]['lr']:g}" if runs[0]["lr"] is not None else "–"
         r0 = runs[0]
         n = f"{r0.get('n_base', '–')} / {r0.get('n_novel', '–')} / {r0['n_all']}"
-        cells = [_ms([r.get(key, float("nan")) for r in runs]) for key in ("base", "novel", "H", "all")]
+        cells = [fmt_mean_std([r.get(key, float("nan")) for r in runs]) for key in ("base", "novel", "H", "all")]
         lines.append(f"| {row['dataset']} | {row['method']} | {lr} | " + " | ".join(cells) + f" | {n} |")
     if not result["rows"]:
         lines = lines[:1]
+    diag_rows = []
+    for row in result["rows"]:
+        keys = sorted({key for r in row["runs"] for key in r.get("diagnostics", {})})
+        for key in keys:
+            diag_rows.append(
+                f"| {row['dataset']} | {row['method']} | `{key}` | "
+                + fmt_mean_std([r.get("diagnostics", {}).get(key, float("nan")) for r in row["runs"]], 4)
+                + " |"
+            )
+    if diag_rows:
+        lines += [
+            "",
+            "The mechanism's diagnostics, as the trainers logged them (mean over the training steps; mean ± std over "
+            "seeds):",
+            "",
+            "| dataset | method | diagnostic | value |",
+            "| --- | --- | --- | ---: |",
+            *diag_rows,
+        ]
     if result.get("step_times"):
         lines += [
             "",
-            f"Training-step time (batch {cfg['batch_size']}; median over {cfg['time_steps']} interleaved steps after "
-            f"3 warm-up steps; ratio: median of paired per-round ratios to the first timed method):",
+            f"Training-step time (batch {cfg['batch_size']}; median over {cfg['time_steps']} optimizer steps of each "
+            f"method's trainer after 3 warm-up steps; ratio: to the first timed method's median):",
             "",
             "| dataset | method | median step (ms) | ratio |",
             "| --- | --- | ---: | ---: |",
@@ -637,7 +710,7 @@ def build_parser() -> argparse.ArgumentParser:
     )  # fmt: skip
     p.add_argument("--method-opt", nargs="*", default=None, help="[method:]KEY=VALUE, passed in MethodConfig.options")
     p.add_argument("--tune-lr", nargs="+", type=float, default=None, help="lr grid: tune on base-class val, no test")
-    p.add_argument("--time-steps", type=int, default=0, help="also measure median step time over N interleaved steps")
+    p.add_argument("--time-steps", type=int, default=0, help="also measure median step time over N steps")
     p.add_argument("--time-only", action="store_true", help="with --time-steps: skip the accuracy runs")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--out", default=os.path.join(OUT_DIR, "base_to_novel"))
@@ -683,16 +756,10 @@ def main(argv=None) -> dict:
             runs = []
             seeds = args.seeds if method != "zero-shot" else args.seeds[:1]  # zero-shot is deterministic
             for seed in seeds:
-                if ds.split is None:  # zero-shot all-way only
-                    t0 = time.perf_counter()
-                    model = load_encoder().eval()
-                    res = evaluate(model, ds) | {"seed": seed, "lr": None, "train_s": 0.0}
-                    res["eval_s"] = time.perf_counter() - t0
-                else:
-                    res = run_one(
-                        method, ds, k=args.k, seed=seed, steps=args.steps, batch_size=args.batch_size,
-                        lr=args.lr, options=opts(method),
-                    )  # fmt: skip
+                res = run_one(
+                    method, ds, k=args.k, seed=seed, steps=args.steps, batch_size=args.batch_size,
+                    lr=args.lr, options=opts(method),
+                )  # fmt: skip
                 runs.append(res)
                 shown = {k: round(v, 4) for k, v in res.items() if k in ("base", "novel", "H", "all")}
                 print(
@@ -711,8 +778,6 @@ def main(argv=None) -> dict:
                 print(f"  {name} {m}: median step {1000 * t['median_s']:.0f} ms, ratio {t['ratio']:.3f}", flush=True)
     result["wall_s"] = time.time() - start
     stem = os.path.join(args.out, "tune_lr" if args.tune_lr else "results")
-    with open(stem + ".json", "w") as f:
-        json.dump(result, f, indent=1)
     if args.tune_lr:
         lines = [
             "| dataset | method | lr | val acc (mean) | val CE (mean) | acc per seed |",
@@ -729,10 +794,8 @@ def main(argv=None) -> dict:
         table = "\n".join(lines) + f"\n\nWall time {result['wall_s']:.0f} s.\n"
     else:
         table = markdown(result)
-    with open(stem + ".md", "w") as f:
-        f.write(table)
-    print(table)
-    print(f"wrote {stem}.json and {stem}.md ({result['wall_s']:.0f} s)")
+    write_results(stem, result, table)
+    print(f"({result['wall_s']:.0f} s)")
     return result
 
 
