@@ -1,0 +1,399 @@
+"""One performance suite: step time and peak memory of every regtune method against its baseline.
+
+    OMP_NUM_THREADS=1 python bench/perf.py            # the full suite (two widths, two batch sizes)
+    OMP_NUM_THREADS=1 python bench/perf.py --quick    # a smoke run: tiny models, few rounds
+    python bench/perf.py --groups lora --widths small --sizes 4x16   # a part
+
+Methods (each against its baseline, each trained through regtune's shipped trainer or regularizer):
+
+- ALLoRA, coefficient on the gradient and on the update (RegTrainer), GLAD (GLADTrainer), multi-sample dropout K=8
+  (RegTrainer + MultiSampleDropout on the LM head) vs peft LoRA r=8 (RegTrainer);
+- mask tuning without and with gradient dropout (MaskTuningTrainer), GLAD on full fine-tuning (RegTrainer +
+  GLADRegularizer) vs full fine-tuning of the same weights (RegTrainer);
+- LfU perturb, perturb with the same batch, RepS (LfUTrainer) vs trl's SFTTrainer, LoRA r=8 for all;
+- GARDO with the gated KL vs the KL on every sample (GARDOTrainer's optimisation phase, on the diffusion testbed).
+
+Each method with its mechanism diagnostics on (logged at every step: their worst case) and off
+(`Regularizer.log_diagnostics = False` on every regularizer of the trainer). Models: a Llama built from a config at
+two widths (see `perf_variants.WIDTHS`), batches of 4 x 16 and 16 x 64 tokens.
+
+Step time: all variants of a group run in one process, each in its own `Trainer.train()` (a thread per trainer; a
+callback hands the turn from trainer to trainer, so exactly one computes at any time), one optimizer step per variant
+per round, the order rotated every round. A step is timed from one `on_step_begin` to the next, so it includes the
+logging (and the diagnostics) of the step. Reported: the median over rounds of the paired ratio
+t(method) / t(baseline) of the same round and its 25-75% spread, the same for the thread's CPU time, and the paired
+ratio with the diagnostics on vs off.
+
+Peak memory: every variant in a fresh process (forked from a server that has only imported the libraries), one step
+after two warm-up steps; see `perf_memory.py`.
+
+Writes `bench/results/perf.json` and `bench/results/perf.md` (or `--out`); `--quick` writes `perf_quick.*`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing
+import os
+import statistics
+import sys
+import tempfile
+import threading
+import time
+
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch: spin-waiting threads crawl on shared cores
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+
+import torch  # noqa: E402
+from _common import machine_description, quiet_transformers  # noqa: E402
+from transformers import TrainerCallback  # noqa: E402
+
+
+FULL = dict(widths=["small", "real"], sizes=["4x16", "16x64"], rounds=7, warmup=2)
+QUICK = dict(widths=["tiny"], sizes=["4x16", "16x64"], rounds=2, warmup=1)
+
+
+# ---- step time ----
+
+
+class Baton(TrainerCallback):
+    """Lets a trainer run one optimizer step each time `go` is released; times it (wall and thread CPU time)."""
+
+    def __init__(self):
+        self.go = threading.Semaphore(0)
+        self.done = threading.Semaphore(0)
+        self.ready = threading.Event()
+        self.times: list[float] = []
+        self.cpu_times: list[float] = []
+        self.error: BaseException | None = None
+        self._t0 = None
+
+    def _close(self):
+        if self._t0 is not None:
+            self.times.append(time.perf_counter() - self._t0)
+            self.cpu_times.append(time.thread_time() - self._c0)
+            self._t0 = None
+            self.done.release()
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        self._close()
+        self.ready.set()
+        self.go.acquire()
+        self._t0, self._c0 = time.perf_counter(), time.thread_time()
+
+    def on_train_end(self, args, state, control, **kwargs):
+        self._close()
+
+
+def _run(trainer, baton: Baton):
+    try:
+        trainer.train()
+    except BaseException as err:  # noqa: BLE001 - handed to the main thread
+        baton.error = err
+        baton.ready.set()
+        baton.done.release()
+
+
+def quantiles(values: list[float]) -> dict:
+    if not values:
+        return {}
+    q = statistics.quantiles(values, n=4) if len(values) > 1 else [values[0]] * 3
+    return {"median": statistics.median(values), "q25": q[0], "q75": q[2], "n": len(values)}
+
+
+def paired(a: list[float], b: list[float]) -> dict:
+    return quantiles([x / y for x, y in zip(a, b)])
+
+
+def time_group(group: str, width: str, size: str, warmup: int, rounds: int, log) -> dict:
+    from perf_variants import GROUPS, build_trainer
+
+    variants = GROUPS[group]
+    batch, seq_len = (int(x) for x in size.split("x"))
+    steps = warmup + rounds + 1  # the last step closes at the end of training: not counted
+    batons, threads, errors = {}, [], {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for v in variants:
+            try:
+                trainer = build_trainer(v, width, tmp, batch, seq_len, steps)
+            except Exception as err:  # noqa: BLE001
+                errors[v.name] = f"{type(err).__name__}: {err}"
+                log(f"  {v.name}: build failed: {errors[v.name]}")
+                continue
+            baton = Baton()
+            trainer.add_callback(baton)
+            thread = threading.Thread(target=_run, args=(trainer, baton), daemon=True, name=v.name)
+            thread.start()
+            baton.ready.wait()
+            if baton.error is not None:
+                errors[v.name] = f"{type(baton.error).__name__}: {baton.error}"
+                log(f"  {v.name}: failed: {errors[v.name]}")
+                continue
+            batons[v.name] = baton
+            threads.append(thread)
+            del trainer
+        names = list(batons)
+        for r in range(steps):
+            shift = r % len(names)
+            for name in names[shift:] + names[:shift]:
+                baton = batons[name]
+                if baton.error is not None:
+                    continue
+                baton.go.release()
+                baton.done.acquire()
+                if baton.error is not None:
+                    errors[name] = f"{type(baton.error).__name__}: {baton.error}"
+                    log(f"  {name}: failed at step {r}: {errors[name]}")
+        for thread in threads:
+            thread.join(timeout=60)
+    times = {n: b.times[warmup : warmup + rounds] for n, b in batons.items() if n not in errors}
+    cpu = {n: b.cpu_times[warmup : warmup + rounds] for n, b in batons.items() if n not in errors}
+    out = {}
+    for v in variants:
+        if v.name not in times:
+            out[v.name] = {"error": errors.get(v.name, "not run")}
+            continue
+        row = {"step_s": quantiles(times[v.name]), "cpu_step_s": quantiles(cpu[v.name])}
+        if v.baseline in times and v.name != v.baseline:
+            row["time_ratio"] = paired(times[v.name], times[v.baseline])
+            row["cpu_ratio"] = paired(cpu[v.name], cpu[v.baseline])
+        off = v.name + " [diag off]"
+        if v.diagnostics is True and off in times:
+            row["diag_on_off_ratio"] = paired(times[v.name], times[off])
+            row["diag_on_off_cpu_ratio"] = paired(cpu[v.name], cpu[off])
+        out[v.name] = row
+    return out
+
+
+def time_gardo(width: str, size: str, warmup: int, rounds: int, log) -> dict:
+    from perf_variants import build_gardo
+
+    cache: dict = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        trainers = {m: build_gardo(m, width, size, tmp, cache) for m in ("all", "gated")}
+        batches = {m: t._rollout(0) for m, t in trainers.items()}
+        times = {m: [] for m in trainers}
+        cpu = {m: [] for m in trainers}
+        names = list(trainers)
+        for r in range(warmup + rounds):
+            for m in names[r % 2 :] + names[: r % 2]:
+                t0, c0 = time.perf_counter(), time.thread_time()
+                trainers[m]._train_on(batches[m])
+                if r >= warmup:
+                    times[m].append(time.perf_counter() - t0)
+                    cpu[m].append(time.thread_time() - c0)
+    gated = int(batches["gated"]["gate_global"].sum())
+    return {
+        "all": {"step_s": quantiles(times["all"]), "cpu_step_s": quantiles(cpu["all"])},
+        "gated": {
+            "step_s": quantiles(times["gated"]), "cpu_step_s": quantiles(cpu["gated"]),
+            "time_ratio": paired(times["gated"], times["all"]), "cpu_ratio": paired(cpu["gated"], cpu["all"]),
+            "gated_samples": gated, "batch_samples": int(batches["gated"]["gate_global"].numel()),
+        },
+    }  # fmt: skip
+
+
+# ---- peak memory (fresh processes) ----
+
+
+def memory_pass(jobs: list[tuple], log) -> dict:
+    """Run each `(kind, *args)` job in a fresh process forked from a server that imported the libraries once."""
+    import perf_memory
+
+    ctx = multiprocessing.get_context("forkserver")
+    ctx.set_forkserver_preload(
+        ["torch", "transformers", "peft", "trl", "diffusers", "regtune", "perf_variants", "perf_memory"]
+    )
+    results = {}
+    with ctx.Pool(processes=1, maxtasksperchild=1) as pool:
+        for job in jobs:
+            start = time.perf_counter()
+            res = pool.apply(perf_memory.run_job, job)
+            results[job] = res
+            what = res.get("error") or f"peak RSS above imports {res['peak_rss_above_imports'] / 2**20:.1f} MiB"
+            log(f"  memory {job[1:]}: {what} ({time.perf_counter() - start:.1f} s)")
+    return results
+
+
+def mem_ratios(mem: dict, base: dict) -> dict:
+    out = {}
+    if "error" in mem or "error" in base:
+        return {"error": mem.get("error") or base.get("error")}
+    out["rss_ratio"] = mem["peak_rss_above_imports"] / base["peak_rss_above_imports"]
+    out["rss_extra_bytes"] = mem["peak_rss_above_imports"] - base["peak_rss_above_imports"]
+    if "tensor_peak" in mem and "tensor_peak" in base:
+        out["tensor_ratio"] = mem["tensor_peak"] / base["tensor_peak"]
+        out["tensor_extra_bytes"] = mem["tensor_peak"] - base["tensor_peak"]
+        if mem.get("trainable_bytes"):
+            out["tensor_extra_in_trainable_copies"] = out["tensor_extra_bytes"] / mem["trainable_bytes"]
+    return out
+
+
+# ---- tables ----
+
+
+def _r(q: dict | None, digits: int = 2) -> str:
+    if not q:
+        return ""
+    return f"{q['median']:.{digits}f} ({q['q25']:.{digits}f}-{q['q75']:.{digits}f})"
+
+
+def markdown(result: dict) -> str:
+    cfg, mach = result["config"], result["machine"]
+    lines = [
+        f"regtune performance suite: {mach['date']}, {mach['cpu']} ({mach['cpu_count']} cores, torch "
+        f"{mach['torch']}, {cfg['threads']} thread), `{result['command']}`, {result['wall_s'] / 60:.1f} min; "
+        f"{cfg['rounds']} interleaved rounds after {cfg['warmup']} warm-up steps. Load average at start/end: "
+        f"{', '.join(f'{x:.1f}' for x in mach.get('load_avg_at_start', []))} / "
+        f"{', '.join(f'{x:.1f}' for x in result.get('load_avg_at_end', []))}.",
+        "",
+        "Time: paired median ratio method / baseline of the same round (25-75% spread), wall clock and the thread's "
+        "CPU time. Diagnostics: paired ratio with the diagnostics on / off (wall). Memory: the peak resident memory "
+        "of one step above the process's memory after the imports, fresh process per variant (RSS), and the peak of "
+        "live tensor bytes (weights, optimizer state and the step's allocations; what a GPU's "
+        "max_memory_allocated counts), each as method / baseline.",
+        "",
+        "| method | baseline | width | batch | step (ms) | time ratio | CPU-time ratio | diagnostics on/off "
+        "| memory ratio (RSS) | memory ratio (tensors) | extra tensors / trainable |",
+        "| --- | --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for row in result["rows"]:
+        if "error" in row:
+            lines.append(f"| {row['method']} | {row['baseline']} | {row['width']} | {row['size']} | error: "
+                         f"{row['error'][:120]} | | | | | | |")  # fmt: skip
+            continue
+        mem = row.get("memory", {})
+        step = row["step_s"]["median"] * 1000 if row.get("step_s") else float("nan")
+        copies = mem.get("tensor_extra_in_trainable_copies")
+        cells = [
+            row["method"], row["baseline"], row["width"], row["size"], f"{step:.1f}", _r(row.get("time_ratio")),
+            _r(row.get("cpu_ratio")), _r(row.get("diag_on_off_ratio"), 3),
+            f"{mem['rss_ratio']:.2f}" if "rss_ratio" in mem else mem.get("error", "")[:80],
+            f"{mem['tensor_ratio']:.2f}" if "tensor_ratio" in mem else "",
+            f"{copies:.2f}" if copies is not None else "",
+        ]  # fmt: skip
+        lines.append("| " + " | ".join(cells) + " |")
+    lines += ["", "Baselines (absolute figures):", "", "| baseline | width | batch | step (ms) | peak RSS above imports (MiB) "
+              "| tensor peak (MiB) |", "| --- | --- | --- | ---: | ---: | ---: |"]  # fmt: skip
+    for b in result["baselines"]:
+        mem = b.get("memory", {})
+        lines.append(
+            f"| {b['baseline']} | {b['width']} | {b['size']} | {b['step_s']['median'] * 1000:.1f} | "
+            f"{mem.get('peak_rss_above_imports', float('nan')) / 2**20:.1f} | {mem.get('tensor_peak', float('nan')) / 2**20:.1f} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+# ---- main ----
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="smoke run: tiny model, 2 rounds")
+    parser.add_argument("--groups", nargs="+", default=["lora", "full", "sft", "gardo"])
+    parser.add_argument("--widths", nargs="+", default=None, choices=["tiny", "small", "real"])
+    parser.add_argument("--sizes", nargs="+", default=None, help="batch x tokens, e.g. 4x16 16x64")
+    parser.add_argument("--rounds", type=int, default=None)
+    parser.add_argument("--warmup", type=int, default=None)
+    parser.add_argument("--no-memory", action="store_true", help="step time only")
+    parser.add_argument("--no-time", action="store_true", help="peak memory only")
+    parser.add_argument("--out", default=os.path.join(HERE, "results"))
+    parser.add_argument("--name", default=None, help="output file stem (default perf, or perf_quick with --quick)")
+    cli = parser.parse_args(argv)
+    preset = QUICK if cli.quick else FULL
+    for key in ("widths", "sizes", "rounds", "warmup"):
+        if getattr(cli, key) is None:
+            setattr(cli, key, preset[key])
+    torch.set_num_threads(1)
+    quiet_transformers()
+    from perf_variants import GROUPS
+
+    machine = machine_description("cuda" if torch.cuda.is_available() else "cpu")
+    start = time.time()
+
+    def log(msg):
+        print(f"[{time.time() - start:6.0f} s] {msg}", flush=True)
+
+    timing, memory = {}, {}
+    jobs = []
+    for group in cli.groups:
+        for width in cli.widths:
+            for size in cli.sizes:
+                if group == "gardo":
+                    jobs += [("gardo", m, width, size) for m in ("all", "gated")]
+                else:
+                    jobs += [("trainer", group, v.name, width, size) for v in GROUPS[group] if v.memory]
+    if not cli.no_memory:
+        log(f"memory: {len(jobs)} fresh processes")
+        memory = memory_pass(jobs, log)
+    if not cli.no_time:
+        for group in cli.groups:
+            for width in cli.widths:
+                for size in cli.sizes:
+                    log(f"time: {group} {width} {size}")
+                    if group == "gardo":
+                        timing[(group, width, size)] = time_gardo(width, size, cli.warmup, cli.rounds, log)
+                    else:
+                        timing[(group, width, size)] = time_group(group, width, size, cli.warmup, cli.rounds, log)
+
+    rows, baselines = [], []
+    for group in cli.groups:
+        if group == "gardo":
+            entries = [("all", "all", "gardo KL on all"), ("gated", "all", "gardo gated KL")]
+        else:
+            entries = [(v.name, v.baseline, v.method) for v in GROUPS[group] if v.diagnostics is not False]
+        for width in cli.widths:
+            for size in cli.sizes:
+                t = timing.get((group, width, size), {})
+
+                def mem_of(name, group=group, width=width, size=size):
+                    key = ("gardo", name, width, size) if group == "gardo" else ("trainer", group, name, width, size)
+                    return memory.get(key)
+
+                for name, base, label in entries:
+                    base_label = "gardo KL on all" if group == "gardo" else base
+                    row = {"group": group, "method": label, "variant": name, "baseline": base_label, "width": width,
+                           "size": size, **t.get(name, {})}  # fmt: skip
+                    m, mb = mem_of(name), mem_of(base)
+                    if m is not None:
+                        row["memory_raw"] = m
+                        if mb is not None and name != base:
+                            row["memory"] = mem_ratios(m, mb)
+                    if name == base:
+                        baselines.append({**row, "baseline": base_label, "memory": m or {}})
+                    else:
+                        rows.append(row)
+    result = {
+        "bench": "perf",
+        "command": "python bench/perf.py" + (" --quick" if cli.quick else ""),
+        "config": {**vars(cli), "threads": torch.get_num_threads()},
+        "machine": machine,
+        "models": {
+            "llama_widths": __import__("perf_variants").WIDTHS,
+            "layers": __import__("perf_variants").LAYERS,
+            "vocab": __import__("perf_variants").VOCAB,
+        },  # fmt: skip
+        "rows": rows,
+        "baselines": [b for b in baselines if b.get("step_s")],
+    }
+    result["wall_s"] = time.time() - start
+    result["load_avg_at_end"] = os.getloadavg()
+    os.makedirs(cli.out, exist_ok=True)
+    stem = os.path.join(cli.out, cli.name or ("perf_quick" if cli.quick else "perf"))
+    with open(stem + ".json", "w") as f:
+        json.dump(result, f, indent=1, default=str)
+    table = markdown(result)
+    with open(stem + ".md", "w") as f:
+        f.write(table)
+    print(table)
+    log(f"wrote {stem}.json and {stem}.md")
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,269 @@
+"""The variants of the performance suite (`bench/perf.py`): every method and its baseline, built through regtune's
+shipped trainers and regularizers on a Llama built from a config (random weights: step time and memory do not depend
+on the values of the weights).
+
+Each builder returns a ready `transformers.Trainer` (RegTrainer, GLADTrainer, MaskTuningTrainer, trl's SFTTrainer or
+LfUTrainer) whose `train()` runs `max_steps` optimizer steps on a synthetic data set of fixed-length token rows, one
+log every step (`logging_steps=1`, so the mechanism diagnostics, when on, are computed at every step: their worst
+case). GARDO has its own trainer (not a `transformers.Trainer`): see `build_gardo`.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+import torch
+from datasets import Dataset
+from peft import LoraConfig, get_peft_model
+from transformers import LlamaConfig, LlamaForCausalLM, TrainingArguments
+from transformers.trainer_callback import PrinterCallback, ProgressCallback
+
+import regtune
+from regtune.data.char_tokenizer import build_char_tokenizer
+from regtune.regularizers import GLADRegularizer, MultiSampleDropout
+
+
+# Llama shapes. "real": the width of a released Llama-architecture model (SmolLM2-135M: hidden 576, MLP 1536, 9 heads,
+# 3 key/value heads) with 2 of its 30 blocks and a 4096-token vocabulary, so that the full suite fits CPU time.
+# "small": a quarter of that width.
+WIDTHS = {
+    "small": dict(hidden_size=144, intermediate_size=384, num_attention_heads=3, num_key_value_heads=1),
+    "real": dict(hidden_size=576, intermediate_size=1536, num_attention_heads=9, num_key_value_heads=3),
+    # for --quick only
+    "tiny": dict(hidden_size=64, intermediate_size=128, num_attention_heads=2, num_key_value_heads=1),
+}
+LAYERS = 2
+VOCAB = 4096
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+TARGET_REGEX = r".*layers\.\d+\.(self_attn\.(q|k|v|o)_proj|mlp\.(gate|up|down)_proj)$"
+LORA = dict(r=8, lora_alpha=16, lora_dropout=0.0)
+
+
+def llama(width: str) -> LlamaForCausalLM:
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=VOCAB, num_hidden_layers=LAYERS, max_position_embeddings=256, pad_token_id=0, bos_token_id=2,
+        eos_token_id=3, tie_word_embeddings=False, **WIDTHS[width],
+    )  # fmt: skip
+    return LlamaForCausalLM(config)
+
+
+def token_rows(n: int, seq_len: int, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(4, VOCAB, (n, seq_len), generator=g)
+
+
+def lm_dataset(n: int, seq_len: int) -> Dataset:
+    ids = token_rows(n, seq_len)
+    return Dataset.from_dict(
+        {"input_ids": ids.tolist(), "attention_mask": torch.ones_like(ids).tolist(), "labels": ids.tolist()}
+    )
+
+
+def common_args(out: str, batch: int, steps: int) -> dict:
+    return dict(
+        output_dir=out, per_device_train_batch_size=batch, max_steps=steps, learning_rate=1e-4, report_to="none",
+        save_strategy="no", logging_strategy="steps", logging_steps=1, disable_tqdm=True, seed=0,
+        dataloader_num_workers=0, use_cpu=not torch.cuda.is_available(), lr_scheduler_type="constant",
+    )  # fmt: skip
+
+
+def set_diagnostics(trainer, on: bool) -> None:
+    """Turn every regularizer's mechanism diagnostics on or off (`Regularizer.log_diagnostics`)."""
+    for reg in getattr(trainer, "regularizers", []):
+        reg.log_diagnostics = on
+
+
+def full_ft_model(width: str):
+    """The Llama with only the targeted linear weights trainable (the weights mask tuning masks)."""
+    import re
+
+    model = llama(width)
+    pattern = re.compile(TARGET_REGEX)
+    for name, param in model.named_parameters():
+        param.requires_grad = bool(pattern.match(name.rsplit(".", 1)[0])) and name.endswith("weight")
+    return model
+
+
+def _reg_trainer(model, out, batch, seq_len, steps, cls=None, args_cls=TrainingArguments, regularizers=(), **extra):
+    cls = cls or regtune.RegTrainer
+    args = args_cls(**common_args(out, batch, steps), **extra)
+    trainer = cls(
+        model=model, args=args, train_dataset=lm_dataset(batch * steps, seq_len), regularizers=list(regularizers)
+    )
+    trainer.model_accepts_loss_kwargs = False
+    return trainer
+
+
+def b_lora(width, out, batch, seq_len, steps):
+    model = get_peft_model(llama(width), LoraConfig(target_modules=TARGETS, task_type="CAUSAL_LM", **LORA))
+    return _reg_trainer(model, out, batch, seq_len, steps)
+
+
+def b_allora(site):
+    def build(width, out, batch, seq_len, steps):
+        config = regtune.ALLoRAConfig(r=8, eta=2.0, coefficient_on=site, target_modules=TARGETS, task_type="CAUSAL_LM")
+        return _reg_trainer(get_peft_model(llama(width), config), out, batch, seq_len, steps)
+
+    return build
+
+
+def b_glad(width, out, batch, seq_len, steps):
+    config = regtune.GLADConfig(target_modules=TARGETS, task_type="CAUSAL_LM", rho=0.05, glad_lambda=0.5, **LORA)
+    model = get_peft_model(llama(width), config)
+    return _reg_trainer(
+        model, out, batch, seq_len, steps, cls=regtune.GLADTrainer, args_cls=regtune.GLADTrainingArguments
+    )
+
+
+def b_msd(width, out, batch, seq_len, steps):
+    model = get_peft_model(llama(width), LoraConfig(target_modules=TARGETS, task_type="CAUSAL_LM", **LORA))
+    return _reg_trainer(model, out, batch, seq_len, steps, regularizers=[MultiSampleDropout(num_samples=8, p=0.1)])
+
+
+def b_full(width, out, batch, seq_len, steps):
+    return _reg_trainer(full_ft_model(width), out, batch, seq_len, steps)
+
+
+def b_full_glad(width, out, batch, seq_len, steps):
+    reg = GLADRegularizer(rho=0.05, glad_lambda=0.5)
+    return _reg_trainer(full_ft_model(width), out, batch, seq_len, steps, regularizers=[reg])
+
+
+def b_mask(graddrop_lambda):
+    def build(width, out, batch, seq_len, steps):
+        config = regtune.MaskTuningConfig(
+            target_modules=TARGET_REGEX, task_type="CAUSAL_LM", graddrop_lambda=graddrop_lambda
+        )
+        model = get_peft_model(llama(width), config)
+        return _reg_trainer(
+            model, out, batch, seq_len, steps, cls=regtune.MaskTuningTrainer,
+            args_cls=regtune.MaskTuningTrainingArguments,
+        )  # fmt: skip
+
+    return build
+
+
+_TOKENIZER = None
+
+
+def _tokenizer():
+    global _TOKENIZER
+    if _TOKENIZER is None:
+        _TOKENIZER = build_char_tokenizer(chars="abcdefghijklmnopqrstuvwxyz ")
+    return _TOKENIZER
+
+
+def b_sft(lfu: dict | None):
+    def build(width, out, batch, seq_len, steps):
+        from trl import SFTConfig, SFTTrainer
+
+        ids = token_rows(batch * steps, seq_len)
+        dataset = Dataset.from_dict({"input_ids": ids.tolist()})
+        kwargs = dict(
+            common_args(out, batch, steps), max_length=seq_len, packing=False, bf16=False, dataset_num_proc=None
+        )
+        peft_config = LoraConfig(target_modules=TARGETS, **LORA)
+        if lfu is None:
+            cls, args = SFTTrainer, SFTConfig(**kwargs)
+        else:
+            cls, args = regtune.LfUTrainer, regtune.LfUConfig(**kwargs, **lfu)
+        trainer = cls(
+            model=llama(width),
+            args=args,
+            train_dataset=dataset,
+            processing_class=_tokenizer(),
+            peft_config=peft_config,
+        )
+        return trainer
+
+    return build
+
+
+@dataclass
+class Variant:
+    name: str
+    build: object
+    baseline: str
+    method: str  # the row label of the method (without the diagnostics suffix)
+    diagnostics: bool | None = True  # None: the method has no mechanism diagnostics
+    memory: bool = True  # measured in the memory pass
+    notes: list = field(default_factory=list)
+
+
+def _pair(name, build, baseline, method=None, diagnostics=True):
+    method = method or name
+    out = [Variant(name, build, baseline, method, diagnostics=True if diagnostics else None)]
+    if diagnostics:
+        out.append(Variant(name + " [diag off]", build, baseline, method, diagnostics=False, memory=False))
+    return out
+
+
+# One timing session per group: its variants are interleaved, round by round, in one process.
+GROUPS: dict[str, list[Variant]] = {
+    "lora": [
+        Variant("lora", b_lora, "lora", "lora", diagnostics=None),
+        *_pair("allora (gradient)", b_allora("gradient"), "lora"),
+        *_pair("allora (update)", b_allora("update"), "lora"),
+        *_pair("glad", b_glad, "lora"),
+        Variant("multi-sample dropout (K=8)", b_msd, "lora", "multi-sample dropout (K=8)", diagnostics=None),
+    ],
+    "full": [
+        Variant("full-ft", b_full, "full-ft", "full-ft", diagnostics=None),
+        *_pair("mask tuning", b_mask(0.0), "full-ft"),
+        *_pair("mask tuning + gradient dropout", b_mask(1.0), "full-ft"),
+        *_pair("glad (full-ft)", b_full_glad, "full-ft"),
+    ],
+    "sft": [
+        Variant("sft", b_sft(None), "sft", "sft", diagnostics=None),
+        *_pair("lfu (perturb)", b_sft({"lfu_mode": "perturb"}), "sft"),
+        *_pair("lfu (perturb, same batch)", b_sft({"lfu_mode": "perturb", "lfu_second_batch": "same"}), "sft"),
+        *_pair("lfu (reps)", b_sft({"lfu_mode": "reps"}), "sft"),
+    ],
+}
+
+
+def build_trainer(variant: Variant, width: str, out: str, batch: int, seq_len: int, steps: int):
+    trainer = variant.build(width, os.path.join(out, variant.name.replace(" ", "_")), batch, seq_len, steps)
+    if variant.diagnostics is False:
+        set_diagnostics(trainer, False)
+    # the logs are computed every step (with the diagnostics), but not printed: printing costs what the terminal costs
+    trainer.remove_callback(PrinterCallback)
+    trainer.remove_callback(ProgressCallback)
+    return trainer
+
+
+# ---- GARDO (its own trainer: an RL epoch is a rollout, then `_train_on`, the optimisation phase that is timed) ----
+
+GARDO_WIDTHS = {"small": 8, "real": 16, "tiny": 4}  # the testbed's head dim (4 heads); 16 is the testbed's default
+GARDO_SIZES = {"4x16": (2, 4), "16x64": (4, 8)}  # (prompts, generations): 8 and 32 images per batch
+GARDO_GATE = 0.125  # fraction of the batch that gets the KL when gated: 1 of 8, 4 of 32
+
+
+def build_gardo(mode: str, width: str, size: str, out: str, testbed_cache: dict):
+    import copy
+
+    from regtune.diffusion import GARDOConfig, GARDOTrainer
+    from regtune.diffusion.testbed import TestbedConfig, build_testbed
+
+    head_dim = GARDO_WIDTHS[width]
+    if head_dim not in testbed_cache:  # random weights (no pretraining): the cost does not depend on them
+        config = TestbedConfig(pretrain_steps=0, classifier_steps=0, width=head_dim, cache_dir=None)
+        testbed_cache[head_dim] = build_testbed(config, log=lambda *a, **k: None)
+    bed = dict(testbed_cache[head_dim])
+    bed.pop("info", None)
+    denoiser = copy.deepcopy(bed.pop("denoiser"))
+    prompts, generations = GARDO_SIZES[size]
+    kw = (
+        dict(kl_mode="gated", gate_init=GARDO_GATE, gate_min=GARDO_GATE, gate_max=GARDO_GATE, adaptive_gate=False,
+             gate_fraction_of="batch")
+        if mode == "gated"
+        else dict(kl_mode="all")
+    )  # fmt: skip
+    config = GARDOConfig(
+        output_dir=os.path.join(out, f"gardo_{mode}"), prompts_per_epoch=prompts, num_generations=generations,
+        num_inference_steps=8, lora_r=4, lora_alpha=8, eval_every=0, resume=False, ref_kl_threshold=None,
+        ref_refresh_every=None, **kw,
+    )  # fmt: skip
+    return GARDOTrainer(config, denoiser=denoiser, **bed)
