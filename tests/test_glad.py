@@ -422,3 +422,23 @@ def test_peak_memory_is_plain_plus_one_copy_of_the_trainable_parameters(tmp_path
     rng_states = 3 * torch.get_rng_state().numel() if shared else 0
     assert peaks["glad"] - peaks["plain"] <= trainable + rng_states + 1024, (peaks, trainable)
     # the old step (a copy of the parameters and of the gradients, then out-of-place combination) needed 4 copies
+
+
+def test_an_error_in_the_second_pass_leaves_the_weights_unperturbed(tmp_path):
+    reg = GLADRegularizer(rho=0.5, glad_lambda=0.5)
+    trainer = RegTrainer(model=_mlp(), args=_args(tmp_path), train_dataset=_data(), regularizers=[reg])
+    trainer.create_optimizer_and_scheduler(num_training_steps=1)
+    inputs = next(iter(trainer.get_train_dataloader()))
+    before = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
+    calls = []
+
+    def fail_on_second_forward(module, args):
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("out of memory (simulated)")
+
+    trainer.model.register_forward_pre_hook(fail_on_second_forward)
+    with pytest.raises(RuntimeError, match="simulated"):
+        trainer.training_step(trainer.model, inputs)
+    for name, param in trainer.model.named_parameters():
+        assert torch.equal(param, before[name]), name

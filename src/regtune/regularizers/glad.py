@@ -154,14 +154,19 @@ class GLADRegularizer(Regularizer):
         grads = [p.grad for p in params]
         saved, grad_norm, scale = glad_perturb_(params, grads, settings.rho, settings.glad_lambda)
         after_first_pass = _capture_rng(device) if settings.share_dropout_masks else None
-        for index, (batch, items, batch_rng) in enumerate(window):
-            last = index == len(window) - 1
-            if batch_rng is not None:
-                _restore_rng(batch_rng)
-            with trainer.accelerator.no_sync(model) if not last else torch.enable_grad():
-                self._loss_and_backward(trainer, model, batch, items)
-        if after_first_pass is not None:
-            _restore_rng(after_first_pass)
+        try:
+            for index, (batch, items, batch_rng) in enumerate(window):
+                last = index == len(window) - 1
+                if batch_rng is not None:
+                    _restore_rng(batch_rng)
+                with trainer.accelerator.no_sync(model) if not last else torch.enable_grad():
+                    self._loss_and_backward(trainer, model, batch, items)
+        except BaseException:
+            glad_restore_(params, saved, [], settings.glad_lambda)  # never leave the weights perturbed
+            raise
+        finally:
+            if after_first_pass is not None:
+                _restore_rng(after_first_pass)
         # the second backward accumulated g_sam into the same tensors (unless a hook replaced them)
         grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
         if self.log_diagnostics:
