@@ -696,9 +696,10 @@ def validate_recipe(raw: Any, source: str | None = None, default_name: str | Non
                 if (full, message) not in errors.items:
                     errors.add(full, message)
         name_i = run_raw.get("name")
-        if name_i in seen:
+        if isinstance(name_i, str) and name_i in seen:  # (a name that is no string is reported above)
             errors.add(join_path(prefix, "name"), f"duplicate run name {name_i!r} (also runs[{seen[name_i]}])")
-        seen.setdefault(name_i, i)
+        if isinstance(name_i, str):
+            seen.setdefault(name_i, i)
     errors.raise_if_any(source)
     raw = {"name": name, **{k: v for k, v in raw.items() if k != "name"}}  # a name taken from the file name is kept
     return Recipe(name=name, description=description, output_dir=output_dir, runs=runs, raw=raw, source=source)

@@ -162,8 +162,8 @@ def read_recipe(source: str, overrides: dict | Iterable[tuple[str, Any]] | None 
     kind = raw.pop("kind", None)
     if kind is None:
         kind = "gardo" if {"testbed", "methods", "seeds"} & set(raw) else "token-budget" if "budget" in raw else "runs"
-    kind = KIND_ALIASES.get(kind, kind)
-    if kind not in KINDS:
+    kind = KIND_ALIASES.get(kind, kind) if isinstance(kind, str) else kind
+    if not isinstance(kind, str) or kind not in KINDS:
         raise RecipeError(
             [("kind", f"unknown kind {kind!r}.{suggest(kind, KINDS)} Known: {', '.join(KINDS)}")], source
         )
