@@ -698,11 +698,12 @@ def test_diagnostics_match_their_definitions(tmp_path):
 
 @pytest.mark.parametrize(("mode", "second_batch"), [("perturb", "train"), ("perturb", "same"), ("reps", "same")])
 def test_ascent_gain_measurements_stay_within_two_percent_of_the_training_passes(mode, second_batch):
-    """Over any run, the extra forwards of the ascent-gain diagnostic cost <= 2% of the training passes (in
-    forward-equivalents, a backward = 2 forwards) plus one measurement, even when every step is logged."""
+    """Over any run, the extra forwards of the ascent-gain diagnostic cost <= 1.5% of the training passes (in
+    forward-equivalents, a backward = 2 forwards) plus one measurement, so under 2% for runs of more than ~70
+    micro-batches, even when every step is logged."""
     from types import SimpleNamespace
 
-    from regtune.regularizers.lfu import _STEP_COST
+    from regtune.regularizers.lfu import _STEP_COST, DIAGNOSTICS_BUDGET
 
     lfu = regtune.regularizers.LfURegularizer(mode=mode, second_batch=second_batch)
     lfu._reset_gain_budget()  # as `setup` does
@@ -716,7 +717,7 @@ def test_ascent_gain_measurements_stay_within_two_percent_of_the_training_passes
         measured.append(lfu._measure_gain_now(trainer))
     passes = 1000 * _STEP_COST[(mode, second_batch == "same")]
     assert measured[0] and sum(measured) > 5
-    assert sum(measured) * cost <= 0.02 * passes + cost
+    assert DIAGNOSTICS_BUDGET <= 0.015 and sum(measured) * cost <= DIAGNOSTICS_BUDGET * passes + cost
     # not logged: never measured
     lfu._gain_budget = 100.0
     trainer.state.global_step, args.logging_steps, trainer.state.logging_steps = 3, 10, 10
