@@ -10,17 +10,18 @@ A small, reusable harness (import the functions, or run it as a script):
   TREC_10 test), MR (rt-polarity, seeded 80/20 split), AG News (test.csv only, seeded split: 2,000 test / rest pool).
   A validation set (default 256 examples) is carved once from the pool; k-shot train sets (k per class) are then
   drawn from the rest of the pool, one per seed. The test set is a fixed 500-example subsample.
-* Training: plain torch loop, AdamW (weight decay 0), batch 16, max_len 64, a fixed number of steps, linear decay
-  of the learning rate to 0 (no warm-up). Test accuracy is evaluated at several step checkpoints; the training
+* Training: `regtune.RegTrainer` (a `transformers.Trainer`) with the method's optimizer (AdamW, weight decay 0;
+  LoRA+'s and ALLoRA's update-side optimizers from peft and regtune), batch 16, max_len 64, a fixed number of steps,
+  linear decay of the learning rate to 0 (no warm-up), no gradient clipping. Test accuracy is evaluated at several step checkpoints; the training
   loss is logged every step, and the mean Frobenius norm of the adapters' effective update `scaling * B A`.
 * Protocol: for every (dataset, method) the learning rate is chosen on a grid with seed 0 by the accuracy on the
   validation set at the last step (ties go to the smaller lr); then `--seeds` seeds are trained at that lr and
   evaluated on the test set. Mean and std (population std over seeds) are reported.
 
 Usage:
-    python bench/fewshot.py        # default budget: sst2 + trec, k=16, 60 steps, 3 lrs x 1 seed + 3 seeds, 5 methods
+    python -m bench.fewshot        # default budget: sst2 + trec, k=16, 60 steps, 3 lrs x 1 seed + 3 seeds, 5 methods
                                    # (33 CPU-minutes; 58 min wall with --threads 1 on 2 busy shared cores)
-    python bench/fewshot.py --datasets sst2 --steps 40 --seeds 0 --methods lora allora_update   # a quick look
+    python -m bench.fewshot --datasets sst2 --steps 40 --seeds 0 --methods lora allora_update   # a quick look
 
 Outputs bench/out/fewshot.json, fewshot.md, fewshot.png (with `--tag X`: fewshot_X.*).
 """
@@ -28,25 +29,22 @@ Outputs bench/out/fewshot.json, fewshot.md, fewshot.png (with `--tag X`: fewshot
 from __future__ import annotations
 
 import argparse
-import csv
-import json
 import math
 import os
 import random
 import statistics
-import sys
+import tempfile
 import time
 from dataclasses import dataclass
 
+import peft
+import torch
+from transformers import AutoModelForSequenceClassification, AutoTokenizer, TrainerCallback
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-
-import peft  # noqa: E402
-import torch  # noqa: E402
-from _common import DATA_DIR, OUT_DIR, TARGET_MODULES, machine_description, minilm_dir, quiet_transformers  # noqa: E402
-from transformers import AutoModelForSequenceClassification, AutoTokenizer  # noqa: E402
-
-import regtune  # noqa: E402
+import regtune
+from bench._common import OUT_DIR, TARGET_MODULES, machine_description, minilm_dir, quiet_transformers
+from bench.data import AG_NEWS_LABELS, DATA_DIR, SST2_LABELS, data_path, read_ag_news, read_mr, read_sst2, read_trec
+from bench.results import mean_std, write_results
 
 
 METHOD_LABELS = {
@@ -73,57 +71,32 @@ class TextDataset:
     test: list[tuple[str, int]]
 
 
-def _read_tsv(path: str) -> list[tuple[str, int]]:
-    with open(path, newline="", encoding="utf-8") as f:
-        rows = list(csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE))
-    return [(row[0].strip(), int(row[1])) for row in rows[1:]]
-
-
-def _read_trec(path: str, labels: list[str]) -> list[tuple[str, int]]:
-    out = []
-    with open(path, encoding="latin-1") as f:
-        for line in f:
-            line = line.strip()
-            if not line:
-                continue
-            tag, text = line.split(" ", 1)
-            out.append((text, labels.index(tag.split(":", 1)[0])))
-    return out
-
-
 def load_dataset(name: str, data_dir: str = DATA_DIR) -> TextDataset:
     """Load one dataset as (pool, test); the seeded splits (MR, AG News) are fixed (seed 0)."""
     if name == "sst2":
         return TextDataset(
             name,
-            ["negative", "positive"],
-            _read_tsv(os.path.join(data_dir, "sst2", "train.tsv")),
-            _read_tsv(os.path.join(data_dir, "sst2", "dev.tsv")),
+            SST2_LABELS,
+            read_sst2(data_path("sst2", "train.tsv", data_dir=data_dir)),
+            read_sst2(data_path("sst2", "dev.tsv", data_dir=data_dir)),
         )
     if name == "trec":
-        labels = ["ABBR", "DESC", "ENTY", "HUM", "LOC", "NUM"]
+        labels = ["ABBR", "DESC", "ENTY", "HUM", "LOC", "NUM"]  # this bench's order (its seeded heads depend on it)
         return TextDataset(
             name,
             labels,
-            _read_trec(os.path.join(data_dir, "trec", "train_5500.label"), labels),
-            _read_trec(os.path.join(data_dir, "trec", "TREC_10.label"), labels),
+            read_trec(data_path("trec", "train_5500.label", data_dir=data_dir), labels),
+            read_trec(data_path("trec", "TREC_10.label", data_dir=data_dir), labels),
         )
     if name == "mr":
-        rows = []
-        for label, suffix in ((0, "neg"), (1, "pos")):
-            with open(os.path.join(data_dir, "mr", f"rt-polarity.{suffix}"), encoding="utf-8", errors="replace") as f:
-                rows += [(line.strip(), label) for line in f if line.strip()]
+        rows = read_mr(data_path("mr", data_dir=data_dir))
         random.Random(0).shuffle(rows)
         n_test = len(rows) // 5
-        return TextDataset(name, ["negative", "positive"], rows[n_test:], rows[:n_test])
+        return TextDataset(name, SST2_LABELS, rows[n_test:], rows[:n_test])
     if name == "ag_news":
-        with open(os.path.join(data_dir, "ag_news", "test.csv"), newline="", encoding="utf-8") as f:
-            rows = [
-                (f"{title} {desc}".replace("\\n", " ").replace("\\", " ").strip(), int(cls) - 1)
-                for cls, title, desc in csv.reader(f)
-            ]
+        rows = read_ag_news(data_path("ag_news", "test.csv", data_dir=data_dir), joiner=" ")
         random.Random(0).shuffle(rows)
-        return TextDataset(name, ["World", "Sports", "Business", "Sci/Tech"], rows[2000:], rows[:2000])
+        return TextDataset(name, AG_NEWS_LABELS, rows[2000:], rows[:2000])
     raise ValueError(f"unknown dataset {name!r}; choose from {DATASETS}")
 
 
@@ -233,6 +206,40 @@ def accuracy(model, encoded, pad_id: int, batch_size: int = 64) -> float:
     return correct / len(encoded)
 
 
+class _Checkpoints(TrainerCallback):
+    """At the chosen steps: accuracy on each eval set, mean ||scaling * B A||, copies of the trainable parameters;
+    every step: the training loss (from the Trainer's per-step log); stops the run at the first non-finite loss."""
+
+    def __init__(self, evals_enc: dict, pad_id: int, eval_at, keep_states_at):
+        self.evals_enc, self.pad_id = evals_enc, pad_id
+        self.eval_at, self.keep_states_at = set(eval_at), set(keep_states_at)
+        self.losses: list[float] = []
+        self.evals: dict = {name: {} for name in evals_enc}
+        self.delta_norms: dict = {}
+        self.states: dict = {}
+
+    def checkpoint(self, model, step: int) -> None:
+        if step in self.eval_at:
+            for name, enc in self.evals_enc.items():
+                self.evals[name][step] = accuracy(model, enc, self.pad_id)
+        self.delta_norms[step] = mean_delta_norm(model)
+        if step in self.keep_states_at:
+            self.states[step] = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        if 0 in self.eval_at | self.keep_states_at:
+            self.checkpoint(model, 0)
+
+    def on_log(self, args, state, control, logs=None, model=None, **kwargs):
+        if logs and "loss" in logs:
+            loss = float(logs["loss"])
+            self.losses.append(loss if math.isfinite(loss) else float("nan"))
+            if not math.isfinite(loss):
+                control.should_training_stop = True
+            elif state.global_step in self.eval_at | self.keep_states_at:
+                self.checkpoint(model, state.global_step)
+
+
 def train_run(
     method: str,
     lr: float,
@@ -251,62 +258,67 @@ def train_run(
     keep_states_at: list[int] | None = None,
     stop_after: int | None = None,
 ) -> dict:
-    """Train one model; return the per-step losses and the accuracies on each of `eval_sets` at `eval_at` steps.
+    """Train one model with `regtune.RegTrainer` (its own optimizer and a linear decay of the lr to 0 over `steps`;
+    no warm-up, no gradient clipping, batches never straddle an epoch); return the per-step losses and the accuracies
+    on each of `eval_sets` at `eval_at` steps. Training stops after `stop_after` steps when given (the lr schedule
+    still spans `steps`) and at the first non-finite loss.
 
     The trainable parameters at every `keep_states_at` step are kept in `run["states"]` (copies) so that more sets can
     be evaluated later with [`evaluate_states`] without training again.
     """
-    pad_id = tokenizer.pad_token_id
+    from datasets import Dataset
+    from transformers import DataCollatorWithPadding, TrainingArguments
+
     train_enc = encode(tokenizer, train, max_len)
     evals_enc = {name: encode(tokenizer, examples, max_len) for name, examples in eval_sets.items()}
     model, optimizer = build_model(method, num_labels, lr, r=r, eta=eta, seed=seed)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: max(0.0, 1.0 - step / steps))
-    model.train()
-    rng = random.Random(seed)
-    order: list[int] = []
-    losses, evals, delta_norms, states = [], {name: {} for name in eval_sets}, {}, {}
-    start = time.perf_counter()
-
-    keep_states_at = set(keep_states_at or ())
-    checkpoints = set(eval_at) | keep_states_at
-
-    def checkpoint(step):
-        if step in eval_at:
-            for name, enc in evals_enc.items():
-                evals[name][step] = accuracy(model, enc, pad_id)
-        delta_norms[step] = mean_delta_norm(model)
-        if step in keep_states_at:
-            states[step] = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
-
-    if 0 in checkpoints:
-        checkpoint(0)
-    for step in range(1, (stop_after or steps) + 1):  # the lr schedule always spans `steps`
-        if len(order) < batch_size:  # epoch-wise shuffling, batches never straddle an epoch boundary
-            order = list(range(len(train_enc)))
-            rng.shuffle(order)
-        idx, order = order[:batch_size], order[batch_size:]
-        loss = model(**collate([train_enc[i] for i in idx], pad_id)).loss
-        if not math.isfinite(loss.item()):
-            losses.append(float("nan"))
-            break
-        loss.backward()
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        losses.append(loss.item())
-        if step in checkpoints:
-            checkpoint(step)
+    record = _Checkpoints(evals_enc, tokenizer.pad_token_id, eval_at, keep_states_at or ())
+    with tempfile.TemporaryDirectory() as tmp:
+        args = TrainingArguments(
+            output_dir=tmp,
+            max_steps=stop_after or steps,
+            per_device_train_batch_size=batch_size,
+            dataloader_drop_last=len(train_enc) >= batch_size,  # a smaller train set is one (smaller) batch
+            max_grad_norm=0.0,
+            seed=seed,
+            logging_steps=1,
+            logging_nan_inf_filter=False,
+            save_strategy="no",
+            report_to=[],
+            use_cpu=True,
+            disable_tqdm=True,
+            remove_unused_columns=False,
+        )
+        dataset = Dataset.from_dict(
+            {
+                "input_ids": [ids for ids, _ in train_enc],
+                "attention_mask": [[1] * len(ids) for ids, _ in train_enc],
+                "labels": [label for _, label in train_enc],
+            }
+        )
+        trainer = regtune.RegTrainer(
+            model=model,
+            args=args,
+            train_dataset=dataset,
+            data_collator=DataCollatorWithPadding(tokenizer),
+            optimizers=(optimizer, scheduler),
+            callbacks=[record],
+        )
+        start = time.perf_counter()
+        trainer.train()
+        seconds = time.perf_counter() - start
     run = {
         "method": method,
         "lr": lr,
         "seed": seed,
-        "losses": losses,
-        "eval": evals,
-        "delta_norm": delta_norms,
-        "seconds": time.perf_counter() - start,
+        "losses": record.losses,
+        "eval": record.evals,
+        "delta_norm": record.delta_norms,
+        "seconds": seconds,
     }
     if keep_states_at:
-        run["states"] = states
+        run["states"] = record.states
     return run
 
 
@@ -327,13 +339,6 @@ def evaluate_states(
 
 
 # ------------------------------------------------------------------------------------------------ experiment
-
-
-def _mean_std(values):
-    values = [v for v in values if v is not None and math.isfinite(v)]
-    if not values:
-        return float("nan"), float("nan")
-    return statistics.fmean(values), statistics.pstdev(values) if len(values) > 1 else 0.0
 
 
 def run_dataset(name: str, args, tokenizer, log=print) -> dict:
@@ -411,11 +416,11 @@ def run_dataset(name: str, args, tokenizer, log=print) -> dict:
                 flush=True,
             )
         curve = {
-            step: _mean_std([run["eval"]["test"].get(step, float("nan")) for run in runs])
+            step: mean_std([run["eval"]["test"].get(step, float("nan")) for run in runs])
             for step in ([0] if step0 else []) + eval_at
         }
         n_early = min(args.early_steps, args.steps)
-        early = _mean_std([statistics.fmean(run["losses"][:n_early]) for run in runs if len(run["losses"]) >= n_early])
+        early = mean_std([statistics.fmean(run["losses"][:n_early]) for run in runs if len(run["losses"]) >= n_early])
         for run in tuning_runs.values():
             run.pop("states", None)
         result["methods"][method] = {
@@ -565,16 +570,6 @@ def markdown(result: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _json_ready(obj):
-    if isinstance(obj, dict):
-        return {str(k): _json_ready(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_json_ready(v) for v in obj]
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None
-    return obj
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--datasets", nargs="+", default=["sst2", "trec"], choices=DATASETS)
@@ -622,15 +617,9 @@ def main(argv=None) -> dict:
 
     os.makedirs(args.out, exist_ok=True)
     stem = os.path.join(args.out, "fewshot" + (f"_{args.tag}" if args.tag else ""))
-    with open(stem + ".json", "w") as f:
-        json.dump(_json_ready(result), f, indent=1)
     table = markdown(result)
     table += f"\nWall time {result['wall_s'] / 60:.1f} min on {result['machine']['cpu']} ({args.threads} threads).\n"
-    with open(stem + ".md", "w") as f:
-        f.write(table)
-    plot(result, stem + ".png")
-    print(table)
-    print(f"wrote {stem}.json, {stem}.md, {stem}.png")
+    write_results(stem, result, table, plot=plot)
     return result
 
 
