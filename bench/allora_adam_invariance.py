@@ -6,7 +6,7 @@ switched off so that the runs are deterministic. Reports ||B - B_LoRA|| / ||B_Lo
 divides every gradient element by a running estimate of its own magnitude, so a per-row gradient scale that changes
 slowly (ALLoRA's coefficient is exactly `eta` for every row at B = 0) cancels out, and `eta` should barely matter.
 
-Usage: python bench/allora_adam_invariance.py [--steps 20 --lr 3e-3]   (writes bench/out/allora_adam_invariance.*)
+Usage: python -m bench.allora_adam_invariance [--steps 20 --lr 3e-3]   (writes bench/out/allora_adam_invariance.*)
 """
 
 from __future__ import annotations
@@ -14,17 +14,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
-
-
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import peft  # noqa: E402
 import torch  # noqa: E402
-from _common import OUT_DIR, TARGET_MODULES, machine_description, minilm_dir, quiet_transformers  # noqa: E402
 from transformers import AutoModelForSequenceClassification  # noqa: E402
 
 import regtune  # noqa: E402
+from bench._common import OUT_DIR, TARGET_MODULES, machine_description, minilm_dir, quiet_transformers  # noqa: E402
 
 
 def build(eta: float | None, lr: float, r: int = 8, update_side: bool = False):

@@ -5,7 +5,7 @@ early loss. Here every method runs at the *same* lr (LoRA+: the same base lr, so
 train sets, seeds and schedule (linear decay over `--schedule-steps`, stopped after `--steps`), with no evaluation:
 the training loss of every step and the mean ||scaling * B A||_F over adapted layers are recorded.
 
-Usage: python bench/allora_escape.py [--datasets sst2 trec --lrs 1e-3 3e-3 --steps 20 --seeds 0 1 2]
+Usage: python -m bench.allora_escape [--datasets sst2 trec --lrs 1e-3 3e-3 --steps 20 --seeds 0 1 2]
 Writes bench/out/allora_escape.json and .md.
 """
 
@@ -15,16 +15,13 @@ import argparse
 import json
 import os
 import statistics
-import sys
 import time
 
-
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-
 import torch  # noqa: E402
-from _common import DATA_DIR, OUT_DIR, machine_description, minilm_dir, quiet_transformers  # noqa: E402
-from fewshot import DATASETS, METHOD_LABELS, load_dataset, split_fewshot, train_run  # noqa: E402
 from transformers import AutoTokenizer  # noqa: E402
+
+from bench._common import DATA_DIR, OUT_DIR, machine_description, minilm_dir, quiet_transformers  # noqa: E402
+from bench.fewshot import DATASETS, METHOD_LABELS, load_dataset, split_fewshot, train_run  # noqa: E402
 
 
 def main(argv=None) -> dict:

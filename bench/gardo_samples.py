@@ -1,6 +1,6 @@
 """A grid of testbed samples after GARDO and its baselines (what reward hacking looks like).
 
-    OMP_NUM_THREADS=1 python bench/gardo_samples.py [--study bench/out/gardo_testbed] [--seed 0]
+    OMP_NUM_THREADS=1 python -m bench.gardo_samples [--study bench/out/gardo_testbed] [--seed 0]
 
 Loads each method's final checkpoint from a finished `regtune study gardo` folder, samples the four prompts with
 the deterministic ODE sampler from the same initial noise (the evaluation noise), and writes
@@ -11,16 +11,12 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 
 import torch
 
-
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "src"))
-
 from regtune.diffusion import GARDOConfig, GARDOTrainer  # noqa: E402
-from regtune.diffusion.study import load_gardo_study  # noqa: E402
 from regtune.diffusion.testbed import build_testbed  # noqa: E402
+from regtune.experiments.gardo import load_gardo_study  # noqa: E402
 
 
 def main() -> None:

@@ -1,6 +1,6 @@
 """Step time of GARDO's gated KL (reference outputs for the gated samples only) vs the KL on every sample.
 
-    OMP_NUM_THREADS=1 OMP_WAIT_POLICY=PASSIVE python bench/gardo_step_time.py [--rounds 30] [--gate 0.1]
+    OMP_NUM_THREADS=1 OMP_WAIT_POLICY=PASSIVE python -m bench.gardo_step_time [--rounds 30] [--gate 0.1]
 
 On the offline testbed (regtune.diffusion.testbed, pretrained model cached), three GARDOTrainers share the same
 pretrained denoiser weights: `kl_mode="gated"` with a fixed gated fraction (default 10%), `kl_mode="all"` and
@@ -19,13 +19,9 @@ import os
 import platform
 import random
 import statistics
-import sys
 import time
 
 import torch
-
-
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "src"))
 
 from regtune.diffusion import GARDOConfig, GARDOTrainer  # noqa: E402
 from regtune.diffusion.testbed import TestbedConfig, build_testbed  # noqa: E402

@@ -15,9 +15,9 @@ Measured for each method and seed:
 Then the step time of each method vs SFTTrainer, measured side by side in interleaved rounds (median step time, ratio
 to the SFT median of the same run).
 
-    python bench/lfu.py                                  # pretrain (cached) + 3 seeds x 4 methods + step time
-    python bench/lfu.py --model meta-llama/Llama-3.2-1B  # any causal LM from the Hub or a local directory
-    python bench/lfu.py --seeds 0 --timing-rounds 0      # quick
+    python -m bench.lfu                                  # pretrain (cached) + 3 seeds x 4 methods + step time
+    python -m bench.lfu --model meta-llama/Llama-3.2-1B  # any causal LM from the Hub or a local directory
+    python -m bench.lfu --seeds 0 --timing-rounds 0      # quick
 """
 
 from __future__ import annotations
@@ -28,7 +28,6 @@ import math
 import os
 import random
 import statistics
-import sys
 import tempfile
 import time
 
@@ -43,11 +42,9 @@ from trl import SFTConfig, SFTTrainer  # noqa: E402
 
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, HERE)
-from _common import OUT_DIR, machine_description, quiet_transformers  # noqa: E402
-from trainer_step_time import StepTimer  # noqa: E402
-
 import regtune  # noqa: E402
+from bench._common import OUT_DIR, machine_description, quiet_transformers  # noqa: E402
+from bench.trainer_step_time import StepTimer  # noqa: E402
 from regtune.data.char_tokenizer import build_char_tokenizer  # noqa: E402
 
 

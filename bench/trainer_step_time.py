@@ -5,8 +5,8 @@ callback (`on_step_begin` -> `on_step_end`). Variants run in interleaved rounds 
 every round) so the noise of this shared machine hits them alike; the figure is the median step time over all
 rounds after one warm-up round, and the ratio is taken against the baseline of the same run.
 
-    python bench/trainer_step_time.py --suite mask_tuning   # full FT of the masked weights vs mask tuning (+ GD)
-    python bench/trainer_step_time.py --suite glad          # peft LoRA vs GLAD (LoRA + SAM-referenced gradient)
+    python -m bench.trainer_step_time --suite mask_tuning   # full FT of the masked weights vs mask tuning (+ GD)
+    python -m bench.trainer_step_time --suite glad          # peft LoRA vs GLAD (LoRA + SAM-referenced gradient)
 """
 
 from __future__ import annotations
@@ -15,7 +15,6 @@ import argparse
 import json
 import os
 import statistics
-import sys
 import tempfile
 import time
 
@@ -27,11 +26,8 @@ from datasets import Dataset
 from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForSequenceClassification, TrainerCallback, TrainingArguments
 
-
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import OUT_DIR, machine_description, minilm_dir, quiet_transformers  # noqa: E402
-
 import regtune  # noqa: E402
+from bench._common import OUT_DIR, machine_description, minilm_dir, quiet_transformers  # noqa: E402
 from regtune.tuners.mask_tuning import save_real_valued_scores  # noqa: E402
 
 
