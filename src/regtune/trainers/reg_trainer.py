@@ -9,7 +9,10 @@ from .mixin import RegularizedTrainerMixin
 
 class RegTrainer(RegularizedTrainerMixin, Trainer):
     """
-    A `transformers.Trainer` that takes `regularizers=[...]` (see [`RegularizedTrainerMixin`] and [`Regularizer`]).
+    A `transformers.Trainer` that takes `regularizers=[...]` (see [`RegularizedTrainerMixin`] and [`Regularizer`]),
+    and `on_nonfinite="error" | "skip" | "ignore"`: what to do when the task loss, a regularizer term or the gradient
+    norm of a step is NaN or infinite (by default the run stops at that optimizer step with a
+    [`NonFiniteLossError`] naming the step and the term).
 
     Example:
 
