@@ -370,8 +370,8 @@ class LfURegularizer(Regularizer):
     `ValueError` saying so).
 
     Args:
-        mode, alpha, beta, start_layer, end_layer, second_batch, reps_lr_weight, reps_site, share_dropout_masks,
-            log_diagnostics: see [`LfUSettings`] (validated there; all bad values are reported at once).
+        mode, alpha, beta, start_layer, end_layer, second_batch, reps_lr_weight, reps_site, share_dropout_masks, log_diagnostics:
+            see [`LfUSettings`] (validated there; all bad values are reported at once).
         second_dataset (`datasets.Dataset`, *optional*): rows in the train set's processed format (required with
             `second_batch="dataset"`).
         seed (`int`, *optional*): seed of the second-batch draws and the steering vectors' init (default: the
