@@ -6,8 +6,9 @@ order rotated every round, and the figure is the median over rounds of the *pair
 same round) with its 25-75% spread. Peak memory: the high-water mark of live tensor bytes during one optimizer step
 (from the torch profiler's allocation events), after a warm-up step (optimizer state exists).
 
-    python bench/glad_cost.py --rounds 15                      # batch 16 x 64 tokens and 4 x 16 tokens
-    python bench/glad_cost.py --rounds 15 --threads 1 --out bench/out/glad_cost
+    python -m bench.glad_cost --rounds 15                      # batch 16 x 64 tokens and 4 x 16 tokens
+    python -m bench.glad_cost --rounds 15 --threads 1 --out bench/out/glad_cost
+    python -m bench.glad_cost --skip-timing --masks-steps 10   # only shared vs independent dropout masks
 
 GLAD variants: diagnostics on (default), diagnostics off, independent dropout masks. The diagnostics' own cost is
 also timed in isolation (the in-place recovery of cos(g, g_sam) and ||g_sam - g|| / ||g|| on the real parameters).
@@ -16,10 +17,8 @@ also timed in isolation (the in-place recovery of cos(g, g_sam) and ||g_sam - g|
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
-import sys
 import tempfile
 import time
 
@@ -37,11 +36,10 @@ from transformers import (  # noqa: E402
     TrainingArguments,
 )
 
-
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import DATA_DIR, OUT_DIR, TARGET_MODULES, machine_description, minilm_dir, quiet_transformers  # noqa: E402
-
 import regtune  # noqa: E402
+from bench._common import OUT_DIR, TARGET_MODULES, machine_description, minilm_dir, quiet_transformers  # noqa: E402
+from bench.data import TREC_LABELS, data_path, read_trec  # noqa: E402
+from bench.results import write_results  # noqa: E402
 from regtune.functional.glad import glad_diagnostics_, glad_perturb_, glad_restore_  # noqa: E402
 from regtune.regularizers import GLADRegularizer  # noqa: E402
 
@@ -193,12 +191,9 @@ def memory_suite(batch: int, seq_len: int, tmp: str) -> dict:
 
 def trec_batches(tokenizer, n: int, seq_len: int):
     """The first `n` TREC training questions (coarse labels), tokenized: real text for the dropout-mask measurement."""
-    with open(os.path.join(DATA_DIR, "trec", "train_5500.label"), encoding="latin-1") as f:
-        rows = [line.split(" ", 1) for line in f if line.strip()][:n]
-    classes = sorted({label.split(":")[0] for label, _ in rows})
-    enc = tokenizer([text.strip() for _, text in rows], truncation=True, max_length=seq_len, padding="max_length")
-    labels = [classes.index(label.split(":")[0]) for label, _ in rows]
-    return Dataset.from_dict({**enc, "labels": labels}), len(classes)
+    rows = read_trec(data_path("trec", "train_5500.label"), TREC_LABELS)[:n]
+    enc = tokenizer([text for text, _ in rows], truncation=True, max_length=seq_len, padding="max_length")
+    return Dataset.from_dict({**enc, "labels": [label for _, label in rows]}), len(TREC_LABELS)
 
 
 def masks_suite(steps: int, batch: int, tmp: str) -> dict:
@@ -254,9 +249,6 @@ def main():
                 "time": time_suite(cli.rounds, batch, seq_len, tmp),
                 "memory": memory_suite(batch, seq_len, tmp),
             }
-    os.makedirs(cli.out, exist_ok=True)
-    with open(os.path.join(cli.out, "glad_cost.json"), "w") as f:
-        json.dump(results, f, indent=2)
     lines = []
     if "dropout_masks" in results:
         lines += ["| dropout masks | cos(g, g_sam) median (25-75%) | rel_diff median (25-75%) |", "|---|---|---|"]
@@ -295,10 +287,8 @@ def main():
                 f"{m['extra_bytes'] / 2**20:.2f} | {m['trainable_bytes'] / 2**20:.2f} | "
                 f"{m['extra_in_trainable_copies']:.2f} |"
             )
-    table = "\n".join(lines)
-    with open(os.path.join(cli.out, "glad_cost.md"), "w") as f:
-        f.write(table + "\n")
-    print(table)
+    os.makedirs(cli.out, exist_ok=True)
+    write_results(os.path.join(cli.out, "glad_cost"), results, "\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":
