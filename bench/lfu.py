@@ -18,6 +18,7 @@ to the SFT median of the same run).
     python -m bench.lfu                                  # pretrain (cached) + 3 seeds x 4 methods + step time
     python -m bench.lfu --model meta-llama/Llama-3.2-1B  # any causal LM from the Hub or a local directory
     python -m bench.lfu --seeds 0 --timing-rounds 0      # quick
+    python -m bench.lfu --diagnostics-overhead 1 --timing-steps 30   # cost of LfU's diagnostics (counted + timed)
 """
 
 from __future__ import annotations
