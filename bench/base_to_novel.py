@@ -73,7 +73,7 @@ from typing import Any  # noqa: E402
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
-from transformers import AutoModel, AutoTokenizer, TrainerCallback, TrainingArguments  # noqa: E402
+from transformers import AutoModel, AutoTokenizer, PrinterCallback, TrainerCallback, TrainingArguments  # noqa: E402
 from transformers.modeling_outputs import SequenceClassifierOutput  # noqa: E402
 
 import regtune  # noqa: E402
@@ -511,6 +511,7 @@ def train(setup: TrainSetup, train_set, cfg: MethodConfig, output_dir: str, cloc
         regularizers=list(setup.regularizers),
         callbacks=[clock] if clock is not None else None,
     )
+    trainer.remove_callback(PrinterCallback)
     trainer.train()
     setup.model.eval()
     history = trainer.state.log_history

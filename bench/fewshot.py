@@ -39,7 +39,7 @@ from dataclasses import dataclass
 
 import peft
 import torch
-from transformers import AutoModelForSequenceClassification, AutoTokenizer, TrainerCallback
+from transformers import AutoModelForSequenceClassification, AutoTokenizer, PrinterCallback, TrainerCallback
 
 import regtune
 from bench._common import OUT_DIR, TARGET_MODULES, machine_description, minilm_dir, quiet_transformers
@@ -217,6 +217,7 @@ class _Checkpoints(TrainerCallback):
         self.evals: dict = {name: {} for name in evals_enc}
         self.delta_norms: dict = {}
         self.states: dict = {}
+        self.diagnostics: dict = {}  # the trainer's mechanism diagnostics (e.g. allora/c_over_eta_min) per step
 
     def checkpoint(self, model, step: int) -> None:
         if step in self.eval_at:
@@ -231,6 +232,9 @@ class _Checkpoints(TrainerCallback):
             self.checkpoint(model, 0)
 
     def on_log(self, args, state, control, logs=None, model=None, **kwargs):
+        for key, value in (logs or {}).items():
+            if key.count("/") == 1 and isinstance(value, (int, float)):
+                self.diagnostics.setdefault(key, []).append(float(value))
         if logs and "loss" in logs:
             loss = float(logs["loss"])
             self.losses.append(loss if math.isfinite(loss) else float("nan"))
@@ -305,6 +309,7 @@ def train_run(
             optimizers=(optimizer, scheduler),
             callbacks=[record],
         )
+        trainer.remove_callback(PrinterCallback)
         start = time.perf_counter()
         trainer.train()
         seconds = time.perf_counter() - start
@@ -315,6 +320,7 @@ def train_run(
         "losses": record.losses,
         "eval": record.evals,
         "delta_norm": record.delta_norms,
+        "diagnostics": record.diagnostics,
         "seconds": seconds,
     }
     if keep_states_at:
