@@ -25,7 +25,7 @@ t(method) / t(baseline) of the same round and its 25-75% spread, the same for th
 ratio with the diagnostics on vs off.
 
 Peak memory: every variant in a fresh process (forked from a server that has only imported the libraries), one step
-after two warm-up steps; see `perf_memory.py`.
+after a warm-up step; see `perf_memory.py`.
 
 Writes `bench/results/perf.json` and `bench/results/perf.md` (or `--out`); `--quick` writes `perf_quick.*`.
 """
@@ -54,7 +54,7 @@ from _common import machine_description, quiet_transformers  # noqa: E402
 from transformers import TrainerCallback  # noqa: E402
 
 
-FULL = dict(widths=["small", "real"], sizes=["4x16", "16x64"], rounds=7, warmup=2)
+FULL = dict(widths=["small", "real"], sizes=["4x16", "16x64"], rounds=7, warmup=1)
 QUICK = dict(widths=["tiny"], sizes=["4x16", "16x64"], rounds=2, warmup=1)
 
 
@@ -252,6 +252,11 @@ def markdown(result: dict) -> str:
         f"{', '.join(f'{x:.1f}' for x in mach.get('load_avg_at_start', []))} / "
         f"{', '.join(f'{x:.1f}' for x in result.get('load_avg_at_end', []))}.",
         "",
+        *(
+            []
+            if result.get("complete", True)
+            else ["**Partial run: the suite was cut short; the rows below are the measured ones.**", ""]
+        ),
         "Time: paired median ratio method / baseline of the same round (25-75% spread), wall clock and the thread's "
         "CPU time. Diagnostics: paired ratio with the diagnostics on / off (wall). Memory: the peak resident memory "
         "of one step above the process's memory after the imports, fresh process per variant (RSS), and the peak of "
@@ -320,26 +325,48 @@ def main(argv=None):
         print(f"[{time.time() - start:6.0f} s] {msg}", flush=True)
 
     timing, memory = {}, {}
-    jobs = []
-    for group in cli.groups:
-        for width in cli.widths:
-            for size in cli.sizes:
+    stem = os.path.join(cli.out, cli.name or ("perf_quick" if cli.quick else "perf"))
+    os.makedirs(cli.out, exist_ok=True)
+
+    def write(final: bool) -> dict:
+        result = assemble(cli, machine, timing, memory)
+        result["complete"] = final
+        result["wall_s"] = time.time() - start
+        result["load_avg_at_end"] = os.getloadavg()
+        with open(stem + ".json", "w") as f:
+            json.dump(result, f, indent=1, default=str)
+        with open(stem + ".md", "w") as f:
+            f.write(markdown(result))
+        return result
+
+    # one (width, batch) configuration after the other, the results written after each: a run cut short keeps them
+    for width in cli.widths:
+        for size in cli.sizes:
+            jobs = []
+            for group in cli.groups:
                 if group == "gardo":
                     jobs += [("gardo", m, width, size) for m in ("all", "gated")]
                 else:
                     jobs += [("trainer", group, v.name, width, size) for v in GROUPS[group] if v.memory]
-    if not cli.no_memory:
-        log(f"memory: {len(jobs)} fresh processes")
-        memory = memory_pass(jobs, log)
-    if not cli.no_time:
-        for group in cli.groups:
-            for width in cli.widths:
-                for size in cli.sizes:
-                    log(f"time: {group} {width} {size}")
-                    if group == "gardo":
-                        timing[(group, width, size)] = time_gardo(width, size, cli.warmup, cli.rounds, log)
-                    else:
-                        timing[(group, width, size)] = time_group(group, width, size, cli.warmup, cli.rounds, log)
+            if not cli.no_memory:
+                log(f"memory {width} {size}: {len(jobs)} fresh processes")
+                memory.update(memory_pass(jobs, log))
+            for group in [] if cli.no_time else cli.groups:
+                log(f"time: {group} {width} {size}")
+                if group == "gardo":
+                    timing[(group, width, size)] = time_gardo(width, size, cli.warmup, cli.rounds, log)
+                else:
+                    timing[(group, width, size)] = time_group(group, width, size, cli.warmup, cli.rounds, log)
+                write(final=False)
+    result = write(final=True)
+    print(markdown(result))
+    log(f"wrote {stem}.json and {stem}.md")
+    return result
+
+
+def assemble(cli, machine: dict, timing: dict, memory: dict) -> dict:
+    import perf_variants
+    from perf_variants import GROUPS
 
     rows, baselines = [], []
     for group in cli.groups:
@@ -371,27 +398,19 @@ def main(argv=None):
     result = {
         "bench": "perf",
         "command": "python bench/perf.py" + (" --quick" if cli.quick else ""),
-        "config": {**vars(cli), "threads": torch.get_num_threads()},
+        "config": {**vars(cli), "threads": torch.get_num_threads(), "cuda": torch.cuda.is_available()},
         "machine": machine,
         "models": {
-            "llama_widths": __import__("perf_variants").WIDTHS,
-            "layers": __import__("perf_variants").LAYERS,
-            "vocab": __import__("perf_variants").VOCAB,
-        },  # fmt: skip
+            "llama_widths": perf_variants.WIDTHS,
+            "layers": perf_variants.LAYERS,
+            "vocab": perf_variants.VOCAB,
+            "gardo_testbed_head_dims": perf_variants.GARDO_WIDTHS,
+            "gardo_batches": perf_variants.GARDO_SIZES,
+            "gardo_gate": perf_variants.GARDO_GATE,
+        },
         "rows": rows,
         "baselines": [b for b in baselines if b.get("step_s")],
     }
-    result["wall_s"] = time.time() - start
-    result["load_avg_at_end"] = os.getloadavg()
-    os.makedirs(cli.out, exist_ok=True)
-    stem = os.path.join(cli.out, cli.name or ("perf_quick" if cli.quick else "perf"))
-    with open(stem + ".json", "w") as f:
-        json.dump(result, f, indent=1, default=str)
-    table = markdown(result)
-    with open(stem + ".md", "w") as f:
-        f.write(table)
-    print(table)
-    log(f"wrote {stem}.json and {stem}.md")
     return result
 
 

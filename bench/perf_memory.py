@@ -137,7 +137,7 @@ def _finish(result: dict, base_rss: int) -> dict:
     return result
 
 
-def trainer_job(group: str, name: str, width: str, size: str, warmup: int = 2) -> dict:
+def trainer_job(group: str, name: str, width: str, size: str, warmup: int = 1) -> dict:
     """Peak memory of variant `name` of `group` (see `perf_variants.GROUPS`), in this (fresh) process."""
     from perf_variants import GROUPS, build_trainer
 
