@@ -220,7 +220,7 @@ def _settings(run: dict) -> dict:
 
 
 def run_recipe(
-    recipe: Recipe, log: Callable[[str], None] = print, overwrite: bool = False, **unused
+    recipe: Recipe, log: Callable[[str], None] = print, overwrite: bool = False, report_only: bool = False
 ) -> ExperimentResult:
     """
     Run every run of `recipe` in order, then write the comparison (table, plot, metrics) to `recipe.output_dir`.
@@ -228,10 +228,11 @@ def run_recipe(
     Resumable: a run finished with the same settings is not trained again, an unfinished one continues from its
     last checkpoint (`<run>/checkpoints`), and a run whose settings changed is refused (see [`check_resumable`])
     unless `overwrite`. Runs of the recipe that are not selected (see [`Recipe.select`]) but have results from an
-    earlier invocation are included in the comparison, so one run can be re-done alone.
+    earlier invocation are included in the comparison, so one run can be re-done alone. With `report_only`,
+    nothing is trained: the comparison is rewritten from the results on disk.
     """
     output_dir = recipe.output_dir
-    states = check_resumable(recipe, overwrite)
+    states = {run.name: "report" for run in recipe.runs} if report_only else check_resumable(recipe, overwrite)
     main = is_main_process()
     if main:
         write_atomic(os.path.join(output_dir, "recipe.yaml"), dump_yaml(recipe.raw))
@@ -240,6 +241,8 @@ def run_recipe(
     ran, skipped = [], []
     for i, run in enumerate(recipe.runs, 1):
         run_dir = os.path.join(output_dir, run.name)
+        if states[run.name] == "report":  # `report_only`: train nothing, rewrite the table from the results
+            continue
         if states[run.name] == "finished":
             skipped.append(run.name)
             if main:
