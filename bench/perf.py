@@ -116,7 +116,7 @@ def time_group(group: str, width: str, size: str, warmup: int, rounds: int, log)
     variants = GROUPS[group]
     batch, seq_len = (int(x) for x in size.split("x"))
     steps = warmup + rounds + 1  # the last step closes at the end of training: not counted
-    batons, threads, errors = {}, [], {}
+    batons, threads, errors, log_times = {}, [], {}, {}
     with tempfile.TemporaryDirectory() as tmp:
         for v in variants:
             try:
@@ -136,6 +136,7 @@ def time_group(group: str, width: str, size: str, warmup: int, rounds: int, log)
                 continue
             batons[v.name] = baton
             threads.append(thread)
+            log_times[v.name] = getattr(trainer, "_perf_log_times", None)
             del trainer
         names = list(batons)
         for r in range(steps):
@@ -166,6 +167,11 @@ def time_group(group: str, width: str, size: str, warmup: int, rounds: int, log)
         if v.diagnostics is True and off in times:
             row["diag_on_off_ratio"] = paired(times[v.name], times[off])
             row["diag_on_off_cpu_ratio"] = paired(cpu[v.name], cpu[off])
+        if v.diagnostics is True and log_times.get(v.name):
+            # the diagnostics' read-out when the Trainer logs, alone (the accumulation inside the step is not in it)
+            spent = log_times[v.name][warmup : warmup + rounds]
+            row["diag_log_s"] = quantiles(spent)
+            row["diag_log_fraction"] = statistics.median(spent) / statistics.median(times[v.name])
         out[v.name] = row
     return out
 
@@ -264,8 +270,9 @@ def markdown(result: dict) -> str:
         "max_memory_allocated counts), each as method / baseline.",
         "",
         "| method | baseline | width | batch | step (ms) | time ratio | CPU-time ratio | diagnostics on/off "
+        "(wall; CPU) | diagnostics read-out (% of step) "
         "| memory ratio (RSS) | memory ratio (tensors) | extra tensors / trainable |",
-        "| --- | --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| --- | --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for row in result["rows"]:
         if "error" in row:
@@ -277,7 +284,9 @@ def markdown(result: dict) -> str:
         copies = mem.get("tensor_extra_in_trainable_copies")
         cells = [
             row["method"], row["baseline"], row["width"], row["size"], f"{step:.1f}", _r(row.get("time_ratio")),
-            _r(row.get("cpu_ratio")), _r(row.get("diag_on_off_ratio"), 3),
+            _r(row.get("cpu_ratio")),
+            f"{_r(row.get('diag_on_off_ratio'), 3)}; {_r(row.get('diag_on_off_cpu_ratio'), 3)}" if row.get("diag_on_off_ratio") else "",
+            f"{100 * row['diag_log_fraction']:.2f}" if row.get("diag_log_fraction") is not None else "",
             f"{mem['rss_ratio']:.2f}" if "rss_ratio" in mem else mem.get("error", "")[:80],
             f"{mem['tensor_ratio']:.2f}" if "tensor_ratio" in mem else "",
             f"{copies:.2f}" if copies is not None else "",

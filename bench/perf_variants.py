@@ -224,10 +224,28 @@ GROUPS: dict[str, list[Variant]] = {
 }
 
 
+def _time_diagnostics(trainer) -> None:
+    """Record the wall time of every read-out of the regularizers' diagnostics (`trainer._perf_log_times`)."""
+    import time
+
+    read_out = trainer.regularizer_diagnostics
+    trainer._perf_log_times = []
+
+    def timed():
+        start = time.perf_counter()
+        out = read_out()
+        trainer._perf_log_times.append(time.perf_counter() - start)
+        return out
+
+    trainer.regularizer_diagnostics = timed
+
+
 def build_trainer(variant: Variant, width: str, out: str, batch: int, seq_len: int, steps: int):
     trainer = variant.build(width, os.path.join(out, variant.name.replace(" ", "_")), batch, seq_len, steps)
     if variant.diagnostics is False:
         set_diagnostics(trainer, False)
+    elif hasattr(trainer, "regularizer_diagnostics"):
+        _time_diagnostics(trainer)
     # the logs are computed every step (with the diagnostics), but not printed: printing costs what the terminal costs
     trainer.remove_callback(PrinterCallback)
     trainer.remove_callback(ProgressCallback)
