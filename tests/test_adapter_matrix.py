@@ -84,6 +84,10 @@ def train_steps(peft_model, model: TinyModel, steps=3, lr=None, case: AdapterCas
     ]
     peft_model.train()
     opt = torch.optim.SGD([g for g in groups if g["params"]])
+    # ALLoRA's coefficient_on="update" refuses a plain optimizer: attach its update-side coefficient (no-op otherwise)
+    from regtune.tuners.allora import attach_allora_update
+
+    attach_allora_update(opt, peft_model)
     batch = model.batch()
     losses = []
     for _ in range(steps):

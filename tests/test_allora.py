@@ -624,8 +624,8 @@ def test_trainer_logs_the_coefficient_diagnostic(tmp_path, monkeypatch):
     import regtune.tuners.allora.diagnostics as diagnostics
 
     calls = []
-    real = diagnostics.allora_coefficient_stats
-    monkeypatch.setattr(diagnostics, "allora_coefficient_stats", lambda m: calls.append(1) or real(m))
+    real = diagnostics._stats
+    monkeypatch.setattr(diagnostics, "_stats", lambda *a: calls.append(1) or real(*a))
     model = _allora_bert("gradient", init_lora_weights=False)  # B != 0: c < eta from the start
     args = training_args(str(tmp_path), max_steps=4, logging_steps=2)
     trainer = regtune.RegTrainer(model=model, args=args, train_dataset=classification_dataset())
@@ -647,6 +647,8 @@ def test_trainer_logs_the_coefficient_diagnostic(tmp_path, monkeypatch):
     assert last["allora/c_over_eta_min"] == pytest.approx(torch.cat(rows).min().item(), rel=1e-5)
     assert last["allora/c_over_eta_median"] == pytest.approx(torch.cat(rows).median().item(), rel=1e-5)
     assert last["allora/c_over_eta_min"] < 1.0
+    stats = diagnostics.allora_coefficient_stats(model)  # the same values as tensors, for use outside a Trainer
+    assert stats["c_over_eta_median"].item() == pytest.approx(last["allora/c_over_eta_median"], rel=1e-6)
     # a model without ALLoRA gets nothing added
     from distributed_worker import tiny_bert
 

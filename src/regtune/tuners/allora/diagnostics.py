@@ -21,6 +21,37 @@ from regtune.regularizers.base import Regularizer
 from .layer import allora_adapters
 
 
+def _named_adapters(model: nn.Module) -> list[tuple[str, object, str]]:
+    out = []
+    for module_name, module, adapter_name in allora_adapters(model):
+        name = module_name.split("base_model.model.", 1)[-1] or module_name
+        out.append((name if adapter_name == "default" else f"{name}:{adapter_name}", module, adapter_name))
+    return out
+
+
+def _stats(model: nn.Module, adapters: list | None = None) -> tuple[list[str], torch.Tensor] | None:
+    """`(layer names, tensor [min, median, min per layer..., median per layer...])` of `c / eta`, or None."""
+    adapters = _named_adapters(model) if adapters is None else adapters
+    if not adapters:
+        return None
+    values, etas = [], []
+    for _, module, adapter_name in adapters:
+        if module.allora_row_norm[adapter_name] == "factors":
+            c_a, c_b = module.allora_factor_coefficients(adapter_name)
+            values.append(torch.cat([c_a.reshape(-1), c_b.reshape(-1)]))
+        else:
+            values.append(module.allora_row_coefficients(adapter_name).reshape(-1))
+        etas.append(module.allora_eta[adapter_name])
+    # a few vectorized reductions over all layers (rows padded per layer), not a few per layer
+    pad = torch.nn.utils.rnn.pad_sequence
+    inv_eta = torch.tensor(etas, dtype=values[0].dtype).to(values[0].device).reciprocal()[:, None]
+    mins = (pad(values, batch_first=True, padding_value=float("inf")) * inv_eta).amin(dim=1)
+    padded = pad(values, batch_first=True, padding_value=float("nan")) * inv_eta
+    medians = padded.nanmedian(dim=1).values
+    overall = torch.stack([mins.min(), padded.reshape(-1).nanmedian()])
+    return [name for name, _, _ in adapters], torch.cat([overall, mins, medians])
+
+
 def allora_coefficient_stats(model: nn.Module) -> dict[str, torch.Tensor]:
     """
     The min and median of `c / eta` per ALLoRA layer and over all of them, as 0-dim tensors on the model's device
@@ -34,24 +65,20 @@ def allora_coefficient_stats(model: nn.Module) -> dict[str, torch.Tensor]:
         `c_over_eta_median/<layer>` (`<layer>` is the module path without peft's `base_model.model.` prefix, with
         `:<adapter>` appended for adapters other than `"default"`). Empty without ALLoRA adapters.
     """
-    names, values = [], []
-    for module_name, module, adapter_name in allora_adapters(model):
-        name = module_name.split("base_model.model.", 1)[-1] or module_name
-        if adapter_name != "default":
-            name = f"{name}:{adapter_name}"
-        names.append(name)
-        values.append(module.allora_coefficient_over_eta(adapter_name))
-    if not values:
+    stats = _stats(model)
+    if stats is None:
         return {}
-    # a few vectorized reductions over all layers (rows padded per layer), not two per layer
-    pad = torch.nn.utils.rnn.pad_sequence
-    mins = pad(values, batch_first=True, padding_value=float("inf")).amin(dim=1)
-    medians = pad(values, batch_first=True, padding_value=float("nan")).nanmedian(dim=1).values
-    out = {"c_over_eta_min": mins.min(), "c_over_eta_median": torch.cat(values).median()}
-    for i, name in enumerate(names):
-        out[f"c_over_eta_min/{name}"] = mins[i]
-        out[f"c_over_eta_median/{name}"] = medians[i]
-    return out
+    names, vector = stats
+    return dict(zip(_keys(names), vector.unbind(0)))
+
+
+def _keys(names: list[str]) -> list[str]:
+    return [
+        "c_over_eta_min",
+        "c_over_eta_median",
+        *(f"c_over_eta_min/{name}" for name in names),
+        *(f"c_over_eta_median/{name}" for name in names),
+    ]
 
 
 class ALLoRADiagnostics(Regularizer):
@@ -80,21 +107,25 @@ class ALLoRADiagnostics(Regularizer):
             raise ValueError(f"ALLoRADiagnostics: `per_layer` = {per_layer!r} (allowed: True or False).")
         self.per_layer = per_layer
         self._model: weakref.ref | None = None
+        self._adapters: list | None = None
 
     def setup(self, trainer) -> None:
         self._model = weakref.ref(trainer.model)
+        self._adapters = None
 
     def diagnostics(self) -> dict[str, float]:
         model = self._model() if self._model is not None else None
         if model is None or not self.log_diagnostics:
             return {}
-        stats = allora_coefficient_stats(model)
-        if not self.per_layer:
-            stats = {k: v for k, v in stats.items() if "/" not in k}
-        if not stats:
+        if self._adapters is None:  # the model's ALLoRA layers, found once per train() call
+            self._adapters = _named_adapters(model)
+        stats = _stats(model, self._adapters)
+        if stats is None:
             return {}
-        values = torch.stack([v.float() for v in stats.values()]).tolist()  # one host sync for all of them
-        return dict(zip(stats, values))
+        names, vector = stats
+        if not self.per_layer:
+            names, vector = [], vector[:2]
+        return dict(zip(_keys(names), vector.tolist()))  # one host sync for all of them
 
 
 def automatic_regularizers(model: nn.Module | None, regularizers: list[Regularizer]) -> list[Regularizer]:
