@@ -207,7 +207,7 @@ def time_gardo(width: str, size: str, warmup: int, rounds: int, log) -> dict:
 # ---- peak memory (fresh processes) ----
 
 
-def memory_pass(jobs: list[tuple], log) -> dict:
+def memory_pass(jobs: list[tuple], log, timeout: float = 600) -> dict:
     """Run each `(kind, *args)` job in a fresh process forked from a server that imported the libraries once."""
     import perf_memory
 
@@ -216,13 +216,23 @@ def memory_pass(jobs: list[tuple], log) -> dict:
         ["torch", "transformers", "peft", "trl", "diffusers", "regtune", "perf_variants", "perf_memory"]
     )
     results = {}
-    with ctx.Pool(processes=1, maxtasksperchild=1) as pool:
-        for job in jobs:
-            start = time.perf_counter()
-            res = pool.apply(perf_memory.run_job, job)
-            results[job] = res
-            what = res.get("error") or f"peak RSS above imports {res['peak_rss_above_imports'] / 2**20:.1f} MiB"
-            log(f"  memory {job[1:]}: {what} ({time.perf_counter() - start:.1f} s)")
+    for job in jobs:
+        start = time.perf_counter()
+        receive, send = ctx.Pipe(duplex=False)
+        child = ctx.Process(target=perf_memory.child, args=(send, job), daemon=True)
+        child.start()
+        send.close()
+        try:
+            res = receive.recv() if receive.poll(timeout) else {"error": f"no result within {timeout} s"}
+        except EOFError:
+            child.join(10)
+            res = {"error": f"the child process died (exit code {child.exitcode})"}
+        child.join(10)
+        if child.is_alive():
+            child.kill()
+        results[job] = res
+        what = res.get("error") or f"peak RSS above imports {res['peak_rss_above_imports'] / 2**20:.1f} MiB"
+        log(f"  memory {job[1:]}: {what} ({time.perf_counter() - start:.1f} s)")
     return results
 
 
@@ -292,6 +302,7 @@ def markdown(result: dict) -> str:
             f"{copies:.2f}" if copies is not None else "",
         ]  # fmt: skip
         lines.append("| " + " | ".join(cells) + " |")
+    lines += targets_table(result)
     lines += ["", "Baselines (absolute figures):", "", "| baseline | width | batch | step (ms) | peak RSS above imports (MiB) "
               "| tensor peak (MiB) |", "| --- | --- | --- | ---: | ---: | ---: |"]  # fmt: skip
     for b in result["baselines"]:
@@ -301,6 +312,60 @@ def markdown(result: dict) -> str:
             f"{mem.get('peak_rss_above_imports', float('nan')) / 2**20:.1f} | {mem.get('tensor_peak', float('nan')) / 2**20:.1f} |"
         )
     return "\n".join(lines) + "\n"
+
+
+# the issue's goals: (label, method, figure, limit); figure is a key of a row (a paired ratio) or of its memory
+GOALS = [
+    ("ALLoRA (gradient) time <= 1.02x LoRA", "allora (gradient)", "time_ratio", 1.02),
+    ("ALLoRA (update) time <= 1.02x LoRA", "allora (update)", "time_ratio", 1.02),
+    ("GLAD time <= 1.8x LoRA", "glad", "time_ratio", 1.8),
+    ("GLAD peak tensors <= LoRA + 1 copy of the trainable params", "glad", "tensor_extra_in_trainable_copies", 1.0),
+    ("GLAD (full FT) peak tensors <= full FT + 1 copy", "glad (full-ft)", "tensor_extra_in_trainable_copies", 1.0),
+    ("LfU perturb memory <= 1.3x SFT (tensors)", "lfu (perturb)", "tensor_ratio", 1.3),
+    ("LfU perturb, same batch, memory <= 1.3x SFT (tensors)", "lfu (perturb, same batch)", "tensor_ratio", 1.3),
+    ("LfU RepS memory <= 1.3x SFT (tensors)", "lfu (reps)", "tensor_ratio", 1.3),
+    ("mask tuning + GD memory <= 1.3x full FT (tensors)", "mask tuning + gradient dropout", "tensor_ratio", 1.3),
+    ("LfU perturb memory <= 1.3x SFT (RSS)", "lfu (perturb)", "rss_ratio", 1.3),
+    ("LfU perturb, same batch, memory <= 1.3x SFT (RSS)", "lfu (perturb, same batch)", "rss_ratio", 1.3),
+    ("LfU RepS memory <= 1.3x SFT (RSS)", "lfu (reps)", "rss_ratio", 1.3),
+    ("mask tuning + GD memory <= 1.3x full FT (RSS)", "mask tuning + gradient dropout", "rss_ratio", 1.3),
+]
+
+
+def _figure(row: dict, key: str):
+    value = row.get(key) or row.get("memory", {}).get(key)
+    return value["median"] if isinstance(value, dict) else value
+
+
+def targets_table(result: dict) -> list[str]:
+    rows = result["rows"]
+    configs = list(dict.fromkeys((r["width"], r["size"]) for r in rows))
+    if not configs:
+        return []
+    lines = [
+        "",
+        "Goals (the median paired ratio, or the extra tensor memory in copies of the trainable parameters; "
+        "**bold**: goal missed):",
+        "",
+        "| goal | " + " | ".join(f"{w} {s}" for w, s in configs) + " |",
+        "| --- |" + " ---: |" * len(configs),
+    ]
+    goals = list(GOALS)
+    for method in dict.fromkeys(r["method"] for r in rows if r.get("diag_on_off_cpu_ratio")):
+        goals.append((f"{method}: diagnostics on/off (CPU time) <= 1.02", method, "diag_on_off_cpu_ratio", 1.02))
+        goals.append((f"{method}: diagnostics read-out <= 2% of the step", method, "diag_log_fraction", 0.02))
+    for label, method, key, limit in goals:
+        cells = []
+        for width, size in configs:
+            row = next((r for r in rows if r["method"] == method and (r["width"], r["size"]) == (width, size)), None)
+            value = _figure(row, key) if row else None
+            if value is None:
+                cells.append("")
+            else:
+                text = f"{100 * value:.1f}%" if key == "diag_log_fraction" else f"{value:.2f}"
+                cells.append(text if value <= limit else f"**{text}**")
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    return lines
 
 
 # ---- main ----

@@ -203,3 +203,13 @@ def run_job(kind: str, *args) -> dict:
         import traceback
 
         return {"error": f"{type(err).__name__}: {err}", "traceback": traceback.format_exc()[-4000:]}
+
+
+def child(connection, job: tuple) -> None:
+    """Target of a memory child process: sends `run_job(*job)` back through `connection`."""
+    try:
+        connection.send(run_job(*job))
+    except EOFError:
+        pass
+    finally:
+        connection.close()
