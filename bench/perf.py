@@ -46,6 +46,7 @@ import time
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch: spin-waiting threads crawl on shared cores
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TORCH_CPP_LOG_LEVEL", "ERROR")  # the profiler warns about blocks allocated before it started
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
@@ -303,6 +304,7 @@ def markdown(result: dict) -> str:
         ]  # fmt: skip
         lines.append("| " + " | ".join(cells) + " |")
     lines += targets_table(result)
+    lines += width_table(result)
     lines += ["", "Baselines (absolute figures):", "", "| baseline | width | batch | step (ms) | peak RSS above imports (MiB) "
               "| tensor peak (MiB) |", "| --- | --- | --- | ---: | ---: | ---: |"]  # fmt: skip
     for b in result["baselines"]:
@@ -365,6 +367,36 @@ def targets_table(result: dict) -> list[str]:
                 text = f"{100 * value:.1f}%" if key == "diag_log_fraction" else f"{value:.2f}"
                 cells.append(text if value <= limit else f"**{text}**")
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def width_table(result: dict) -> list[str]:
+    """Each ratio (time, CPU time, tensor memory) at every width side by side, per batch size."""
+    rows = result["rows"]
+    widths = list(dict.fromkeys(r["width"] for r in rows))
+    if len(widths) < 2:
+        return []
+    lines = [
+        "",
+        "Cost versus model width (median paired ratios; tensor-memory ratio in brackets):",
+        "",
+        "| method | batch | " + " | ".join(f"{w}: time / CPU time (memory)" for w in widths) + " |",
+        "| --- | --- |" + " ---: |" * len(widths),
+    ]
+    for method in dict.fromkeys(r["method"] for r in rows):
+        for size in dict.fromkeys(r["size"] for r in rows):
+            cells = []
+            for width in widths:
+                row = next((r for r in rows if (r["method"], r["size"], r["width"]) == (method, size, width)), None)
+                if row is None or "time_ratio" not in row:
+                    cells.append("")
+                    continue
+                mem = row.get("memory", {}).get("tensor_ratio")
+                cells.append(
+                    f"{row['time_ratio']['median']:.2f} / {row['cpu_ratio']['median']:.2f}"
+                    + (f" ({mem:.2f})" if mem is not None else "")
+                )
+            lines.append(f"| {method} | {size} | " + " | ".join(cells) + " |")
     return lines
 
 
