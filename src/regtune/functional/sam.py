@@ -4,13 +4,11 @@ SAM: "Sharpness-Aware Minimization for Efficiently Improving Generalization", ht
 
     eps = rho * g / ||g||                      (one global L2 norm over all trainable parameters)
 
-GLAD's combination of the plain and the perturbed gradient lives in [`regtune.functional.glad`]
-(`sam_referenced_gradient` is still importable from here). No host synchronisation: the norm stays a device tensor.
+GLAD's combination of the plain and the perturbed gradient lives in [`regtune.functional.glad`] (which imports this
+module, never the other way round). No host synchronisation: the norm stays a device tensor.
 """
 
 from __future__ import annotations
-
-from typing import Any
 
 import torch
 
@@ -29,12 +27,3 @@ def sam_perturbation(grads: list[torch.Tensor], rho: float, eps: float = 1e-12) 
     """Return `rho * g / ||g||` for every tensor of `grads` (global norm; zero when all gradients are zero)."""
     scale = rho / (global_grad_norm(grads) + eps)
     return torch._foreach_mul(grads, scale.to(grads[0].dtype)) if grads else []
-
-
-def __getattr__(name: str) -> Any:
-    # GLAD's combination moved to functional/glad.py (which imports this module): re-exported lazily
-    if name == "sam_referenced_gradient":
-        from .glad import sam_referenced_gradient
-
-        return sam_referenced_gradient
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

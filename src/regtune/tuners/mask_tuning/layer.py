@@ -106,45 +106,37 @@ class MaskTuningLayer(BaseTunerLayer):
         return self._forward_with_weight(x, self.masked_weight())
 
 
-class Linear(nn.Module, MaskTuningLayer):
-    """Mask tuning of an `nn.Linear` (or, with `fan_in_fan_out`, a GPT-2 `Conv1D`)."""
+class _MaskedModule(nn.Module, MaskTuningLayer):
+    """The module side shared by every concrete mask layer; a subclass only defines `_forward_with_weight`."""
 
     def __init__(self, base_layer: nn.Module, adapter_name: str, config, **kwargs) -> None:
         super().__init__()
         MaskTuningLayer.__init__(self, base_layer, **kwargs)
-        self.fan_in_fan_out = config.fan_in_fan_out
+        self.fan_in_fan_out = getattr(config, "fan_in_fan_out", False)
         self._active_adapter = adapter_name
         self.update_layer(adapter_name, config, inference_mode=config.inference_mode)
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         return self.masked_forward(x, *args, **kwargs)
+
+    def __repr__(self) -> str:
+        return "masktune." + super().__repr__()
+
+
+class Linear(_MaskedModule):
+    """Mask tuning of an `nn.Linear` (or, with `fan_in_fan_out`, a GPT-2 `Conv1D`)."""
 
     def _forward_with_weight(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         bias = self.get_base_layer().bias
         return F.linear(x.to(weight.dtype), transpose(weight, self.fan_in_fan_out), bias)
 
-    def __repr__(self) -> str:
-        return "masktune." + super().__repr__()
 
-
-class _ConvNd(nn.Module, MaskTuningLayer):
+class _ConvNd(_MaskedModule):
     """Mask tuning of an `nn.Conv1d` / `nn.Conv2d` / `nn.Conv3d` (any kernel, stride, padding, dilation, groups)."""
-
-    def __init__(self, base_layer: nn.Module, adapter_name: str, config, **kwargs) -> None:
-        super().__init__()
-        MaskTuningLayer.__init__(self, base_layer, **kwargs)
-        self._active_adapter = adapter_name
-        self.update_layer(adapter_name, config, inference_mode=config.inference_mode)
-
-    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        return self.masked_forward(x, *args, **kwargs)
 
     def _forward_with_weight(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         base = self.get_base_layer()
         return base._conv_forward(x.to(weight.dtype), weight, base.bias)
-
-    def __repr__(self) -> str:
-        return "masktune." + super().__repr__()
 
 
 class Conv1d(_ConvNd):
@@ -159,23 +151,11 @@ class Conv3d(_ConvNd):
     """Mask tuning of an `nn.Conv3d`."""
 
 
-class Embedding(nn.Module, MaskTuningLayer):
+class Embedding(_MaskedModule):
     """Mask tuning of an `nn.Embedding`: entries of the embedding table are masked (the output is a row lookup)."""
-
-    def __init__(self, base_layer: nn.Module, adapter_name: str, config, **kwargs) -> None:
-        super().__init__()
-        MaskTuningLayer.__init__(self, base_layer, **kwargs)
-        self._active_adapter = adapter_name
-        self.update_layer(adapter_name, config, inference_mode=config.inference_mode)
-
-    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        return self.masked_forward(x, *args, **kwargs)
 
     def _forward_with_weight(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         base = self.get_base_layer()
         return F.embedding(
             x, weight, base.padding_idx, base.max_norm, base.norm_type, base.scale_grad_by_freq, base.sparse
         )
-
-    def __repr__(self) -> str:
-        return "masktune." + super().__repr__()
