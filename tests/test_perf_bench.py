@@ -1,0 +1,73 @@
+"""The performance suite's harness (bench/perf.py): paired ratios, trainers run strictly in turn, the goals table."""
+
+import importlib
+import threading
+
+from bench import perf
+
+
+perf_variants = importlib.import_module("perf_variants")  # importing bench.perf puts bench/ on sys.path
+
+
+def test_paired_ratio_is_the_median_of_the_per_round_ratios():
+    q = perf.paired([2.0, 4.0, 9.0, 1.0], [1.0, 1.0, 3.0, 1.0])  # per-round ratios 2, 4, 3, 1
+    assert q["median"] == 2.5
+    assert q["n"] == 4
+    assert q["q25"] <= q["median"] <= q["q75"]
+
+
+def test_time_group_runs_the_shipped_trainers_one_step_at_a_time(monkeypatch):
+    variants = [
+        perf_variants.Variant("lora", perf_variants.b_lora, "lora", "lora", diagnostics=None),
+        *perf_variants._pair("allora (gradient)", perf_variants.b_allora("gradient"), "lora"),
+    ]
+    monkeypatch.setitem(perf_variants.GROUPS, "test", variants)
+    monkeypatch.setitem(
+        perf_variants.WIDTHS,
+        "test",
+        dict(hidden_size=32, intermediate_size=64, num_attention_heads=2, num_key_value_heads=1),
+    )
+    lock, state = threading.Lock(), {"running": 0, "most": 0, "steps": 0}
+
+    class CheckedBaton(perf.Baton):
+        def on_step_begin(self, args, state_, control, **kwargs):
+            super().on_step_begin(args, state_, control, **kwargs)
+            with lock:
+                state["running"] += 1
+                state["steps"] += 1
+                state["most"] = max(state["most"], state["running"])
+
+        def _close(self):
+            if self._t0 is not None:
+                with lock:
+                    state["running"] -= 1
+            super()._close()
+
+    monkeypatch.setattr(perf, "Baton", CheckedBaton)
+    threads_before = threading.active_count()
+    result = perf.time_group("test", "test", "2x8", warmup=1, rounds=3, log=lambda message: None)
+
+    assert state["most"] == 1  # never two trainers computing at once
+    assert state["steps"] == 3 * (1 + 3 + 1)  # warm-up, timed rounds and the closing step of each trainer
+    assert threading.active_count() == threads_before  # every trainer thread finished
+    row = result["allora (gradient)"]
+    assert "error" not in row and "error" not in result["lora"]
+    assert row["time_ratio"]["n"] == 3 and row["cpu_ratio"]["n"] == 3
+    assert row["diag_on_off_ratio"]["n"] == 3
+    assert row["diag_log_s"]["n"] == 3 and row["diag_log_fraction"] > 0
+    assert "time_ratio" not in result["lora"]  # the baseline is not compared with itself
+
+
+def test_goals_table_marks_missed_goals():
+    row = {
+        "method": "glad",
+        "width": "small",
+        "size": "4x16",
+        "time_ratio": {"median": 1.9, "q25": 1.8, "q75": 2.0, "n": 3},
+        "memory": {"tensor_extra_in_trainable_copies": 0.5},
+    }
+    lines = perf.targets_table({"rows": [row]})
+    time_line = next(line for line in lines if line.startswith("| GLAD time"))
+    memory_line = next(line for line in lines if line.startswith("| GLAD peak tensors"))
+    assert "**1.90**" in time_line  # over the 1.8 goal
+    assert "0.50" in memory_line and "**" not in memory_line
