@@ -243,6 +243,10 @@ def mem_ratios(mem: dict, base: dict) -> dict:
         return {"error": mem.get("error") or base.get("error")}
     out["rss_ratio"] = mem["peak_rss_above_imports"] / base["peak_rss_above_imports"]
     out["rss_extra_bytes"] = mem["peak_rss_above_imports"] - base["peak_rss_above_imports"]
+    # what the step itself adds to the resident memory it starts from (optimizer state etc. excluded)
+    rise, base_rise = mem["peak_rss"] - mem["rss_before_step"], base["peak_rss"] - base["rss_before_step"]
+    if base_rise > 0:
+        out["rss_step_rise_ratio"] = rise / base_rise
     if "tensor_peak" in mem and "tensor_peak" in base:
         out["tensor_ratio"] = mem["tensor_peak"] / base["tensor_peak"]
         out["tensor_extra_bytes"] = mem["tensor_peak"] - base["tensor_peak"]
