@@ -41,12 +41,13 @@ def at_proxy(res: dict, key: str, proxy: float) -> float | None:
 DIAGNOSTICS = ("clip_fraction", "approx_kl", "gated_fraction", "kl")
 
 
-def diagnostics_table(study: str, methods: list[str]) -> list[str]:
+def diagnostics_table(study: str, methods: list[str], seeds: list[str] | None = None) -> list[str]:
     """The mechanism's diagnostics per method: means over epochs and seeds (from each run's metrics.jsonl)."""
     rows = []
     for method in methods:
         runs = []
-        for seed_dir in sorted(glob.glob(os.path.join(study, method, "seed*"))):
+        dirs = sorted(glob.glob(os.path.join(study, method, "seed*")))
+        for seed_dir in [d for d in dirs if seeds is None or os.path.basename(d)[4:] in seeds]:
             path = os.path.join(seed_dir, "metrics.jsonl")
             if os.path.exists(path):
                 with open(path) as f:
@@ -88,14 +89,16 @@ def main() -> None:
         "--img_prefix", default="gardo", help="plots are copied to <img>/<prefix>_{curves,samples}.png"
     )
     parser.add_argument("--title", default="GARDO on the offline testbed")
+    parser.add_argument("--seeds", default=None, help="comma-separated seeds of the diagnostics (default: all found)")
     args = parser.parse_args()
     with open(os.path.join(args.study, "results.json")) as f:
-        results = json.load(f)
+        results = {"methods": {r["method"]: r for r in json.load(f)["results"]}}
     with open(os.path.join(args.study, "results.md")) as f:
         table = f.read().strip()
     ref = results["methods"][args.reference]
     lines = [f"# {args.title}", "", "## Final held-out evaluation (epoch 100)", "", table, ""]
-    lines += diagnostics_table(args.study, list(results["methods"]))
+    seeds = args.seeds.split(",") if args.seeds else None
+    lines += diagnostics_table(args.study, list(results["methods"]), seeds)
     lines += [
         "## At matched proxy reward",
         "",
