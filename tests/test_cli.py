@@ -363,9 +363,9 @@ def test_run_end_to_end_and_push(tmp_path, monkeypatch, capsys):
     assert os.path.join(out, "results.png") in printed
 
     # the run folder
-    for name in ("recipe.yaml", "metrics.json", "results.md", "results.png"):
+    for name in ("recipe.yaml", "results.json", "results.md", "results.png"):
         assert os.path.isfile(os.path.join(out, name)), name
-    summary = json.load(open(os.path.join(out, "metrics.json")))
+    summary = {"runs": {r["run"]: r for r in json.load(open(os.path.join(out, "results.json")))["results"]}}
     assert list(summary["runs"]) == ["lora", "allora"]
     for run, peft_type in (("lora", "LORA"), ("allora", "ALLORA")):
         result = summary["runs"][run]
@@ -395,8 +395,8 @@ def test_run_end_to_end_and_push(tmp_path, monkeypatch, capsys):
     assert create == ("create_repo", "me/tiny", None, True)
     assert upload[1] == "me/tiny"
     files = upload[2]
-    assert {"README.md", "recipe.yaml", "metrics.json", "results.png"} <= set(files)
-    assert {"lora/adapter_model.safetensors", "allora/adapter_config.json"} <= set(files)
+    assert {"README.md", "recipe.yaml", "results.json", "results.png"} <= set(files)
+    assert {"lora/adapter_model.safetensors", "allora/adapter_config.json", "allora/metrics.json"} <= set(files)
     assert not [f for f in files if "checkpoint" in f or f.endswith("training_args.bin")]
     assert 'PeftModel.from_pretrained(base, "me/tiny", subfolder="allora")' in upload[3]
 
@@ -404,8 +404,8 @@ def test_run_end_to_end_and_push(tmp_path, monkeypatch, capsys):
     assert main(["run", str(recipe_path), "--only", "allora", "--runs.allora.adapter.eta=4"]) == 2
     assert "adapter.eta: 2.0 -> 4" in capsys.readouterr().err
     assert main(["run", str(recipe_path), "--only", "allora", "--runs.allora.adapter.eta=4", "--overwrite"]) == 0
-    summary = json.load(open(os.path.join(out, "metrics.json")))
-    assert list(summary["runs"]) == ["lora", "allora"]
+    summary = json.load(open(os.path.join(out, "results.json")))
+    assert [r["run"] for r in summary["results"]] == ["lora", "allora"]
     (allora,) = load_recipe(os.path.join(out, "allora", "recipe.yaml")).runs
     assert allora.adapter.kwargs["eta"] == 4.0
 
@@ -481,7 +481,7 @@ def test_run_local_files_classification_and_causal_lm(tmp_path, capsys):
     path = tmp_path / "r.yaml"
     path.write_text(yaml.safe_dump(recipe))
     assert main(["run", str(path)]) == 0
-    summary = json.load(open(tmp_path / "out" / "metrics.json"))["runs"]
+    summary = {r["run"]: r for r in json.load(open(tmp_path / "out" / "results.json"))["results"]}
     assert summary["cls"]["label_names"] == ["neg", "pos"]
     assert set(summary["cls"]["metrics"]["validation"]) == {"loss", "accuracy"}
     assert summary["lm"]["task"] == "causal-lm" and summary["lm"]["label_names"] is None

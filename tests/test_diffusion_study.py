@@ -36,7 +36,7 @@ def test_gardo_recipe_runs_through_the_cli(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "| gardo |" in printed and "| no_kl |" in printed and "| kl_all |" in printed
     with open(out / "results.json") as f:
-        results = json.load(f)
+        results = {"methods": {r["method"]: r for r in json.load(f)["results"]}}  # the one results format
     assert set(results["methods"]) == {"no_kl", "kl_all", "gardo"}
     for method, res in results["methods"].items():
         assert res["final"]["eval_class_prob"]["n"] == 1

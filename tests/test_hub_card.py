@@ -120,7 +120,9 @@ def test_staged_folder_for_one_run(run_dir, tmp_path):
 def test_staged_folder_for_a_recipe(run_dir, tmp_path):
     folder = prepare_hub_folder(run_dir, str(tmp_path / "stage"), "me/tiny")
     files = _files(folder)
-    assert {"README.md", "recipe.yaml", "metrics.json", "results.png"} <= files
+    assert {"README.md", "recipe.yaml", "results.json", "results.png"} <= files
+    results = json.load(open(os.path.join(folder, "results.json")))["results"]  # the one results format
+    assert [r["run"] for r in results] == ["lora", "allora"] and not any("history" in r for r in results)
     for run in ("lora", "allora"):
         assert {f"{run}/{f}" for f in ADAPTER_FILES | {"recipe.yaml", "metrics.json"}} <= files
         assert f"{run}/README.md" not in files  # peft's template card is not uploaded; the root card covers all
@@ -129,7 +131,6 @@ def test_staged_folder_for_a_recipe(run_dir, tmp_path):
     assert card.splitlines()[card.splitlines().index("---", 1) + 2] == "# tiny-card"
     assert 'subfolder="lora"' in card and 'subfolder="allora"' in card
     assert "runs:" in card  # the full recipe, with both runs
-    assert set(json.load(open(os.path.join(folder, "metrics.json")))["runs"]) == {"lora", "allora"}
 
 
 def test_one_run_folder_can_be_pushed_directly(run_dir, tmp_path):

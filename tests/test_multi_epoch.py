@@ -161,9 +161,12 @@ def test_micro_study_end_to_end_and_resume(tmp_path):
     first = run_multi_epoch_study(recipe, verbose=False)
     names = [run_name("micro", r, d) for r in (1, 4) for d in ("none", "late")]
     assert sorted(first.ran) == sorted(names) and first.skipped == []
-    for key in ("table", "csv", "heldout_plot", "curves_plot"):
+    for key in ("json", "table", "heldout_vs_repetitions", "training_curves"):
         assert os.path.getsize(first.files[key]) > 0
-    with open(first.files["heldout_plot"], "rb") as f:
+    assert [r["run"] for r in json.loads((out / "results.json").read_text())["results"]] == [
+        r["run"] for r in first.results
+    ]
+    with open(first.files["plot"], "rb") as f:
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"
     table = (out / "results.md").read_text()
     assert "| repetitions | unique tokens | none | late |" in table and "| 4 | 1024 |" in table

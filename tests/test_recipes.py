@@ -515,3 +515,18 @@ def test_table_and_plot(tmp_path):
     wide = matplotlib.image.imread(tmp_path / "a.png").shape[1]
     plot_results([result("lora", 0.75, curve[-1:])], str(tmp_path / "b.png"))  # one point: no curve panel
     assert matplotlib.image.imread(tmp_path / "b.png").shape[1] < wide
+
+
+def test_host_config_fields_are_checked_by_their_annotations():
+    # peft's `list[int] | int`: the error inside the list is reported, not a second one for the whole field
+    errors = errors_of(apply_overrides(recipe(), {"adapter.layers_to_transform": [1, "a"]}))
+    assert "expected an integer" in errors["adapter.layers_to_transform[1]"]
+    assert "adapter.layers_to_transform" not in errors
+    # a union with no matching member names every allowed type
+    errors = errors_of(apply_overrides(recipe(), {"adapter.target_modules": 3}))
+    assert errors["adapter.target_modules"].startswith("expected list of string or string or null, got 3")
+    # peft's pattern choice 'pissa_niter_[number of iters]' admits its instances; non-finite numbers are refused
+    run = validate_recipe(apply_overrides(recipe(), {"adapter.init_lora_weights": "pissa_niter_4"})).runs[0]
+    assert run.adapter.kwargs["init_lora_weights"] == "pissa_niter_4"
+    errors = errors_of(apply_overrides(recipe(), {"training.learning_rate": float("inf")}))
+    assert "expected a finite number" in errors["training.learning_rate"]

@@ -7,13 +7,12 @@ Layout of the uploaded repository:
 
 - one run: the adapter files at the root (`PeftModel.from_pretrained(base, repo_id)`), `README.md` (the card),
   `recipe.yaml`, `metrics.json` and, when there is one, `results.png`;
-- several runs of a recipe: one sub-folder per run (`PeftModel.from_pretrained(base, repo_id, subfolder=run)`), a
-  card comparing them, the recipe, the metrics and the plot at the root.
+- several runs of a recipe: one sub-folder per run (`PeftModel.from_pretrained(base, repo_id, subfolder=run)`, with
+  its `metrics.json`), a card comparing them, the recipe, `results.json` and the plot at the root.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import shutil
@@ -21,7 +20,7 @@ import tempfile
 
 from huggingface_hub import HfApi, ModelCard, ModelCardData
 
-from .experiments.io import dump_yaml, load_yaml
+from .experiments.io import dump_yaml, load_yaml, read_json, write_atomic
 
 
 REGTUNE_URL = "https://github.com/regtune/regtune"
@@ -37,11 +36,6 @@ MODEL_FILES_EXCLUDED = ("training_args.bin", "README.md")
 # Reading a run folder
 
 
-def _read_json(path: str) -> dict:
-    with open(path) as f:
-        return json.load(f)
-
-
 def _read_yaml(path: str) -> dict:
     with open(path) as f:
         return load_yaml(f.read())
@@ -55,16 +49,15 @@ def collect_runs(run_dir: str, runs: list[str] | None = None) -> tuple[list[dict
     `run_dir` for a recipe folder, else `None`. `runs` selects runs by name. Raises `ValueError` when `run_dir` holds
     no finished run.
     """
-    metrics_path = os.path.join(run_dir, "metrics.json")
-    if not os.path.isfile(metrics_path):
-        raise ValueError(f"{run_dir} is not a regtune run folder (no metrics.json); run `regtune run RECIPE` first")
-    summary = _read_json(metrics_path)
-    if "runs" in summary:
-        names, recipe_dir = list(summary["runs"]), run_dir
+    results_path, metrics_path = os.path.join(run_dir, "results.json"), os.path.join(run_dir, "metrics.json")
+    if os.path.isfile(results_path):  # a recipe's folder
+        names, recipe_dir = [r["run"] for r in read_json(results_path)["results"]], run_dir
         dirs = {name: os.path.join(run_dir, name) for name in names}
+    elif os.path.isfile(metrics_path):  # one run's folder
+        names, recipe_dir = [read_json(metrics_path)["run"]], None
+        dirs = {names[0]: run_dir}
     else:
-        names, recipe_dir = [summary["run"]], None
-        dirs = {summary["run"]: run_dir}
+        raise ValueError(f"{run_dir} is not a regtune run folder (no results.json); run `regtune run RECIPE` first")
     if runs:
         unknown = [n for n in runs if n not in names]
         if unknown:
@@ -82,7 +75,7 @@ def collect_runs(run_dir: str, runs: list[str] | None = None) -> tuple[list[dict
             {
                 "name": name,
                 "dir": folder,
-                "metrics": _read_json(os.path.join(folder, "metrics.json")),
+                "metrics": read_json(os.path.join(folder, "metrics.json")),
                 "recipe": _read_yaml(os.path.join(folder, "recipe.yaml")),
                 "model_dir": model_dir,
             }
@@ -280,28 +273,22 @@ def prepare_hub_folder(run_dir: str, folder: str, repo_id: str, runs: list[str] 
             if os.path.isfile(path) and name not in MODEL_FILES_EXCLUDED:
                 shutil.copy2(path, os.path.join(dst, name))
 
-    def write_json(path: str, data):
-        with open(path, "w") as f:
-            json.dump(data, f, indent=2)
-
     if subfolders:
         for run in selected:
             target = os.path.join(folder, run["name"])
             copy_model(run["model_dir"], target)
             shutil.copy2(os.path.join(run["dir"], "recipe.yaml"), os.path.join(target, "recipe.yaml"))
-            write_json(os.path.join(target, "metrics.json"), run["metrics"])
+            write_atomic(os.path.join(target, "metrics.json"), run["metrics"])
         with open(os.path.join(recipe_dir, "recipe.yaml")) as f:
             recipe_yaml = f.read()
-        write_json(
-            os.path.join(folder, "metrics.json"),
-            {"runs": {r["name"]: {k: v for k, v in r["metrics"].items() if k != "history"} for r in selected}},
-        )
         title = load_yaml(recipe_yaml).get("name") if isinstance(load_yaml(recipe_yaml), dict) else None
+        results = [{k: v for k, v in r["metrics"].items() if k != "history"} for r in selected]
+        write_atomic(os.path.join(folder, "results.json"), {"name": title, "results": results})  # the results format
     else:
         run = selected[0]
         copy_model(run["model_dir"], folder)
         recipe_yaml = dump_yaml(run["recipe"])
-        write_json(os.path.join(folder, "metrics.json"), run["metrics"])
+        write_atomic(os.path.join(folder, "metrics.json"), run["metrics"])
         title = None
     with open(os.path.join(folder, "recipe.yaml"), "w") as f:
         f.write(recipe_yaml)

@@ -288,8 +288,6 @@ def build_optimizer(model, run: RunSpec, args):
 
 def build_trainer(run: RunSpec, model, args, train_dataset, eval_dataset, tokenizer, task: str):
     """Instantiate the run's trainer, its regularizers and (when a method needs one) its optimizer."""
-    from transformers import Trainer
-
     cls, _ = resolve_trainer(run.trainer)
     kwargs: dict[str, Any] = {
         "model": model,
@@ -309,10 +307,8 @@ def build_trainer(run: RunSpec, model, args, train_dataset, eval_dataset, tokeni
         from regtune.regularizers import build_regularizer
 
         kwargs["regularizers"] = [build_regularizer(r.type, **r.kwargs) for r in run.regularizers]
-    elif cls is not None and _accepts(cls, "regularizers"):
+    elif _accepts(cls, "regularizers"):
         kwargs["regularizers"] = []
-    if cls is None:  # RegTrainer in an installation without regtune.trainers, and no regularizers
-        cls = Trainer
     return cls(**kwargs)
 
 

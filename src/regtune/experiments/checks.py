@@ -8,16 +8,17 @@ host's own checks run too.
 
 from __future__ import annotations
 
+import collections.abc
 import dataclasses
 import enum
+import functools
 import inspect
-import math
 import re
 import types
 import typing
-from typing import Any
+from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
 
 from .errors import Errors, join_path, suggest, unknown_key
 
@@ -25,7 +26,7 @@ from .errors import Errors, join_path, suggest, unknown_key
 class SectionModel(BaseModel):
     """Base of regtune's own recipe sections: unknown keys are errors, and types are not coerced (`"8"` is no int)."""
 
-    model_config = ConfigDict(extra="forbid", strict=True, protected_namespaces=())
+    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False, protected_namespaces=())
 
 
 _PYDANTIC_MESSAGES = {
@@ -60,13 +61,14 @@ def check_model(data, model: type[SectionModel], path: str, errors: Errors, what
         by_path: dict[str, list[dict]] = {}
         bad = {error["loc"][0] for error in e.errors() if error["loc"]}
         for error in e.errors():
-            loc = [p for p in error["loc"] if isinstance(p, int) or not any(c in p for c in "[],-")]
+            loc = [p for p in error["loc"] if isinstance(p, int) or not (p in _TAGS or any(c in p for c in "[],-"))]
             key_path = path
             for part in loc:
                 key_path = join_path(key_path, part)
             by_path.setdefault(key_path, []).append(error)
         for key_path, found in by_path.items():
-            errors.add(key_path, _message(found, model, what))
+            if not any(p.startswith((f"{key_path}[", f"{key_path}.")) for p in by_path):  # the deepest error wins
+                errors.add(key_path, _message(found, model, what))
         return model.model_construct(**{k: v for k, v in data.items() if k in model.model_fields and k not in bad})
 
 
@@ -102,7 +104,7 @@ def describe(annotation) -> str:
         return "one of " + ", ".join(repr(a) for a in typing.get_args(annotation))
     if origin in (typing.Union, types.UnionType):
         return " or ".join(describe(a) for a in typing.get_args(annotation))
-    if origin in (list, tuple, set, frozenset) or annotation in (list, tuple):
+    if origin in (list, tuple, set, frozenset, collections.abc.Sequence) or annotation in (list, tuple):
         args = [a for a in typing.get_args(annotation) if a is not Ellipsis]
         return f"list of {describe(args[0])}" if args else "list"
     if origin is dict or annotation is dict:
@@ -117,145 +119,69 @@ def describe(annotation) -> str:
     return str(annotation)
 
 
-class _Mismatch(Exception):
-    def __init__(self, path: str, message: str):
-        self.path, self.message = path, message
+_PLAIN = (bool, int, float, str, type(None))
+_TAGS = {"bool", "int", "float", "str", "none", "list", "dict", "tuple"}
 
 
-_NO_CHECK = object()
-
-
-def _check(value, annotation, path: str):
-    """Return `value` (checked, unchanged) or raise `_Mismatch`."""
-    if annotation is Any or annotation is _NO_CHECK or annotation is object:
-        return value
-    origin = typing.get_origin(annotation)
-    if annotation is type(None):
-        if value is None:
-            return None
-        raise _Mismatch(path, f"expected null, got {value!r}")
-    if origin in (typing.Union, types.UnionType):
-        options = typing.get_args(annotation)
-        enums = [o for o in options if isinstance(o, type) and issubclass(o, enum.Enum)]
-        if enums and str in options and isinstance(value, str):
-            # `IntervalStrategy | str` (TrainingArguments): the string must still name a member
-            return _check(value, enums[0], path)
-        deepest = None
-        for option in options:
-            try:
-                return _check(value, option, path)
-            except _Mismatch as mismatch:  # prefer an error from inside a matching container
-                if mismatch.path != path and deepest is None:
-                    deepest = mismatch
-        if deepest is not None:
-            raise deepest
-        raise _Mismatch(path, f"expected {describe(annotation)}, got {_show(value)}")
-    if origin is typing.Literal:
-        choices = typing.get_args(annotation)
-        if value in choices and not (isinstance(value, bool) and not any(isinstance(c, bool) for c in choices)):
-            return value
-        if isinstance(value, str) and any(isinstance(c, str) and "[" in c for c in choices):
-            return value  # a pattern choice such as peft's 'pissa_niter_[number of iters]'
-        raise _Mismatch(
-            path,
-            f"expected one of {', '.join(repr(c) for c in choices)}, got {_show(value)}.{suggest(value, choices)}",
-        )
-    if origin is typing.ClassVar:
-        return value
+def _loose(annotation):
+    """
+    The annotation that pydantic checks a host field's value against: an enum (or `Enum | str`) becomes the literal
+    of its values, lists accept tuples, and classes pydantic cannot check (torch.dtype, nested configs) any value
+    (the host converts or rejects them when built).
+    """
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if annotation in _PLAIN:
+        return annotation
     if isinstance(annotation, type) and issubclass(annotation, enum.Enum):
-        if isinstance(value, annotation):
-            return value
-        values = [m.value for m in annotation]
-        if value in values:
-            return value
-        raise _Mismatch(
-            path, f"expected one of {', '.join(repr(v) for v in values)}, got {_show(value)}.{suggest(value, values)}"
-        )
-    if annotation is bool:
-        if isinstance(value, bool):
-            return value
-        raise _Mismatch(path, f"expected a boolean (true/false), got {_show(value)}")
-    if annotation is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        raise _Mismatch(path, f"expected an integer, got {_show(value)}")
-    if annotation is float:
-        if isinstance(value, float) and not math.isfinite(value):
-            raise _Mismatch(path, f"expected a finite number, got {value!r}")
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return value  # an int stays an int (`num_train_epochs: 3` reads back as written)
-        raise _Mismatch(path, f"expected a number, got {_show(value)}")
-    if annotation is str:
-        if isinstance(value, str):
-            return value
-        raise _Mismatch(path, f"expected a string, got {_show(value)}")
-    if origin in (list, tuple, set, frozenset) or annotation in (list, tuple, set, frozenset):
-        if not isinstance(value, (list, tuple)):
-            raise _Mismatch(path, f"expected {describe(annotation)}, got {_show(value)}")
-        args = [a for a in typing.get_args(annotation) if a is not Ellipsis]
-        if origin is tuple and len(args) > 1 and Ellipsis not in typing.get_args(annotation):
-            if len(value) != len(args):
-                raise _Mismatch(path, f"expected a list of {len(args)} items, got {_show(value)}")
-            return [_check(v, a, join_path(path, i)) for i, (v, a) in enumerate(zip(value, args))]
-        item = args[0] if args else Any
-        return [_check(v, item, join_path(path, i)) for i, v in enumerate(value)]
-    if origin is dict or annotation is dict or origin in (typing.Mapping,):
-        if not isinstance(value, dict):
-            raise _Mismatch(path, f"expected {describe(annotation)}, got {_show(value)}")
-        args = typing.get_args(annotation)
-        if not args:
-            return value
-        return {k: _check(v, args[1], join_path(path, str(k))) for k, v in value.items()}
-    # Any other class (torch.dtype, a nested config dataclass, ...): the host library converts or checks it.
-    return value
+        return typing.Literal[tuple(m.value for m in annotation)]
+    if origin is typing.Literal:  # a pattern choice such as peft's 'pissa_niter_[number of iters]' admits any string
+        return annotation | str if any(isinstance(c, str) and "[" in c for c in args) else annotation
+    if origin in (typing.Union, types.UnionType):
+        has_enum = any(isinstance(a, type) and issubclass(a, enum.Enum) for a in args)
+        return typing.Union[tuple(_loose(a) for a in args if not (has_enum and a is str))]  # noqa: UP007
+    if origin in (list, tuple, set, frozenset, collections.abc.Sequence) or annotation in (list, tuple, set):
+        items = [a for a in args if a is not Ellipsis]
+        if origin is tuple and len(items) > 1 and Ellipsis not in args:
+            return tuple[tuple(_loose(a) for a in items)]
+        return collections.abc.Sequence[_loose(items[0]) if items else Any]
+    if origin in (dict, collections.abc.Mapping) or annotation is dict:
+        return dict[_loose(args[0]), _loose(args[1])] if args else dict
+    return Any
 
 
-def _show(value) -> str:
-    kind = {bool: "boolean", int: "integer", float: "number", str: "string", list: "list", dict: "mapping"}.get(
-        type(value), type(value).__name__
-    )
-    if value is None:
-        return "null"
-    text = repr(value)
-    if len(text) > 60:
-        text = text[:57] + "..."
-    return f"{text} ({kind})"
+@functools.cache
+def _model(name: str, fields: tuple[tuple[str, Any, tuple], ...]) -> type[SectionModel]:
+    """A pydantic model with the (name, annotation, bounds) `fields`, all optional (defaults are not checked)."""
+    spec = {key: (Annotated[ann, Field(**dict(bounds))] if bounds else ann, None) for key, ann, bounds in fields}
+    return create_model(name, __base__=SectionModel, **spec)
 
 
-def check_value(value, annotation, path: str, errors: Errors):
-    """Check `value` against `annotation`; on mismatch record the error and return `value` unchanged."""
+def _host_fields(target, exclude=(), ranges=None) -> tuple[tuple[str, Any, tuple], ...]:
+    """The checkable init fields of a dataclass, or the keyword parameters of a callable, with their bounds."""
     try:
-        return _check(value, annotation, path)
-    except _Mismatch as mismatch:
-        errors.add(mismatch.path, mismatch.message)
-        return value
-
-
-def check_range(value, meta: dict, path: str, errors: Errors) -> None:
-    """Apply `ge`, `gt`, `le`, `lt` bounds from a field's metadata to a number (`None` passes)."""
-    if not isinstance(value, (int, float)) or isinstance(value, bool):
-        return
-    bounds = [("ge", ">=", lambda v, b: v >= b), ("gt", ">", lambda v, b: v > b)]
-    bounds += [("le", "<=", lambda v, b: v <= b), ("lt", "<", lambda v, b: v < b)]
-    failed = [f"{sign} {meta[key]}" for key, sign, ok in bounds if key in meta and not ok(value, meta[key])]
-    if failed:
-        wanted = " and ".join(f"{sign} {meta[key]}" for key, sign, _ in bounds if key in meta)
-        errors.add(path, f"must be {wanted}, got {value!r}")
-
-
-def dataclass_fields(cls, exclude=()) -> dict[str, tuple[Any, dataclasses.Field]]:
-    """`{name: (annotation, field)}` of the init fields of dataclass `cls` (annotation `_NO_CHECK` if unresolvable)."""
-    try:
-        hints = typing.get_type_hints(cls)
+        hints = typing.get_type_hints(target if dataclasses.is_dataclass(target) else _init_of(target))
     except Exception:  # an unresolvable forward reference: check the keys, not the types
         hints = {}
-    fields = {}
-    for f in dataclasses.fields(cls):
-        if not f.init or f.name in exclude or f.name.startswith("_"):
+    if dataclasses.is_dataclass(target):
+        found = [(f.name, dict(f.metadata)) for f in dataclasses.fields(target) if f.init]
+    else:
+        params = inspect.signature(_init_of(target)).parameters.values()
+        found = [(p.name, {}) for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+    out = []
+    for name, meta in found:
+        if name in exclude or name.startswith("_") or name == "self":
             continue
-        annotation = hints.get(f.name, f.type if not isinstance(f.type, str) else _NO_CHECK)
-        fields[f.name] = (annotation, f)
-    return fields
+        meta.update((ranges or {}).get(name, {}))
+        annotation = _loose(hints.get(name, Any))
+        choices = meta.get("choices")
+        if choices is not None:
+            annotation = typing.Literal[tuple(choices() if callable(choices) else choices)] | None
+        out.append((name, annotation, tuple((k, meta[k]) for k in ("ge", "gt", "le", "lt") if k in meta)))
+    return tuple(out)
+
+
+def _init_of(target):
+    return target.__init__ if isinstance(target, type) else target
 
 
 def check_mapping(
@@ -270,43 +196,56 @@ def check_mapping(
     what: str | None = None,
 ) -> dict:
     """
-    Check the keys and values of the mapping `data` against the init fields of dataclass `cls`.
-
-    Unknown keys (with close matches), wrong types and values out of the `ge`/`gt`/`le`/`lt` bounds found in the
-    field metadata or in `ranges` are recorded in `errors` under their key path. `forbidden` maps keys that exist
-    but may not be set here to the reason. Returns the checked mapping.
+    Check the mapping `data` against the init fields of dataclass `cls` (or the keyword parameters of a callable)
+    with a pydantic model built from their annotations: unknown keys (with close matches), wrong types and values
+    out of the `ge`/`gt`/`le`/`lt` bounds of the field metadata or of `ranges` are recorded in `errors` under their
+    key path. `forbidden` maps keys that exist but may not be set here to the reason. Returns the known keys' values,
+    as written.
     """
-    what = what or cls.__name__
+    what = what or getattr(cls, "__name__", str(cls))
     if data is None:
         data = {}
     if not isinstance(data, dict):
         errors.add(path, f"expected a mapping of {what} fields, got {_show(data)}")
         return {}
-    fields = dataclass_fields(cls, exclude)
-    out = {}
-    for key, value in data.items():
-        key_path = join_path(path, str(key))
-        if forbidden and key in forbidden:
-            errors.add(key_path, forbidden[key])
-            continue
-        if key not in fields:
-            errors.add(key_path, unknown_key(key, fields, what))
-            continue
-        annotation, f = fields[key]
-        value = check_value(value, annotation, key_path, errors)
-        meta = dict(f.metadata)
-        meta.update((ranges or {}).get(key, {}))
-        check_range(value, meta, key_path, errors)
-        choices = meta.get("choices")
-        if choices is not None and value is not None:
-            choices = choices() if callable(choices) else choices
-            if value not in choices:
-                errors.add(
-                    key_path,
-                    f"expected one of {', '.join(repr(c) for c in choices)}, got {value!r}.{suggest(value, choices)}",
-                )
-        out[key] = value
-    return out
+    for key in set(data) & set(forbidden or {}):
+        errors.add(join_path(path, str(key)), forbidden[key])
+    data = {k: v for k, v in data.items() if k not in (forbidden or {})}
+    if not dataclasses.is_dataclass(cls):
+        try:
+            params = inspect.signature(_init_of(cls)).parameters.values()
+        except (TypeError, ValueError):
+            return dict(data)
+        if any(p.kind is p.VAR_KEYWORD for p in params):
+            return dict(data)
+    model = _model(what, _host_fields(cls, tuple(exclude), ranges))
+    check_model(data, model, path, errors, what)
+    return {k: v for k, v in data.items() if k in model.model_fields}
+
+
+def check_call_kwargs(fn, kwargs, path: str, errors: Errors, what: str, ranges: dict | None = None) -> dict:
+    """Check `kwargs` against the keyword parameters (names, annotated types, `ranges`) of the callable `fn`."""
+    return check_mapping(kwargs, fn, path, errors, ranges=ranges, what=what)
+
+
+def check_value(value, annotation, path: str, errors: Errors, **bounds):
+    """Check one value against `annotation` (and `ge`/`gt`/`le`/`lt` `bounds`); returns it unchanged."""
+    name = path.rpartition(".")[2]
+    model = _model(name, ((name, _loose(annotation), tuple(sorted(bounds.items()))),))
+    check_model({name: value}, model, path.rpartition(".")[0], errors)
+    return value
+
+
+def _show(value) -> str:
+    kind = {bool: "boolean", int: "integer", float: "number", str: "string", list: "list", dict: "mapping"}.get(
+        type(value), type(value).__name__
+    )
+    if value is None:
+        return "null"
+    text = repr(value)
+    if len(text) > 60:
+        text = text[:57] + "..."
+    return f"{text} ({kind})"
 
 
 def fields_named(message: str, fields) -> list[str]:
@@ -326,33 +265,3 @@ def construct_checked(build, path: str, fields, errors: Errors, what: str) -> No
         named = fields_named(str(e), fields)
         for name in named or [None]:
             errors.add(join_path(path, name) if name else path, message)
-
-
-def check_call_kwargs(fn, kwargs, path: str, errors: Errors, what: str) -> dict:
-    """Check `kwargs` against the signature (names and annotated types) of the callable `fn`."""
-    if not isinstance(kwargs, dict):
-        errors.add(path, f"expected a mapping of keyword arguments, got {kwargs!r}")
-        return {}
-    if dataclasses.is_dataclass(fn):
-        return check_mapping(kwargs, fn, path, errors, what=what)
-    target = fn.__init__ if isinstance(fn, type) else fn
-    try:
-        params = dict(inspect.signature(target).parameters)
-    except (TypeError, ValueError):
-        return dict(kwargs)
-    params.pop("self", None)
-    if any(p.kind is p.VAR_KEYWORD for p in params.values()):
-        return dict(kwargs)
-    names = [n for n, p in params.items() if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
-    try:
-        hints = typing.get_type_hints(target)
-    except Exception:
-        hints = {}
-    out = {}
-    for key, value in kwargs.items():
-        key_path = join_path(path, str(key))
-        if key not in names:
-            errors.add(key_path, unknown_key(key, names, what))
-            continue
-        out[key] = check_value(value, hints[key], key_path, errors) if key in hints else value
-    return out

@@ -35,15 +35,7 @@ from pydantic import Field
 
 from regtune.data.models import BUILTIN_MODELS
 
-from .checks import (
-    SectionModel,
-    check_call_kwargs,
-    check_mapping,
-    check_model,
-    check_range,
-    check_value,
-    construct_checked,
-)
+from .checks import SectionModel, check_call_kwargs, check_mapping, check_model, check_value, construct_checked
 from .errors import Errors, RecipeError, allowed_list, join_path, suggest
 
 
@@ -263,15 +255,6 @@ def adapter_types() -> dict[str, Any]:
     return {str(getattr(k, "value", k)): v for k, v in PEFT_TYPE_TO_CONFIG_MAPPING.items()}
 
 
-def regularizer_registry() -> dict | None:
-    """`regtune.regularizers.REGULARIZERS`, or `None` if this installation has no regularizers module."""
-    try:
-        from regtune.regularizers import REGULARIZERS
-    except ImportError:
-        return None
-    return REGULARIZERS
-
-
 def resolve_trainer(name: str):
     """
     Resolve a recipe's `trainer:` to `(trainer class or None, config class)`.
@@ -279,10 +262,9 @@ def resolve_trainer(name: str):
     `name` is a class of `regtune.trainers` (`RegTrainer`, the default), `Trainer` (transformers'), or a dotted
     import path (`trl.SFTTrainer`). The config class is the trainer's `config_class` attribute, else the most
     specific `TrainingArguments` subclass in the annotation of its `args` parameter, else `TrainingArguments`.
-    The class is `None` only for `RegTrainer` in an installation without `regtune.trainers` (the runner then uses
-    `transformers.Trainer`, which is equivalent when there are no regularizers). Raises `ValueError`.
+    Raises `ValueError`.
     """
-    from transformers import Trainer, TrainingArguments
+    from transformers import Trainer
 
     if name == "Trainer":
         cls = Trainer
@@ -293,17 +275,11 @@ def resolve_trainer(name: str):
         except (ImportError, AttributeError) as e:
             raise ValueError(f"cannot import {name!r}: {e}") from None
     else:
-        try:
-            trainers = importlib.import_module("regtune.trainers")
-        except ImportError:
-            trainers = None
+        import regtune.trainers as trainers
+
         cls = getattr(trainers, name, None)
-        if cls is None and name == "RegTrainer":
-            return None, TrainingArguments  # an installation without regtune.trainers
-        if cls is None and trainers is None:
-            raise ValueError(f"unknown trainer {name!r}: regtune.trainers is not available")
         if cls is None:
-            known = [n for n in getattr(trainers, "__all__", dir(trainers)) if n.endswith("Trainer")] + ["Trainer"]
+            known = [n for n in trainers.__all__ if n.endswith("Trainer")] + ["Trainer"]
             raise ValueError(f"unknown trainer {name!r}.{suggest(name, known)} Known: {', '.join(sorted(known))}")
     if not (isinstance(cls, type) and issubclass(cls, Trainer)):
         raise ValueError(f"{name!r} is not a transformers.Trainer subclass")
@@ -406,10 +382,9 @@ def _validate_data(raw, errors: Errors) -> DataSpec:
                 f"Known: {', '.join(sorted(BUILTIN_TASKS))}",
             )
         else:
-            spec.options = check_call_kwargs(task.build, spec.options, "data.options", errors, f"task {task.name!r}")
-            for key, bounds in getattr(task, "option_ranges", {}).items():
-                if key in spec.options:
-                    check_range(spec.options[key], bounds, f"data.options.{key}", errors)
+            ranges = getattr(task, "option_ranges", {})
+            what = f"task {task.name!r}"
+            spec.options = check_call_kwargs(task.build, spec.options, "data.options", errors, what, ranges)
         for key in ("path", "name", "data_files", "revision"):
             if getattr(spec, key) is not None:
                 errors.add(f"data.{key}", "only for `path` data sets, not with `builtin`")
@@ -446,14 +421,11 @@ def _validate_adapter(raw, task: str, errors: Errors) -> AdapterSpec | None:
         errors,
         forbidden=ADAPTER_FORBIDDEN,
         exclude=("auto_mapping",),
+        ranges=ADAPTER_RANGES,
         what=config_cls.__name__,
     )
-    fields = {f.name for f in dataclasses.fields(config_cls)}
-    if "task_type" in fields and kwargs.get("task_type") is None:
+    if "task_type" in {f.name for f in dataclasses.fields(config_cls)} and kwargs.get("task_type") is None:
         kwargs["task_type"] = {"sequence-classification": "SEQ_CLS", "causal-lm": "CAUSAL_LM"}[task]
-    for key, bounds in ADAPTER_RANGES.items():
-        if key in fields and key in kwargs:
-            check_range(kwargs[key], bounds, f"adapter.{key}", errors)
     spec = AdapterSpec(type=canonical, kwargs=kwargs, config_cls=config_cls)
     if len(errors.items) == n_errors:  # the config's own __post_init__ checks (ranges, combinations)
         construct_checked(spec.build_config, "adapter", kwargs, errors, config_cls.__name__)
@@ -466,10 +438,8 @@ def _validate_regularizers(raw, errors: Errors) -> list[RegularizerSpec]:
     if not isinstance(raw, list):
         errors.add("regularizers", f"expected a list of {{type: name, ...}} mappings, got {raw!r}")
         return []
-    registry = regularizer_registry() if raw else {}
-    if registry is None:
-        errors.add("regularizers", "this installation has no regtune.regularizers module; remove the regularizers")
-        return []
+    from regtune.regularizers import REGULARIZERS as registry
+
     specs = []
     for i, item in enumerate(raw):
         path = join_path("regularizers", i)
@@ -538,8 +508,7 @@ def validate_run(raw: dict) -> RunSpec:
     name = raw.get("name")
     _check_name(name, "name", errors, "the run name")
     description = check_value(raw.get("description"), str | None, "description", errors)
-    seed = check_value(raw.get("seed", 42), int, "seed", errors)
-    check_range(seed, {"ge": 0}, "seed", errors)
+    seed = check_value(raw.get("seed", 42), int, "seed", errors, ge=0)
     trainer_name = check_value(raw.get("trainer", "RegTrainer"), str, "trainer", errors)
     from transformers import TrainingArguments
 

@@ -34,7 +34,7 @@ from regtune.diffusion.testbed import TestbedConfig
 from .checks import SectionModel, check_mapping, check_model, construct_checked
 from .errors import Errors, RecipeError, join_path
 from .io import is_main_process, write_atomic
-from .report import ExperimentResult
+from .report import ExperimentResult, write_results
 
 
 PER_RUN = ("output_dir", "seed")
@@ -167,11 +167,10 @@ def run_gardo_study(
             write_atomic(os.path.join(root, "testbed.json"), info)
     if not is_main_process():
         return ExperimentResult(root, [])
-    results = write_report(study, root, methods)
-    files = results.pop("files")
-    with open(files["table"], encoding="utf-8") as f:
-        table = f.read()
-    return ExperimentResult(root, [{"method": m, **r} for m, r in results["methods"].items()], table, files)
+    results = gather_results(study, root, methods)
+    table = results_table(results)
+    files = write_results(root, study.name, results, table, {"curves": lambda path: plot_curves(results, path)})
+    return ExperimentResult(root, results, table, files)
 
 
 def read_history(run_dir: str) -> list[dict]:
@@ -187,9 +186,9 @@ def read_history(run_dir: str) -> list[dict]:
     return [rows[e] for e in sorted(rows)]
 
 
-def write_report(study: GARDOStudy, root: str, methods: list[str]) -> dict:
-    """Aggregate the runs' logs: final eval metrics (mean/std over seeds), curves; writes JSON, markdown, PNG."""
-    results: dict[str, Any] = {"name": study.name, "methods": {}}
+def gather_results(study: GARDOStudy, root: str, methods: list[str]) -> list[dict]:
+    """One entry per method from its runs' logs: final eval metrics (mean/std over seeds), initial values, curves."""
+    results = []
     for method in methods:
         runs = {seed: read_history(os.path.join(root, method, f"seed{seed}")) for seed in study.seeds}
         finals = {}
@@ -201,32 +200,20 @@ def write_report(study: GARDOStudy, root: str, methods: list[str]) -> dict:
         start = [h[0] for h in runs.values() if h and h[0].get("epoch") == 0]
         initial = {k: float(np.mean([r[k] for r in start if k in r])) for k in CURVE_KEYS if start}
         mean_gated = [np.mean([r["gated_fraction"] for r in h if "gated_fraction" in r]) for h in runs.values() if h]
-        results["methods"][method] = {
-            "final": finals,
-            "initial": initial,
-            "mean_gated_fraction": float(np.mean(mean_gated)) if mean_gated else None,
-            "curves": {
-                str(s): [{k: r.get(k) for k in ("epoch", "reward", *CURVE_KEYS)} for r in h] for s, h in runs.items()
-            },
+        curves = {
+            str(s): [{k: r.get(k) for k in ("epoch", "reward", *CURVE_KEYS)} for r in h] for s, h in runs.items()
         }
-    write_atomic(os.path.join(root, "results.json"), results)
-    table = results_table(results)
-    write_atomic(os.path.join(root, "results.md"), table + "\n")
-    files = {"json": os.path.join(root, "results.json"), "table": os.path.join(root, "results.md")}
-    try:
-        files["plot"] = plot_curves(results, os.path.join(root, "curves.png"))  # needs matplotlib
-    except ImportError:
-        pass
-    results["files"] = files
+        results.append({"run": method, "method": method, "final": finals, "initial": initial, "curves": curves,
+                        "mean_gated_fraction": float(np.mean(mean_gated)) if mean_gated else None})  # fmt: skip
     return results
 
 
-def results_table(results: dict) -> str:
+def results_table(results: list[dict]) -> str:
     head = (
         "| method | proxy reward (JPEG) | true metric (class prob) | diversity (pixel L2) | diversity (feat) | gated |"
     )
     lines = [head, "|---|---|---|---|---|---|"]
-    first = next(iter(results["methods"].values()), {})
+    first = results[0] if results else {}
     if first.get("initial"):
         ini = first["initial"]
         lines.append(
@@ -234,7 +221,7 @@ def results_table(results: dict) -> str:
             f"{ini.get('eval_class_prob', float('nan')):.3f} | {ini.get('eval_diversity_l2', float('nan')):.2f} | "
             f"{ini.get('eval_diversity_feat', float('nan')):.3f} | |"
         )
-    for method, res in results["methods"].items():
+    for res in results:
         f = res["final"]
 
         def cell(key, fmt, f=f):
@@ -244,16 +231,16 @@ def results_table(results: dict) -> str:
 
         gated = res.get("mean_gated_fraction")
         lines.append(
-            f"| {method} | {cell('eval_proxy_reward', '.4f')} | {cell('eval_class_prob', '.3f')} | "
+            f"| {res['method']} | {cell('eval_proxy_reward', '.4f')} | {cell('eval_class_prob', '.3f')} | "
             f"{cell('eval_diversity_l2', '.2f')} | {cell('eval_diversity_feat', '.3f')} | "
             f"{'' if gated is None else f'{gated:.3f}'} |"
         )
-    n = max((v["n"] for r in results["methods"].values() for v in r["final"].values()), default=0)
+    n = max((v["n"] for r in results for v in r["final"].values()), default=0)
     lines.append(f"\nFinal held-out evaluation, mean ± std over {n} seed(s).")
     return "\n".join(lines)
 
 
-def plot_curves(results: dict, path: str) -> str:
+def plot_curves(results: list[dict], path: str) -> str:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -265,7 +252,8 @@ def plot_curves(results: dict, path: str) -> str:
         ("eval_diversity_l2", "diversity (within-prompt pixel L2)"),
     ]
     fig, axes = plt.subplots(1, len(keys) + 1, figsize=(4.6 * (len(keys) + 1), 3.6))
-    for m_i, (method, res) in enumerate(results["methods"].items()):
+    for m_i, res in enumerate(results):
+        method = res["method"]
         color = f"C{m_i}"
         # the trade-off: true metric against proxy reward along each run (seed mean per evaluation)
         pairs = [

@@ -1,9 +1,12 @@
-"""What every recipe kind returns ([`ExperimentResult`]), and the table and plot of fine-tuning runs."""
+"""What every recipe kind returns ([`ExperimentResult`]) and writes ([`write_results`]); the table and plot of runs."""
 
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
+
+from .io import write_atomic
 
 
 @dataclass
@@ -25,6 +28,32 @@ class ExperimentResult:
     @property
     def plot(self) -> str | None:
         return self.files.get("plot")
+
+
+def write_results(
+    output_dir: str, name: str, results: list[dict], table: str, plots: dict[str, Callable[[str], object]], **extra
+) -> dict[str, str]:
+    """
+    Write the results of a recipe of any kind in the one results format: `results.json` (`{"name", **extra,
+    "results": [one entry per run, its log history left out]}`), `results.md` (a title and `table`) and one PNG per
+    entry of `plots` (`{file stem: draw(path)}`; a plot is left out without matplotlib). Returns the paths written:
+    `{"json", "table", <stem>...}`, and `plot`, the first plot.
+    """
+    os.makedirs(output_dir, exist_ok=True)
+    files = {"json": os.path.join(output_dir, "results.json"), "table": os.path.join(output_dir, "results.md")}
+    entries = [{k: v for k, v in r.items() if k != "history"} for r in results]
+    write_atomic(files["json"], {"name": name, **extra, "results": entries})
+    write_atomic(files["table"], f"# {name}\n\n{table}\n")
+    for stem, draw in plots.items():
+        path = os.path.join(output_dir, f"{stem}.png")
+        try:
+            draw(path)
+        except ImportError:
+            continue
+        if os.path.isfile(path):
+            files[stem] = path
+            files.setdefault("plot", path)
+    return files
 
 
 def primary_metric(result: dict) -> str | None:

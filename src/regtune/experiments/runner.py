@@ -3,7 +3,7 @@
 ```
 <output_dir>/                   # the recipe's output_dir (default runs/<recipe name>)
     recipe.yaml                 # the recipe as run (overrides applied)
-    metrics.json                # every run's results
+    results.json                # every run's results (the one results format of every kind)
     results.md                  # the comparison table
     results.png                 # the comparison plot
     <run name>/
@@ -51,7 +51,7 @@ from .io import (
     read_json,
     write_atomic,
 )
-from .report import ExperimentResult, format_table, plot_results
+from .report import ExperimentResult, format_table, plot_results, write_results
 
 
 def _model_dir_name(run: RunSpec) -> str:
@@ -267,18 +267,10 @@ def run_recipe(
     table = format_table(results)
     files = {}
     if main:
-        summary = {
-            "recipe": recipe.name,
-            "regtune_version": results[0]["regtune_version"] if results else None,
-            "runs": {r["run"]: {k: v for k, v in r.items() if k != "history"} for r in results},
-        }
-        files = {"recipe": os.path.join(output_dir, "recipe.yaml"), "json": os.path.join(output_dir, "metrics.json"),
-                 "table": os.path.join(output_dir, "results.md")}  # fmt: skip
-        write_atomic(files["json"], summary)
-        write_atomic(files["table"], f"# {recipe.name}\n\n{table}\n")
-        plot = plot_results(results, os.path.join(output_dir, "results.png"), title=recipe.name)
-        if plot:
-            files["plot"] = plot
+        version = results[0]["regtune_version"] if results else None
+        plots = {"results": lambda path: plot_results(results, path, title=recipe.name)}
+        files = write_results(output_dir, recipe.name, results, table, plots, regtune_version=version)
+        files["recipe"] = os.path.join(output_dir, "recipe.yaml")
     return ExperimentResult(output_dir, results, table, files, ran, skipped)
 
 

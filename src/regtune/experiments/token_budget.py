@@ -382,7 +382,7 @@ def run_multi_epoch_study(
 
     Returns:
         [`~regtune.experiments.report.ExperimentResult`]: the results of the study's runs that are finished, the runs trained and skipped now, and the
-        paths of the written files (`table`, `csv`, `heldout_plot`, `curves_plot`).
+        paths of the written files (`json`, `table`, `plot`, `heldout_vs_repetitions`, `training_curves`).
     """
     from .token_budget_report import write_report
 

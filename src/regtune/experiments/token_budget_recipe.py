@@ -215,14 +215,16 @@ def _validate_dropout(raw, errors: Errors) -> dict[str, dict]:
 
     settings = {}
     for name, args in raw.items():
-        path = f"dropout.{name}"
-        before = len(errors.items)
-        args = check_call_kwargs(DropoutSchedule, args, path, errors, "DropoutSchedule")
-        if "p" not in args and len(errors.items) == before:
+        path, before = f"dropout.{name}", len(errors.items)
+        settings[str(name)] = args = check_call_kwargs(
+            DropoutSchedule, args, f"dropout.{name}", errors, "DropoutSchedule"
+        )
+        if len(errors.items) > before:
+            continue
+        if "p" not in args:
             errors.add(f"{path}.p", "required: the dropout rate (or a mapping of dropout types to rates)")
-        if len(errors.items) == before:
+        else:
             construct_checked(lambda a=args: DropoutSchedule(**copy.deepcopy(a)), path, {}, errors, "DropoutSchedule")
-        settings[str(name)] = dict(args)
     return settings
 
 

@@ -2,15 +2,11 @@
 
 from __future__ import annotations
 
-import csv
-import io
-import os
-
-from .io import write_atomic
+from .report import write_results
 from .token_budget_recipe import MultiEpochStudy
 
 
-CSV_FIELDS = (
+ROW_FIELDS = (
     "model",
     "n_params",
     "repetitions",
@@ -47,7 +43,7 @@ def table_rows(results: list[dict]) -> list[dict]:
         reference = base[(r["model"], r["dropout"])]
         rows.append(
             {
-                **{field: r.get(field) for field in CSV_FIELDS},
+                **{field: r.get(field) for field in ROW_FIELDS},
                 "degradation": r["heldout_loss"] - reference["heldout_loss"],
                 "gap": r["heldout_loss"] - r["train_loss_eval"],
             }
@@ -98,16 +94,6 @@ def markdown_table(results: list[dict], study: MultiEpochStudy | None = None) ->
         out.append("Generalization gap: held-out loss minus loss on the unique training data (eval mode):\n")
         out += [head, rule, *_grid(rows, model, repetitions, dropouts, lambda r: f"{r['gap']:+.4f}"), ""]
     return "\n".join(out)
-
-
-def write_csv(results: list[dict], path: str) -> None:
-    """One row per run (fields [`CSV_FIELDS`])."""
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=CSV_FIELDS, extrasaction="ignore")
-    writer.writeheader()
-    for row in table_rows(results):
-        writer.writerow(row)
-    write_atomic(path, buffer.getvalue())
 
 
 def _pyplot():
@@ -200,20 +186,12 @@ def plot_training_curves(results: list[dict], path: str, study: MultiEpochStudy 
 
 
 def write_report(output_dir: str, results: list[dict], study: MultiEpochStudy | None = None) -> dict[str, str]:
-    """Write `results.md`, `results.csv`, `heldout_vs_repetitions.png` and `training_curves.png`; return the paths."""
-    os.makedirs(output_dir, exist_ok=True)
-    files = {
-        "table": os.path.join(output_dir, "results.md"),
-        "csv": os.path.join(output_dir, "results.csv"),
-        "heldout_plot": os.path.join(output_dir, "heldout_vs_repetitions.png"),
-        "curves_plot": os.path.join(output_dir, "training_curves.png"),
-    }
-    files["plot"] = files["heldout_plot"]
+    """Write `results.json`, `results.md`, `heldout_vs_repetitions.png` and `training_curves.png`; return the paths."""
     if not results:
         return {}
-    title = f"# Multi-epoch study: {study.name}\n\n" if study else "# Multi-epoch study\n\n"
-    write_atomic(files["table"], title + markdown_table(results, study))
-    write_csv(results, files["csv"])
-    plot_heldout_vs_repetitions(results, files["heldout_plot"], study)
-    plot_training_curves(results, files["curves_plot"], study)
-    return files
+    plots = {
+        "heldout_vs_repetitions": lambda path: plot_heldout_vs_repetitions(results, path, study),
+        "training_curves": lambda path: plot_training_curves(results, path, study),
+    }
+    name = f"Multi-epoch study: {study.name}" if study else "Multi-epoch study"
+    return write_results(output_dir, name, results, markdown_table(results, study), plots)
