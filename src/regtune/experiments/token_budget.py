@@ -251,13 +251,10 @@ def build_model(study: MultiEpochStudy, model: str, vocab_size: int, tokenizer):
 
 
 def _curves(log_history: list[dict], tokens_per_step: int) -> dict[str, list[list[float]]]:
-    train = [[log["step"] * tokens_per_step, log["loss"]] for log in log_history if "loss" in log and "step" in log]
-    heldout = [
-        [log["step"] * tokens_per_step, log["eval_loss"]]
-        for log in log_history
-        if "eval_loss" in log and "step" in log
-    ]
-    return {"train": train, "heldout": heldout}
+    def curve(key: str) -> list[list[float]]:
+        return [[log["step"] * tokens_per_step, log[key]] for log in log_history if key in log and "step" in log]
+
+    return {"train": curve("loss"), "heldout": curve("eval_loss")}
 
 
 def train_one(
@@ -407,16 +404,9 @@ def run_multi_epoch_study(
                 continue
             if not overwrite and not report_only:
                 changed = "; ".join(changed_fields(stored, plain(spec))[:8])
-                raise RecipeError(
-                    [
-                        (
-                            f"runs.{name}",
-                            f"{path} holds this run with other settings than the recipe's ({changed}). "
-                            "Use another output_dir, or --overwrite to rerun it.",
-                        )
-                    ],  # fmt: skip
-                    study.source,
-                )
+                message = f"{path} holds this run with other settings than the recipe's ({changed}). "
+                message += "Use another output_dir, or --overwrite to rerun it."
+                raise RecipeError([(f"runs.{name}", message)], study.source)
         todo.append((model, repetitions, dropout, plan, spec))
     _barrier()
     if _is_main():
