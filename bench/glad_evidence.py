@@ -174,17 +174,19 @@ def summarize(configs: dict[str, dict], runs: dict[str, dict[int, dict]], seeds:
                 row[key] = (statistics.fmean(vals), min(vals), max(vals))
         row["train_s"] = statistics.fmean(got[s]["train_s"] for s in done) if done else None
         rows.append(row)
-    glad = runs.get("glad", {})
-    for name in configs:
-        if name == "glad":
-            continue
-        common = [s for s in seeds if s in glad and s in runs.get(name, {})]
-        pair = {"control": name, "seeds": common}
-        for key in ("novel", "base", "H"):
-            diffs = [glad[s][key] - runs[name][s][key] for s in common]
-            pair[key] = {"diffs": diffs, "mean_ci": t_interval(diffs) if diffs else None,
-                         "wins": sum(d > 0 for d in diffs), "ties": sum(d == 0 for d in diffs)}  # fmt: skip
-        pairs.append(pair)
+    treatments = [name for name in configs if name.startswith("glad")]
+    for treatment in treatments:
+        glad = runs.get(treatment, {})
+        for name in configs:
+            if name in treatments:
+                continue
+            common = [s for s in seeds if s in glad and s in runs.get(name, {})]
+            pair = {"treatment": treatment, "control": name, "seeds": common}
+            for key in ("novel", "base", "H"):
+                diffs = [glad[s][key] - runs[name][s][key] for s in common]
+                pair[key] = {"diffs": diffs, "mean_ci": t_interval(diffs) if diffs else None,
+                             "wins": sum(d > 0 for d in diffs), "ties": sum(d == 0 for d in diffs)}  # fmt: skip
+            pairs.append(pair)
     return {"rows": rows, "pairs": pairs}
 
 
@@ -231,8 +233,8 @@ def markdown(result: dict) -> str:
         "Paired difference GLAD − control (same shots, init and batch order), mean [95% t-interval]; wins = seeds "
         "where GLAD is higher:",
         "",
-        "| control | seeds | Δ novel | Δ base | Δ H | novel wins / ties |",
-        "| --- | ---: | --- | --- | --- | ---: |",
+        "| GLAD config | control | seeds | Δ novel | Δ base | Δ H | novel wins / ties |",
+        "| --- | --- | ---: | --- | --- | --- | ---: |",
     ]
     for p in result["summary"]["pairs"]:
         if not p["seeds"]:
@@ -242,7 +244,7 @@ def markdown(result: dict) -> str:
             m, lo, hi = p[key]["mean_ci"]
             cells.append(f"{m:+.3f} [{lo:+.3f}, {hi:+.3f}]")
         n = len(p["seeds"])
-        out.append(f"| {p['control']} | {n} | " + " | ".join(cells)
+        out.append(f"| {p['treatment']} | {p['control']} | {n} | " + " | ".join(cells)
                    + f" | {p['novel']['wins']}/{n}, {p['novel']['ties']} |")  # fmt: skip
     out += ["", f"Wall time of this invocation {result['wall_s']:.0f} s; {result['machine']['date']}."]
     return "\n".join(out) + "\n"
@@ -265,7 +267,9 @@ def plot(result: dict, path: str) -> None:
             ax.errorbar([x + 0.25], [m], yerr=[[m - lo], [hi - m]], fmt="o", color=f"C{j}", capsize=3,
                         label=f"Δ {key}" if i == 0 else None)  # fmt: skip
     ax.axhline(0, color="k", lw=0.8)
-    ax.set_xticks([i * 4 + 1 for i in range(len(pairs))], [f"GLAD − {p['control']}" for p in pairs], fontsize=8)
+    ax.set_xticks(
+        [i * 4 + 1 for i in range(len(pairs))], [f"{p['treatment']}\n− {p['control']}" for p in pairs], fontsize=7
+    )
     ax.set_ylabel("paired difference (accuracy)")
     ax.set_title("per seed, mean and 95% t-interval")
     ax.legend(fontsize=8)
@@ -295,7 +299,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--val-seeds", nargs="+", type=int, default=[100])
     p.add_argument("--n-val", type=int, default=48, help="validation examples per base class (from the pool)")
     p.add_argument("--seeds", nargs="+", type=int, default=list(range(10)))
-    p.add_argument("--controls", nargs="+", default=["lora", "lora-matched", "lora-same-lr"])
+    p.add_argument(
+        "--controls",
+        nargs="+",
+        default=["lora", "lora-matched", "lora-same-lr", "glad-lora-lr"],
+        help="extra configurations; glad-lora-lr: GLAD at LoRA's lr",
+    )
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--runs-dir", default=os.path.join(RESULTS, "glad_evidence_runs"))
     p.add_argument("--out", default=os.path.join(RESULTS, "glad_evidence"), help="output stem")
@@ -335,6 +344,8 @@ def main(argv=None) -> dict:
         configs["lora"] = {"method": "lora", "lr": choice["lora_lr"]}
     if "lora-same-lr" in args.controls and choice["glad_lr"] != choice["lora_lr"]:
         configs["lora-same-lr"] = {"method": "lora", "lr": choice["glad_lr"]}
+    if "glad-lora-lr" in args.controls and choice["glad_lr"] != choice["lora_lr"]:
+        configs["glad-lora-lr"] = {"method": glad, "lr": choice["lora_lr"]}
     if "lora-matched" in args.controls and choice["matched_lr"] is not None:
         configs["lora-matched"] = {"method": "lora", "lr": choice["matched_lr"]}
     runs: dict[str, dict[int, dict]] = {}
