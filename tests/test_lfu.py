@@ -495,7 +495,7 @@ def test_recipe_runs_lfu_on_prompt_completion_files(tmp_path, capsys):
     path = tmp_path / "r.yaml"
     path.write_text(yaml.safe_dump(recipe))
     assert main(["run", str(path)]) == 0
-    runs = json.load(open(tmp_path / "out" / "metrics.json"))["runs"]
+    runs = {r["run"]: r for r in json.load(open(tmp_path / "out" / "results.json"))["results"]}
     assert set(runs) == {"lfu", "lfu-perturb"}
     for result in runs.values():
         assert result["task"] == "causal-lm" and math.isfinite(result["metrics"]["validation"]["loss"])
