@@ -38,7 +38,7 @@ from torch.distributed.tensor import DTensor  # noqa: E402
 
 import regtune  # noqa: E402
 from regtune.diffusion.functional import copy_adapter_weights  # noqa: E402
-from regtune.diffusion.trainer import REF_ADAPTER  # noqa: E402
+from regtune.diffusion.trainer import REF_ADAPTER, refuse_sharded_resume  # noqa: E402
 from regtune.functional.glad import glad_restore_  # noqa: E402
 from regtune.functional.sam import global_grad_norm, sam_perturbation  # noqa: E402
 from regtune.regularizers import (  # noqa: E402
@@ -191,6 +191,11 @@ def run_pair(out, case, build, regularizers, steps=2, accumulation=2, lr=0.1, ma
         if sharded:
             results["param_types"] = sorted({type(p).__name__ for p in model.parameters()})
             results["trainable_dtensors"] = all(isinstance(p, DTensor) for p in model.parameters() if p.requires_grad)
+            try:
+                refuse_sharded_resume(model, "checkpoint.pt")
+                results["resume_refused"] = ""
+            except NotImplementedError as err:
+                results["resume_refused"] = str(err)
     return results
 
 
@@ -335,6 +340,11 @@ def case_gardo_reference(out: str, report: dict) -> None:
         if sharded:
             results["param_types"] = sorted({type(p).__name__ for p in model.parameters()})
             results["trainable_dtensors"] = all(isinstance(p, DTensor) for p in model.parameters() if p.requires_grad)
+            try:
+                refuse_sharded_resume(model, "checkpoint.pt")
+                results["resume_refused"] = ""
+            except NotImplementedError as err:
+                results["resume_refused"] = str(err)
             weights = results["sharded"]
             names = [n for n in weights if ".default." in n]
             results["ref_moved"] = max(

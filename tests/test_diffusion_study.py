@@ -45,10 +45,10 @@ def test_gardo_recipe_runs_through_the_cli(tmp_path, capsys):
     assert (out / "curves.png").exists() and (out / "testbed.json").exists()
     assert len(os.listdir(tmp_path / "cache")) == 1  # the pretrained testbed is cached once and reused
     # GARDO gates some samples; the baselines have no reference adapter
-    ckpt = torch.load(out / "gardo" / "seed0" / "checkpoint.pt", weights_only=False)
+    ckpt = torch.load(out / "gardo" / "seed0" / "checkpoint.pt", weights_only=True)
     assert any(".ref." in k for k in ckpt["adapters"])
     assert not any(
-        ".ref." in k for k in torch.load(out / "no_kl" / "seed0" / "checkpoint.pt", weights_only=False)["adapters"]
+        ".ref." in k for k in torch.load(out / "no_kl" / "seed0" / "checkpoint.pt", weights_only=True)["adapters"]
     )
     assert results["methods"]["gardo"]["mean_gated_fraction"] > 0
     # a second call resumes: nothing is retrained, the report is rewritten

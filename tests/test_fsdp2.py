@@ -77,6 +77,8 @@ def test_sharded_step_equals_one_process_step(fsdp2_run, case):
     torch.testing.assert_close(result["sharded"], result["reference"], rtol=0, atol=2e-6)
     if case == "gardo_reference":  # the reference adapter was refreshed from the sharded policy
         assert result["ref_moved"] > 1e-3
+        # resuming a GARDO checkpoint (full tensors) onto sharded parameters is refused, naming the reason
+        assert "FSDP2-sharded parameters" in result["resume_refused"]
 
 
 @pytest.mark.slow

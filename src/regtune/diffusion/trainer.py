@@ -90,6 +90,19 @@ def _seed_for(*parts: int) -> int:
     return h
 
 
+def refuse_sharded_resume(model: torch.nn.Module, path: str) -> None:
+    """Refuse to resume a GARDO checkpoint (full tensors) onto FSDP2-sharded (DTensor) parameters."""
+    from torch.distributed.tensor import DTensor
+
+    sharded = [name for name, param in model.named_parameters() if isinstance(param, DTensor)]
+    if sharded:
+        raise NotImplementedError(
+            f"GARDOTrainer cannot resume {path} onto FSDP2-sharded parameters ({sharded[0]}, ...): the checkpoint "
+            "holds full tensors and loading them into shards is not implemented. Resume without FSDP (one process "
+            "or DDP), or start afresh with `resume=False`."
+        )
+
+
 class GARDOTrainer:
     r"""
     Train a peft LoRA on a diffusers flow-matching denoiser with GARDO (or its Flow-GRPO baselines).
@@ -585,8 +598,10 @@ class GARDOTrainer:
         The file is read with `torch.load(weights_only=True)`: a file that holds anything but tensors and plain
         values (e.g. a crafted pickle) is refused without running it. A checkpoint written with other settings is
         refused too, with the changed fields named (only `output_dir`, `resume`, `num_epochs`, `save_every` and
-        `eval_every` may change).
+        `eval_every` may change). Resuming onto FSDP2-sharded (DTensor) parameters is refused: the checkpoint
+        holds full tensors, and copying them into shards is not implemented yet.
         """
+        refuse_sharded_resume(self.model, path)
         try:
             state = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as err:  # UnpicklingError, a damaged zip, ...: never fall back to unsafe loading
