@@ -178,8 +178,8 @@ def summarize(configs: dict[str, dict], runs: dict[str, dict[int, dict]], seeds:
     for treatment in treatments:
         glad = runs.get(treatment, {})
         for name in configs:
-            if name in treatments:
-                continue
+            if name in treatments or (name == "lora-same-lr" and treatment != "glad"):
+                continue  # lora-same-lr is LoRA at the lr of `glad`, not of the other GLAD configurations
             common = [s for s in seeds if s in glad and s in runs.get(name, {})]
             pair = {"treatment": treatment, "control": name, "seeds": common}
             for key in ("novel", "base", "H"):
