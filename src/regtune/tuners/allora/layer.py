@@ -63,6 +63,8 @@ class _Registry:
     update_layers: weakref.WeakSet = weakref.WeakSet()  # layers with >= 1 adapter of coefficient_on="update"
     update_layers_version = 0  # bumped when a layer is added, so the optimizer guard re-checks
     hooks_installed = False
+    # checks run before every torch optimizer step; optimizer.py adds the update-mode guard when it is imported
+    step_pre_checks: list = []
     # layer -> its model's ALLoRACoefficientGroup (kept outside the modules: they stay deep-copyable and picklable);
     # the group holds its layers weakly, and the tuner model holds the group (through `models`)
     groups: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
@@ -73,12 +75,15 @@ def _bump_generation(optimizer, args, kwargs) -> None:
     _Registry.generation += 1
 
 
+def _run_step_pre_checks(optimizer, args, kwargs) -> None:
+    for check in _Registry.step_pre_checks:
+        check(optimizer, args, kwargs)
+
+
 def _install_global_hooks() -> None:
     if _Registry.hooks_installed:
         return
-    from .optimizer import _guard_optimizer_step
-
-    register_optimizer_step_pre_hook(_guard_optimizer_step)
+    register_optimizer_step_pre_hook(_run_step_pre_checks)
     register_optimizer_step_post_hook(_bump_generation)
     _Registry.hooks_installed = True
 

@@ -94,6 +94,9 @@ def _guard_optimizer_step(optimizer, args, kwargs) -> None:
     _CHECKED[optimizer] = version
 
 
+_Registry.step_pre_checks.append(_guard_optimizer_step)
+
+
 def attach_allora_update(optimizer: torch.optim.Optimizer, model: nn.Module) -> torch.optim.Optimizer:
     """
     Make `optimizer` apply ALLoRA's update-side coefficient to the update-mode ALLoRA adapters of `model`.
