@@ -46,7 +46,7 @@ from _common import DATA_DIR, OUT_DIR, TARGET_MODULES, machine_description, mini
 from transformers import AutoModelForSequenceClassification, AutoTokenizer  # noqa: E402
 
 import regtune  # noqa: E402
-from regtune.tuners.allora.diagnostics import ALLoRADiagnostics  # noqa: E402
+from regtune.regularizers import ALLoRADiagnostics  # noqa: E402
 from regtune.tuners.allora.layer import _Registry  # noqa: E402
 
 

@@ -621,7 +621,7 @@ def test_regtune_trainers_build_the_update_side_optimizer(tmp_path):
 def test_trainer_logs_the_coefficient_diagnostic(tmp_path, monkeypatch):
     from distributed_worker import classification_dataset, training_args
 
-    import regtune.tuners.allora.diagnostics as diagnostics
+    import regtune.regularizers.allora_diagnostics as diagnostics
 
     calls = []
     real = diagnostics._stats

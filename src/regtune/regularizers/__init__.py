@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import inspect
 
+from .allora_diagnostics import ALLoRADiagnostics
 from .base import Regularizer
 from .dropout_schedule import DropoutSchedule, DropoutScheduleCallback
 from .glad import GLADRegularizer
@@ -66,6 +67,7 @@ def build_regularizer(type: str, **kwargs) -> Regularizer:  # noqa: A002 - `type
 
 __all__ = [
     "REGULARIZERS",
+    "ALLoRADiagnostics",
     "DropoutSchedule",
     "DropoutScheduleCallback",
     "GLADRegularizer",

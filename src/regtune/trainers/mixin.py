@@ -21,7 +21,7 @@ from transformers.training_args import OptimizerNames
 from regtune._sharding import check_distributed_support
 from regtune.regularizers import Regularizer, build_regularizer
 from regtune.regularizers.base import overrides
-from regtune.tuners.mask_tuning import save_real_valued_scores
+from regtune.tuners import training_hooks
 
 
 logger = logging.getLogger(__name__)
@@ -259,9 +259,7 @@ class RegularizedTrainerMixin:
         self._regtune_in_training_step = False
         self._regtune_pending_state: dict | None = None
         super().__init__(*args, **kwargs)
-        from regtune.tuners.allora.diagnostics import automatic_regularizers  # ALLoRA's c/eta, if it has ALLoRA
-
-        regs.extend(automatic_regularizers(self.model, regs))
+        regs.extend(training_hooks.automatic_regularizers(self.model, regs))  # e.g. ALLoRA's c/eta diagnostics
         if on_nonfinite != "ignore":
             self.add_callback(_NonFiniteGuardCallback(self))
         if regs:
@@ -400,9 +398,7 @@ class RegularizedTrainerMixin:
         built_here = self.optimizer is None
         optimizer = super().create_optimizer(*args, **kwargs)
         if built_here:
-            from regtune.tuners.allora import attach_allora_update
-
-            attach_allora_update(optimizer, self.model)
+            training_hooks.prepare_optimizer(optimizer, self.model)
         return optimizer
 
     # ---- logging ----
@@ -524,7 +520,7 @@ class RegularizedTrainerMixin:
     def _save_checkpoint(self, model, trial) -> None:
         # A checkpoint is training state: adapters that publish a compressed form (mask tuning's bit-packed masks)
         # keep their full trainable state here, so that a resumed run continues exactly.
-        with save_real_valued_scores():
+        with training_hooks.checkpoint_context():
             super()._save_checkpoint(model, trial)
 
     def _save_optimizer_and_scheduler(self, output_dir: str) -> None:

@@ -1,5 +1,6 @@
 from regtune._compat import register_regtune_method
 
+from ..training_hooks import AdapterTrainingHooks, register_training_hooks
 from .config import ALLoRAConfig
 from .layer import (
     ALLoRAConv1d,
@@ -36,3 +37,4 @@ __all__ = [
 ]
 
 register_regtune_method(name="allora", config_cls=ALLoRAConfig, model_cls=ALLoRAModel, prefix="lora_")
+register_training_hooks(AdapterTrainingHooks("allora", prepare_optimizer=attach_allora_update))

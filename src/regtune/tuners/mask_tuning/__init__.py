@@ -1,5 +1,6 @@
 from regtune._compat import register_regtune_method
 
+from ..training_hooks import AdapterTrainingHooks, register_training_hooks
 from .config import TRANSFORMERS_MODELS_TO_MASK_TUNING_TARGET_MODULES_MAPPING, MaskTuningConfig
 from .importance import rank_modules_by_gradient
 from .layer import Conv1d, Conv2d, Conv3d, Embedding, Linear, MaskTuningLayer
@@ -22,3 +23,4 @@ __all__ = [
 ]
 
 register_regtune_method(name="mask_tuning", config_cls=MaskTuningConfig, model_cls=MaskTuningModel, prefix="masktune_")
+register_training_hooks(AdapterTrainingHooks("mask_tuning", checkpoint_context=save_real_valued_scores))

@@ -16,9 +16,10 @@ import weakref
 import torch
 from torch import nn
 
-from regtune.regularizers.base import Regularizer
+from regtune.tuners.allora.layer import allora_adapters
+from regtune.tuners.training_hooks import AdapterTrainingHooks, register_training_hooks
 
-from .layer import allora_adapters
+from .base import Regularizer
 
 
 def _named_adapters(model: nn.Module) -> list[tuple[str, object, str]]:
@@ -138,3 +139,6 @@ def automatic_regularizers(model: nn.Module | None, regularizers: list[Regulariz
     if next(allora_adapters(model), None) is None:
         return []
     return [ALLoRADiagnostics()]
+
+
+register_training_hooks(AdapterTrainingHooks("allora_diagnostics", regularizers=automatic_regularizers))
