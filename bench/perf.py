@@ -279,15 +279,16 @@ def markdown(result: dict) -> str:
             else ["**Partial run: the suite was cut short; the rows below are the measured ones.**", ""]
         ),
         "Time: paired median ratio method / baseline of the same round (25-75% spread), wall clock and the thread's "
-        "CPU time. Diagnostics: paired ratio with the diagnostics on / off (wall). Memory: the peak resident memory "
+        "CPU time, with the diagnostics on (and off). Diagnostics: paired ratio with the diagnostics on / off (wall; CPU), and their read-out alone as a share of the step. Memory: the peak resident memory "
         "of one step above the process's memory after the imports, fresh process per variant (RSS), and the peak of "
         "live tensor bytes (weights, optimizer state and the step's allocations; what a GPU's "
         "max_memory_allocated counts), each as method / baseline.",
         "",
-        "| method | baseline | width | batch | step (ms) | time ratio | CPU-time ratio | diagnostics on/off "
+        "| method | baseline | width | batch | step (ms) | time ratio | CPU-time ratio | time ratio, diagnostics off "
+        "| diagnostics on/off "
         "(wall; CPU) | diagnostics read-out (% of step) "
         "| memory ratio (RSS) | memory ratio (tensors) | extra tensors / trainable |",
-        "| --- | --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| --- | --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for row in result["rows"]:
         if "error" in row:
@@ -300,6 +301,7 @@ def markdown(result: dict) -> str:
         cells = [
             row["method"], row["baseline"], row["width"], row["size"], f"{step:.1f}", _r(row.get("time_ratio")),
             _r(row.get("cpu_ratio")),
+            _r(row.get("time_ratio_diag_off")),
             f"{_r(row.get('diag_on_off_ratio'), 3)}; {_r(row.get('diag_on_off_cpu_ratio'), 3)}" if row.get("diag_on_off_ratio") else "",
             f"{100 * row['diag_log_fraction']:.2f}" if row.get("diag_log_fraction") is not None else "",
             f"{mem['rss_ratio']:.2f}" if "rss_ratio" in mem else mem.get("error", "")[:80],
@@ -496,6 +498,9 @@ def assemble(cli, machine: dict, timing: dict, memory: dict) -> dict:
                     base_label = "gardo KL on all" if group == "gardo" else base
                     row = {"group": group, "method": label, "variant": name, "baseline": base_label, "width": width,
                            "size": size, **t.get(name, {})}  # fmt: skip
+                    off = t.get(name + " [diag off]", {})
+                    if "time_ratio" in off:  # the method with its diagnostics off, against the same baseline
+                        row["time_ratio_diag_off"], row["cpu_ratio_diag_off"] = off["time_ratio"], off["cpu_ratio"]
                     m, mb = mem_of(name), mem_of(base)
                     if m is not None:
                         row["memory_raw"] = m
