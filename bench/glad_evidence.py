@@ -24,10 +24,13 @@ Protocol:
 Each (configuration, seed) result is its own JSON file under `--runs-dir`; existing files are skipped, so a killed
 run resumes where it stopped. Usage (from the repository root):
 
-    OMP_NUM_THREADS=1 python -m bench.glad_evidence                  # tune, test, report
-    python -m bench.glad_evidence --report-only                      # the report from the files already there
+    OMP_NUM_THREADS=1 python -m bench.glad_evidence --seeds $(seq 0 19)      # 20 steps, batch 8: glad_evidence.*
+    OMP_NUM_THREADS=1 python -m bench.glad_evidence --seeds $(seq 0 19) --steps 50 --batch-size 16 \
+        --out bench/results/glad_evidence_50steps                              # the base-to-novel docs' protocol
+    python -m bench.glad_evidence --seeds $(seq 0 19) --report-only          # the report from the files on disk
 
-Writes bench/results/glad_evidence.{json,md,png}.
+Several processes with disjoint `--seeds` can share one `--runs-dir` (they reuse the validation files). Writes
+`--out`.{json,md,png} (default bench/results/glad_evidence).
 """
 
 from __future__ import annotations
@@ -298,7 +301,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--glad-lrs", nargs="+", type=float, default=[3e-3, 1e-2])
     p.add_argument("--val-seeds", nargs="+", type=int, default=[100])
     p.add_argument("--n-val", type=int, default=48, help="validation examples per base class (from the pool)")
-    p.add_argument("--seeds", nargs="+", type=int, default=list(range(10)))
+    p.add_argument("--seeds", nargs="+", type=int, default=list(range(20)))
     p.add_argument(
         "--controls",
         nargs="+",
