@@ -14,7 +14,10 @@ import torch
 # CLS pooler that feeds the classification head, as they would in any peft script that lists them.
 TARGET_MODULES = ["query", "key", "value", "dense"]
 
-DATA_DIR = os.environ.get("REGTUNE_DATA_DIR", "/work/shared/data")
+# the shared data sets beside the checkout (../shared/data), or REGTUNE_DATA_DIR
+DATA_DIR = os.environ.get(
+    "REGTUNE_DATA_DIR", os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "shared", "data")
+)
 OUT_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "out")
 
 

@@ -33,19 +33,15 @@ import gc
 import json
 import os
 import statistics
-import sys
 import time
 import weakref
 
-
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-
 import peft  # noqa: E402
 import torch  # noqa: E402
-from _common import DATA_DIR, OUT_DIR, TARGET_MODULES, machine_description, minilm_dir, quiet_transformers  # noqa: E402
 from transformers import AutoModelForSequenceClassification, AutoTokenizer  # noqa: E402
 
 import regtune  # noqa: E402
+from bench._common import DATA_DIR, OUT_DIR, TARGET_MODULES, machine_description, minilm_dir, quiet_transformers  # noqa: E402
 from regtune.regularizers import ALLoRADiagnostics  # noqa: E402
 from regtune.tuners.allora.layer import _Registry  # noqa: E402
 

@@ -37,7 +37,6 @@ import json
 import multiprocessing
 import os
 import statistics
-import sys
 import tempfile
 import threading
 import time
@@ -48,11 +47,11 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch: spin-waitin
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TORCH_CPP_LOG_LEVEL", "ERROR")  # the profiler warns about blocks allocated before it started
 HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, HERE)
 
 import torch  # noqa: E402
-from _common import machine_description, quiet_transformers  # noqa: E402
 from transformers import TrainerCallback  # noqa: E402
+
+from bench._common import machine_description, quiet_transformers  # noqa: E402
 
 
 FULL = dict(widths=["small", "real"], sizes=["4x16", "16x64"], rounds=7, warmup=1)
@@ -112,7 +111,7 @@ def paired(a: list[float], b: list[float]) -> dict:
 
 
 def time_group(group: str, width: str, size: str, warmup: int, rounds: int, log) -> dict:
-    from perf_variants import GROUPS, build_trainer
+    from bench.perf_variants import GROUPS, build_trainer
 
     variants = GROUPS[group]
     batch, seq_len = (int(x) for x in size.split("x"))
@@ -178,7 +177,7 @@ def time_group(group: str, width: str, size: str, warmup: int, rounds: int, log)
 
 
 def time_gardo(width: str, size: str, warmup: int, rounds: int, log) -> dict:
-    from perf_variants import build_gardo
+    from bench.perf_variants import build_gardo
 
     cache: dict = {}
     with tempfile.TemporaryDirectory() as tmp:
@@ -210,11 +209,11 @@ def time_gardo(width: str, size: str, warmup: int, rounds: int, log) -> dict:
 
 def memory_pass(jobs: list[tuple], log, timeout: float = 600) -> dict:
     """Run each `(kind, *args)` job in a fresh process forked from a server that imported the libraries once."""
-    import perf_memory
+    from bench import perf_memory
 
     ctx = multiprocessing.get_context("forkserver")
     ctx.set_forkserver_preload(
-        ["torch", "transformers", "peft", "trl", "diffusers", "regtune", "perf_variants", "perf_memory"]
+        ["torch", "transformers", "peft", "trl", "diffusers", "regtune", "bench.perf_variants", "bench.perf_memory"]
     )
     results = {}
     for job in jobs:
@@ -428,7 +427,7 @@ def main(argv=None):
             setattr(cli, key, preset[key])
     torch.set_num_threads(1)
     quiet_transformers()
-    from perf_variants import GROUPS
+    from bench.perf_variants import GROUPS
 
     machine = machine_description("cuda" if torch.cuda.is_available() else "cpu")
     start = time.time()
@@ -477,8 +476,8 @@ def main(argv=None):
 
 
 def assemble(cli, machine: dict, timing: dict, memory: dict) -> dict:
-    import perf_variants
-    from perf_variants import GROUPS
+    from bench import perf_variants
+    from bench.perf_variants import GROUPS
 
     rows, baselines = [], []
     for group in cli.groups:

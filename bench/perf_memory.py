@@ -139,7 +139,7 @@ def _finish(result: dict, base_rss: int) -> dict:
 
 def trainer_job(group: str, name: str, width: str, size: str, warmup: int = 1) -> dict:
     """Peak memory of variant `name` of `group` (see `perf_variants.GROUPS`), in this (fresh) process."""
-    from perf_variants import GROUPS, build_trainer
+    from bench.perf_variants import GROUPS, build_trainer
 
     base_rss = rss_bytes()
     variant = next(v for v in GROUPS[group] if v.name == name)
@@ -160,7 +160,7 @@ def trainer_job(group: str, name: str, width: str, size: str, warmup: int = 1) -
 
 def gardo_job(mode: str, width: str, size: str, warmup: int = 1) -> dict:
     """Peak memory of one GARDO optimisation phase (`_train_on`) on a fixed rollout, in this (fresh) process."""
-    from perf_variants import build_gardo
+    from bench.perf_variants import build_gardo
 
     base_rss = rss_bytes()
     start = time.perf_counter()

@@ -6,7 +6,7 @@ import threading
 from bench import perf
 
 
-perf_variants = importlib.import_module("perf_variants")  # importing bench.perf puts bench/ on sys.path
+perf_variants = importlib.import_module("bench.perf_variants")
 
 
 def test_paired_ratio_is_the_median_of_the_per_round_ratios():

@@ -585,7 +585,7 @@ class RegularizedTrainerMixin:
         try:
             payload = torch.load(path, map_location="cpu", weights_only=True)
         except pickle.UnpicklingError as err:
-            # torch's message advises `weights_only=False`, which would run any code a crafted file holds: not
+            # torch's message advises turning safe loading off, which would run any code a crafted file holds: not
             # passed on
             found = re.search(r"GLOBAL ([\w.]+)", str(err))
             reason = (
