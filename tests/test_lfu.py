@@ -26,7 +26,7 @@ from torch.func import functional_call
 
 import regtune
 from regtune.functional.lfu import hidden_state_consistency, response_token_mask, steer_hidden
-from regtune.regularizers.lfu import block_hooks, find_decoder_blocks
+from regtune.regularizers.lfu import LfUSettings, block_hooks, find_decoder_blocks
 
 
 # ---- layer 1: formulas on small tensors ----
@@ -862,3 +862,11 @@ def test_find_mlp_follows_the_released_keywords_and_refuses_blocks_without_one()
     assert find_mlp(blocks[0]) is blocks[0].mlp
     with pytest.raises(ValueError, match=r"reps_site='block'"):
         find_mlp(Block(attention=torch.nn.Linear(2, 2), experts=torch.nn.Linear(2, 2)))
+
+
+def test_regularizer_knobs_are_the_settings_fields_and_unknown_ones_are_named():
+    lfu = regtune.regularizers.LfURegularizer(mode="reps", alpha=0.2, beta=None)
+    assert lfu.settings == LfUSettings(mode="reps", alpha=0.2)
+    with pytest.raises(ValueError, match=r"unknown LfU setting `alpah`.*alpha") as e:
+        regtune.regularizers.LfURegularizer(alpah=0.1, mode="nope")
+    assert "mode" in str(e.value)  # every bad field at once

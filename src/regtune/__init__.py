@@ -18,17 +18,9 @@ from .trainers import (  # noqa: E402
     RegTrainer,
     RegularizedTrainerMixin,
 )
-from .tuners import (  # noqa: E402 - registers the adapter types with peft
-    ALLoRAConfig,
-    ALLoRAModel,
-    GLADConfig,
-    GLADModel,
-    GLADSettings,
-    MaskTuningConfig,
-    MaskTuningModel,
-    create_allora_optimizer,
-)
-from .tuners.mask_tuning import rank_modules_by_gradient  # noqa: E402
+from .tuners.allora import ALLoRAConfig, ALLoRAModel, create_allora_optimizer  # noqa: E402 (registers ALLORA)
+from .tuners.glad import GLADConfig, GLADModel, GLADSettings  # noqa: E402 (registers GLAD)
+from .tuners.mask_tuning import MaskTuningConfig, MaskTuningModel, rank_modules_by_gradient  # noqa: E402
 
 
 __all__ = [

@@ -370,49 +370,24 @@ class LfURegularizer(Regularizer):
     `ValueError` saying so).
 
     Args:
-        mode, alpha, beta, start_layer, end_layer, second_batch, reps_lr_weight, reps_site, share_dropout_masks, log_diagnostics:
-            see [`LfUSettings`] (validated there; all bad values are reported at once).
+        settings ([`LfUSettings`], *optional*): all the knobs at once.
+        **knobs: or the knobs one by one, as keyword arguments named as the fields of [`LfUSettings`] (`mode`,
+            `alpha`, `beta`, `start_layer`, `end_layer`, `second_batch`, `reps_lr_weight`, `reps_site`,
+            `share_dropout_masks`, `log_diagnostics`); validated there, every bad value reported at once.
         second_dataset (`datasets.Dataset`, *optional*): rows in the train set's processed format (required with
             `second_batch="dataset"`).
         seed (`int`, *optional*): seed of the second-batch draws and the steering vectors' init (default: the
             trainer's `args.seed`).
-        settings ([`LfUSettings`], *optional*): all the knobs at once (then the individual arguments must be left
-            unset).
     """
 
     name = "lfu"
     owns_step = True
 
-    def __init__(
-        self,
-        mode: str | None = None,
-        alpha: float | None = None,
-        beta: float | None = None,
-        start_layer: int | None = None,
-        end_layer: int | None = None,
-        second_batch: str | None = None,
-        second_dataset=None,
-        reps_lr_weight: float | None = None,
-        seed: int | None = None,
-        reps_site: str | None = None,
-        share_dropout_masks: bool | None = None,
-        log_diagnostics: bool | None = None,
-        settings: LfUSettings | None = None,
-    ):
-        given = {
-            "mode": mode,
-            "alpha": alpha,
-            "beta": beta,
-            "start_layer": start_layer,
-            "end_layer": end_layer,
-            "second_batch": second_batch,
-            "reps_lr_weight": reps_lr_weight,
-            "reps_site": reps_site,
-            "share_dropout_masks": share_dropout_masks,
-            "log_diagnostics": log_diagnostics,
-        }
-        given = {key: value for key, value in given.items() if value is not None}
-        errors = []
+    def __init__(self, settings: LfUSettings | None = None, *, second_dataset=None, seed: int | None = None, **knobs):
+        given = {key: value for key, value in knobs.items() if value is not None}
+        unknown = sorted(set(knobs) - {f.name for f in dataclasses.fields(LfUSettings)})
+        known = ", ".join(f.name for f in dataclasses.fields(LfUSettings))
+        errors = [f"unknown LfU setting `{key}`; the settings are: {known}" for key in unknown]
         if settings is not None and not isinstance(settings, LfUSettings):
             errors.append(f"`settings` must be an LfUSettings or None, got {type(settings).__name__}")
         elif settings is not None and given:
@@ -420,7 +395,7 @@ class LfURegularizer(Regularizer):
         if seed is not None and not is_int(seed):
             errors.append(f"`seed` must be None or an int, got {seed!r}")
         if settings is None:
-            errors += LfUSettings.field_errors(given)
+            errors += LfUSettings.field_errors({k: v for k, v in given.items() if k not in unknown})
         raise_field_errors("LfURegularizer", errors)
         settings = settings if settings is not None else LfUSettings(**given)
         if settings.second_batch == "dataset" and second_dataset is None:

@@ -154,32 +154,27 @@ def _state_problems(loaded: Any, current: Any, key: str = "") -> list[str]:
     return problems
 
 
-class _RegularizerLifecycleCallback(TrainerCallback):
-    """Calls `setup` (and loads resumed state) at `on_train_begin`, before the regularizers' own callbacks."""
+class _MixinCallback(TrainerCallback):
+    """
+    The mixin's own hooks, registered before the regularizers' callbacks: at `on_train_begin` it calls the
+    regularizers' `setup` (and loads resumed state) and resets the non-finite guard; before every optimizer step it
+    checks what the guard recorded during the step's micro-batches.
+    """
 
-    def __init__(self, trainer: RegularizedTrainerMixin):
+    def __init__(self, trainer: RegularizedTrainerMixin, setup: bool, guard: bool):
         self._trainer = weakref.ref(trainer)
+        self._setup, self._guard = setup, guard
 
     def on_train_begin(self, args, state, control, **kwargs):
         trainer = self._trainer()
-        if trainer is not None:
-            trainer._regtune_setup()
-
-
-class _NonFiniteGuardCallback(TrainerCallback):
-    """Checks, once per optimizer step (before it), what the mixin recorded during the step's micro-batches."""
-
-    def __init__(self, trainer: RegularizedTrainerMixin):
-        self._trainer = weakref.ref(trainer)
-
-    def on_train_begin(self, args, state, control, **kwargs):
-        trainer = self._trainer()
-        if trainer is not None:
+        if trainer is not None and self._guard:
             trainer._regtune_guard_reset()
+        if trainer is not None and self._setup:
+            trainer._regtune_setup()
 
     def on_pre_optimizer_step(self, args, state, control, **kwargs):
         trainer = self._trainer()
-        if trainer is not None:
+        if trainer is not None and self._guard:
             trainer._regtune_check_finite(state)
 
 
@@ -260,10 +255,9 @@ class RegularizedTrainerMixin:
         self._regtune_pending_state: dict | None = None
         super().__init__(*args, **kwargs)
         regs.extend(training_hooks.automatic_regularizers(self.model, regs))  # e.g. ALLoRA's c/eta diagnostics
-        if on_nonfinite != "ignore":
-            self.add_callback(_NonFiniteGuardCallback(self))
+        if regs or on_nonfinite != "ignore":
+            self.add_callback(_MixinCallback(self, setup=bool(regs), guard=on_nonfinite != "ignore"))
         if regs:
-            self.add_callback(_RegularizerLifecycleCallback(self))
             for reg in regs:
                 for callback in reg.callbacks():
                     self.add_callback(callback)

@@ -1,17 +1,4 @@
-"""regtune's peft adapter types. Importing this package registers them with peft."""
+"""regtune's peft adapter types. Importing this package registers them with peft; `regtune` re-exports their
+public classes."""
 
-from .allora import ALLoRAConfig, ALLoRAModel, create_allora_optimizer
-from .glad import GLADConfig, GLADModel, GLADSettings
-from .mask_tuning import MaskTuningConfig, MaskTuningModel
-
-
-__all__ = [
-    "ALLoRAConfig",
-    "ALLoRAModel",
-    "GLADConfig",
-    "GLADModel",
-    "GLADSettings",
-    "MaskTuningConfig",
-    "MaskTuningModel",
-    "create_allora_optimizer",
-]
+from . import allora, glad, mask_tuning  # noqa: F401 (each registers its adapter type)
