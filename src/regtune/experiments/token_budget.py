@@ -89,9 +89,9 @@ def plan_run(budget_tokens: int, repetitions: int, block_size: int, global_batch
     return RunPlan(repetitions, unique_blocks, block_size, global_batch_size)
 
 
-def run_name(model: str, repetitions: int, dropout: str) -> str:
-    """The id of one run: `<model>-r<repetitions>-<dropout>` (its result file is `results/<id>.json`)."""
-    return f"{model}-r{repetitions}-{dropout}"
+def run_name(model: str, repetitions: int, dropout: str, seed: int | None = None) -> str:
+    """The id of one run: `<model>-r<repetitions>-<dropout>[-s<seed>]` (its result file is `results/<id>.json`)."""
+    return f"{model}-r{repetitions}-{dropout}" + ("" if seed is None else f"-s{seed}")
 
 
 # ---- files ----
@@ -212,7 +212,7 @@ def _data_spec(study: MultiEpochStudy) -> dict:
     }
 
 
-def run_spec(study: MultiEpochStudy, model: str, repetitions: int, dropout: str, plan: RunPlan) -> dict:
+def run_spec(study: MultiEpochStudy, model: str, repetitions: int, dropout: str, plan: RunPlan, seed: int) -> dict:
     """Everything that determines a run's result; a finished run is reused only when its stored spec is equal."""
     return {
         "data": _data_spec(study),
@@ -225,13 +225,13 @@ def run_spec(study: MultiEpochStudy, model: str, repetitions: int, dropout: str,
         "hidden_dropout": study.hidden_dropout,
         "dropout": study.dropout[dropout],
         "training": study.training,
-        "seed": study.seed,
+        "seed": seed,
         "evaluation": {"points": study.eval_points, "curve_tokens": study.eval_curve_tokens},
     }
 
 
-def build_model(study: MultiEpochStudy, model: str, vocab_size: int, tokenizer):
-    """A freshly initialized causal LM of size `model` (same seed, so every run of a size starts from equal weights)."""
+def build_model(study: MultiEpochStudy, model: str, vocab_size: int, tokenizer, seed: int):
+    """A freshly initialized causal LM of size `model` (runs of a size and seed start from equal weights)."""
     from transformers import AutoConfig, AutoModelForCausalLM, set_seed
 
     from regtune.functional.dropout import add_hidden_dropout, typed_dropout_sites
@@ -242,7 +242,7 @@ def build_model(study: MultiEpochStudy, model: str, vocab_size: int, tokenizer):
     for name in ("pad_token_id", "bos_token_id", "eos_token_id"):
         fields.setdefault(name, getattr(tokenizer, name))
     config = AutoConfig.for_model(model_type, vocab_size=vocab_size, **fields)
-    set_seed(study.seed)
+    set_seed(seed)
     lm = AutoModelForCausalLM.from_config(config)
     has_hidden = any(t == "hidden" for _, _, t in typed_dropout_sites(lm, ("modules", "attributes")))
     if study.hidden_dropout is True or (study.hidden_dropout == "auto" and not has_hidden):
@@ -257,25 +257,65 @@ def _curves(log_history: list[dict], tokens_per_step: int) -> dict[str, list[lis
     return {"train": curve("loss"), "heldout": curve("eval_loss")}
 
 
+def _applied_dropout_recorder(schedule, phases: int = 4):
+    """
+    A callback that reads the dropout rates set on the model at every optimizer step (after the schedule set them);
+    its `summary()` gives the mean applied rate per type over the run, and per phase (equal shares of the steps).
+    """
+    from transformers import TrainerCallback
+
+    from regtune.functional.dropout import get_dropout_values
+
+    class AppliedDropout(TrainerCallback):
+        steps: list[dict[str, float]] = []
+
+        def on_step_begin(self, args, state, control, **kwargs):
+            sites = {t: get_dropout_values(schedule.sites(t)) for t in schedule.types}
+            self.steps.append({t: sum(map(float, v)) / len(v) for t, v in sites.items() if v})
+
+        def summary(self) -> tuple[dict[str, float], dict[str, list[float]]]:
+            n = len(self.steps)
+            bounds = [round(i * n / phases) for i in range(phases + 1)]
+            types = self.steps[0] if n else {}
+            by_phase = {t: [_mean([s[t] for s in self.steps[a:b]]) for a, b in zip(bounds, bounds[1:])] for t in types}
+            return {t: _mean([s[t] for s in self.steps]) for t in types}, by_phase
+
+    recorder = AppliedDropout()
+    recorder.steps = []
+    return recorder
+
+
+def _mean(values: list[float]) -> float:
+    return round(sum(values) / len(values), 6)
+
+
 def train_one(
-    study: MultiEpochStudy, corpus: Corpus, model: str, repetitions: int, dropout: str, plan: RunPlan, run_dir: str
+    study: MultiEpochStudy,
+    corpus: Corpus,
+    model: str,
+    repetitions: int,
+    dropout: str,
+    plan: RunPlan,
+    run_dir: str,
+    seed: int | None = None,
 ) -> dict:
-    """Train and evaluate one run; return its result (not yet written)."""
+    """Train and evaluate one run (of `seed`, by default the study's); return its result (not yet written)."""
     from transformers import PrinterCallback, Trainer, TrainingArguments
     from transformers.trainer_utils import get_last_checkpoint
 
     from regtune.data.text import BlockDataset, make_blocks, nested_block_subset
     from regtune.regularizers.dropout_schedule import DropoutSchedule, DropoutScheduleCallback
 
+    seed = study.seed if seed is None else seed
     block = study.data.block_size
-    train_blocks = nested_block_subset(corpus.train_ids, block, plan.unique_blocks, seed=study.seed)
+    train_blocks = nested_block_subset(corpus.train_ids, block, plan.unique_blocks, seed=seed)
     heldout_blocks = make_blocks(corpus.heldout_ids, block)
     curve_blocks = heldout_blocks
     if study.eval_curve_tokens is not None:
         curve_blocks = heldout_blocks[: max(study.eval_curve_tokens // block, 1)]
     fit_blocks = train_blocks[: heldout_blocks.shape[0]]  # the same number of tokens as the held-out evaluation
 
-    lm = build_model(study, model, len(corpus.tokenizer), corpus.tokenizer)
+    lm = build_model(study, model, len(corpus.tokenizer), corpus.tokenizer, seed)
     n_params = sum(p.numel() for p in lm.parameters())
     eval_steps = max(plan.steps // study.eval_points, 1) if study.eval_points else None
     training = trainer_training_args(study)
@@ -287,17 +327,18 @@ def train_one(
         eval_steps=eval_steps,
         eval_on_start=bool(eval_steps),
         per_device_eval_batch_size=study.eval_batch_size,
-        seed=study.seed,
-        data_seed=study.seed,
+        seed=seed,
+        data_seed=seed,
         **training,
     )
     schedule = DropoutSchedule(**study.dropout[dropout])
+    applied = _applied_dropout_recorder(schedule)
     trainer = Trainer(
         model=lm,
         args=args,
         train_dataset=BlockDataset(train_blocks),
         eval_dataset=BlockDataset(curve_blocks),
-        callbacks=[DropoutScheduleCallback(schedule)],
+        callbacks=[DropoutScheduleCallback(schedule), applied],
     )
     trainer.remove_callback(PrinterCallback)  # the study prints one line per run
     checkpoint = get_last_checkpoint(run_dir) if os.path.isdir(run_dir) else None
@@ -305,27 +346,30 @@ def train_one(
     trainer.train(resume_from_checkpoint=checkpoint)
     train_seconds = time.time() - start
     if trainer.state.global_step != plan.steps:
-        raise RuntimeError(f"run {run_name(model, repetitions, dropout)}: trained {trainer.state.global_step} steps, "
+        raise RuntimeError(f"run {os.path.basename(run_dir)}: trained {trainer.state.global_step} steps, "
                            f"planned {plan.steps}")  # fmt: skip
     heldout = trainer.evaluate(BlockDataset(heldout_blocks), metric_key_prefix="heldout")
     fit = trainer.evaluate(BlockDataset(fit_blocks), metric_key_prefix="train")
     tokens_per_step = plan.global_batch_size * block
-    rates = [schedule.rates(s, plan.steps, max(plan.steps // repetitions, 1)) for s in range(plan.steps)]
+    mean_dropout, phase_dropout = applied.summary()
     result = {
         "format": RESULT_FORMAT,
-        "run": run_name(model, repetitions, dropout),
+        "run": os.path.basename(run_dir),
         "model": model,
         "repetitions": repetitions,
         "dropout": dropout,
+        "seed": seed,
         "unique_tokens": plan.unique_tokens,
         "train_tokens": plan.train_tokens,
         "steps": plan.steps,
         "n_params": n_params,
+        "tokens_per_param": round(plan.train_tokens / n_params, 2),
         "heldout_loss": heldout["heldout_loss"],
         "heldout_tokens": int(heldout_blocks.numel()),
         "train_loss_eval": fit["train_loss"],
         "final_train_loss": next((log["loss"] for log in reversed(trainer.state.log_history) if "loss" in log), None),
-        "mean_dropout": {t: sum(r[t] for r in rates) / len(rates) for t in rates[0]} if rates else {},
+        "mean_dropout": mean_dropout,  # read from the model's dropout modules at every step, not from the schedule
+        "phase_dropout": phase_dropout,  # the same, per quarter of training
         "curves": _curves(trainer.state.log_history, tokens_per_step),
         "train_seconds": round(train_seconds, 1),
         "world_size": _world_size(),
@@ -349,11 +393,20 @@ def _global_batch_size(study: MultiEpochStudy) -> int:
     return per_device * accumulation * _world_size()
 
 
-def plan_study(study: MultiEpochStudy) -> list[tuple[str, int, str, RunPlan]]:
-    """The runs of a study, `(model, repetitions, dropout, plan)`, in the order they run (model, repetitions, dropout)."""
+def plan_study(study: MultiEpochStudy) -> list[tuple[str, int, str, int, RunPlan]]:
+    """
+    The runs of a study, `(model, repetitions, dropout, seed, plan)`, in the order they run: seed by seed (so that a
+    study stopped early holds whole grids), then model, repetitions and dropout.
+    """
     batch = _global_batch_size(study)
     plans = {r: plan_run(study.budget_tokens, r, study.data.block_size, batch) for r in study.repetitions}
-    return [(m, r, d, plans[r]) for m in study.models for r in study.repetitions for d in study.dropout]
+    return [
+        (m, r, d, seed, plans[r])
+        for seed in study.run_seeds
+        for m in study.models
+        for r in study.repetitions
+        for d in study.dropout
+    ]
 
 
 def run_multi_epoch_study(
@@ -392,11 +445,11 @@ def run_multi_epoch_study(
         torch.set_num_threads(study.torch_num_threads)
     init_distributed(study)
     runs = plan_study(study)
-    names = [run_name(m, r, d) for m, r, d, _ in runs]
+    names = [run_name(m, r, d, s if study.seeds is not None else None) for m, r, d, s, _ in runs]
     todo, skipped = [], []
-    for (model, repetitions, dropout, plan), name in zip(runs, names):
+    for (model, repetitions, dropout, seed, plan), name in zip(runs, names):
         path = os.path.join(out, "results", f"{name}.json")
-        spec = run_spec(study, model, repetitions, dropout, plan)
+        spec = run_spec(study, model, repetitions, dropout, plan, seed)
         if os.path.exists(path):
             stored = read_json(path).get("spec")
             if stored == plain(spec):
@@ -407,7 +460,7 @@ def run_multi_epoch_study(
                 message = f"{path} holds this run with other settings than the recipe's ({changed}). "
                 message += "Use another output_dir, or --overwrite to rerun it."
                 raise RecipeError([(f"runs.{name}", message)], study.source)
-        todo.append((model, repetitions, dropout, plan, spec))
+        todo.append((name, model, repetitions, dropout, seed, plan, spec))
     _barrier()
     if _is_main():
         os.makedirs(out, exist_ok=True)
@@ -422,8 +475,7 @@ def run_multi_epoch_study(
             f"{corpus.heldout_ids.numel()} held-out tokens, vocabulary {len(corpus.tokenizer)}",
             verbose,
         )
-        for i, (model, repetitions, dropout, plan, spec) in enumerate(todo, 1):
-            name = run_name(model, repetitions, dropout)
+        for i, (name, model, repetitions, dropout, seed, plan, spec) in enumerate(todo, 1):
             run_dir = os.path.join(out, "runs", name)
             _barrier()
             if _is_main():
@@ -437,7 +489,7 @@ def run_multi_epoch_study(
                 f"tokens, {plan.steps} steps",
                 verbose,
             )
-            result = train_one(study, corpus, model, repetitions, dropout, plan, run_dir)
+            result = train_one(study, corpus, model, repetitions, dropout, plan, run_dir, seed)
             result["spec"] = spec
             if _is_main():
                 write_atomic(os.path.join(out, "results", f"{name}.json"), result)

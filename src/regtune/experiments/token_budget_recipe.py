@@ -4,7 +4,7 @@
 name: multi_epoch                    # defaults to the file name
 description: ...
 output_dir: runs/multi_epoch         # relative to the working directory; defaults to runs/<name>
-seed: 0
+seed: 0                              # or seeds: [0, 1, 2]: every run once per seed (paired seeds)
 torch_num_threads: 1                 # null: torch's default
 data:
   text_file: ../shared/data/text/input.txt   # a local UTF-8 text file; its last `heldout_fraction` is held out
@@ -136,6 +136,7 @@ class TopLevel(SectionModel):
     description: str = ""
     output_dir: str | None = None
     seed: int = Field(0, ge=0)
+    seeds: list[int] | None = Field(None, min_length=1)
     torch_num_threads: int | None = Field(None, ge=1)
     data: dict | None = None
     budget: dict | None = None
@@ -144,6 +145,19 @@ class TopLevel(SectionModel):
     dropout: dict | None = None
     training: dict | None = None
     evaluation: dict | None = None
+
+    @field_validator("seeds")
+    @classmethod
+    def _distinct_seeds(cls, seeds):
+        if seeds is not None and (len(set(seeds)) != len(seeds) or min(seeds) < 0):
+            raise ValueError(f"must be a list of distinct integers >= 0, got {seeds!r}")
+        return seeds
+
+    @model_validator(mode="after")
+    def _seed_or_seeds(self):
+        if self.seeds is not None and "seed" in self.model_fields_set:
+            raise ValueError("give `seed` (one run per setting) or `seeds` (one run per setting and seed), not both")
+        return self
 
 
 @dataclass
@@ -160,6 +174,7 @@ class MultiEpochStudy:
     training: dict
     description: str = ""
     seed: int = 0
+    seeds: list[int] | None = None
     torch_num_threads: int | None = None
     hidden_dropout: str | bool = "auto"
     eval_points: int = 8
@@ -167,6 +182,11 @@ class MultiEpochStudy:
     eval_batch_size: int = 64
     source: str | None = None
     kind = "token-budget"
+
+    @property
+    def run_seeds(self) -> list[int]:
+        """The seeds every setting is run with: `seeds`, or `[seed]`."""
+        return list(self.seeds) if self.seeds is not None else [self.seed]
 
     def to_dict(self) -> dict:
         """The resolved recipe as plain data (what `study.json` holds)."""
@@ -263,6 +283,7 @@ def validate_recipe(raw: dict, source: str | None = None, default_name: str | No
         description=top.description or "",
         output_dir=str(top.output_dir or os.path.join("runs", str(name))),
         seed=top.seed,
+        seeds=top.seeds,
         torch_num_threads=top.torch_num_threads,
         data=data,
         budget_tokens=tokens,

@@ -1,98 +1,142 @@
-"""The table and plots of a token-budget (multi-epoch) recipe, from its result files."""
+"""The tables and plots of a token-budget (multi-epoch) recipe, from its result files: one cell per (model,
+repetitions, dropout), with the mean and 95% t-interval over seeds and paired differences between runs of one seed."""
 
 from __future__ import annotations
 
+import math
+
 from .report import write_results
+from .stats import format_ci, mean_ci, paired_difference
 from .token_budget_recipe import MultiEpochStudy
 
 
-ROW_FIELDS = (
-    "model",
-    "n_params",
-    "repetitions",
-    "unique_tokens",
-    "train_tokens",
-    "dropout",
-    "heldout_loss",
-    "degradation",
-    "train_loss_eval",
-    "gap",
-    "train_seconds",
-)
-
-
 def _orders(results: list[dict], study: MultiEpochStudy | None):
-    models = list(study.models) if study else sorted({r["model"] for r in results})
-    repetitions = list(study.repetitions) if study else sorted({r["repetitions"] for r in results})
-    dropouts = list(study.dropout) if study else sorted({r["dropout"] for r in results})
-    return models, repetitions, dropouts
+    def present(values, key):
+        return [v for v in values if any(r[key] == v for r in results)]
 
-
-def table_rows(results: list[dict]) -> list[dict]:
-    """
-    One row per run, with `degradation` (held-out loss minus that of 1 repetition, i.e. of the smallest repetition
-    count of the study, at the same model and dropout) and `gap` (held-out loss minus train loss in eval mode).
-    """
-    base = {}
-    for r in results:
-        key = (r["model"], r["dropout"])
-        if key not in base or r["repetitions"] < base[key]["repetitions"]:
-            base[key] = r
-    rows = []
-    for r in results:
-        reference = base[(r["model"], r["dropout"])]
-        rows.append(
-            {
-                **{field: r.get(field) for field in ROW_FIELDS},
-                "degradation": r["heldout_loss"] - reference["heldout_loss"],
-                "gap": r["heldout_loss"] - r["train_loss_eval"],
-            }
+    if study is not None:
+        return (
+            present(study.models, "model"),
+            present(study.repetitions, "repetitions"),
+            present(study.dropout, "dropout"),
         )
-    return rows
+    return [sorted({r[k] for r in results}) for k in ("model", "repetitions", "dropout")]
 
 
-def _grid(rows, model, repetitions, dropouts, value, bold: bool = False) -> list[str]:
-    lookup = {(r["repetitions"], r["dropout"]): r for r in rows if r["model"] == model}
-    lines = []
+def _seed(run: dict):
+    return run.get("seed", run.get("spec", {}).get("seed", 0))
+
+
+def summarize(results: list[dict], study: MultiEpochStudy | None = None) -> list[dict]:
+    """
+    One summary per (model, repetitions, dropout) cell, over the seeds it was run with:
+
+    - `heldout`, `gap` (held-out loss minus the loss on the unique training data, eval mode): [`mean_ci`] over seeds;
+    - `vs_reference`: [`paired_difference`] of held-out loss, this dropout setting minus the first one of the study
+      (e.g. `none`), run by run on the same seeds (same initial weights, unique subset and batch order); `None` for the
+      reference itself;
+    - `degradation`: the paired difference of held-out loss against the fewest repetitions, same dropout and seed;
+    - `mean_dropout` / `phase_dropout`: the dropout rate read from the model at every step, over the run and per
+      quarter of training, averaged over the cell's runs.
+    """
+    models, repetitions, dropouts = _orders(results, study)
+    by_key = {(r["model"], r["repetitions"], r["dropout"], _seed(r)): r for r in results}
+
+    def heldout(model, rep, dropout) -> dict:
+        return {s: r["heldout_loss"] for (m, k, d, s), r in by_key.items() if (m, k, d) == (model, rep, dropout)}
+
+    cells = []
+    for model in models:
+        for rep in repetitions:
+            for dropout in dropouts:
+                runs = [r for (m, k, d, _), r in sorted(by_key.items()) if (m, k, d) == (model, rep, dropout)]
+                if not runs:
+                    continue
+                losses = heldout(model, rep, dropout)
+                first = runs[0]
+                types = first.get("phase_dropout", {})
+                cells.append(
+                    {
+                        **{k: first[k] for k in ("model", "n_params", "repetitions", "unique_tokens", "train_tokens")},
+                        "tokens_per_param": first["train_tokens"] / first["n_params"],
+                        "dropout": dropout,
+                        "seeds": sorted(losses),
+                        "heldout": mean_ci(list(losses.values())),
+                        "gap": mean_ci([r["heldout_loss"] - r["train_loss_eval"] for r in runs]),
+                        "vs_reference": None
+                        if dropout == dropouts[0]
+                        else paired_difference(losses, heldout(model, rep, dropouts[0])),
+                        "degradation": None
+                        if rep == repetitions[0]
+                        else paired_difference(losses, heldout(model, repetitions[0], dropout)),
+                        "mean_dropout": {t: mean_ci([r["mean_dropout"][t] for r in runs])["mean"] for t in types},
+                        "phase_dropout": {
+                            t: [mean_ci(q)["mean"] for q in zip(*(r["phase_dropout"][t] for r in runs))] for t in types
+                        },
+                        "train_seconds": sum(r["train_seconds"] for r in runs),
+                    }
+                )
+    return cells
+
+
+def _grid(cells, model, repetitions, dropouts, value) -> list[str]:
+    head = "| repetitions | unique tokens | " + " | ".join(dropouts) + " |"
+    lines = [head, "|---:|---:|" + "---:|" * len(dropouts)]
     for rep in repetitions:
-        unique = next((r["unique_tokens"] for (k, _), r in lookup.items() if k == rep), None)
-        cells = []
-        for d in dropouts:
-            row = lookup.get((rep, d))
-            cells.append("" if row is None else value(row))
-        filled = [c for c in cells if c]
-        if bold and len(filled) > 1:
-            best = min(filled, key=float)
-            cells = [f"**{c}**" if c == best else c for c in cells]
-        lines.append(f"| {rep} | {unique if unique is not None else ''} | " + " | ".join(cells) + " |")
-    return lines
+        row = {c["dropout"]: c for c in cells if (c["model"], c["repetitions"]) == (model, rep)}
+        if not row:
+            continue
+        texts = ["" if d not in row or value(row[d]) is None else value(row[d]) for d in dropouts]
+        lines.append(f"| {rep} | {next(iter(row.values()))['unique_tokens']} | " + " | ".join(texts) + " |")
+    return [*lines, ""]
+
+
+def _wins(summary: dict | None) -> str | None:
+    if summary is None:
+        return None
+    return f"{format_ci(summary, '+.4f')} ({summary['wins']}/{summary['n']} higher)"
 
 
 def markdown_table(results: list[dict], study: MultiEpochStudy | None = None) -> str:
-    """The study's tables in Markdown: held-out loss, degradation vs the fewest repetitions, train/held-out gap."""
-    rows = table_rows(results)
+    """
+    The study's tables in Markdown, per model: held-out loss, the paired difference against the first dropout setting,
+    the degradation against the fewest repetitions, the generalization gap, and the dropout rates applied.
+    """
+    cells = summarize(results, study)
     models, repetitions, dropouts = _orders(results, study)
-    head = "| repetitions | unique tokens | " + " | ".join(dropouts) + " |"
-    rule = "|---:|---:|" + "---:|" * len(dropouts)
     out = []
     for model in models:
-        model_rows = [r for r in rows if r["model"] == model]
-        if not model_rows:
-            continue
-        n_params = model_rows[0]["n_params"]
-        budget = max(r["train_tokens"] for r in model_rows)
-        out.append(f"### {model} ({n_params:,} parameters, {budget:,} training tokens per run)\n")
-        out.append("Held-out loss (nats/token; lower is better; best of each row in bold):\n")
-        out += [
-            head,
-            rule,
-            *_grid(rows, model, repetitions, dropouts, lambda r: f"{r['heldout_loss']:.4f}", bold=True),
-            "",
-        ]
-        out.append(f"Degradation: held-out loss minus that at {min(repetitions)} repetition(s), same dropout:\n")
-        out += [head, rule, *_grid(rows, model, repetitions, dropouts, lambda r: f"{r['degradation']:+.4f}"), ""]
+        mine = [c for c in cells if c["model"] == model]
+        c0, seeds = mine[0], max(len(c["seeds"]) for c in mine)
+        out.append(
+            f"### {model} ({c0['n_params']:,} parameters, {c0['train_tokens']:,} training tokens per run: "
+            f"{c0['tokens_per_param']:.1f} tokens per parameter)\n"
+        )
+        over = f", mean [95% CI] over {seeds} seeds" if seeds > 1 else ""
+        out.append(f"Held-out loss (nats/token; lower is better{over}):\n")
+        out += _grid(mine, model, repetitions, dropouts, lambda c: format_ci(c["heldout"], ".4f"))
+        if len(dropouts) > 1:
+            out.append(
+                f"Paired difference in held-out loss, dropout minus `{dropouts[0]}` on the same seed (negative: "
+                "dropout helps):\n"
+            )
+            out += _grid(mine, model, repetitions, dropouts[1:], lambda c: _wins(c["vs_reference"]))
+        if len(repetitions) > 1:
+            out.append(
+                f"Degradation: held-out loss minus that at {repetitions[0]} repetition(s), same dropout and seed:\n"
+            )
+            out += _grid(mine, model, repetitions[1:], dropouts, lambda c: _wins(c["degradation"]))
         out.append("Generalization gap: held-out loss minus loss on the unique training data (eval mode):\n")
-        out += [head, rule, *_grid(rows, model, repetitions, dropouts, lambda r: f"{r['gap']:+.4f}"), ""]
+        out += _grid(mine, model, repetitions, dropouts, lambda c: format_ci(c["gap"], "+.4f"))
+    types = sorted({t for c in cells for t in c["phase_dropout"]})
+    if types:
+        out.append("Dropout rate applied, read from the model at every step (mean per quarter of training):\n")
+        out += ["| dropout | " + " | ".join(types) + " |", "|---|" + "---|" * len(types)]
+        for dropout in dropouts:
+            phases = next(c["phase_dropout"] for c in cells if c["dropout"] == dropout)
+            texts = [" / ".join(f"{p:.3f}" for p in phases.get(t, [])) or "not set" for t in types]
+            out.append(f"| {dropout} | " + " | ".join(texts) + " |")
+        out.append("")
     return "\n".join(out)
 
 
@@ -106,22 +150,24 @@ def _pyplot():
 
 
 def plot_heldout_vs_repetitions(results: list[dict], path: str, study: MultiEpochStudy | None = None) -> None:
-    """Held-out loss against repetitions (log scale), one line per dropout setting, one panel per model size."""
+    """Held-out loss (mean and 95% CI over seeds) against repetitions, one line per dropout setting and panel per size."""
     plt = _pyplot()
+    cells = summarize(results, study)
     models, repetitions, dropouts = _orders(results, study)
-    models = [m for m in models if any(r["model"] == m for r in results)]
     fig, axes = plt.subplots(1, len(models), figsize=(5.2 * len(models), 4), squeeze=False)
     for ax, model in zip(axes[0], models):
         for d in dropouts:
-            points = sorted((r["repetitions"], r["heldout_loss"]) for r in results if r["model"] == model and
-                            r["dropout"] == d)  # fmt: skip
-            if points:
-                ax.plot(*zip(*points), marker="o", label=d)
-        n_params = next(r["n_params"] for r in results if r["model"] == model)
+            mine = [c for c in cells if (c["model"], c["dropout"]) == (model, d)]
+            means = [c["heldout"]["mean"] for c in mine]
+            errors = [
+                0.0 if math.isnan(c["heldout"]["lo"]) else c["heldout"]["mean"] - c["heldout"]["lo"] for c in mine
+            ]
+            ax.errorbar([c["repetitions"] for c in mine], means, yerr=errors, marker="o", capsize=3, label=d)
         ax.set_xscale("log", base=2)
         ax.set_xticks(repetitions, [str(r) for r in repetitions])
         ax.set_xlabel("repetitions (epochs over budget / repetitions unique tokens)")
         ax.set_ylabel("held-out loss (nats/token)")
+        n_params = next(c["n_params"] for c in cells if c["model"] == model)
         ax.set_title(f"{model} ({n_params:,} parameters)")
         ax.grid(alpha=0.3)
         ax.legend(title="dropout")
@@ -132,22 +178,19 @@ def plot_heldout_vs_repetitions(results: list[dict], path: str, study: MultiEpoc
 
 
 def plot_training_curves(results: list[dict], path: str, study: MultiEpochStudy | None = None) -> None:
-    """Held-out (solid) and training (dashed) loss against tokens seen; rows: model sizes, columns: repetitions."""
+    """
+    Held-out (solid) and training (dashed) loss against tokens seen, for the first seed; rows: model sizes, columns:
+    repetitions.
+    """
     plt = _pyplot()
     from matplotlib.ticker import EngFormatter
 
+    seed = min(_seed(r) for r in results)
+    results = [r for r in results if _seed(r) == seed]
     models, repetitions, dropouts = _orders(results, study)
-    models = [m for m in models if any(r["model"] == m for r in results)]
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     # zoom on the part that differs between runs: everything after the first fifth of training
-    late = [
-        loss
-        for r in results
-        for curve in r["curves"].values()
-        for tokens, loss in curve
-        if tokens >= 0.2 * r["train_tokens"]
-    ]
-    every = [loss for r in results for curve in r["curves"].values() for _, loss in curve]
+    losses = [(t >= 0.2 * r["train_tokens"], loss) for r in results for c in r["curves"].values() for t, loss in c]
     fig, axes = plt.subplots(
         len(models), len(repetitions), figsize=(3.6 * len(repetitions), 3.2 * len(models)), squeeze=False, sharey=True
     )
@@ -165,19 +208,16 @@ def plot_training_curves(results: list[dict], path: str, study: MultiEpochStudy 
                     ax.plot(*zip(*run["curves"]["heldout"]), color=color, label=f"{d} held-out")
                 if run["curves"]["train"]:
                     ax.plot(*zip(*run["curves"]["train"]), color=color, linestyle="--", alpha=0.6, label=f"{d} train")
-            ax.set_title(f"{model}, {rep} repetition(s)", fontsize=9)
+            ax.set_title(f"{model}, {rep} repetition(s), seed {seed}", fontsize=9)
             ax.set_xlabel("training tokens")
             ax.xaxis.set_major_formatter(EngFormatter(sep=""))
             ax.grid(alpha=0.3)
-            if late and every:
-                ax.set_ylim(min(every) - 0.05, max(late) + 0.1)
+            late = [loss for is_late, loss in losses if is_late]
+            if late:
+                ax.set_ylim(min(loss for _, loss in losses) - 0.05, max(late) + 0.1)
             if j == 0:
                 ax.set_ylabel("loss (nats/token)")
-    handles, labels = axes[0][0].get_legend_handles_labels()
-    for row in axes:
-        for ax in row:
-            if len(ax.get_legend_handles_labels()[0]) > len(handles):
-                handles, labels = ax.get_legend_handles_labels()
+    handles, labels = max((ax.get_legend_handles_labels() for row in axes for ax in row), key=lambda h: len(h[0]))
     if handles:
         fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 4), fontsize=8)
     fig.tight_layout(rect=(0, 0.08 if handles else 0, 1, 1))
@@ -186,7 +226,10 @@ def plot_training_curves(results: list[dict], path: str, study: MultiEpochStudy 
 
 
 def write_report(output_dir: str, results: list[dict], study: MultiEpochStudy | None = None) -> dict[str, str]:
-    """Write `results.json`, `results.md`, `heldout_vs_repetitions.png` and `training_curves.png`; return the paths."""
+    """
+    Write `results.json` (every run, and the cell summaries under `cells`), `results.md`, `heldout_vs_repetitions.png`
+    and `training_curves.png`; return the paths.
+    """
     if not results:
         return {}
     plots = {
@@ -194,4 +237,5 @@ def write_report(output_dir: str, results: list[dict], study: MultiEpochStudy | 
         "training_curves": lambda path: plot_training_curves(results, path, study),
     }
     name = f"Multi-epoch study: {study.name}" if study else "Multi-epoch study"
-    return write_results(output_dir, name, results, markdown_table(results, study), plots)
+    table = markdown_table(results, study)
+    return write_results(output_dir, name, results, table, plots, cells=summarize(results, study))
