@@ -10,6 +10,7 @@ import difflib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from . import fewshot_text
 from .models import BUILTIN_MODELS, BuiltinModel, resolve_model_path
 from .quickstart import quickstart_sentiment
 
@@ -30,6 +31,13 @@ class BuiltinTask:
         eval_splits (`tuple[str, ...]`): the splits a recipe evaluates on when it names none.
         option_ranges (`dict[str, dict]`): bounds of numeric options (`{"n_train": {"ge": 2}}`), checked when a
             recipe is validated, before anything is built.
+        check_options (`Callable[[dict], list[tuple[str, str]]]`, *optional*): more checks of the options at
+            validation (e.g. that the data files exist), as `(option, message)` pairs.
+        class_descriptions (`Callable[..., list[str]]`, *optional*): called with the options, one natural-language
+            description per class (what a `class-descriptions` model head compares a text with).
+        summarize (`Callable[[dict], dict]`, *optional*): metrics derived from the evaluated splits'
+            (`{split: {metric: value}}` -> `{name: {metric: value}}`, e.g. the harmonic mean of base and novel
+            accuracy).
     """
 
     name: str
@@ -41,6 +49,9 @@ class BuiltinTask:
     train_split: str = "train"
     eval_splits: tuple[str, ...] = field(default_factory=tuple)
     option_ranges: dict = field(default_factory=dict)
+    check_options: Callable | None = None
+    class_descriptions: Callable | None = None
+    summarize: Callable | None = None
 
 
 BUILTIN_TASKS: dict[str, BuiltinTask] = {}
@@ -73,6 +84,31 @@ register_task(
         description="Binary sentiment of templated sentences; the held-out split uses sentiment words unseen in training.",
         eval_splits=("in_distribution", "held_out"),
         option_ranges={"n_train": {"ge": 2}, "n_eval": {"ge": 2}},
+    )
+)
+
+_TEXT_RANGES = {"k": {"ge": 1}, "n_val": {"ge": 0}, "max_test_per_class": {"ge": 1}, "seed": {"ge": 0}}
+register_task(
+    BuiltinTask(
+        name="base-to-novel",
+        build=fewshot_text.base_to_novel,
+        description="k shots of the base classes of TREC / AG News / SST-2 / MR; tested on base and novel classes.",
+        eval_splits=("test_base", "test_novel"),
+        option_ranges=_TEXT_RANGES,
+        check_options=fewshot_text.check_options,
+        class_descriptions=fewshot_text.class_descriptions,
+        summarize=fewshot_text.base_novel_summary,
+    )
+)
+register_task(
+    BuiltinTask(
+        name="few-shot",
+        build=fewshot_text.few_shot,
+        description="k shots of every class of TREC / AG News / SST-2 / MR; tested on the test set.",
+        eval_splits=("test",),
+        option_ranges=_TEXT_RANGES,
+        check_options=fewshot_text.check_options,
+        class_descriptions=fewshot_text.class_descriptions,
     )
 )
 

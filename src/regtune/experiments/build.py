@@ -68,6 +68,8 @@ class LoadedData:
     train_split: str
     eval_splits: dict[str, str]  # display name -> split
     label_names: list[str] | None
+    class_descriptions: list[str] | None = None  # the built-in task's, one per label (a class-descriptions head)
+    summarize: Any = None  # the built-in task's derived metrics ({split: metrics} -> {name: metrics})
 
 
 def load_data(spec: DataSpec, task: str, evaluation, raw_format: bool = False) -> LoadedData:
@@ -89,6 +91,9 @@ def load_data(spec: DataSpec, task: str, evaluation, raw_format: bool = False) -
         text_column = spec.text_column or builtin.text_column
         label_column = spec.label_column or builtin.label_column
         train_split = spec.train_split or builtin.train_split
+        describe = builtin.class_descriptions
+        descriptions = describe(**spec.options) if describe is not None else None
+        summarize = builtin.summarize
     else:
         from datasets import load_dataset
 
@@ -96,6 +101,7 @@ def load_data(spec: DataSpec, task: str, evaluation, raw_format: bool = False) -
         text_column = spec.text_column or "text"
         label_column = spec.label_column or "label"
         train_split = spec.train_split or "train"
+        descriptions = summarize = None
 
     if evaluation.splits is None:
         found = next((s for s in ("validation", "test") if s in splits), None)
@@ -157,6 +163,8 @@ def load_data(spec: DataSpec, task: str, evaluation, raw_format: bool = False) -
         train_split=train_split,
         eval_splits=eval_splits,
         label_names=label_names,
+        class_descriptions=descriptions,
+        summarize=summarize,
     )
 
 
@@ -170,6 +178,8 @@ def tokenize_data(data: LoadedData, tokenizer, task: str, max_length: int):
         out = tokenizer(*texts, truncation=True, max_length=max_length)
         if task == "sequence-classification":
             out["labels"] = batch[data.label_column]
+        if "class_mask" in batch:  # the classes each example is classified among (a class-descriptions head)
+            out["class_mask"] = batch["class_mask"]
         return out
 
     return data.splits.map(
@@ -185,14 +195,22 @@ def data_collator(tokenizer, task: str):
     return DataCollatorWithPadding(tokenizer)
 
 
-def load_model(spec: ModelSpec, task: str, label_names: list[str] | None, tokenizer):
-    """`AutoModelFor<task>.from_pretrained(...)` (or `.from_config(...)` for `model.config`); call after seeding."""
+def load_model(
+    spec: ModelSpec, task: str, label_names: list[str] | None, tokenizer, descriptions=None, max_length: int = 128
+):
+    """
+    `AutoModelFor<task>.from_pretrained(...)` (or `.from_config(...)` for `model.config`); call after seeding. With
+    `head: class-descriptions`, an `AutoModel` encoder in a [`~regtune.data.dual_encoder.DualEncoderClassifier`]
+    over the class `descriptions` (default: `spec.class_descriptions`, else the label names).
+    """
     import torch
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
+    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForSequenceClassification
 
     auto = AutoModelForSequenceClassification if task == "sequence-classification" else AutoModelForCausalLM
+    if spec.head == "class-descriptions":
+        auto = AutoModel
     head = {}
-    if label_names is not None:
+    if label_names is not None and spec.head is None:
         head = {
             "num_labels": len(label_names),
             "id2label": dict(enumerate(label_names)),
@@ -218,6 +236,19 @@ def load_model(spec: ModelSpec, task: str, label_names: list[str] | None, tokeni
         )
     if model.config.pad_token_id is None and tokenizer.pad_token_id is not None:
         model.config.pad_token_id = tokenizer.pad_token_id  # sequence classification on decoders needs it
+    if spec.head == "class-descriptions":
+        from regtune.data.dual_encoder import DualEncoderClassifier
+
+        names = list(label_names or [])
+        if spec.class_descriptions is not None:
+            missing = [n for n in names if n not in spec.class_descriptions]
+            if missing:
+                raise RecipeError([("model.class_descriptions", f"no description of the labels {missing}")])
+            descriptions = [spec.class_descriptions[n] for n in names]
+        texts = list(descriptions or names)
+        encoded = tokenizer(texts, padding=True, truncation=True, max_length=max_length, return_tensors="pt")
+        encoded = {k: encoded[k] for k in ("input_ids", "attention_mask")}
+        model = DualEncoderClassifier(model, encoded, scale=spec.logit_scale, prototypes=spec.prototypes)
     return model
 
 

@@ -25,11 +25,12 @@ import copy
 import dataclasses
 import importlib
 import inspect
+import itertools
 import os
 import re
 import typing
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import Field
 
@@ -45,8 +46,11 @@ HUB_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*
 CLASSIFICATION_METRICS = ("accuracy", "macro_f1")
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 SECTION_KEYS = ("model", "data", "adapter", "regularizers", "training", "evaluation")
-RUN_KEYS = ("name", "description", "seed", "trainer") + SECTION_KEYS
-TOP_LEVEL_KEYS = ("name", "description", "seed", "output_dir", "trainer", "runs") + SECTION_KEYS
+RUN_ONLY_KEYS = ("sweep", "select")  # a run's sweep, and how its value is chosen (not inherited from the top level)
+RUN_KEYS = ("name", "description", "seed", "trainer") + SECTION_KEYS + RUN_ONLY_KEYS
+TOP_LEVEL_KEYS = ("name", "description", "seed", "seeds", "select", "compare", "output_dir", "trainer", "runs")
+TOP_LEVEL_KEYS += SECTION_KEYS
+SELECT_METRICS = ("accuracy", "macro_f1", "loss", "perplexity")
 # peft config fields that the recipe sets elsewhere.
 ADAPTER_FORBIDDEN = {
     "peft_type": "set the adapter type with `type`, e.g. `type: LORA`",
@@ -107,6 +111,23 @@ class ModelSpec(SectionModel):
     )
     trust_remote_code: bool = Field(False, description="Passed to from_pretrained.")
     kwargs: dict[str, Any] = Field(default_factory=dict, description="Extra from_pretrained keyword arguments.")
+    head: Literal["class-descriptions"] | None = Field(
+        None,
+        description="`class-descriptions`: no new head; the encoder (`AutoModel`) classifies by the cosine similarity "
+        "of a text to each class's description (regtune.data.dual_encoder.DualEncoderClassifier). Default: the "
+        "task's head (AutoModelForSequenceClassification / AutoModelForCausalLM).",
+    )
+    prototypes: Literal["encoder", "frozen"] = Field(
+        "encoder",
+        description="With `head: class-descriptions`: class embeddings through the adapted encoder at every step "
+        "(`encoder`, with gradient) or computed once by the pretrained encoder without gradient (`frozen`).",
+    )
+    logit_scale: float = Field(20.0, gt=0, description="With `head: class-descriptions`: logits = scale * cosine.")
+    class_descriptions: dict[str, str] | None = Field(
+        None,
+        description="With `head: class-descriptions`: {label name: description}; default: the built-in task's "
+        "descriptions, else the label names.",
+    )
 
 
 class DataSpec(SectionModel):
@@ -185,6 +206,10 @@ class RunSpec:
     regularizers: list[RegularizerSpec]
     training: dict[str, Any]
     evaluation: EvaluationSpec
+    sweep: dict[str, list] = field(default_factory=dict)  # dotted key path -> values (chosen on validation)
+    variants: list[tuple[dict, RunSpec]] = field(default_factory=list, repr=False)  # one per sweep combination
+    match: str | None = None  # choose the variant whose validation metric is closest to this run's choice
+    values_from: str | None = None  # take this run's chosen values of its swept keys
 
     @property
     def method(self) -> str:
@@ -218,6 +243,38 @@ class RunSpec:
         return out
 
 
+class SelectSpec(SectionModel):
+    """The top-level `select:` section: how a run's `sweep` value is chosen, before the test seeds run."""
+
+    split: str = Field("validation", description="The split the sweep values are scored on (never a test split).")
+    metric: Literal["accuracy", "macro_f1", "loss", "perplexity"] = Field(
+        "accuracy", description="The metric to maximize (accuracy, macro_f1) or minimize (loss, perplexity)."
+    )
+    seeds: list[Annotated[int, Field(ge=0)]] = Field(
+        default_factory=lambda: [100],
+        min_length=1,
+        description="Seeds each sweep value is trained with (apart from the test `seeds`); scores are their means.",
+    )
+
+
+class RunSelectSpec(SectionModel):
+    """A run's `select:`: choose its value by another run's choice instead of by its best validation score."""
+
+    match: str | None = Field(
+        None, description="The run whose chosen validation score this run's value should come closest to."
+    )
+    values_from: str | None = Field(None, description="Use the values this run chose for its own swept keys.")
+
+
+class CompareSpec(SectionModel):
+    """The top-level `compare:` section: paired differences run - baseline over the common seeds."""
+
+    baseline: str | list[str] = Field(description="The baseline run(s); every other run is compared with each.")
+    metrics: list[str] = Field(
+        min_length=1, description="`split.metric` names, e.g. test_novel.accuracy (H.accuracy for base-to-novel)."
+    )
+
+
 @dataclass
 class Recipe:
     """A validated recipe: its runs, where they write, and the raw data (after overrides) it came from."""
@@ -228,6 +285,10 @@ class Recipe:
     runs: list[RunSpec]
     raw: dict
     source: str | None = None
+    seeds: list[int] | None = None  # every run once per seed (paired: same shots, initialization, data order)
+    selection: SelectSpec | None = None  # the `select:` section
+    compare: CompareSpec | None = None
+    all_runs: list[RunSpec] | None = None  # after `select`: every run (a selected run may take another's choice)
     kind = "runs"
 
     def select(self, names) -> Recipe:
@@ -239,7 +300,9 @@ class Recipe:
                 [("runs", f"no run named {n!r}.{suggest(n, known)} Runs: {', '.join(known)}") for n in unknown],
                 self.source,
             )
-        return dataclasses.replace(self, runs=[r for r in self.runs if r.name in set(names)])
+        return dataclasses.replace(
+            self, runs=[r for r in self.runs if r.name in set(names)], all_runs=self.all_runs or self.runs
+        )
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -350,6 +413,14 @@ def _validate_model(raw, errors: Errors) -> ModelSpec:
                 f"model.{key}",
                 f"no such local directory {value!r}, and not a Hub id (a Hub id is `name` or `owner/name`)",
             )
+    if spec.head is None:
+        for key in ("class_descriptions",):
+            if getattr(spec, key) is not None:
+                errors.add(f"model.{key}", "only with `head: class-descriptions`")
+        if "prototypes" in raw:
+            errors.add("model.prototypes", "only with `head: class-descriptions`")
+    elif spec.task == "causal-lm":
+        errors.add("model.head", "`class-descriptions` is a classification head (model.task: sequence-classification)")
     if spec.config is not None:
         if not isinstance(spec.config.get("model_type"), str):
             errors.add("model.config.model_type", "required: the transformers model type, e.g. bert, llama, gpt2")
@@ -384,7 +455,11 @@ def _validate_data(raw, errors: Errors) -> DataSpec:
         else:
             ranges = getattr(task, "option_ranges", {})
             what = f"task {task.name!r}"
+            n_errors = len(errors.items)
             spec.options = check_call_kwargs(task.build, spec.options, "data.options", errors, what, ranges)
+            if task.check_options is not None and len(errors.items) == n_errors:
+                for key, message in task.check_options(spec.options):
+                    errors.add(f"data.options.{key}", message)
         for key in ("path", "name", "data_files", "revision"):
             if getattr(spec, key) is not None:
                 errors.add(f"data.{key}", "only for `path` data sets, not with `builtin`")
@@ -393,7 +468,7 @@ def _validate_data(raw, errors: Errors) -> DataSpec:
     return spec
 
 
-def _validate_adapter(raw, task: str, errors: Errors) -> AdapterSpec | None:
+def _validate_adapter(raw, task: str, errors: Errors, own_head: bool = False) -> AdapterSpec | None:
     if raw is None:
         return None  # full fine-tuning
     if not isinstance(raw, dict):
@@ -424,7 +499,8 @@ def _validate_adapter(raw, task: str, errors: Errors) -> AdapterSpec | None:
         ranges=ADAPTER_RANGES,
         what=config_cls.__name__,
     )
-    if "task_type" in {f.name for f in dataclasses.fields(config_cls)} and kwargs.get("task_type") is None:
+    fields = {f.name for f in dataclasses.fields(config_cls)}
+    if "task_type" in fields and kwargs.get("task_type") is None and not own_head:  # no task head to train
         kwargs["task_type"] = {"sequence-classification": "SEQ_CLS", "causal-lm": "CAUSAL_LM"}[task]
     spec = AdapterSpec(type=canonical, kwargs=kwargs, config_cls=config_cls)
     if len(errors.items) == n_errors:  # the config's own __post_init__ checks (ranges, combinations)
@@ -527,7 +603,7 @@ def validate_run(raw: dict) -> RunSpec:
     if task is None:
         builtin = BUILTIN_TASKS.get(data.builtin) if data.builtin else None
         task = builtin.problem if builtin is not None else "sequence-classification"
-    adapter = _validate_adapter(raw.get("adapter"), task, errors)
+    adapter = _validate_adapter(raw.get("adapter"), task, errors, own_head=model.head is not None)
     regularizers = _validate_regularizers(raw.get("regularizers"), errors)
     if regularizers and trainer_cls is not None and not _takes_keyword(trainer_cls, "regularizers"):
         errors.add("regularizers", f"the trainer {trainer_name!r} takes no regularizers; use trainer: RegTrainer")
@@ -606,8 +682,9 @@ def validate_recipe(raw: Any, source: str | None = None, default_name: str | Non
     Validate recipe data (parsed YAML, overrides applied) into a [`Recipe`].
 
     Checks the top-level keys, then every run (the base sections with the run's overrides merged in, see
-    [`merge_run`]). An error inside a value that a run sets is reported under `runs[i]....`, one inside a base
-    section under its plain path, once. Raises [`RecipeError`] listing every problem.
+    [`merge_run`]), and every value of a run's `sweep`. An error inside a value that a run sets is reported under
+    `runs[i]....`, one inside a base section under its plain path, once. Raises [`RecipeError`] listing every
+    problem.
     """
     errors = Errors()
     if not isinstance(raw, dict):
@@ -622,6 +699,11 @@ def validate_recipe(raw: Any, source: str | None = None, default_name: str | Non
     _check_name(name, "name", errors, "the recipe name (set `name:`)")
     description = check_value(raw.get("description"), str | None, "description", errors)
     output_dir = check_value(raw.get("output_dir", f"runs/{name}"), str, "output_dir", errors)
+    seeds = check_value(raw.get("seeds"), list[Annotated[int, Field(ge=0)]] | None, "seeds", errors)
+    if isinstance(seeds, list) and (not seeds or len(set(seeds)) != len(seeds)):
+        errors.add("seeds", f"expected a non-empty list of distinct seeds, got {seeds!r}")
+    selection = check_model(raw["select"], SelectSpec, "select", errors) if "select" in raw else None
+    compare = check_model(raw["compare"], CompareSpec, "compare", errors) if "compare" in raw else None
     runs_raw = raw.get("runs")
     if runs_raw is None:
         runs_raw = [{}]
@@ -633,7 +715,7 @@ def validate_recipe(raw: Any, source: str | None = None, default_name: str | Non
             runs_raw = []
     errors.raise_if_any(source)
 
-    base = {k: v for k, v in raw.items() if k in RUN_KEYS and k != "name"}
+    base = {k: v for k, v in raw.items() if k in RUN_KEYS and k not in ("name",) + RUN_ONLY_KEYS}
     runs, seen = [], {}
     for i, run_raw in enumerate(runs_raw):
         prefix = "" if single else join_path("runs", i)
@@ -655,20 +737,127 @@ def validate_recipe(raw: Any, source: str | None = None, default_name: str | Non
         elif "name" not in run_raw:
             errors.add(join_path(prefix, "name"), "required: every run needs a name (its folder under output_dir)")
             continue
+        sweep_raw, select_raw = run_raw.get("sweep"), run_raw.get("select")
+        run_raw = {k: v for k, v in run_raw.items() if k not in RUN_ONLY_KEYS}
         merged = merge_run(base, run_raw)
-        try:
-            runs.append(validate_run(merged))
-        except RecipeError as e:
-            for path, message in e.errors:
-                from_run = not single and (path == "name" or _defined_in(run_raw, path))
-                full = join_path(prefix, path) if from_run else path
-                if (full, message) not in errors.items:
-                    errors.add(full, message)
+        spec = _validate_merged(merged, run_raw, prefix, single, errors)
+        if spec is not None:
+            _validate_sweep(spec, merged, sweep_raw, select_raw, join_path(prefix, "sweep"), errors)
+            if select_raw is not None:
+                rule = check_model(select_raw, RunSelectSpec, join_path(prefix, "select"), errors)
+                spec.match, spec.values_from = rule.match, rule.values_from
+            runs.append(spec)
         name_i = run_raw.get("name")
         if isinstance(name_i, str) and name_i in seen:  # (a name that is no string is reported above)
             errors.add(join_path(prefix, "name"), f"duplicate run name {name_i!r} (also runs[{seen[name_i]}])")
         if isinstance(name_i, str):
             seen.setdefault(name_i, i)
+    _check_protocol(runs, seeds, selection, compare, raw, errors)
     errors.raise_if_any(source)
     raw = {"name": name, **{k: v for k, v in raw.items() if k != "name"}}  # a name taken from the file name is kept
-    return Recipe(name=name, description=description, output_dir=output_dir, runs=runs, raw=raw, source=source)
+    if seeds is not None and selection is None and any(r.sweep for r in runs):
+        selection = SelectSpec()
+    return Recipe(
+        name=name,
+        description=description,
+        output_dir=output_dir,
+        runs=runs,
+        raw=raw,
+        source=source,
+        seeds=seeds,
+        selection=selection,
+        compare=compare,
+    )
+
+
+def _validate_merged(merged: dict, run_raw: dict, prefix: str, single: bool, errors: Errors) -> RunSpec | None:
+    """[`validate_run`] on a merged run; its errors go to `errors` under the run's or the base's key paths."""
+    try:
+        return validate_run(merged)
+    except RecipeError as e:
+        for path, message in e.errors:
+            from_run = not single and (path == "name" or _defined_in(run_raw, path))
+            full = join_path(prefix, path) if from_run else path
+            if (full, message) not in errors.items:
+                errors.add(full, message)
+    return None
+
+
+def set_path(data: dict, dotted: str, value) -> dict:
+    """A copy of `data` with the mapping key path `dotted` (`training.learning_rate`) set to `value`."""
+    out = copy.deepcopy(data)
+    node = out
+    parts = dotted.split(".")
+    for part in parts[:-1]:
+        if not isinstance(node.get(part), dict):
+            node[part] = {}
+        node = node[part]
+    node[parts[-1]] = value
+    return out
+
+
+def _validate_sweep(spec: RunSpec, merged: dict, sweep, select, path: str, errors: Errors) -> None:
+    """Check a run's `sweep` (`{key path: [values]}`) and build one validated variant per combination of values."""
+    if sweep is None:
+        return
+    if not isinstance(sweep, dict) or not sweep:
+        errors.add(path, f"expected a mapping {{key.path: [values]}} (e.g. training.learning_rate: [1e-4, 1e-3]), got {sweep!r}")
+        return
+    for key, values in sweep.items():
+        if not isinstance(key, str) or key.split(".")[0] not in SECTION_KEYS + ("seed", "trainer"):
+            errors.add(join_path(path, str(key)), f"a sweep key is a key path inside {', '.join(SECTION_KEYS)}")
+            return
+        if not isinstance(values, list) or not values:
+            errors.add(join_path(path, key), f"expected a non-empty list of values, got {values!r}")
+            return
+    keys = list(sweep)
+    for combo in itertools.product(*(sweep[k] for k in keys)):
+        values = dict(zip(keys, combo))
+        variant = merged
+        for key, value in values.items():
+            variant = set_path(variant, key, value)
+        try:
+            spec.variants.append((values, validate_run(variant)))
+        except RecipeError as e:
+            for p, message in e.errors:
+                errors.add(join_path(path, p), f"with {values}: {message}")
+    spec.sweep = dict(sweep)
+
+
+def _check_protocol(runs: list[RunSpec], seeds, selection, compare, raw: dict, errors: Errors) -> None:
+    """Checks across runs: `seeds` with the sections that need it, `select` rules and `compare` names."""
+    names = {r.name: r for r in runs}
+    needs_seeds = [k for k in ("select", "compare") if k in raw]
+    if any(r.sweep for r in runs):
+        needs_seeds.append("sweep")
+    if seeds is None and needs_seeds:
+        errors.add("seeds", f"required with {', '.join(needs_seeds)}: the seeds every run is trained with")
+    for i, run in enumerate(runs):
+        prefix = join_path("runs", i)
+        for key, target in (("match", run.match), ("values_from", run.values_from)):
+            if target is None:
+                continue
+            other = names.get(target)
+            if other is None or other is run:
+                errors.add(
+                    f"{prefix}.select.{key}",
+                    f"expected the name of another run.{suggest(target, names)} Runs: {', '.join(names)}",
+                )
+            elif not other.sweep or other.match or other.values_from:
+                errors.add(f"{prefix}.select.{key}", f"run {target!r} chooses no value of its own (it needs a sweep)")
+        if run.match and not run.sweep:
+            errors.add(f"{prefix}.select.match", "needs a `sweep` in this run: the values to choose from")
+        if run.values_from and run.sweep:
+            errors.add(f"{prefix}.sweep", "a run with `select.values_from` takes its values from that run: no sweep")
+        if run.match and run.values_from:
+            errors.add(f"{prefix}.select", "set one of `match` and `values_from`")
+    if compare is not None:
+        baselines = [compare.baseline] if isinstance(compare.baseline, str) else list(compare.baseline)
+        for b in baselines:
+            if b not in names:
+                errors.add("compare.baseline", f"no run named {b!r}.{suggest(b, names)} Runs: {', '.join(names)}")
+        if len(baselines) >= len(names):
+            errors.add("compare.baseline", "every run is a baseline: nothing to compare")
+        for j, metric in enumerate(compare.metrics):
+            if metric.count(".") < 1:
+                errors.add(join_path("compare.metrics", j), f"expected `split.metric` (test.accuracy), got {metric!r}")

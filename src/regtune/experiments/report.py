@@ -167,3 +167,159 @@ def _curve(result: dict, split: str, metric: str):
     key = f"eval_{split}_{metric}"
     points = [(h["step"], h[key]) for h in result.get("history", []) if key in h and "step" in h]
     return [p[0] for p in points], [p[1] for p in points]
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Recipes with `seeds:`: means with 95% t-intervals, paired differences, sweep tables
+
+
+def summarize_seeds(results: list[dict], compare=None) -> dict:
+    """
+    `{"runs": [...], "comparisons": [...]}` from the per-(run, seed) results: per run, the mean and 95% t-interval
+    over seeds of every metric and diagnostic ([`~regtune.experiments.stats.mean_ci`]); per `compare` pair, the
+    paired difference run - baseline of each metric over the seeds both have
+    ([`~regtune.experiments.stats.paired_difference`]).
+    """
+    from .stats import mean_ci, paired_difference
+
+    by_run: dict[str, list[dict]] = {}
+    for result in results:
+        by_run.setdefault(result["run"], []).append(result)
+    runs = []
+    for name, entries in by_run.items():
+        metrics: dict[str, dict] = {}
+        for entry in entries:
+            for split, values in entry.get("metrics", {}).items():
+                for metric, value in values.items():
+                    metrics.setdefault(split, {}).setdefault(metric, []).append(value)
+        diagnostics: dict[str, list] = {}
+        for entry in entries:
+            for key, value in entry.get("diagnostics", {}).items():
+                diagnostics.setdefault(key, []).append(value)
+        runs.append(
+            {
+                "run": name,
+                "method": entries[0]["method"],
+                "seeds": [e["seed"] for e in entries],
+                "trainable_params": entries[0]["trainable_params"],
+                "train_seconds": sum(e["train_seconds"] for e in entries) / len(entries),
+                "same_as": entries[0].get("same_as"),
+                "metrics": {s: {m: sum(v) / len(v) for m, v in ms.items()} for s, ms in metrics.items()},
+                "ci": {s: {m: mean_ci(v) for m, v in ms.items()} for s, ms in metrics.items()},
+                "diagnostics": {k: mean_ci(v) for k, v in diagnostics.items()},
+            }
+        )
+    comparisons = []
+    if compare is not None:
+        baselines = [compare.baseline] if isinstance(compare.baseline, str) else list(compare.baseline)
+        for baseline in baselines:
+            for name in by_run:
+                if name in baselines or baseline not in by_run:
+                    continue
+                pair = {"run": name, "baseline": baseline, "metrics": {}}
+                for metric in compare.metrics:
+                    split, _, key = metric.rpartition(".")
+                    values = {
+                        run: {e["seed"]: e["metrics"][split][key] for e in by_run[run] if key in e["metrics"].get(split, {})}
+                        for run in (name, baseline)
+                    }  # fmt: skip
+                    pair["metrics"][metric] = paired_difference(values[name], values[baseline])
+                comparisons.append(pair)
+    return {"runs": runs, "comparisons": comparisons}
+
+
+def _markdown(header: list[str], rows: list[list[str]]) -> list[str]:
+    return ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"] + [
+        "| " + " | ".join(row) + " |" for row in rows
+    ]
+
+
+def _values(values: dict) -> str:
+    return ", ".join(f"{k.rpartition('.')[2]}={v}" for k, v in values.items())
+
+
+def format_seeded_report(summary: dict, select=None) -> str:
+    """The markdown report of a recipe with `seeds:`: results with diagnostics, comparisons, sweeps."""
+    from .stats import format_ci
+
+    runs = summary["runs"]
+    columns: list[tuple[str, str]] = []
+    for run in runs:
+        for split, metrics in run["metrics"].items():
+            for metric in metrics:
+                if (metric != "loss" or len(metrics) == 1) and (split, metric) not in columns:
+                    columns.append((split, metric))
+    chosen = {name: _values(s["chosen"]) for name, s in summary.get("sweeps", {}).items() if s.get("chosen")}
+    header = ["run", "method", "chosen", "seeds"] + [f"{s} {m}" for s, m in columns] + ["diagnostics", "train s"]
+    rows = []
+    for run in runs:
+        cells = [run["run"], run["method"], chosen.get(run["run"], "-"), str(len(run["seeds"]))]
+        for split, metric in columns:
+            ci = run["ci"].get(split, {}).get(metric)
+            cells.append("-" if ci is None else format_ci(ci, ".3f"))
+        diags = [f"{k} {format_ci(v, '.4g')}" for k, v in sorted(run["diagnostics"].items())]
+        cells += ["<br>".join(diags) or "-", f"{run['train_seconds']:.0f}"]
+        rows.append(cells)
+    lines = ["Mean and 95% t-interval over the seeds; diagnostics: the mean over a run's logged steps, then over seeds.", ""]
+    lines += _markdown(header, rows)
+    if summary.get("comparisons"):
+        metrics = list(summary["comparisons"][0]["metrics"])
+        header = ["run", "baseline", "seeds"] + [f"Δ {m}" for m in metrics] + [f"wins / ties ({metrics[0]})"]
+        rows = []
+        for pair in summary["comparisons"]:
+            first = pair["metrics"][metrics[0]]
+            cells = [pair["run"], pair["baseline"], str(first["n"])]
+            cells += [format_ci(pair["metrics"][m]) for m in metrics]
+            rows.append(cells + [f"{first['wins']}/{first['n']}, {first['ties']}"])
+        lines += ["", "Paired difference run − baseline over the common seeds (same shots, initialization and data "
+                  "order), mean [95% t-interval]:", ""] + _markdown(header, rows)  # fmt: skip
+    sweeps = {n: s for n, s in summary.get("sweeps", {}).items() if s.get("rows")}
+    if sweeps:
+        what = f"{select.metric} on {select.split}" if select is not None else "the validation metric"
+        header = ["run", "values", f"mean {what}", "mean loss", "per seed", "chosen"]
+        rows = []
+        for name, sweep in sweeps.items():
+            for row in sweep["rows"]:
+                if "mean_metric" not in row:
+                    continue
+                mark = sweep["rule"] if row["values"] == sweep["chosen"] else ""
+                per_seed = ", ".join(f"{v:.3f}" for v in row["metric"])
+                rows.append([name, _values(row["values"]), f"{row['mean_metric']:.4f}", f"{row['mean_loss']:.4f}",
+                             per_seed, mark])  # fmt: skip
+        seeds = f" (seeds {select.seeds})" if select is not None else ""
+        lines += ["", f"Sweeps{seeds}: each value scored by {what}, no test data:", ""] + _markdown(header, rows)
+    return "\n".join(lines)
+
+
+def plot_comparisons(comparisons: list[dict], path: str, title: str | None = None) -> str | None:
+    """A PNG of the paired differences: every seed's difference (dots) and the mean with its 95% interval."""
+    if not comparisons:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    metrics = list(comparisons[0]["metrics"])
+    fig, ax = plt.subplots(figsize=(max(5.0, 1.2 * len(comparisons) * len(metrics)), 4.2))
+    step = len(metrics) + 1
+    for i, pair in enumerate(comparisons):
+        for j, metric in enumerate(metrics):
+            diff = pair["metrics"][metric]
+            x = i * step + j
+            ax.scatter([x] * len(diff["diffs"]), diff["diffs"], s=12, alpha=0.5, color=f"C{j}")
+            if diff["n"] >= 2:
+                err = [[diff["mean"] - diff["lo"]], [diff["hi"] - diff["mean"]]]
+                ax.errorbar([x + 0.25], [diff["mean"]], yerr=err, fmt="o", color=f"C{j}", capsize=3,
+                            label=f"Δ {metric}" if i == 0 else None)  # fmt: skip
+    ax.axhline(0, color="k", lw=0.8)
+    ax.set_xticks([i * step + (len(metrics) - 1) / 2 for i in range(len(comparisons))],
+                  [f"{p['run']}\n− {p['baseline']}" for p in comparisons], fontsize=8)  # fmt: skip
+    ax.set_ylabel("paired difference")
+    ax.set_title((title + ": " if title else "") + "per seed, mean and 95% t-interval")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path

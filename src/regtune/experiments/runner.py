@@ -20,10 +20,15 @@ Under `accelerate launch` every process runs this; only the main process writes 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import gc
+import hashlib
+import inspect
+import json
 import math
 import os
 import shutil
+import statistics
 import time
 from collections.abc import Callable
 
@@ -39,7 +44,7 @@ from .build import (
     tokenize_data,
 )
 from .errors import RecipeError
-from .finetune import Recipe, RunSpec, resolve_trainer
+from .finetune import EvaluationSpec, Recipe, RunSpec, resolve_trainer, set_path, validate_run
 from .io import (
     barrier,
     changed_fields,
@@ -51,7 +56,15 @@ from .io import (
     read_json,
     write_atomic,
 )
-from .report import ExperimentResult, format_table, plot_results, write_results
+from .report import (
+    ExperimentResult,
+    format_seeded_report,
+    format_table,
+    plot_comparisons,
+    plot_results,
+    summarize_seeds,
+    write_results,
+)
 
 
 def _model_dir_name(run: RunSpec) -> str:
@@ -86,7 +99,9 @@ def run_one(run: RunSpec, run_dir: str, cache: dict | None = None) -> dict:
     with _as_recipe_error(
         "model.name_or_path" if run.model.name_or_path else "model.config", run, run.model.name_or_path
     ):
-        model = load_model(run.model, run.task, data.label_names, tokenizer)
+        model = load_model(
+            run.model, run.task, data.label_names, tokenizer, data.class_descriptions, run.data.max_length
+        )
     with _as_recipe_error("adapter", run, fields=run.adapter.kwargs if run.adapter else None):
         model = apply_adapter(model, run)
     trainable, total = count_parameters(model)
@@ -121,9 +136,12 @@ def run_one(run: RunSpec, run_dir: str, cache: dict | None = None) -> dict:
         if run.task == "causal-lm" and "loss" in split_metrics:
             split_metrics["perplexity"] = math.exp(min(split_metrics["loss"], 50.0))
         metrics[name] = split_metrics
+    if data.summarize is not None:  # derived metrics (e.g. H, the harmonic mean of base and novel accuracy)
+        metrics.update(data.summarize({data.eval_splits[name]: m for name, m in metrics.items()}))
 
     result = {
         "run": run.name,
+        "seed": run.seed,
         "method": run.method,
         "adapter_type": run.adapter.type if run.adapter is not None else None,
         "task": run.task,
@@ -135,6 +153,7 @@ def run_one(run: RunSpec, run_dir: str, cache: dict | None = None) -> dict:
         "train_loss": train_output.metrics.get("train_loss"),
         "global_step": trainer.state.global_step,
         "metrics": metrics,
+        "diagnostics": logged_diagnostics(trainer.state.log_history),
         "regtune_version": regtune.__version__,
         "history": [dict(h) for h in trainer.state.log_history],
     }
@@ -144,6 +163,21 @@ def run_one(run: RunSpec, run_dir: str, cache: dict | None = None) -> dict:
     del trainer, model
     gc.collect()
     return result
+
+
+def logged_diagnostics(history: list[dict]) -> dict[str, float]:
+    """
+    The mean over the logged training steps of every mechanism diagnostic the trainer logged (the keys
+    `<regularizer>/<name>` that regtune's trainers add to the training logs, e.g. `glad/cos_g_gsam`).
+    """
+    values: dict[str, list[float]] = {}
+    for entry in history:
+        if "loss" not in entry:
+            continue
+        for key, value in entry.items():
+            if "/" in key and isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+                values.setdefault(key, []).append(float(value))
+    return {key: sum(v) / len(v) for key, v in values.items()}
 
 
 @contextlib.contextmanager
@@ -231,6 +265,8 @@ def run_recipe(
     earlier invocation are included in the comparison, so one run can be re-done alone. With `report_only`,
     nothing is trained: the comparison is rewritten from the results on disk.
     """
+    if recipe.seeds is not None:
+        return run_seeded(recipe, log=log, overwrite=overwrite, report_only=report_only)
     output_dir = recipe.output_dir
     states = {run.name: "report" for run in recipe.runs} if report_only else check_resumable(recipe, overwrite)
     main = is_main_process()
@@ -280,3 +316,191 @@ def _run_names_in_order(recipe: Recipe) -> list[str]:
     if isinstance(runs, list):
         return [r["name"] for r in runs if isinstance(r, dict) and isinstance(r.get("name"), str)]
     return [r.name for r in recipe.runs]
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Paired seeds, sweeps chosen on a validation split, paired comparisons
+
+
+def with_seed(run: RunSpec, seed: int, evaluation: EvaluationSpec | None = None) -> RunSpec:
+    """
+    `run` at `seed`: the model's seed (new heads, adapter initialization), `training.seed` (data order, dropout) and,
+    for a built-in task that takes one, its `seed` option (the few-shot sample); optionally other `evaluation`.
+    """
+    from regtune.data import get_task
+
+    data = run.data
+    if data.builtin is not None and "seed" in inspect.signature(get_task(data.builtin).build).parameters:
+        data = data.model_copy(update={"options": {**data.options, "seed": seed}})
+    return dataclasses.replace(
+        run, seed=seed, data=data, training={**run.training, "seed": seed}, evaluation=evaluation or run.evaluation,
+        sweep={}, variants=[], match=None, values_from=None,
+    )  # fmt: skip
+
+
+def settings_key(run: RunSpec) -> str:
+    """A short hash of a run's settings (its name and description left out): equal settings, equal key."""
+    settings = {k: v for k, v in _settings(run.to_dict()).items() if k != "name"}
+    return hashlib.sha1(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
+def _train_or_read(spec: RunSpec, run_dir: str, cache: dict, overwrite: bool, train: bool, log, label: str):
+    """The results of `spec` in `run_dir`: read when finished with the same settings, else trained (resumed)."""
+    stored_path = os.path.join(run_dir, "recipe.yaml")
+    metrics_path = os.path.join(run_dir, "metrics.json")
+    if os.path.isfile(stored_path):
+        with open(stored_path, encoding="utf-8") as f:
+            stored = {k: v for k, v in _settings(load_yaml(f.read()) or {}).items() if k != "name"}
+        changed = changed_fields(stored, {k: v for k, v in _settings(spec.to_dict()).items() if k != "name"})
+        if changed and not overwrite:
+            shown = "; ".join(changed[:8])
+            raise RecipeError(
+                [(f"runs.{spec.name}", f"{run_dir} holds this run with other settings ({shown}). Pass --overwrite "
+                  "to train it again, or use another output_dir.")]
+            )  # fmt: skip
+        if changed:
+            shutil.rmtree(run_dir)
+        elif os.path.isfile(metrics_path):
+            return read_json(metrics_path), False
+    if not train:
+        return None, False
+    if is_main_process():
+        log(f"[regtune] {label}")
+        write_atomic(stored_path, dump_yaml(spec.to_dict()))
+    barrier()
+    return run_one(spec, run_dir, cache), True
+
+
+def _score(result: dict, split: str, metric: str) -> tuple[float, float]:
+    values = result["metrics"].get(split, {})
+    return values.get(metric, float("nan")), values.get("loss", float("nan"))
+
+
+def run_seeded(recipe: Recipe, log=print, overwrite: bool = False, report_only: bool = False) -> ExperimentResult:
+    """
+    Run a recipe with `seeds:`. First, each run with a `sweep` trains every value on the `select.seeds` and scores
+    it on `select.split` (mean over those seeds; the best metric wins, ties to the lower loss; `select.match` /
+    `select.values_from` take another run's choice into account). Then every run, at its chosen values, trains once
+    per test seed, seed-major, in `<output_dir>/<run>/seed-<seed>/`. Finally the results (per-run means with 95%
+    t-intervals, the sweep tables, the paired comparisons and the diagnostics) are written to `output_dir`.
+
+    Resumable: sweep trials live in `<output_dir>/select/<settings hash>/` (runs with equal settings share them) and
+    a finished (run, seed) is read back, not trained; a (run, seed) folder holding other settings is refused unless
+    `overwrite`. Two runs that resolve to the same settings train once per seed (the second is a copy).
+    """
+    output_dir = recipe.output_dir
+    main = is_main_process()
+    train = not report_only
+    if main and train:
+        write_atomic(os.path.join(output_dir, "recipe.yaml"), dump_yaml(recipe.raw))
+    by_name = {r.name: r for r in recipe.all_runs or recipe.runs}
+    wanted = set(by_name) if report_only else {r.name for r in recipe.runs}
+    for run in list(recipe.runs):  # the runs whose choice a selected run takes
+        wanted |= {n for n in (run.match, run.values_from) if n}
+    select = recipe.selection
+    cache: dict = {}
+    ran, skipped = [], []
+
+    # 1. the sweeps, on the selection seeds and the validation split
+    sweeps: dict[str, dict] = {}
+    chosen: dict[str, RunSpec] = {}
+    order = sorted((r for r in by_name.values() if r.name in wanted), key=lambda r: bool(r.match or r.values_from))
+    for run in order:
+        if run.values_from:
+            values = sweeps.get(run.values_from, {}).get("chosen")
+            if values is not None:
+                raw = run.to_dict()
+                for key, value in values.items():
+                    raw = set_path(raw, key, value)
+                chosen[run.name] = validate_run(raw)
+                sweeps[run.name] = {"rule": f"values_from {run.values_from}", "chosen": values, "rows": []}
+            continue
+        if not run.variants:
+            chosen[run.name] = run
+            continue
+        evaluation = EvaluationSpec(
+            splits=[select.split],
+            metrics=[select.metric] if select.metric in ("accuracy", "macro_f1") else run.evaluation.metrics,
+        )
+        rows = []
+        for values, variant in run.variants:
+            row = {"values": values, "seeds": [], "metric": [], "loss": []}
+            for seed in select.seeds:
+                spec = with_seed(variant, seed, evaluation)
+                trial_dir = os.path.join(output_dir, "select", settings_key(spec))
+                label = f"select {run.name} {values} seed {seed}"
+                result, trained = _train_or_read(spec, trial_dir, cache, overwrite, train, log, label)
+                if result is None:
+                    continue
+                metric, loss = _score(result, select.split, select.metric)
+                row["seeds"].append(seed)
+                row["metric"].append(metric)
+                row["loss"].append(loss)
+            if row["seeds"]:
+                row["mean_metric"] = statistics.fmean(row["metric"])
+                row["mean_loss"] = statistics.fmean(row["loss"])
+            rows.append(row)
+        scored = [i for i, row in enumerate(rows) if "mean_metric" in row]
+        if not scored:
+            continue
+        sign = 1.0 if select.metric in ("accuracy", "macro_f1") else -1.0
+        rule = "best"
+        if run.match and "target" in sweeps.get(run.match, {}):
+            target = sweeps[run.match]["target"]
+            best = min(scored, key=lambda i: (abs(rows[i]["mean_metric"] - target), rows[i]["mean_loss"]))
+            rule = f"match {run.match} ({select.metric} {target:.4f})"
+        else:
+            best = max(scored, key=lambda i: (round(sign * rows[i]["mean_metric"], 6), -rows[i]["mean_loss"]))
+        sweeps[run.name] = {
+            "rule": rule,
+            "chosen": rows[best]["values"],
+            "target": rows[best]["mean_metric"],
+            "rows": rows,
+        }
+        chosen[run.name] = run.variants[best][1]
+        if main:
+            log(f"[regtune] {run.name}: chose {rows[best]['values']} ({rule})")
+
+    # 2. every selected run, at its chosen values, once per test seed (seed-major: a cut-short run keeps its pairs)
+    names = [r.name for r in recipe.runs if r.name in chosen]
+    for seed in recipe.seeds:
+        done: dict[str, tuple[str, dict]] = {}
+        for name in names:
+            spec = with_seed(chosen[name], seed)
+            run_dir = os.path.join(output_dir, name, f"seed-{seed}")
+            key = settings_key(spec)
+            if key in done and train and not os.path.isfile(os.path.join(run_dir, "metrics.json")):
+                same, result = done[key]  # the same settings as another run: one training, two names
+                if main:
+                    write_atomic(os.path.join(run_dir, "recipe.yaml"), dump_yaml(spec.to_dict()))
+                    write_atomic(os.path.join(run_dir, "metrics.json"), {**result, "run": name, "same_as": same})
+                continue
+            label = f"run {name} ({spec.method}) seed {seed}"
+            result, trained = _train_or_read(spec, run_dir, cache, overwrite, train, log, label)
+            if result is not None:
+                done.setdefault(key, (name, result))
+                (ran if trained else skipped).append(f"{name}/seed-{seed}")
+
+    # 3. the report, from the files on disk (runs not selected now keep their results)
+    results = []
+    for name in _run_names_in_order(recipe):
+        for seed in recipe.seeds:
+            path = os.path.join(output_dir, name, f"seed-{seed}", "metrics.json")
+            if os.path.isfile(path):
+                results.append(read_json(path))
+    summary = summarize_seeds(results, recipe.compare)
+    summary["sweeps"] = sweeps
+    table = format_seeded_report(summary, recipe.selection)
+    files = {}
+    if main:
+        version = results[0]["regtune_version"] if results else None
+        plots = {
+            "results": lambda path: plot_results(summary["runs"], path, title=recipe.name),
+            "comparison": lambda path: plot_comparisons(summary["comparisons"], path, title=recipe.name),
+        }
+        extra = {"seeds": recipe.seeds, "select": recipe.selection.model_dump() if recipe.selection else None}
+        files = write_results(
+            output_dir, recipe.name, results, table, plots, regtune_version=version, **extra, **summary
+        )
+        files["recipe"] = os.path.join(output_dir, "recipe.yaml")
+    return ExperimentResult(output_dir, results, table, files, ran, skipped)
