@@ -8,7 +8,7 @@
   descriptions. During training the class embeddings are recomputed by every forward pass (with gradient: the
   descriptions are a second, tiny batch through the same encoder); at evaluation they are computed once per
   evaluation with the adapted model.
-* Data (/work/shared/data, read by `bench.data`): TREC coarse labels (train_5500 pool, TREC_10 test), AG News
+* Data (../shared/data, read by `regtune.data.fewshot_text`, the recipes' `base-to-novel` task): TREC coarse labels (train_5500 pool, TREC_10 test), AG News
   (test.csv only: a fixed train pool of 100 examples per class is carved out with a fixed seed, the rest is the test
   set), SST-2 (train.tsv pool, dev.tsv test; 2 classes, so it has no base/novel split and is used for the zero-shot
   sanity check only).
@@ -62,7 +62,6 @@ import os
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import argparse  # noqa: E402
-import random  # noqa: E402
 import statistics  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
@@ -74,57 +73,26 @@ from typing import Any  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from transformers import AutoModel, AutoTokenizer, PrinterCallback, TrainerCallback, TrainingArguments  # noqa: E402
-from transformers.modeling_outputs import SequenceClassifierOutput  # noqa: E402
 
 import regtune  # noqa: E402
 from bench._common import OUT_DIR, machine_description, minilm_dir, quiet_transformers  # noqa: E402
-from bench.data import (  # noqa: E402
-    AG_NEWS_LABELS,
-    DATA_DIR,
-    SST2_LABELS,
-    TREC_LABELS,
-    data_path,
-    per_class_sample,
-    read_ag_news,
-    read_sst2,
-    read_trec,
-)
+from bench.data import DATA_DIR  # noqa: E402
 from bench.results import fmt_mean_std, write_results  # noqa: E402
+from regtune.data import fewshot_text  # noqa: E402
+from regtune.data.dual_encoder import DEFAULT_SCALE as SCALE  # noqa: E402
+from regtune.data.dual_encoder import DualEncoderClassifier, cosine_logits, mean_pool  # noqa: E402, F401
+from regtune.data.fewshot_text import AG_NEWS_POOL_PER_CLASS, DESCRIPTIONS, POOL_SEED, harmonic_mean  # noqa: E402
 
 
-SCALE = 20.0
 MAX_LEN = 64
-AG_NEWS_POOL_PER_CLASS = 100  # carved once from ag_news/test.csv with POOL_SEED; the rest is the test set
-POOL_SEED = 0
 DEFAULT_MAX_TEST_PER_CLASS = {"ag_news": 200}  # fixed subsample of the test set (CPU budget); 0 or None: all
 
-# Canonical label order (TREC: the coarse-label order of the HF `trec` dataset; AG News: classes.txt order).
-LABELS = {"trec": TREC_LABELS, "ag_news": AG_NEWS_LABELS, "sst2": SST2_LABELS}
-DESCRIPTIONS = {
-    "trec": {
-        "ABBR": "a question asking for an abbreviation",
-        "ENTY": "a question asking for an entity",
-        "DESC": "a question asking for a description",
-        "HUM": "a question asking for a person",
-        "LOC": "a question asking for a location",
-        "NUM": "a question asking for a number",
-    },
-    "ag_news": {
-        "World": "a news article about world politics",
-        "Sports": "a news article about sports",
-        "Business": "a news article about business",
-        "Sci/Tech": "a news article about science and technology",
-    },
-    "sst2": {
-        "negative": "a movie review with negative sentiment",
-        "positive": "a movie review with positive sentiment",
-    },
-}
-# Base = first half of the canonical order, novel = second half (CoOp's convention). None: no base/novel split.
+# The data sets, their label orders, class descriptions and readers are regtune's (`regtune.data.fewshot_text`, the
+# `base-to-novel` / `few-shot` built-in tasks of recipes). Base = first half of the label order, novel = the rest.
+LABELS = {name: fewshot_text.LABELS[name] for name in ("trec", "ag_news", "sst2")}
 SPLITS = {
-    "trec": (["ABBR", "ENTY", "DESC"], ["HUM", "LOC", "NUM"]),
-    "ag_news": (["World", "Sports"], ["Business", "Sci/Tech"]),
-    "sst2": None,
+    name: (labels[: len(labels) // 2], labels[len(labels) // 2 :]) if len(labels) > 2 else None
+    for name, labels in LABELS.items()
 }
 DATASETS = tuple(LABELS)
 warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)  # peft + tf 5
@@ -155,41 +123,25 @@ def load_dataset(name: str, max_test_per_class: int | None = None, data_dir: str
     """Load one dataset; `max_test_per_class` keeps a fixed (POOL_SEED) subsample of each class's test examples."""
     if name not in LABELS:
         raise ValueError(f"unknown dataset {name!r}; choose from {DATASETS}")
-    labels = LABELS[name]
-    if name == "trec":
-        pool = read_trec(data_path("trec", "train_5500.label", data_dir=data_dir), labels)
-        test = read_trec(data_path("trec", "TREC_10.label", data_dir=data_dir), labels)
-        note = "TREC_10.label"
-    elif name == "sst2":
-        pool = read_sst2(data_path("sst2", "train.tsv", data_dir=data_dir))
-        test = read_sst2(data_path("sst2", "dev.tsv", data_dir=data_dir))
-        note = "dev.tsv"
-    else:  # ag_news
-        rows = read_ag_news(data_path("ag_news", "test.csv", data_dir=data_dir), joiner=". ")
-        pool_ids = set(per_class_sample(rows, len(labels), AG_NEWS_POOL_PER_CLASS, POOL_SEED))
-        pool = [rows[i] for i in sorted(pool_ids)]
-        test = [row for i, row in enumerate(rows) if i not in pool_ids]
-        note = f"test.csv minus a {AG_NEWS_POOL_PER_CLASS}/class train pool"
+    pool, test = fewshot_text.load_pool_and_test(name, data_dir, max_test_per_class)
+    note = {
+        "trec": "TREC_10.label",
+        "sst2": "dev.tsv",
+        "ag_news": f"test.csv minus a {AG_NEWS_POOL_PER_CLASS}/class train pool (seed {POOL_SEED})",
+    }[name]
     if max_test_per_class:
-        test = [test[i] for i in per_class_sample(test, len(labels), max_test_per_class, POOL_SEED)]
         note += f", fixed subsample of <= {max_test_per_class}/class"
-    return TextDataset(name, labels, pool, test, note)
+    return TextDataset(name, LABELS[name], pool, test, note)
 
 
 def sample_kshot(ds: TextDataset, classes: Sequence[int], k: int, seed: int, n_val: int = 0):
-    """k training (and n_val validation) examples per class from the pool, disjoint, seeded.
+    """k training (and n_val validation) examples per class from the pool, disjoint, seeded
+    ([`regtune.data.fewshot_text.sample_shots`]: the shots do not depend on n_val).
 
     Labels are remapped to positions in `classes` (the classifier only knows those classes)."""
-    rng = random.Random(seed)
-    train, val = [], []
-    for j, c in enumerate(classes):
-        ids = [i for i, (_, y) in enumerate(ds.pool) if y == c]
-        if len(ids) < k + n_val:
-            raise ValueError(f"{ds.name}: class {ds.labels[c]} has {len(ids)} pool examples < k + n_val")
-        ids = rng.sample(ids, k + n_val)
-        train += [(ds.pool[i][0], j) for i in ids[:k]]
-        val += [(ds.pool[i][0], j) for i in ids[k:]]
-    return train, val
+    train, val = fewshot_text.sample_shots(ds.pool, classes, k, seed, n_val)
+    position = {c: j for j, c in enumerate(classes)}
+    return [(t, position[y]) for t, y in train], [(t, position[y]) for t, y in val]
 
 
 # -------------------------------------------------------------------------------------------------------- model
@@ -211,51 +163,6 @@ def load_encoder() -> torch.nn.Module:
 
 def tokenize(texts: Sequence[str], max_len: int = MAX_LEN) -> dict:
     return dict(tokenizer()(list(texts), padding=True, truncation=True, max_length=max_len, return_tensors="pt"))
-
-
-def mean_pool(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    """Mean over the non-padding tokens, L2-normalized."""
-    mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
-    return F.normalize((hidden * mask).sum(1) / mask.sum(1).clamp_min(1e-9), dim=-1)
-
-
-def cosine_logits(text_emb: torch.Tensor, class_emb: torch.Tensor, scale: float = SCALE) -> torch.Tensor:
-    return scale * text_emb @ class_emb.T
-
-
-class DualEncoderClassifier(torch.nn.Module):
-    """
-    The encoder as a classifier over a fixed set of class descriptions: `forward(input_ids, attention_mask, labels)`
-    embeds the batch and the descriptions (with gradient) and returns `SequenceClassifierOutput(loss, logits)`, with
-    logits = `scale` * cosine(text, class) and the cross-entropy loss. That is the output every `transformers`
-    trainer and regtune regularizer expects, so peft adapters (LoRA, mask tuning) wrap it like any model.
-
-    Args:
-        encoder (`torch.nn.Module`): a `BertModel` (its `last_hidden_state` is mean-pooled).
-        descriptions (`dict`): the tokenized class descriptions (`input_ids`, `attention_mask`); kept as
-            non-persistent buffers.
-        scale (`float`, defaults to `SCALE`): the fixed logit scale.
-    """
-
-    def __init__(self, encoder: torch.nn.Module, descriptions: dict, scale: float = SCALE):
-        super().__init__()
-        self.encoder = encoder
-        self.config = encoder.config  # trainers read it (e.g. for the model's dtype and name)
-        self.scale = scale
-        self.register_buffer("class_input_ids", descriptions["input_ids"], persistent=False)
-        self.register_buffer("class_attention_mask", descriptions["attention_mask"], persistent=False)
-
-    def embed(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        hidden = self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-        return mean_pool(hidden, attention_mask)
-
-    def forward(self, input_ids, attention_mask, labels=None) -> SequenceClassifierOutput:
-        logits = cosine_logits(
-            self.embed(input_ids, attention_mask), self.embed(self.class_input_ids, self.class_attention_mask),
-            self.scale,
-        )  # fmt: skip
-        loss = F.cross_entropy(logits, labels) if labels is not None else None
-        return SequenceClassifierOutput(loss=loss, logits=logits)
 
 
 def classifier(model: torch.nn.Module) -> DualEncoderClassifier:
@@ -287,10 +194,6 @@ def _acc(text_emb, class_emb, labels, classes: Sequence[int]) -> tuple[float, in
     target = torch.tensor([list(classes).index(y) for y in labels if y in classes])
     pred = (text_emb[sel] @ class_emb[list(classes)].T).argmax(1)
     return (pred == target).float().mean().item(), int(sel.sum())
-
-
-def harmonic_mean(a: float, b: float) -> float:
-    return 2 * a * b / (a + b) if a + b > 0 else 0.0
 
 
 def evaluate(model: torch.nn.Module, ds: TextDataset, max_len: int = MAX_LEN) -> dict:
