@@ -6,7 +6,8 @@ from typing import Any
 
 import torch
 
-from regtune.functional.glad import glad_diagnostics_, glad_perturb_, glad_restore_
+from regtune._sharding import foreach_copy_
+from regtune.functional.glad import glad_combine_, glad_save_and_perturb_, low_precision
 from regtune.tuners.glad.settings import GLADSettings, bool_error, raise_field_errors
 
 from .base import Regularizer
@@ -55,12 +56,14 @@ class GLADRegularizer(Regularizer):
       all micro-batches are run again (forward + backward) to get `g_sam`, the parameters are restored exactly (a
       copy, not `theta + eps - eps`) and the combined gradient is left in `.grad` for the optimizer step.
     - **DDP**: the last micro-batch's backward is all-reduced, so `g` (and `eps`) is the global batch's gradient and
-      identical on every rank; the second pass accumulates on top of the (rescaled, rank-identical) `g` and is
-      all-reduced the same way (`no_sync` on all but its last micro-batch), so `g_sam` is global too. Each process
-      keeps only its own micro-batches.
-    - **Memory**: one copy of the trainable parameters during the step, no extra copy of the gradients (the second
-      backward accumulates into the rescaled gradient buffers; see [`regtune.functional.glad`]). Nothing is kept
-      between steps but the diagnostics' two scalars.
+      identical on every rank; the second pass accumulates `g_sam` into fresh gradient buffers and is all-reduced
+      the same way (`no_sync` on all but its last micro-batch), so `g_sam` is global too. Each process keeps only
+      its own micro-batches.
+    - **Memory**: one copy of the trainable parameters during the step (`theta`, for the exact restore), no copy of
+      the gradients: the gradient buffers of the first pass hold `eps` while the parameters are perturbed and are
+      then dropped, the second backward fills fresh ones (as a plain backward does), and `g` is recovered from the
+      perturbed parameters, `(theta + eps - theta) / scale` (see [`regtune.functional.glad`]; parameters below
+      float32 keep their `g` instead). Nothing is kept between steps but the diagnostics' two scalars.
     - **Diagnostics** (`log_diagnostics=True`): `glad/cos_g_gsam` = cos(g, g_sam) and `glad/rel_diff` =
       ||g_sam - g|| / ||g||, averaged over the optimizer steps since the last log, as Trainer metrics. They are
       accumulated as device tensors (no host synchronisation inside steps).
@@ -152,7 +155,14 @@ class GLADRegularizer(Regularizer):
 
         params = [p for p in model.parameters() if p.requires_grad and p.grad is not None]
         grads = [p.grad for p in params]
-        saved, grad_norm, scale = glad_perturb_(params, grads, settings.rho, settings.glad_lambda)
+        keep = [low_precision(p) for p in params]
+        saved, grad_norm, scale = glad_save_and_perturb_(params, grads, settings.rho, keep=keep)
+        # g is recovered from the perturbed parameters after the second pass (kept only below float32): the
+        # buffers are dropped, so that the second backward fills fresh ones, as a plain backward does
+        kept = [g if k else None for g, k in zip(grads, keep)]
+        del grads
+        for p in params:
+            p.grad = None
         after_first_pass = _capture_rng(device) if settings.share_dropout_masks else None
         try:
             for index, (batch, items, batch_rng) in enumerate(window):
@@ -162,21 +172,28 @@ class GLADRegularizer(Regularizer):
                 with trainer.accelerator.no_sync(model) if not last else torch.enable_grad():
                     self._loss_and_backward(trainer, model, batch, items)
         except BaseException:
-            glad_restore_(params, saved, [], settings.glad_lambda)  # never leave the weights perturbed
+            foreach_copy_(params, saved)  # never leave the weights perturbed
             raise
         finally:
             if after_first_pass is not None:
                 _restore_rng(after_first_pass)
-        # the second backward accumulated g_sam into the same tensors (unless a hook replaced them)
-        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-        if self.log_diagnostics:
-            values = torch.stack(glad_diagnostics_(params, saved, grads, grad_norm, scale, settings.glad_lambda))
+        for p in params:
+            if p.grad is None:  # no gradient at the perturbed point
+                p.grad = torch.zeros_like(p)
+        sam_grads = [p.grad for p in params]
+        values = glad_combine_(
+            params,
+            saved,
+            sam_grads,
+            scale,
+            settings.glad_lambda,
+            kept_grads=kept,
+            grad_norm=grad_norm if self.log_diagnostics else None,
+        )
+        if values is not None:
+            values = torch.stack(values)
             self._diag_sum = values if self._diag_sum is None else self._diag_sum + values
             self._diag_steps += 1
-        glad_restore_(params, saved, grads, settings.glad_lambda)
-        for p, g in zip(params, grads):
-            if p.grad is not g:
-                p.grad = g
         return loss
 
     def diagnostics(self) -> dict[str, torch.Tensor]:
