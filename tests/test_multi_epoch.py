@@ -148,6 +148,71 @@ def test_shipped_recipes_are_valid(name):
     assert len(study.repetitions) >= 4 and {"none", "constant", "late", "ramp"} <= set(study.dropout)
 
 
+def test_evidence_recipe_trains_every_size_on_at_least_20_tokens_per_parameter():
+    import string
+
+    from regtune.data.char_tokenizer import build_char_tokenizer
+    from regtune.experiments.token_budget import build_model
+
+    study = load_study_recipe(os.path.join(REPO, "recipes", "evidence", "multi_epoch.yaml"))
+    assert len(study.models) == 3 and len(study.run_seeds) >= 3 and min(study.repetitions) == 1
+    assert list(study.dropout)[0] == "none" and len(study.dropout) == 4
+    # a superset of Tiny Shakespeare's 65 characters, so at least as many parameters as the real models
+    tokenizer = build_char_tokenizer(string.ascii_letters + string.punctuation + " \n3")
+    for name in study.models:
+        lm = build_model(study, name, len(tokenizer), tokenizer, seed=0)
+        assert study.budget_tokens / sum(p.numel() for p in lm.parameters()) >= 20, name
+
+
+def test_recipe_seeds(tmp_path):
+    assert load_study_recipe(_recipe(tmp_path, seeds=[2, 5])).run_seeds == [2, 5]
+    assert load_study_recipe(_recipe(tmp_path, seed=3)).run_seeds == [3]
+    with pytest.raises(RecipeError, match="seeds: must be a list of distinct integers >= 0"):
+        load_study_recipe(_recipe(tmp_path, seeds=[1, 1]))
+    with pytest.raises(RecipeError, match="give `seed` .* or `seeds` .*, not both"):
+        load_study_recipe(_recipe(tmp_path, seed=1, seeds=[0, 1]))
+
+
+# ---- the report ----
+
+
+def _result(rep: int, dropout: str, seed: int, heldout: float, train: float) -> dict:
+    p = 0.0 if dropout == "none" else 0.1
+    return {
+        **{"model": "m", "n_params": 1000, "repetitions": rep, "unique_tokens": 4096 // rep, "train_tokens": 4096},
+        **{"dropout": dropout, "seed": seed, "heldout_loss": heldout, "train_loss_eval": train, "train_seconds": 1.0},
+        **{"mean_dropout": {"hidden": p}, "phase_dropout": {"hidden": [0.0, p, p, p]}, "curves": {}},
+    }
+
+
+def test_report_pairs_runs_by_seed():
+    from scipy import stats
+
+    from regtune.experiments.token_budget_report import markdown_table, summarize
+
+    losses = {  # (repetitions, dropout): held-out loss per seed; seed 2 of (4, none) is missing
+        (1, "none"): [2.0, 2.1, 2.3],
+        (1, "p0.1"): [2.1, 2.15, 2.4],
+        (4, "none"): [2.5, 2.6],
+        (4, "p0.1"): [2.2, 2.4, 2.3],
+    }
+    results = [_result(r, d, s, v, v - 0.2 * r) for (r, d), vs in losses.items() for s, v in enumerate(vs)]
+    cells = {(c["repetitions"], c["dropout"]): c for c in summarize(results)}
+    assert len(cells) == 4 and cells[(1, "none")]["vs_reference"] is None and cells[(1, "p0.1")]["degradation"] is None
+    held = cells[(1, "p0.1")]["heldout"]
+    half = stats.t.ppf(0.975, 2) * stats.tstd([2.1, 2.15, 2.4]) / 3**0.5
+    assert held["mean"] == pytest.approx(2.2166667) and held["hi"] - held["mean"] == pytest.approx(half)
+    pair = cells[(4, "p0.1")]["vs_reference"]  # dropout - none, on the seeds both have
+    assert pair["seeds"] == [0, 1] and pair["diffs"] == pytest.approx([-0.3, -0.2]) and pair["wins"] == 0
+    assert cells[(4, "none")]["degradation"]["diffs"] == pytest.approx([0.5, 0.5])
+    assert cells[(4, "p0.1")]["gap"]["mean"] == pytest.approx(0.8)
+    assert cells[(1, "p0.1")]["tokens_per_param"] == 4.096
+    table = markdown_table(results)
+    assert "(1,000 parameters, 4,096 training tokens per run: 4.1 tokens per parameter)" in table
+    assert "| 4 | 1024 | -0.2500 [-0.8853, +0.3853] (0/2 higher) |" in table  # mean of -0.3, -0.2; t(1) interval
+    assert "| p0.1 | 0.000 / 0.100 / 0.100 / 0.100 |" in table
+
+
 # ---- the study end to end ----
 
 
@@ -173,6 +238,11 @@ def test_micro_study_end_to_end_and_resume(tmp_path):
     result = json.loads((out / "results" / "micro-r4-late.json").read_text())
     assert result["steps"] == 32 and result["train_tokens"] == 4096 and result["unique_tokens"] == 1024
     assert result["mean_dropout"]["hidden"] == pytest.approx(0.1)  # 0.2 from epoch 2 on: during 2 of 4 epochs
+    assert result["phase_dropout"]["hidden"] == [0.0, 0.0, 0.2, 0.2]  # read from the model's modules, per quarter
+    assert result["tokens_per_param"] == pytest.approx(4096 / result["n_params"], abs=0.01)
+    # paired runs: until dropout starts, `late` trains exactly like `none` (same weights, same batches)
+    none = json.loads((out / "results" / "micro-r4-none.json").read_text())
+    assert result["curves"]["train"][:8] == none["curves"]["train"][:8] != result["curves"]["train"][8:16]
     assert result["curves"]["heldout"][0][0] == 0 and len(result["curves"]["heldout"]) == 3
     assert not (out / "runs").exists()  # run folders are removed once their result is saved
 
@@ -203,6 +273,25 @@ def test_micro_study_end_to_end_and_resume(tmp_path):
     fourth = run_multi_epoch_study(extended, verbose=False)
     assert sorted(fourth.ran) == ["micro-r1-constant", "micro-r4-constant"] and len(fourth.skipped) == 4
     assert "| none | late | constant |" in (out / "results.md").read_text()
+
+
+def test_seeds_pair_dropout_with_no_dropout(tmp_path):
+    recipe = _recipe(tmp_path, seeds=[0, 1], budget={"tokens": 2048, "repetitions": [2]})
+    recipe["evaluation"]["points"] = 1
+    recipe["dropout"] = {"none": {"p": 0.0}, "p0.2": {"p": {"hidden": 0.2}}}
+    study = run_multi_epoch_study(recipe, verbose=False)
+    runs = {r["run"]: r for r in study.results}
+    assert sorted(runs) == ["micro-r2-none-s0", "micro-r2-none-s1", "micro-r2-p0.2-s0", "micro-r2-p0.2-s1"]
+    start = {name: r["curves"]["heldout"][0] for name, r in runs.items()}  # evaluated before the first step
+    assert start["micro-r2-none-s0"] == start["micro-r2-p0.2-s0"] != start["micro-r2-none-s1"]  # seed = init
+    assert runs["micro-r2-p0.2-s1"]["heldout_loss"] != runs["micro-r2-none-s1"]["heldout_loss"]
+    cells = json.loads((tmp_path / "study" / "results.json").read_text())["cells"]
+    pair = next(c for c in cells if c["dropout"] == "p0.2")["vs_reference"]
+    expected = [
+        runs[f"micro-r2-p0.2-s{s}"]["heldout_loss"] - runs[f"micro-r2-none-s{s}"]["heldout_loss"] for s in (0, 1)
+    ]
+    assert pair["seeds"] == [0, 1] and pair["diffs"] == pytest.approx(expected)
+    assert "mean [95% CI] over 2 seeds" in (tmp_path / "study" / "results.md").read_text()
 
 
 def test_cli_runs_a_study_and_reports_invalid_recipes(tmp_path, capsys):

@@ -1,9 +1,9 @@
 """The `token-budget` kind: multi-epoch degradation and dropout ("To Repeat or Not To Repeat", arXiv:2305.13230).
 
 Train a causal LM from scratch at a fixed token budget while varying how often a unique subset of the data is repeated
-(`repetitions` epochs over `budget / repetitions` unique tokens, nested random samples of blocks of the training text)
-and the dropout setting; evaluate every run on held-out
-text; write a table and plots. Every finished run is saved at once (`results/<run>.json`, atomically), so a killed
+(`repetitions` epochs over `budget / repetitions` unique tokens, nested random samples of blocks of the training text),
+the dropout setting and the seed; evaluate every run on held-out text; write tables (seed means with 95% intervals,
+paired differences) and plots. Every finished run is saved at once (`results/<run>.json`, atomically), so a killed
 study continues where it stopped. Under `accelerate launch` every process runs the same loop and the Trainer
 distributes each run.
 
@@ -260,14 +260,16 @@ def _curves(log_history: list[dict], tokens_per_step: int) -> dict[str, list[lis
 def _applied_dropout_recorder(schedule, phases: int = 4):
     """
     A callback that reads the dropout rates set on the model at every optimizer step (after the schedule set them);
-    its `summary()` gives the mean applied rate per type over the run, and per phase (equal shares of the steps).
+    its `summary()` gives the mean applied rate per type over the run, and per phase (equal shares of the steps). It
+    sees the steps trained by this process: a run resumed from a checkpoint reports the steps after it.
     """
     from transformers import TrainerCallback
 
     from regtune.functional.dropout import get_dropout_values
 
     class AppliedDropout(TrainerCallback):
-        steps: list[dict[str, float]] = []
+        def __init__(self):
+            self.steps: list[dict[str, float]] = []
 
         def on_step_begin(self, args, state, control, **kwargs):
             sites = {t: get_dropout_values(schedule.sites(t)) for t in schedule.types}
@@ -280,9 +282,7 @@ def _applied_dropout_recorder(schedule, phases: int = 4):
             by_phase = {t: [_mean([s[t] for s in self.steps[a:b]]) for a, b in zip(bounds, bounds[1:])] for t in types}
             return {t: _mean([s[t] for s in self.steps]) for t in types}, by_phase
 
-    recorder = AppliedDropout()
-    recorder.steps = []
-    return recorder
+    return AppliedDropout()
 
 
 def _mean(values: list[float]) -> float:

@@ -134,7 +134,7 @@ def markdown_table(results: list[dict], study: MultiEpochStudy | None = None) ->
         out += ["| dropout | " + " | ".join(types) + " |", "|---|" + "---|" * len(types)]
         for dropout in dropouts:
             phases = next(c["phase_dropout"] for c in cells if c["dropout"] == dropout)
-            texts = [" / ".join(f"{p:.3f}" for p in phases.get(t, [])) or "not set" for t in types]
+            texts = [" / ".join(f"{p:.3f}" for p in phases.get(t, [])) or "not scheduled" for t in types]
             out.append(f"| {dropout} | " + " | ".join(texts) + " |")
         out.append("")
     return "\n".join(out)
