@@ -112,19 +112,20 @@ def render(template: str, ctx: str) -> str:
 # ---- pretraining ----
 
 
-def pretrain(text: str, out: str, steps: int, seed: int = 0) -> None:
+def pretrain(text: str, out: str, steps: int, seed: int = 0, shape: dict | None = None, lr: float = 2e-3) -> dict:
+    """Pretrain a character-level Llama of `shape` (default `PRETRAIN_CONFIG`) on `text`, save it to `out`."""
     torch.manual_seed(seed)
     tokenizer = build_char_tokenizer(text)
-    config = LlamaConfig(vocab_size=len(tokenizer), pad_token_id=0, bos_token_id=2, eos_token_id=3, **PRETRAIN_CONFIG)
+    shape = PRETRAIN_CONFIG if shape is None else shape
+    config = LlamaConfig(vocab_size=len(tokenizer), pad_token_id=0, bos_token_id=2, eos_token_id=3, **shape)
     model = LlamaForCausalLM(config)
     ids = torch.tensor(tokenizer(text)["input_ids"])
-    optimizer = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=0.1, betas=(0.9, 0.95))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.1, betas=(0.9, 0.95))
     g = torch.Generator().manual_seed(seed)
     start = time.perf_counter()
     for step in range(steps):
-        lr = 2e-3 * min(1.0, (step + 1) / 50) * 0.5 * (1 + math.cos(math.pi * step / steps))
         for group in optimizer.param_groups:
-            group["lr"] = lr
+            group["lr"] = lr * min(1.0, (step + 1) / 50) * 0.5 * (1 + math.cos(math.pi * step / steps))
         offsets = torch.randint(0, len(ids) - 129, (16,), generator=g)
         batch = torch.stack([ids[o : o + 128] for o in offsets.tolist()])
         loss = model(input_ids=batch, labels=batch).loss
@@ -136,6 +137,7 @@ def pretrain(text: str, out: str, steps: int, seed: int = 0) -> None:
             print(f"pretrain step {step} loss {loss.item():.3f} ({time.perf_counter() - start:.0f} s)", flush=True)
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
+    return {"steps": steps, "last_loss": loss.item(), "seconds": time.perf_counter() - start}
 
 
 # ---- evaluation ----
