@@ -11,15 +11,27 @@ methods:                           # name -> GARDOConfig fields of that method
   no_kl: {kl_mode: none, diversity_advantages: false}
   kl_all: {kl_mode: all, diversity_advantages: false, ref_kl_threshold: null, ref_refresh_every: null}
   gardo: {kl_mode: gated}
+sweep:                             # optional: method -> {GARDOConfig field: values}; one method per value,
+  kl_all: {beta: [0.04, 0.4]}      # named <method>_<field><value> (kl_all_beta0.04, ...), of the family <method>
+matched_proxy:                     # optional: compare the families at the same proxy reward, paired over seeds
+  baseline: kl_all                 # the family every other one is compared with
+  proxy_gains: [0.02, 0.04]        # proxy reward above the seed's pretrained model
 ```
 
 Runs are resumable (each checkpoints into its folder; a finished run is not trained again). The study writes
-`results.json`, `results.md` (final values, mean and std over seeds) and `curves.png` into `output_dir`.
+`results.json`, `results.md` (final values and the mechanism's diagnostics, mean and 95% CI over seeds; the
+matched-proxy comparison), `curves.png` and, with `matched_proxy`, `tradeoff.png` into `output_dir`.
+
+At a proxy gain `g`, a run's true metric (and diversity) is read off its evaluation trajectory where its proxy reward
+first reaches the seed's pretrained proxy + `g` (linear interpolation between evaluations); a family's value is
+the best of its runs that reach it (its frontier over the swept values and training time). The difference to the
+baseline family is paired over the seeds where both reach `g`.
 """
 
 from __future__ import annotations
 
 import copy
+import itertools
 import json
 import os
 from dataclasses import dataclass, field
@@ -32,13 +44,16 @@ from regtune.diffusion.config import GARDOConfig
 from regtune.diffusion.testbed import TestbedConfig
 
 from .checks import SectionModel, check_mapping, check_model, construct_checked
-from .errors import Errors, RecipeError, join_path
+from .errors import Errors, RecipeError, join_path, suggest
 from .io import is_main_process, write_atomic
 from .report import ExperimentResult, write_results
+from .stats import format_ci, mean_ci, paired_difference
 
 
 PER_RUN = ("output_dir", "seed")
 CURVE_KEYS = ("eval_proxy_reward", "eval_class_prob", "eval_diversity_l2", "eval_diversity_feat")
+MATCHED_KEYS = ("eval_class_prob", "eval_diversity_l2", "eval_diversity_feat")
+DIAGNOSTICS = ("clip_fraction", "gated_fraction", "kl", "approx_kl")  # means over a run's epochs
 DEFAULT_METHODS = {
     "no_kl": {"kl_mode": "none", "diversity_advantages": False},
     "kl_all": {"kl_mode": "all", "diversity_advantages": False, "ref_kl_threshold": None, "ref_refresh_every": None},
@@ -58,13 +73,25 @@ class GARDOStudy:
     methods: dict[str, dict[str, Any]]
     description: str = ""
     torch_num_threads: int | None = 1
+    families: dict[str, list[str]] = field(default_factory=dict)  # recipe method -> its (swept) methods
+    matched_proxy: dict | None = None
     raw: dict = field(default_factory=dict)
     kind = "gardo"
+
+    def family(self, method: str) -> str:
+        return next((f for f, members in self.families.items() if method in members), method)
 
     def config(self, method: str, seed: int, output_dir: str | None = None) -> GARDOConfig:
         root = output_dir or self.output_dir
         fields = {**self.training, **self.methods[method]}
         return GARDOConfig(output_dir=os.path.join(root, method, f"seed{seed}"), seed=seed, **fields)
+
+
+class MatchedProxy(SectionModel):
+    """The `matched_proxy` section: the baseline family and the proxy reward gains the families are compared at."""
+
+    baseline: str = Field(min_length=1)
+    proxy_gains: list[float] = Field(min_length=1)
 
 
 class TopLevel(SectionModel):
@@ -78,6 +105,32 @@ class TopLevel(SectionModel):
     testbed: dict | None = None
     training: dict | None = None
     methods: dict[str, dict | None] = Field(default_factory=lambda: copy.deepcopy(DEFAULT_METHODS), min_length=1)
+    sweep: dict[str, dict[str, list[Any]]] = Field(default_factory=dict)
+    matched_proxy: MatchedProxy | None = None
+
+
+def expand_sweep(methods: dict, sweep: dict, errors: Errors, forbidden: dict) -> tuple[dict, dict]:
+    """
+    `(methods, families)`: every method of `sweep` replaced by one method per combination of its swept values,
+    named `<method>_<field><value>...`; `families` maps each recipe method to its methods.
+    """
+    out, families = {}, {}
+    for method, fields in methods.items():
+        grid = sweep.get(method) or {}
+        for name, values in grid.items():
+            for value in values:
+                check_mapping({name: value}, GARDOConfig, join_path("sweep", method), errors, forbidden=forbidden)
+            if not values:
+                errors.add(join_path(join_path("sweep", method), name), "expected a non-empty list of values")
+        names = [n for n, v in grid.items() if v]
+        families[method] = []
+        for combo in itertools.product(*(grid[n] for n in names)):
+            label = "".join(f"_{n}{v:g}" if isinstance(v, float) else f"_{n}{v}" for n, v in zip(names, combo))
+            out[method + label] = {**fields, **dict(zip(names, combo))}
+            families[method].append(method + label)
+    for method in set(sweep) - set(methods):
+        errors.add(join_path("sweep", method), f"not a method of the recipe.{suggest(method, methods)}")
+    return out, families
 
 
 def validate_recipe(raw: dict, source: str | None = None, default_name: str | None = None) -> GARDOStudy:
@@ -92,6 +145,11 @@ def validate_recipe(raw: dict, source: str | None = None, default_name: str | No
         str(method): check_mapping(fields, GARDOConfig, join_path("methods", str(method)), errors, forbidden=forbidden)
         for method, fields in (top.methods if isinstance(top.methods, dict) else {}).items()
     }
+    methods, families = expand_sweep(methods, top.sweep, errors, forbidden)
+    matched = top.matched_proxy.model_dump() if top.matched_proxy else None
+    if matched and matched["baseline"] not in families:
+        hint = suggest(matched["baseline"], families)
+        errors.add("matched_proxy.baseline", f"not a method of the recipe.{hint} Methods: {sorted(families)}")
     testbed = construct_checked(lambda: TestbedConfig(**testbed), "testbed", testbed, errors, "TestbedConfig")
     errors.raise_if_any(source)
     study = GARDOStudy(
@@ -103,12 +161,18 @@ def validate_recipe(raw: dict, source: str | None = None, default_name: str | No
         methods=methods,
         description=top.description,
         torch_num_threads=top.torch_num_threads,
+        families=families,
+        matched_proxy=matched,
         raw=raw,
     )
     for method in study.methods:  # GARDOConfig's own checks, under the key paths of the fields they name
         fields = {**study.training, **study.methods[method]}
         construct_checked(
-            lambda m=method: study.config(m, study.seeds[0]), f"methods.{method}", fields, errors, "GARDOConfig"
+            lambda m=method: study.config(m, study.seeds[0]),
+            f"methods.{method}" if method in top.methods else f"sweep.{study.family(method)}",
+            fields,
+            errors,
+            "GARDOConfig",
         )
     errors.raise_if_any(source)
     return study
@@ -140,22 +204,21 @@ def run_gardo_study(
     from regtune.diffusion.trainer import GARDOTrainer
 
     root = output_dir or study.output_dir
-    if only:
-        unknown = sorted(set(only) - set(study.methods))
+    if only:  # method or family names
+        unknown = sorted(set(only) - set(study.methods) - set(study.families))
         if unknown:
-            raise RecipeError(
-                [("--only", f"unknown method(s) {unknown}; allowed: {sorted(study.methods)}")], study.name
-            )
-    methods = [m for m in study.methods if not only or m in only]
+            allowed = sorted(set(study.methods) | set(study.families))
+            raise RecipeError([("--only", f"unknown method(s) {unknown}; allowed: {allowed}")], study.name)
+    methods = [m for m in study.methods if not only or m in only or study.family(m) in only]
     if study.torch_num_threads:
         torch.set_num_threads(study.torch_num_threads)
     os.makedirs(root, exist_ok=True)
     if not report_only:
         info = None
-        for method in methods:
-            for seed in study.seeds:
+        for seed in study.seeds:  # seed by seed: a study stopped early still holds complete paired seeds
+            for method in methods:
                 cfg = study.config(method, seed, root)
-                bed = build_testbed(study.testbed, log=print if is_main_process() else None)
+                bed = build_testbed(study.testbed, log=print if is_main_process() else None)  # cached on disk
                 info = bed.pop("info")
                 trainer = GARDOTrainer(cfg, **bed)
                 trainer.train()
@@ -168,8 +231,12 @@ def run_gardo_study(
     if not is_main_process():
         return ExperimentResult(root, [])
     results = gather_results(study, root, methods)
-    table = results_table(results)
-    files = write_results(root, study.name, results, table, {"curves": lambda path: plot_curves(results, path)})
+    matched = matched_proxy(study, results) if study.matched_proxy else None
+    table = results_table(results) + ("\n" + matched_table(matched) if matched else "")
+    plots = {"curves": lambda path: plot_curves(results, path)}
+    if matched:
+        plots["tradeoff"] = lambda path: plot_tradeoff(matched, path)
+    files = write_results(root, study.name, results, table, plots, matched_proxy=matched)
     return ExperimentResult(root, results, table, files)
 
 
@@ -186,58 +253,202 @@ def read_history(run_dir: str) -> list[dict]:
     return [rows[e] for e in sorted(rows)]
 
 
+def _summary(per_seed: dict) -> dict:
+    """[`mean_ci`] of per-seed values, with their std and the values themselves (`per_seed`)."""
+    values = list(per_seed.values())
+    if not values:
+        return {}
+    return {**mean_ci(values), "std": float(np.std(values)), "per_seed": per_seed}
+
+
 def gather_results(study: GARDOStudy, root: str, methods: list[str]) -> list[dict]:
-    """One entry per method from its runs' logs: final eval metrics (mean/std over seeds), initial values, curves."""
+    """
+    One entry per method from its runs' logs: final eval metrics and the mechanism's diagnostics (per seed, mean
+    and 95% CI over seeds), initial values, curves.
+    """
     results = []
     for method in methods:
         runs = {seed: read_history(os.path.join(root, method, f"seed{seed}")) for seed in study.seeds}
+        runs = {seed: h for seed, h in runs.items() if h}
         finals = {}
-        for key in (*CURVE_KEYS, "gated_fraction", "kl", "clip_fraction", "approx_kl", "refreshes"):
-            vals = [next((r[key] for r in reversed(h) if key in r), None) if h else None for h in runs.values()]
-            vals = [v for v in vals if v is not None]
-            if vals:
-                finals[key] = {"mean": float(np.mean(vals)), "std": float(np.std(vals)), "n": len(vals)}
-        start = [h[0] for h in runs.values() if h and h[0].get("epoch") == 0]
+        for key in (*CURVE_KEYS, "refreshes"):
+            per_seed = {s: next((r[key] for r in reversed(h) if key in r), None) for s, h in runs.items()}
+            per_seed = {s: v for s, v in per_seed.items() if v is not None}
+            if per_seed:
+                finals[key] = _summary(per_seed)
+        trained = {s: [r for r in h if r["epoch"] > 0 and "reward" in r] for s, h in runs.items()}
+        diagnostics = {
+            key: _summary({s: float(np.mean([r[key] for r in rs])) for s, rs in trained.items() if rs})
+            for key in DIAGNOSTICS
+        }
+        start = [h[0] for h in runs.values() if h[0].get("epoch") == 0]
         initial = {k: float(np.mean([r[k] for r in start if k in r])) for k in CURVE_KEYS if start}
-        mean_gated = [np.mean([r["gated_fraction"] for r in h if "gated_fraction" in r]) for h in runs.values() if h]
         curves = {
             str(s): [{k: r.get(k) for k in ("epoch", "reward", *CURVE_KEYS)} for r in h] for s, h in runs.items()
         }
-        results.append({"run": method, "method": method, "final": finals, "initial": initial, "curves": curves,
-                        "mean_gated_fraction": float(np.mean(mean_gated)) if mean_gated else None})  # fmt: skip
+        results.append({
+            "run": method, "method": method, "family": study.family(method), "final": finals,
+            "diagnostics": diagnostics, "initial": initial, "curves": curves,
+            "epochs": {str(s): h[-1]["epoch"] for s, h in runs.items()},
+            "mean_gated_fraction": diagnostics["gated_fraction"].get("mean"),
+        })  # fmt: skip
     return results
 
 
+def value_at_proxy(curve: list[dict], key: str, proxy: float) -> float | None:
+    """`key` where a run's evaluated proxy reward first reaches `proxy` (linear interpolation), or None if never."""
+    points = [(r["eval_proxy_reward"], r[key]) for r in curve if r.get(key) is not None]
+    for i, (x, y) in enumerate(points):
+        if x >= proxy:
+            if i == 0:
+                return y
+            (x0, y0) = points[i - 1]
+            return y0 + (proxy - x0) / (x - x0) * (y - y0)
+    return None
+
+
+def matched_proxy(study: GARDOStudy, results: list[dict]) -> dict:
+    """
+    Every family's frontier at each proxy gain of `study.matched_proxy` (the best of its runs where they first reach
+    the seed's pretrained proxy + gain), mean and 95% CI over seeds, and its difference to the baseline family,
+    paired over seeds.
+    """
+    spec = study.matched_proxy
+    families: dict[str, list[dict]] = {}
+    for res in results:
+        families.setdefault(res["family"], []).append(res)
+    seeds = sorted({s for res in results for s in res["curves"]}, key=int)
+    levels = []
+    for gain in spec["proxy_gains"]:
+        frontier: dict[str, dict[str, dict]] = {}  # family -> key -> {seed: value}
+        for family, members in families.items():
+            for key in MATCHED_KEYS:
+                per_seed = {}
+                for seed in seeds:
+                    values = []
+                    for res in members:
+                        curve = res["curves"].get(seed)
+                        if curve and curve[0].get("epoch") == 0:
+                            target = curve[0]["eval_proxy_reward"] + gain
+                            values.append(value_at_proxy(curve, key, target))
+                    values = [v for v in values if v is not None]
+                    if values:
+                        per_seed[seed] = max(values)
+                frontier.setdefault(family, {})[key] = per_seed
+        base = frontier.get(spec["baseline"], {})
+        levels.append({
+            "proxy_gain": gain,
+            "families": {f: {k: {**mean_ci(list(v.values())), "per_seed": v} for k, v in kv.items()}
+                         for f, kv in frontier.items()},
+            "vs_baseline": {f: {k: paired_difference(v, base.get(k, {})) for k, v in kv.items()}
+                            for f, kv in frontier.items() if f != spec["baseline"]},
+        })  # fmt: skip
+    return {"baseline": spec["baseline"], "families": list(families), "levels": levels}
+
+
 def results_table(results: list[dict]) -> str:
-    head = (
-        "| method | proxy reward (JPEG) | true metric (class prob) | diversity (pixel L2) | diversity (feat) | gated |"
-    )
-    lines = [head, "|---|---|---|---|---|---|"]
+    def cell(summary, fmt):
+        return "n/a" if not summary else format_ci(summary, fmt)
+
+    lines = [
+        "## Final held-out evaluation",
+        "",
+        "| method | proxy reward (JPEG) | true metric (class prob) | diversity (pixel L2) | diversity (feat) |",
+        "|---|---|---|---|---|",
+    ]
     first = results[0] if results else {}
     if first.get("initial"):
         ini = first["initial"]
         lines.append(
             f"| pretrained (epoch 0) | {ini.get('eval_proxy_reward', float('nan')):.4f} | "
             f"{ini.get('eval_class_prob', float('nan')):.3f} | {ini.get('eval_diversity_l2', float('nan')):.2f} | "
-            f"{ini.get('eval_diversity_feat', float('nan')):.3f} | |"
+            f"{ini.get('eval_diversity_feat', float('nan')):.3f} |"
         )
     for res in results:
         f = res["final"]
-
-        def cell(key, fmt, f=f):
-            if key not in f:
-                return "n/a"
-            return f"{f[key]['mean']:{fmt}} ± {f[key]['std']:{fmt}}"
-
-        gated = res.get("mean_gated_fraction")
         lines.append(
-            f"| {res['method']} | {cell('eval_proxy_reward', '.4f')} | {cell('eval_class_prob', '.3f')} | "
-            f"{cell('eval_diversity_l2', '.2f')} | {cell('eval_diversity_feat', '.3f')} | "
-            f"{'' if gated is None else f'{gated:.3f}'} |"
+            f"| {res['method']} | {cell(f.get('eval_proxy_reward'), '.4f')} | {cell(f.get('eval_class_prob'), '.3f')} | "
+            f"{cell(f.get('eval_diversity_l2'), '.2f')} | {cell(f.get('eval_diversity_feat'), '.3f')} |"
         )
     n = max((v["n"] for r in results for v in r["final"].values()), default=0)
-    lines.append(f"\nFinal held-out evaluation, mean ± std over {n} seed(s).")
+    lines += [
+        f"\nMean [95% CI] over {n} seed(s) (t-interval), at the last epoch.",
+        "",
+        "## The mechanism's diagnostics",
+        "",
+        "| method | clip fraction | gated fraction | KL (gated samples) | approx KL | refreshes |",
+        "|---|---|---|---|---|---|",
+    ]
+    for res in results:
+        d = res.get("diagnostics", {})
+        refreshes = res["final"].get("refreshes")
+        lines.append(
+            f"| {res['method']} | {cell(d.get('clip_fraction'), '.3f')} | {cell(d.get('gated_fraction'), '.3f')} | "
+            f"{cell(d.get('kl'), '.2e')} | {cell(d.get('approx_kl'), '.1e')} | {cell(refreshes, '.1f')} |"
+        )
+    lines.append(
+        "\nMeans over a run's epochs, then mean [95% CI] over seeds; refreshes: the run's total. The gated fraction is "
+        "the gate's size in every run (only kl_mode=gated applies the KL to it; kl_all applies it to every sample)."
+    )
     return "\n".join(lines)
+
+
+def matched_table(matched: dict) -> str:
+    base = matched["baseline"]
+    lines = [
+        "",
+        "## At matched proxy reward",
+        "",
+        f"Each family's best run where the proxy reward first reaches the seed's pretrained proxy + gain; mean [95% CI]"
+        f" over the seeds that reach it (n), and the difference to {base}, paired over seeds (wins / pairs).",
+        "",
+        "| proxy gain | family | n | true metric | diversity (L2) | diversity (feat) | "
+        f"true metric - {base} | diversity (L2) - {base} | diversity (feat) - {base} |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for level in matched["levels"]:
+        for family, values in level["families"].items():
+            diffs = level["vs_baseline"].get(family)
+            cells = [format_ci(values[k], ".3f") if values[k]["n"] else "not reached" for k in MATCHED_KEYS]
+            if diffs:
+                cells += [
+                    f"{format_ci(diffs[k], '+.3f')} ({diffs[k]['wins']}/{diffs[k]['n']})" if diffs[k]["n"] else "-"
+                    for k in MATCHED_KEYS
+                ]
+            else:
+                cells += ["(baseline)"] * 3
+            n = values["eval_class_prob"]["n"]
+            lines.append(f"| {level['proxy_gain']:+.3f} | {family} | {n} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def plot_tradeoff(matched: dict, path: str) -> str:
+    """True metric and diversity of each family's frontier against the proxy gain (mean and 95% CI over seeds)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    keys = [("eval_class_prob", "true metric (class probability)"), ("eval_diversity_l2", "diversity (pixel L2)")]
+    fig, axes = plt.subplots(1, len(keys), figsize=(5.2 * len(keys), 3.8))
+    for i, family in enumerate(matched["families"]):
+        for ax, (key, title) in zip(axes, keys):
+            pts = [(lv["proxy_gain"], lv["families"][family][key]) for lv in matched["levels"]]
+            pts = [(g, v) for g, v in pts if v["n"]]
+            if not pts:
+                continue
+            xs = [g + (i - len(matched["families"]) / 2) * 0.0006 for g, _ in pts]  # dodge the error bars
+            ys = [v["mean"] for _, v in pts]
+            err = [[v["mean"] - v["lo"] if v["n"] > 1 else 0 for _, v in pts],
+                   [v["hi"] - v["mean"] if v["n"] > 1 else 0 for _, v in pts]]  # fmt: skip
+            ax.errorbar(xs, ys, yerr=err, color=f"C{i}", marker="o", ms=4, capsize=3, label=family)
+            ax.set_title(f"{title} at matched proxy", fontsize=10)
+            ax.set_xlabel("proxy reward gain over the pretrained model")
+    axes[0].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
 
 
 def plot_curves(results: list[dict], path: str) -> str:
