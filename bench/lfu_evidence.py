@@ -220,30 +220,28 @@ def round_sig(x: float, digits: int = 2) -> float:
     return float(f"{x:.{digits}g}")
 
 
-def calibrate(cli, kwargs: dict, before: dict) -> dict:
-    """alpha -> ascent gain and beta -> cons_to_sft, read from LfUTrainer's diagnostics; the chosen (alpha, beta)."""
+def calibrate(mode: str, alphas: list[float], cli, kwargs: dict, before: dict) -> dict:
+    """alpha -> ascent gain and beta -> cons_to_sft of LfU `mode`, read from LfUTrainer's diagnostics; the choice."""
     lr = sorted(cli.lrs)[len(cli.lrs) // 2]
-    rows = []
-    for alpha in cli.alphas:
-        config = {"method": "lfu-perturb", "alpha": alpha, "beta": 1.0, "lr": lr, "max_steps": cli.calibration_steps}
+    method = f"lfu-{mode}"
+
+    def run(alpha, beta):
+        config = {"method": method, "alpha": alpha, "beta": beta, "lr": lr, "max_steps": cli.calibration_steps}
         path = os.path.join(cli.out, "calibration", run_name(config) + ".json")
-        run = cached_run(path, config, CALIBRATION_SEED, before, **kwargs)
-        rows.append({"alpha": alpha, "beta": 1.0, **{k: run.get(k) for k in DIAGNOSTICS}})
-    alphas = [r["alpha"] for r in rows]
+        result = cached_run(path, config, CALIBRATION_SEED, before, **kwargs)
+        return {"alpha": alpha, "beta": beta, **{k: result.get(k) for k in DIAGNOSTICS}}
+
+    rows = [run(alpha, 1.0) for alpha in alphas]
     alpha = round_sig(loglog_interpolate(alphas, [r["lfu/ascent_gain"] for r in rows], cli.target_gain))
     # cons_to_sft at beta 1 is L_cons / L_sft; interpolated (log-log) at the chosen alpha
     ratio_at_alpha = math.exp(
         _interp([math.log(a) for a in alphas], [math.log(r["lfu/cons_to_sft"]) for r in rows], math.log(alpha))
     )
     beta = round_sig(cli.target_ratio / ratio_at_alpha)
-    config = {"method": "lfu-perturb", "alpha": alpha, "beta": beta, "lr": lr, "max_steps": cli.calibration_steps}
-    check = cached_run(
-        os.path.join(cli.out, "calibration", run_name(config) + ".json"), config, CALIBRATION_SEED, before, **kwargs
-    )
-    rows.append({"alpha": alpha, "beta": beta, **{k: check.get(k) for k in DIAGNOSTICS}})
+    rows.append(run(alpha, beta))
     return {
-        "lr": lr, "steps": cli.calibration_steps, "seed": CALIBRATION_SEED, "target_gain": cli.target_gain,
-        "target_ratio": cli.target_ratio, "rows": rows, "alpha": alpha, "beta": beta,
+        "mode": mode, "lr": lr, "steps": cli.calibration_steps, "seed": CALIBRATION_SEED,
+        "target_gain": cli.target_gain, "target_ratio": cli.target_ratio, "rows": rows, "alpha": alpha, "beta": beta,
         "predicted_ratio_per_beta": ratio_at_alpha,
     }  # fmt: skip
 
@@ -259,12 +257,17 @@ def _interp(xs: list[float], ys: list[float], x: float) -> float:
 # ---- the fronts ----
 
 
-def front_configs(lrs: list[float], alpha: float, beta: float, sft_extra_lrs: list[float] = ()) -> list[dict]:
-    """SFT and LfU at each lr of `lrs`, plus SFT alone at each of `sft_extra_lrs` (to widen SFT's front)."""
+def front_configs(lrs: list[float], lfu: dict, sft_extra_lrs: list[float] = ()) -> list[dict]:
+    """
+    SFT at each lr of `lrs` and `sft_extra_lrs`; each LfU mode of `lfu` (`{mode: (alpha, beta, its lrs)}`) at each
+    of its lrs (the lrs of `lrs` when None).
+    """
     out = [{"method": "sft", "lr": lr} for lr in sft_extra_lrs]
     for lr in lrs:
         out.append({"method": "sft", "lr": lr})
-        out.append({"method": "lfu-perturb", "alpha": alpha, "beta": beta, "lr": lr})
+        for mode, (alpha, beta, mode_lrs) in lfu.items():
+            if mode_lrs is None or lr in mode_lrs:
+                out.append({"method": f"lfu-{mode}", "alpha": alpha, "beta": beta, "lr": lr})
     return out
 
 
@@ -327,7 +330,6 @@ def write_report(results: dict, out: str) -> None:
     from regtune.experiments.io import write_atomic
     from regtune.experiments.stats import format_ci
 
-    cal = results["calibration"]
     before = results["before"]
     lines = [
         "# LfU evidence (v2): calibrated LfU vs lr-swept SFT, paired seeds",
@@ -336,21 +338,28 @@ def write_report(results: dict, out: str) -> None:
         f"{results['pretrain']['shape']['num_hidden_layers']} blocks, {results['pretrain']['steps']} steps "
         f"(last training loss {results['pretrain']['last_loss']:.3f}); before fine-tuning: in-task "
         f"{before['in_task']:.3f}, held-out corpus {before['corpus']:.3f}.",
-        "",
-        f"## Calibration (seed {cal['seed']}, lr {cal['lr']:g}, {cal['steps']} steps; beta 1 unless named)",
-        "",
-        "| alpha | beta | ascent gain (x' loss rise) | ascent gain (nats) | beta * L_cons / L_sft | L_cons |",
-        "|---|---|---|---|---|---|",
     ]
-    for row in cal["rows"]:
-        lines.append(
-            f"| {row['alpha']:g} | {row['beta']:g} | {row['lfu/ascent_gain']:.2%} | "
-            f"{row['lfu/ascent_gain_abs']:.4f} | {row['lfu/cons_to_sft']:.3f} | {row['lfu/consistency']:.2e} |"
-        )
+    for cal in results["calibration"].values():
+        lines += [
+            "",
+            f"## Calibration, {cal['mode']} (seed {cal['seed']}, lr {cal['lr']:g}, {cal['steps']} steps; "
+            "beta 1 unless named)",
+            "",
+            "| alpha | beta | ascent gain (x' loss rise) | ascent gain (nats) | beta * L_cons / L_sft | L_cons |",
+            "|---|---|---|---|---|---|",
+        ]
+        for row in cal["rows"]:
+            lines.append(
+                f"| {row['alpha']:g} | {row['beta']:g} | {row['lfu/ascent_gain']:.2%} | "
+                f"{row['lfu/ascent_gain_abs']:.4f} | {row['lfu/cons_to_sft']:.3f} | {row['lfu/consistency']:.2e} |"
+            )
+        lines += [
+            "",
+            f"Chosen: alpha = {cal['alpha']:g} (target ascent gain {cal['target_gain']:.0%}), beta = {cal['beta']:g} "
+            f"(target ratio {cal['target_ratio']:g}; L_cons / L_sft at that alpha, interpolated: "
+            f"{cal['predicted_ratio_per_beta']:.4f}).",
+        ]
     lines += [
-        "",
-        f"Chosen: alpha = {cal['alpha']:g} (target ascent gain {cal['target_gain']:.0%}), beta = {cal['beta']:g} "
-        f"(target ratio {cal['target_ratio']:g}; predicted L_cons / L_sft at that alpha {cal['predicted_ratio_per_beta']:.4f}).",
         "",
         "## Fronts (mean [95% CI] over seeds)",
         "",
@@ -399,7 +408,7 @@ def plot(results: dict, out: str) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 4.5))
-    for method, color in (("sft", "tab:blue"), ("lfu-perturb", "tab:red")):
+    for method, color in (("sft", "tab:blue"), ("lfu-perturb", "tab:red"), ("lfu-reps", "tab:green")):
         rows = [r for r in results["summary"]["configs"].values() if r["config"]["method"] == method]
         rows.sort(key=lambda r: r["config"]["lr"])
         if not rows:
@@ -437,6 +446,8 @@ def main():
     parser.add_argument("--lrs", type=float, nargs="+", default=[5e-4, 1e-3, 2e-3])
     parser.add_argument("--sft-extra-lrs", type=float, nargs="*", default=[2.5e-4])
     parser.add_argument("--alphas", type=float, nargs="+", default=[0.1, 0.3, 1.0, 3.0])
+    parser.add_argument("--reps-lrs", type=float, nargs="*", default=[], help="RepS at these lrs (none: no RepS)")
+    parser.add_argument("--reps-alphas", type=float, nargs="+", default=[0.1, 0.3, 1.0, 3.0])
     parser.add_argument("--target-gain", type=float, default=0.05)
     parser.add_argument("--target-ratio", type=float, default=0.2)
     parser.add_argument("--calibration-steps", type=int, default=10)
@@ -470,10 +481,14 @@ def main():
         before = evaluate(base, AutoTokenizer.from_pretrained(model_dir), data)
         write_atomic(before_path, before)
     kwargs = {"model_dir": model_dir, "data": data, "epochs": cli.epochs, "batch_size": cli.batch_size}
-    calibration = calibrate(cli, kwargs, before)
+    calibration = {"perturb": calibrate("perturb", cli.alphas, cli, kwargs, before)}
+    lfu = {"perturb": (calibration["perturb"]["alpha"], calibration["perturb"]["beta"], None)}
+    if cli.reps_lrs:
+        calibration["reps"] = calibrate("reps", cli.reps_alphas, cli, kwargs, before)
+        lfu["reps"] = (calibration["reps"]["alpha"], calibration["reps"]["beta"], cli.reps_lrs)
     runs = []
     for seed in cli.seeds:
-        for config in front_configs(cli.lrs, calibration["alpha"], calibration["beta"], cli.sft_extra_lrs):
+        for config in front_configs(cli.lrs, lfu, cli.sft_extra_lrs):
             path = os.path.join(cli.out, "runs", f"{run_name(config)}_s{seed}.json")
             if cli.report_only and not os.path.isfile(path):
                 continue

@@ -35,13 +35,15 @@ def test_run_names_and_front_configs():
     assert run_name({"method": "sft", "lr": 1e-3}) == "sft_lr0.001"
     config = {"method": "lfu-perturb", "alpha": 0.3, "beta": 9.1, "lr": 2e-3, "max_steps": 10}
     assert run_name(config) == "lfu-perturb_a0.3_b9.1_lr0.002_steps10"
-    configs = front_configs([1e-3, 2e-3], alpha=0.3, beta=9.1, sft_extra_lrs=[5e-4])
+    lfu = {"perturb": (0.3, 9.1, None), "reps": (0.1, 2.0, [2e-3])}
+    configs = front_configs([1e-3, 2e-3], lfu, sft_extra_lrs=[5e-4])
     assert [run_name(c) for c in configs] == [
         "sft_lr0.0005",
         "sft_lr0.001",
         "lfu-perturb_a0.3_b9.1_lr0.001",
         "sft_lr0.002",
         "lfu-perturb_a0.3_b9.1_lr0.002",
+        "lfu-reps_a0.1_b2_lr0.002",
     ]
 
 
