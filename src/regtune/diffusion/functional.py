@@ -55,15 +55,25 @@ def gaussian_log_prob(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor | f
 # Sampling steps with log-probability
 
 
+def _next_sample(mean, std, prev_sample=None, generator=None, noise=None) -> torch.Tensor:
+    """`prev_sample` (float32) if given, else `mean + std * noise`, with `noise` drawn from `generator` if not given."""
+    if prev_sample is None:
+        if noise is None:
+            noise = torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
+        prev_sample = mean + std * noise
+    return prev_sample.float()
+
+
 def sde_step_with_logprob(
     velocity: torch.Tensor,
     sample: torch.Tensor,
     sigma: torch.Tensor | float,
     sigma_next: torch.Tensor | float,
     noise_level: float = 0.7,
+    *,
+    sigma_max_clamp: float | None = None,
     prev_sample: torch.Tensor | None = None,
     generator: torch.Generator | None = None,
-    sigma_max_clamp: float | None = None,
     noise: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """
@@ -85,10 +95,12 @@ def sde_step_with_logprob(
         sample: the current latent `x`, `[B, ...]`.
         sigma, sigma_next: current and next noise level, scalars or `[B]` tensors (`sigma_next < sigma`).
         noise_level: the SDE's `a` (0.7 in Flow-GRPO and GARDO).
+        sigma_max_clamp: the value of `1 - s` to use where `s == 1` (Flow-GRPO: `1 - sigmas[1]`).
         prev_sample: if given, the log-probability of this `x'` is returned instead of drawing a new one.
         generator: random generator for the noise.
         noise: the standard normal noise `eps` to use (instead of drawing it).
-        sigma_max_clamp: the value of `1 - s` to use where `s == 1` (Flow-GRPO: `1 - sigmas[1]`).
+
+    The arguments after `noise_level` are keyword-only.
 
     Returns:
         `(prev_sample, log_prob [B], mean, std [B])` where `std` is the step's `a sqrt(s / (1 - s))` (without the
@@ -105,11 +117,7 @@ def sde_step_with_logprob(
     std = noise_level * torch.sqrt(s / one_minus)
     mean = x * (1 + std**2 / (2 * s) * dt) + v * (1 + std**2 * (1 - s) / (2 * s)) * dt
     step_std = std * torch.sqrt(-dt)
-    if prev_sample is None:
-        if noise is None:
-            noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
-        prev_sample = mean + step_std * noise
-    prev_sample = prev_sample.float()
+    prev_sample = _next_sample(mean, step_std, prev_sample, generator, noise)
     if noise_level > 0:
         log_prob = gaussian_log_prob(prev_sample, mean, step_std)
     else:
@@ -122,7 +130,8 @@ def ddim_step_with_logprob(
     sample: torch.Tensor,
     alpha_prod_t: torch.Tensor | float,
     alpha_prod_t_prev: torch.Tensor | float,
-    eta: float = 1.0,
+    eta: float,
+    *,
     prev_sample: torch.Tensor | None = None,
     generator: torch.Generator | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -136,7 +145,8 @@ def ddim_step_with_logprob(
         x'    = mean + std * noise;   logp = mean over dims of log N(x'; mean, std^2)
 
     `alpha_prod_t*` are the cumulative products of the scheduler's alphas (`DDIMScheduler.alphas_cumprod[t]`;
-    `final_alpha_cumprod` at the last step). Returns `(prev_sample, log_prob [B], mean, std [B])`.
+    `final_alpha_cumprod` at the last step). `eta` (> 0) has no default (DDPO uses 1.0); the arguments after it are
+    keyword-only. Returns `(prev_sample, log_prob [B], mean, std [B])`.
     """
     eps, x = eps_pred.float(), sample.float()
     a_t = _per_sample(torch.as_tensor(alpha_prod_t, dtype=torch.float32, device=x.device), x)
@@ -145,10 +155,7 @@ def ddim_step_with_logprob(
     variance = (1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev)
     std = eta * torch.sqrt(variance)
     mean = torch.sqrt(a_prev) * x0 + torch.sqrt((1 - a_prev - std**2).clamp_min(0)) * eps
-    if prev_sample is None:
-        noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
-        prev_sample = mean + std * noise
-    prev_sample = prev_sample.float()
+    prev_sample = _next_sample(mean, std, prev_sample, generator)
     return prev_sample, gaussian_log_prob(prev_sample, mean, std), mean, _batch_vector(std, x.shape[0])
 
 
@@ -167,18 +174,26 @@ def _group_mean(values: torch.Tensor, inverse: torch.Tensor, n_groups: int) -> t
     return (z.index_add(0, inverse, values) / counts)[inverse]
 
 
+def _centered(rewards: torch.Tensor, group_ids: torch.Tensor) -> torch.Tensor:
+    """`r_i - mean_{group(i)} r` in float32."""
+    rewards = rewards.float()
+    inverse, n_groups = _group_index(group_ids)
+    return rewards - _group_mean(rewards, inverse, n_groups)
+
+
 def reward_scale(
     rewards: torch.Tensor,
     group_ids: torch.Tensor,
     scale: str = "batch",
-    eps: float = 1e-4,
+    *,
     batch_rewards: torch.Tensor | None = None,
+    eps: float = 1e-4,
 ) -> torch.Tensor:
     """
     The per-sample divisor of the advantages (trl GRPO's `scale_rewards` names; population stds, as Flow-GRPO's
     `PerPromptStatTracker`): `1` (`"none"`), the group's std + eps (`"group"`), or the batch's std + eps (`"batch"`,
     Flow-GRPO's `global_std=True`). `batch_rewards`: the rewards whose std `"batch"` uses (default `rewards`; under
-    DDP pass the gathered global batch). `[B]`.
+    DDP pass the gathered global batch). `[B]`. The arguments after `scale` are keyword-only.
     """
     if scale not in SCALES:
         raise ValueError(f"scale must be one of {', '.join(repr(s) for s in SCALES)}, got {scale!r}")
@@ -189,8 +204,7 @@ def reward_scale(
         pool = rewards if batch_rewards is None else batch_rewards.float()
         return (pool.std(unbiased=False) + eps).expand_as(rewards)
     inverse, n_groups = _group_index(group_ids)
-    centered = rewards - _group_mean(rewards, inverse, n_groups)
-    return _group_mean(centered**2, inverse, n_groups).sqrt() + eps
+    return _group_mean(_centered(rewards, group_ids) ** 2, inverse, n_groups).sqrt() + eps
 
 
 def group_advantages(
@@ -206,10 +220,9 @@ def group_advantages(
     `scale`: `"batch"` (Flow-GRPO's `global_std=True`, the released configs' setting: `s` = the std of all rewards of
     the batch), `"group"` (GRPO: the group's std) or `"none"` (`s = 1`); see [`reward_scale`].
     """
-    divisor = reward_scale(rewards, group_ids, scale, eps, batch_rewards)
-    rewards = rewards.float()
-    inverse, n_groups = _group_index(group_ids)
-    return (rewards - _group_mean(rewards, inverse, n_groups)) / divisor
+    return _centered(rewards, group_ids) / reward_scale(
+        rewards, group_ids, scale, batch_rewards=batch_rewards, eps=eps
+    )
 
 
 def ppo_clip_loss(

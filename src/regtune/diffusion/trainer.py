@@ -31,22 +31,8 @@ import numpy as np
 import torch
 from accelerate import Accelerator
 
+from . import functional as fn
 from .config import GARDOConfig
-from .functional import (
-    AdaptiveGateFraction,
-    ReferenceRefresh,
-    copy_adapter_weights,
-    diversity_scaled_advantages,
-    gaussian_step_kl,
-    group_advantages,
-    nn_cosine_distance,
-    ppo_clip_loss,
-    rank_gap_uncertainty,
-    reward_scale,
-    sde_step_with_logprob,
-    topk_gate,
-    within_group_pairwise_l2,
-)
 
 
 RewardFn = Callable[[torch.Tensor, list[str]], "torch.Tensor | Sequence[float]"]
@@ -193,13 +179,15 @@ class GARDOTrainer:
         self.model = get_peft_model(denoiser, self.lora_config)
         if config.uses_reference:
             self.model.add_adapter(REF_ADAPTER, self.lora_config)
-            copy_adapter_weights(self.model, "default", REF_ADAPTER)
+            fn.copy_adapter_weights(self.model, "default", REF_ADAPTER)
             self.model.set_adapter("default")
         params = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=config.weight_decay)
         self.ddp_model, self.optimizer = self.accelerator.prepare(self.model, self.optimizer)
-        self.gate = AdaptiveGateFraction(config.gate_init, config.gate_min, config.gate_max, window=config.gate_window)
-        self.refresh = ReferenceRefresh(config.ref_kl_threshold, config.ref_refresh_every)
+        self.gate = fn.AdaptiveGateFraction(
+            config.gate_init, config.gate_min, config.gate_max, window=config.gate_window
+        )
+        self.refresh = fn.ReferenceRefresh(config.ref_kl_threshold, config.ref_refresh_every)
         self.epoch = 0
         self.refreshes = 0
         self.history: list[dict] = []
@@ -276,7 +264,7 @@ class GARDOTrainer:
         model = self.model
         for i in range(T):
             v = self._velocity(model, x, float(self.sigmas[i]), cond)
-            x, logp, _, _ = sde_step_with_logprob(
+            x, logp, _, _ = fn.sde_step_with_logprob(
                 v, x, self.sigmas[i], self.sigmas[i + 1], a, noise=noise[:, i + 1], sigma_max_clamp=clamp
             )
             latents.append(x)
@@ -290,8 +278,8 @@ class GARDOTrainer:
             "cond": cond,
         }
 
-    def _score(self, fn, images, prompts, name) -> torch.Tensor:
-        return _as_tensor(fn(images, prompts), len(prompts), name).to(self.device)
+    def _score(self, score_fn, images, prompts, name) -> torch.Tensor:
+        return _as_tensor(score_fn(images, prompts), len(prompts), name).to(self.device)
 
     # ----------------------------------------------------------------------------------------------------------------
     # one epoch
@@ -311,13 +299,13 @@ class GARDOTrainer:
         # "batch" scaling uses the std of the global batch (gathered), as Flow-GRPO's global_std
         all_proxy = acc.gather(proxy)
         n_global = all_proxy.numel()
-        scale = reward_scale(proxy, group_ids, cfg.scale_rewards, batch_rewards=all_proxy)
+        scale = fn.reward_scale(proxy, group_ids, cfg.scale_rewards, batch_rewards=all_proxy)
         if cfg.diversity_advantages:
             feats = self.feature_fn(images)
-            distances = nn_cosine_distance(feats, group_ids)
-            adv = diversity_scaled_advantages(proxy, group_ids, distances) / scale
+            distances = fn.nn_cosine_distance(feats, group_ids)
+            adv = fn.diversity_scaled_advantages(proxy, group_ids, distances) / scale
         else:
-            adv = group_advantages(proxy, group_ids, "none") / scale
+            adv = fn.group_advantages(proxy, group_ids, "none") / scale
         batch["advantages"] = adv.clamp(-cfg.adv_clip_max, cfg.adv_clip_max)
         batch["proxy"] = proxy
 
@@ -327,9 +315,9 @@ class GARDOTrainer:
                 [self._score(f, images, sprompts, f"aux_reward_fns[{i}]") for i, f in enumerate(self.aux_reward_fns)]
             )
             all_aux = acc.gather(aux.T.contiguous()).T  # [n_aux, B_global]
-            u = rank_gap_uncertainty(all_proxy, list(all_aux), sign=cfg.uncertainty_sign)
+            u = fn.rank_gap_uncertainty(all_proxy, list(all_aux), sign=cfg.uncertainty_sign)
             k = self.gate.update(u) if cfg.adaptive_gate else self.gate.k
-            gate = topk_gate(u, k, rule=cfg.gate_fraction_of)
+            gate = fn.topk_gate(u, k, rule=cfg.gate_fraction_of)
         else:
             gate = torch.zeros(n_global, dtype=torch.bool, device=self.device)
         if cfg.kl_mode == "all":
@@ -342,7 +330,7 @@ class GARDOTrainer:
         batch["gate_global"] = gate_kl.view(acc.num_processes, n_local)  # samples are gathered in process order
         batch["gated_fraction"] = float(gate.float().mean())
         batch["all_proxy"] = all_proxy
-        batch["diversity"] = float(acc.gather(within_group_pairwise_l2(images, group_ids).reshape(1)).mean())
+        batch["diversity"] = float(acc.gather(fn.within_group_pairwise_l2(images, group_ids).reshape(1)).mean())
         return batch
 
     def _step_members(self, n_local: int) -> list[torch.Tensor]:
@@ -396,7 +384,7 @@ class GARDOTrainer:
                         for j in steps:
                             x_g = latents[idx, j]
                             v_ref = self._velocity(ref, x_g, float(self.sigmas[j]), cond_g)
-                            _, _, ref_means[j], _ = sde_step_with_logprob(
+                            _, _, ref_means[j], _ = fn.sde_step_with_logprob(
                                 v_ref,
                                 x_g,
                                 self.sigmas[j],
@@ -412,14 +400,14 @@ class GARDOTrainer:
                     sync = n == len(steps) - 1 and c_i == len(chunks) - 1
                     with nullcontext() if sync else acc.no_sync(self.ddp_model):
                         v = self._velocity(self.ddp_model, x, float(sigma), cond)
-                        _, logp, mean, std = sde_step_with_logprob(
+                        _, logp, mean, std = fn.sde_step_with_logprob(
                             v, x, sigma, sigma_next, cfg.noise_level, prev_sample=x_next, sigma_max_clamp=clamp
                         )
-                        per_sample = ppo_clip_loss(logp, old_logps[:, j], adv, cfg.clip_range)
+                        per_sample = fn.ppo_clip_loss(logp, old_logps[:, j], adv, cfg.clip_range)
                         loss = per_sample.sum() / n_step  # the mean over the step's samples, across micro-batches
                         if cfg.uses_reference:
                             if ref_mean is not None:
-                                kl = gaussian_step_kl(mean[idx], ref_mean, std[idx])
+                                kl = fn.gaussian_step_kl(mean[idx], ref_mean, std[idx])
                                 # sum over the local gated samples / global gated count; DDP's mean over processes
                                 # is undone by `* world`: the gradient of the mean KL over all gated samples
                                 kl_term = kl.sum() * world / n_gated.clamp_min(1)
@@ -463,7 +451,7 @@ class GARDOTrainer:
     def _maybe_refresh(self, epoch: int) -> bool:
         if not self.config.uses_reference or not self.refresh.should_refresh(epoch):
             return False
-        copy_adapter_weights(self.model, "default", REF_ADAPTER)
+        fn.copy_adapter_weights(self.model, "default", REF_ADAPTER)
         self.refresh.mark(epoch)
         self.refreshes += 1
         return True
@@ -486,10 +474,10 @@ class GARDOTrainer:
         images = batch["images"]
         group_ids = torch.arange(len(prompts), device=self.device).repeat_interleave(n)
         out = {"eval_proxy_reward": float(self._score(self.reward_fn, images, batch["prompts"], "reward_fn").mean())}
-        for name, fn in self.eval_fns.items():
-            out[f"eval_{name}"] = float(self._score(fn, images, batch["prompts"], name).mean())
-        out["eval_diversity_l2"] = float(within_group_pairwise_l2(images, group_ids))
-        out["eval_diversity_feat"] = float(nn_cosine_distance(self.feature_fn(images), group_ids).mean())
+        for name, metric in self.eval_fns.items():
+            out[f"eval_{name}"] = float(self._score(metric, images, batch["prompts"], name).mean())
+        out["eval_diversity_l2"] = float(fn.within_group_pairwise_l2(images, group_ids))
+        out["eval_diversity_feat"] = float(fn.nn_cosine_distance(self.feature_fn(images), group_ids).mean())
         return out
 
     # ----------------------------------------------------------------------------------------------------------------
