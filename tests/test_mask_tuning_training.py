@@ -17,7 +17,7 @@ from transformers import BertConfig, BertForSequenceClassification, HfArgumentPa
 
 import regtune
 from regtune.functional.masks import gradient_dropout, pack_mask, score_penalty, soft_cross_entropy
-from regtune.regularizers.mask_tuning import GradientDropout, MaskScorePenalty
+from regtune.regularizers.mask_tuning import GradientDropout, MaskScorePenalty, _uniform_seed
 from regtune.trainers.mask_tuning_trainer import MaskTuningTrainer, MaskTuningTrainingArguments
 
 
@@ -99,10 +99,11 @@ def test_one_step_gradient_matches_reference(tmp_path):
     task = out.loss + 1e-4 * score_penalty(scores)
     g_b = torch.autograd.grad(soft_cross_entropy(out.logits, teacher), scores, retain_graph=True)
     g_a = torch.autograd.grad(task, scores)
-    generator = torch.Generator().manual_seed(0 * 1_000_003 + 0)
     names = [n for n, _ in ref.named_parameters() if "masktune_scores" in n]
     dropped = 0
-    for name, a, b, s in zip(names, g_a, g_b, scores):
+    for index, (name, a, b, s) in enumerate(zip(names, g_a, g_b, scores)):
+        # U: one generator per score tensor, seeded with (seed 0, global_step 0, its index)
+        generator = torch.Generator().manual_seed(_uniform_seed(0, 0, index))
         expected = gradient_dropout(a, b, 1.0, torch.rand(s.shape, generator=generator))
         torch.testing.assert_close(capture.grads[0][name], expected, atol=1e-7, rtol=1e-4)
         dropped += int(((expected == 0) & (a != 0)).sum())
@@ -269,8 +270,8 @@ def test_one_step_gradient_with_a_trained_head_matches_reference(tmp_path):
     out = ref(**batch)
     g_b = torch.autograd.grad(soft_cross_entropy(out.logits, teacher), scores, retain_graph=True)
     g_a = torch.autograd.grad(out.loss + 1e-4 * score_penalty(scores), scores)
-    generator = torch.Generator().manual_seed(0)
-    for name, a, b, s in zip(names, g_a, g_b, scores):
+    for index, (name, a, b, s) in enumerate(zip(names, g_a, g_b, scores)):
+        generator = torch.Generator().manual_seed(_uniform_seed(0, 0, index))
         expected = gradient_dropout(a, b, 1.0, torch.rand(s.shape, generator=generator))
         torch.testing.assert_close(capture.grads[0][name], expected, atol=1e-7, rtol=1e-4)
 

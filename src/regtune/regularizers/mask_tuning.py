@@ -7,19 +7,13 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import sys
 
 import torch
 import torch.distributed as dist
 
 from regtune._sharding import forward_tensors, full, is_sharded, shard_like
-from regtune.functional.masks import (
-    gradient_dropout,
-    gradient_dropout_keep,
-    pack_mask,
-    score_penalty,
-    soft_cross_entropy,
-    unpack_mask,
-)
+from regtune.functional.masks import pack_mask, score_penalty, unpack_mask
 from regtune.tuners.mask_tuning.layer import MaskTuningLayer
 from regtune.tuners.mask_tuning.model import MaskTuningModel
 from regtune.tuners.mask_tuning.settings import DEFAULTS, check_number, raise_if_errors
@@ -55,6 +49,100 @@ def _eval_mode(model: torch.nn.Module):
     finally:
         for m, flag in flags:
             m.training = flag
+
+
+# logits entries per chunk of the closed-form knowledge gradient (bounds its temporaries to a few MiB)
+_KNOWLEDGE_CHUNK = 1 << 18
+
+
+@torch.no_grad()
+def knowledge_logit_grad(
+    student: torch.Tensor, teacher: torch.Tensor, temperature: float, scale: float, with_loss: bool = True
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """
+    The gradient of `scale * soft_cross_entropy(student, teacher, temperature)` with respect to the student's logits,
+    in closed form, and the loss itself: `scale * T / N * (softmax(s / T) * sum(p) - p)` per row, with
+    `p = softmax(t / T)` and `N` the number of rows (all leading positions), computed in float32 as
+    [`regtune.functional.masks.soft_cross_entropy`] is, by chunks of rows. It replaces building the loss's autograd
+    graph (which keeps the teacher's softmax and the student's log-softmax, two logits-sized float32 tensors, until
+    its backward). The gradient is written into `teacher` when it has the student's dtype (the teacher's logits
+    are not needed afterwards), else into a new tensor of the student's dtype.
+
+    Returns:
+        `(grad, loss)`: `grad` has `student`'s shape and dtype; `loss` (the unscaled soft cross-entropy, a 0-d
+        float32 tensor) is `None` unless `with_loss`.
+    """
+    vocab = student.shape[-1]
+    rows = student.numel() // max(vocab, 1)
+    if teacher.dtype == student.dtype and teacher.is_contiguous() and teacher.shape == student.shape:
+        out = teacher
+    else:
+        out = torch.empty(student.shape, dtype=student.dtype, device=student.device)
+    flat_student, flat_teacher, flat_out = (
+        student.reshape(rows, vocab),
+        teacher.reshape(rows, vocab),
+        out.view(rows, vocab),
+    )
+    total = torch.zeros((), dtype=torch.float32, device=student.device) if with_loss else None
+    factor = temperature / rows * scale
+    step = max(1, _KNOWLEDGE_CHUNK // max(vocab, 1))
+    for start in range(0, rows, step):
+        part = slice(start, start + step)
+        log_student = torch.log_softmax(flat_student[part].float() / temperature, dim=-1)
+        target = torch.softmax(flat_teacher[part].float() / temperature, dim=-1)
+        if with_loss:
+            total += (target * log_student).sum()
+        grad = log_student.exp_()  # softmax(s / T)
+        grad.mul_(target.sum(dim=-1, keepdim=True)).sub_(target).mul_(factor)
+        flat_out[part].copy_(grad)
+    loss = -total / rows * temperature**2 if with_loss else None
+    return out, loss
+
+
+def gradient_dropout_keep_(
+    grad_task: torch.Tensor, grad_knowledge: torch.Tensor, uniform: torch.Tensor
+) -> torch.Tensor:
+    """[`regtune.functional.masks.gradient_dropout_keep`] as a boolean tensor, computed in place in `grad_knowledge`
+    (overwritten): the same operations in the same order, so the same draws, with about two temporaries fewer."""
+    denominator = grad_task.abs()
+    denominator.add_(grad_knowledge.abs()).add_(1e-8)
+    agreement = grad_knowledge.add_(grad_task).mul_(torch.sign(grad_task)).div_(denominator)
+    del denominator
+    return agreement.add_(1.0).div_(2.0) > uniform
+
+
+# multiplying a byte by this (0x8040201008040201 as a signed int64) and shifting right by 7 moves its bit 7 - k to
+# bit 8 k (no two partial products overlap, so there is no carry): it spreads a `pack_mask` byte into 8 bytes of 0/1,
+# the layout of 8 consecutive booleans read as one little-endian int64
+_SPREAD = sum(1 << (9 * k) for k in range(8)) - (1 << 64)
+_LOW_BITS = 0x0101010101010101
+
+
+def count_flips(mask: torch.Tensor, packed: torch.Tensor) -> torch.Tensor:
+    """
+    The number of entries where the boolean `mask` differs from `unpack_mask(packed, mask.shape)`, a 0-d int64
+    tensor, without unpacking: the reference bytes are spread to one byte per entry in int64 words (8 entries per
+    operation), XOR-ed with the mask's bytes read as int64 words, and the nonzero bytes counted.
+    """
+    flat = mask.reshape(-1)
+    main = flat.numel() // 8 * 8
+    count = torch.zeros((), dtype=torch.int64, device=mask.device)
+    if main and sys.byteorder == "little" and flat.storage_offset() % 8 == 0:
+        words = flat[:main].view(torch.uint8).view(torch.int64)
+        spread = packed[: main // 8].to(torch.int64).mul_(_SPREAD).bitwise_right_shift_(7).bitwise_and_(_LOW_BITS)
+        count = torch.count_nonzero(spread.bitwise_xor_(words).view(torch.bool))
+    else:
+        main = 0
+    if main < flat.numel():
+        rest = unpack_mask(packed, flat.shape)[main:]
+        count = count + (flat[main:] != rest).sum()
+    return count
+
+
+def _uniform_seed(seed: int, global_step: int, index: int) -> int:
+    """The seed of `U` for score tensor `index` at optimizer step `global_step`: one generator per tensor, so that
+    every tensor's draw is the same whichever order the tensors are processed in (the backward's)."""
+    return ((seed * 1_000_003 + global_step) * 1_000_033 + index) % (1 << 63)
 
 
 class MaskScorePenalty(Regularizer):
@@ -178,8 +266,7 @@ class GradientDropout(Regularizer):
         self._reset_diagnostics()
 
     def _reset_diagnostics(self) -> None:
-        self._dropped: torch.Tensor | None = None
-        self._entries: torch.Tensor | None = None
+        self._counts: torch.Tensor | None = None  # (dropped, nonzero task-gradient entries), on device
         self._knowledge_sum: torch.Tensor | None = None
         self._micro_batches = 0
 
@@ -260,9 +347,17 @@ class GradientDropout(Regularizer):
             loss, outputs = trainer.compute_loss(
                 model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch
             )
-            knowledge_loss = soft_cross_entropy(_logits(outputs, "model"), teacher, self.temperature)
+        logits = _logits(outputs, "model")
+        del outputs
+        # g_b: the knowledge loss's gradient at the logits in closed form (no graph for the loss), then one backward
+        # from the logits to the scores, keeping the model's graph for the task backward
+        logit_grad, knowledge_loss = knowledge_logit_grad(
+            logits.detach(), teacher, self.temperature, 1.0 / ga_steps, with_loss=self.log_diagnostics
+        )
+        del teacher
         targets = [t if t is not None else s for t, s in zip(seen, scores)]
-        grads = torch.autograd.grad(knowledge_loss / ga_steps, targets, retain_graph=True, allow_unused=True)
+        grads = torch.autograd.grad(logits, targets, logit_grad, retain_graph=True, allow_unused=True)
+        del logit_grad, logits
         grads = [
             torch.zeros(s.shape, dtype=s.dtype, device=s.device) if g is None else _local_full(g)
             for s, g in zip(scores, grads)
@@ -271,55 +366,107 @@ class GradientDropout(Regularizer):
             self._knowledge_grads = grads
         else:
             torch._foreach_add_(self._knowledge_grads, grads)
+        del grads
         if self.log_diagnostics:
-            value = knowledge_loss.detach().float()
-            self._knowledge_sum = value if self._knowledge_sum is None else self._knowledge_sum + value
+            self._knowledge_sum = (
+                knowledge_loss if self._knowledge_sum is None else self._knowledge_sum + knowledge_loss
+            )
             self._micro_batches += 1
-        del outputs, knowledge_loss
-        loss = trainer.scaled_backward(loss, num_items_in_batch)
 
-        if trainer.accelerator.sync_gradients:  # last micro-batch of the optimizer step
-            self._apply(scores, trainer.state.global_step)
+        last = trainer.accelerator.sync_gradients  # last micro-batch of the optimizer step
+        distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+        if not last or distributed or any(is_sharded(s) for s in scores):
+            # under DDP/FSDP2 the task gradient is final (reduced) only once the whole backward has run
+            loss = trainer.scaled_backward(loss, num_items_in_batch)
+            if last:
+                self._apply(scores, trainer.state.global_step)
+            return loss
+        # one process: drop each score's task gradient as soon as its backward has accumulated it, and free its g_b
+        # right away, so that g_a and g_b together never hold more than one copy of the scores
+        knowledge, step = self._knowledge_grads, trainer.state.global_step
+        self._knowledge_grads = None
+
+        def make_hook(index):
+            def hook(score):
+                g_b, knowledge[index] = knowledge[index], None
+                if g_b is not None and score.grad is not None:
+                    self._drop_(index, score.grad, g_b, step)
+
+            return hook
+
+        handles = [score.register_post_accumulate_grad_hook(make_hook(i)) for i, score in enumerate(scores)]
+        try:
+            loss = trainer.scaled_backward(loss, num_items_in_batch)
+        finally:
+            for handle in handles:
+                handle.remove()
+        for index, score in enumerate(scores):  # a score without task gradient in this micro-batch, but earlier
+            if knowledge[index] is not None and score.grad is not None:
+                g_b, knowledge[index] = knowledge[index], None
+                self._drop_(index, score.grad, g_b, step)
         return loss
 
+    def _drop_(self, index: int, grad: torch.Tensor, g_b: torch.Tensor, global_step: int) -> None:
+        """Apply the dropout to one score's accumulated task gradient `grad` (a plain tensor), in place; `g_b` is
+        this process's own buffer (overwritten)."""
+        generator = torch.Generator(device=grad.device)
+        generator.manual_seed(_uniform_seed(self.seed, global_step, index))
+        uniform = torch.rand(grad.shape, generator=generator, device=grad.device, dtype=grad.dtype)
+        keep = gradient_dropout_keep_(grad, g_b.to(grad.dtype), uniform)
+        del uniform, g_b
+        if self.log_diagnostics:  # device-side counts, read when the Trainer logs
+            nonzero = grad != 0
+            counts = torch.stack([(nonzero & ~keep).sum(), nonzero.sum()])
+            self._counts = counts if self._counts is None else self._counts + counts
+        # ((1 - lambda) + lambda * keep) * g_a, in place
+        grad.mul_(keep.to(grad.dtype).mul_(self.graddrop_lambda).add_(1.0 - self.graddrop_lambda))
+
     def _apply(self, scores: list[torch.Tensor], global_step: int) -> None:
+        """The dropout at the end of the step, on the reduced task gradients (DDP, FSDP2)."""
         knowledge, self._knowledge_grads = self._knowledge_grads, None
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
             # every process computed g_b on its own micro-batches (full tensors): the mean, as DDP does for g_a
             for g in knowledge:
                 dist.all_reduce(g)
             torch._foreach_div_(knowledge, dist.get_world_size())
-        generator = torch.Generator(device=knowledge[0].device)
-        generator.manual_seed(self.seed * 1_000_003 + global_step)
-        dropped, entries = [], []
-        for score, g_b in zip(scores, knowledge):
+        for index, (score, g_b) in enumerate(zip(scores, knowledge)):
             if score.grad is None:
                 continue
-            # U over the full shape from the shared generator: identical on every process, then laid out like .grad
+            if not is_sharded(score.grad):
+                self._drop_(index, score.grad, g_b, global_step)
+                continue
+            # U over the full shape from the tensor's own generator: identical on every process, then laid out
+            # like .grad
+            generator = torch.Generator(device=g_b.device)
+            generator.manual_seed(_uniform_seed(self.seed, global_step, index))
             uniform = torch.rand(score.shape, generator=generator, device=g_b.device, dtype=score.grad.dtype)
             g_b, uniform = shard_like(g_b.to(score.grad.dtype), score.grad), shard_like(uniform, score.grad)
-            keep = gradient_dropout_keep(score.grad, g_b, uniform)
-            if self.log_diagnostics:  # device-side counts, read when the Trainer logs
-                nonzero = _local(score.grad) != 0
-                dropped.append((nonzero & (_local(keep) == 0)).sum())
-                entries.append(nonzero.sum())
-            score.grad = gradient_dropout(score.grad, g_b, self.graddrop_lambda, uniform, keep=keep)
-        if dropped:
-            step_dropped, step_entries = torch.stack(dropped).sum(), torch.stack(entries).sum()
-            self._dropped = step_dropped if self._dropped is None else self._dropped + step_dropped
-            self._entries = step_entries if self._entries is None else self._entries + step_entries
+            local_grad, local_b, local_u = _local(score.grad), _local(g_b), _local(uniform)
+            keep = gradient_dropout_keep_(local_grad, local_b, local_u)
+            if self.log_diagnostics:
+                nonzero = local_grad != 0
+                counts = torch.stack([(nonzero & ~keep).sum(), nonzero.sum()])
+                self._counts = counts if self._counts is None else self._counts + counts
+            local_grad.mul_(keep.to(local_grad.dtype).mul_(self.graddrop_lambda).add_(1.0 - self.graddrop_lambda))
 
     # ---- diagnostics and state ----
 
     def diagnostics(self) -> dict[str, float]:
         if not self.log_diagnostics:
             return {}
-        out: dict[str, float] = {}
-        if self._entries is not None:
-            dropped, entries = torch.stack([self._dropped, self._entries]).double().tolist()  # one sync, at log time
-            out["drop_fraction"] = dropped / entries if entries else 0.0
+        values = []
+        if self._counts is not None:
+            values += [self._counts[0].double(), self._counts[1].double()]
         if self._knowledge_sum is not None and self._micro_batches:
-            out["knowledge_loss"] = float(self._knowledge_sum.item()) / self._micro_batches
+            values.append(self._knowledge_sum.double())
+        out: dict[str, float] = {}
+        if values:
+            host = torch.stack(values).tolist()  # one host sync, at log time
+            if self._counts is not None:
+                dropped, entries = host[0], host[1]
+                out["drop_fraction"] = dropped / entries if entries else 0.0
+            if self._knowledge_sum is not None and self._micro_batches:
+                out["knowledge_loss"] = host[-1] / self._micro_batches
         self._reset_diagnostics()
         return out
 
@@ -343,7 +490,9 @@ class MaskFlipMonitor(Regularizer):
     masked layer, with `per_layer=True`) and `mask_tuning/zero_fraction` (the share of mask entries that are 0).
 
     At the start of training (`setup`) it keeps each mask bit-packed (1 bit per entry, 1/32 of the scores' memory);
-    when the Trainer logs, it compares the current masks with them. Nothing is computed inside the training steps.
+    when the Trainer logs, it compares the current masks with them ([`count_flips`]: one comparison of the scores with
+    the threshold per layer, then word-wide operations on 8 entries at a time; one host read for all layers).
+    Nothing is computed inside the training steps.
     The reference masks are part of its state, so a resumed run keeps counting from the original start. Under DDP the
     masks are identical on every process; under FSDP2 each process compares its own shard (the logged values are
     the main process's).
@@ -382,15 +531,17 @@ class MaskFlipMonitor(Regularizer):
     def diagnostics(self) -> dict[str, float]:
         if not self.log_diagnostics or not self._layers:
             return {}
-        masks = self._masks()
-        flipped = [(mask != unpack_mask(self._reference[key], mask.shape)).sum() for key, mask in masks.items()]
-        zeros = torch.stack([(~mask).sum() for mask in masks.values()]).sum()
-        counts = torch.stack([*flipped, zeros]).double().tolist()  # one host sync, at log time
-        sizes = [mask.numel() for mask in masks.values()]
+        counts, sizes = [], []
+        for key, (layer, adapter) in self._layers.items():  # per layer: flipped entries, entries that are 1
+            mask = _local(layer.masktune_scores[adapter].detach()) > layer.masktune_threshold[adapter]
+            counts += [count_flips(mask, self._reference[key]), torch.count_nonzero(mask)]
+            sizes.append(mask.numel())
+        host = torch.stack(counts).tolist()  # one host sync, at log time
+        flipped, ones = host[0::2], host[1::2]
         total = sum(sizes)
-        out = {"flipped": sum(counts[:-1]) / total, "zero_fraction": counts[-1] / total}
+        out = {"flipped": sum(flipped) / total, "zero_fraction": (total - sum(ones)) / total}
         if self.per_layer:
-            out.update({f"flipped/{key}": n / size for key, n, size in zip(masks, counts[:-1], sizes)})
+            out.update({f"flipped/{key}": n / size for key, n, size in zip(self._layers, flipped, sizes)})
         return out
 
     def state_dict(self) -> dict:

@@ -12,7 +12,49 @@ from peft.tuners.tuners_utils import BaseTunerLayer, _get_in_out_features, check
 from peft.utils.other import transpose
 from torch import nn
 
-from regtune.functional.masks import straight_through_mask
+
+class _MaskedWeight(torch.autograd.Function):
+    """`weight * 1[scores > threshold]`, with the straight-through gradient `dL/dS := dL/dM = grad * weight`.
+
+    The same values and gradients as `weight * straight_through_mask(scores, threshold)`, but the backward keeps
+    only references to `weight` and `scores` (no float copy of the mask) and the forward builds one boolean mask.
+    """
+
+    @staticmethod
+    def forward(ctx, weight: torch.Tensor, scores: torch.Tensor, threshold: float) -> torch.Tensor:
+        ctx.threshold = threshold
+        ctx.save_for_backward(weight, scores)
+        return weight * (scores > threshold)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        weight, scores = ctx.saved_tensors
+        grad_weight = grad_scores = None
+        if ctx.needs_input_grad[0]:
+            grad_weight = grad * (scores > ctx.threshold)
+        if ctx.needs_input_grad[1]:
+            grad_scores = (grad * weight).to(scores.dtype)
+        return grad_weight, grad_scores, None
+
+
+class _Recompute:
+    """What the autograd graph keeps of a masked weight: how to rebuild it (see `MaskTuningLayer.masked_forward`)."""
+
+    __slots__ = ("layer", "versions", "base_stride", "size", "stride", "offset")
+
+    def __init__(self, layer, versions, base_stride, size, stride, offset):
+        self.layer, self.versions, self.base_stride = layer, versions, base_stride
+        self.size, self.stride, self.offset = size, stride, offset
+
+
+def _outer_saved_tensor_hooks() -> bool:
+    """Whether saved-tensor hooks are already active (activation checkpointing, CPU offloading) or disabled."""
+    try:
+        if not torch._C._autograd._saved_tensors_hooks_is_enabled():
+            return True
+        return torch._C._autograd._top_saved_tensors_default_hooks(False) is not None
+    except AttributeError:  # private API moved: keep the masked weight in the graph, as autograd would
+        return True
 
 
 class MaskTuningLayer(BaseTunerLayer):
@@ -56,14 +98,61 @@ class MaskTuningLayer(BaseTunerLayer):
         """The hard mask `1[S > threshold]` (boolean) of an adapter."""
         return self.masktune_scores[adapter_name] > self.masktune_threshold[adapter_name]
 
+    def _mask_inputs(self) -> list[tuple[torch.Tensor, float]]:
+        return [
+            (self.masktune_scores[name], self.masktune_threshold[name])
+            for name in self.active_adapters
+            if name in self.masktune_scores
+        ]
+
     def masked_weight(self) -> torch.Tensor:
-        """`W * M_1 * M_2 * ...` over the active adapters, differentiable in the scores (straight-through)."""
+        """`W * M_1 * M_2 * ...` over the active adapters, differentiable in the scores (straight-through:
+        `dL/dS := dL/dM`)."""
         weight = self.get_base_layer().weight
-        for name in self.active_adapters:
-            if name in self.masktune_scores:
-                scores = self.masktune_scores[name]
-                weight = weight * straight_through_mask(scores, self.masktune_threshold[name]).to(weight.dtype)
+        for scores, threshold in self._mask_inputs():
+            weight = _MaskedWeight.apply(weight, scores, threshold)
         return weight
+
+    def _recompute_hooks(self, weight: torch.Tensor):
+        """Saved-tensor hooks that keep, instead of the masked weight (and its views), the recipe to rebuild it in
+        the backward: the base weight and the scores are referenced by the graph anyway, so the forward/backward
+        holds no weight-sized tensor per layer beyond what full fine-tuning holds. The rebuilt weight is the same
+        computation on the same tensors, bit for bit; an in-place change of the weight or the scores between the
+        forward and the backward raises, as autograd does for the tensors it saves."""
+        storage = weight.untyped_storage().data_ptr()
+        tensors = [self.get_base_layer().weight, *(scores for scores, _ in self._mask_inputs())]
+        versions = [t._version for t in tensors]
+        base_stride = weight.stride()
+
+        def pack(tensor: torch.Tensor):
+            try:
+                same = tensor.untyped_storage().data_ptr() == storage and tensor.device == weight.device
+            except (RuntimeError, NotImplementedError):  # a tensor without storage
+                same = False
+            if not same:
+                return tensor
+            return _Recompute(self, versions, base_stride, tensor.size(), tensor.stride(), tensor.storage_offset())
+
+        def unpack(packed):
+            if not isinstance(packed, _Recompute):
+                return packed
+            layer = packed.layer
+            tensors = [layer.get_base_layer().weight, *(scores for scores, _ in layer._mask_inputs())]
+            if [t._version for t in tensors] != packed.versions:
+                raise RuntimeError(
+                    "A mask-tuning layer's base weight or scores were modified in place between its forward and its "
+                    "backward: the masked weight the forward used cannot be rebuilt for the gradient."
+                )
+            with torch.no_grad():
+                rebuilt = layer.masked_weight()
+            if rebuilt.stride() != packed.base_stride:  # the same values in the forward's layout
+                laid_out = torch.empty_strided(
+                    rebuilt.size(), packed.base_stride, dtype=rebuilt.dtype, device=rebuilt.device
+                )
+                rebuilt = laid_out.copy_(rebuilt)
+            return rebuilt.as_strided(packed.size, packed.stride, packed.offset)
+
+        return pack, unpack
 
     def get_delta_weight(self, adapter_name: str) -> torch.Tensor:
         weight = self.get_base_layer().weight
@@ -103,7 +192,11 @@ class MaskTuningLayer(BaseTunerLayer):
             return self.base_layer(x, *args, **kwargs)
         if self.merged or not any(name in self.masktune_scores for name in self.active_adapters):
             return self.base_layer(x, *args, **kwargs)
-        return self._forward_with_weight(x, self.masked_weight())
+        weight = self.masked_weight()
+        if not weight.requires_grad or _outer_saved_tensor_hooks():
+            return self._forward_with_weight(x, weight)
+        with torch.autograd.graph.saved_tensors_hooks(*self._recompute_hooks(weight)):
+            return self._forward_with_weight(x, weight)
 
 
 class _MaskedModule(nn.Module, MaskTuningLayer):
