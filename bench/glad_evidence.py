@@ -31,6 +31,12 @@ run resumes where it stopped. Usage (from the repository root):
 
 Several processes with disjoint `--seeds` can share one `--runs-dir` (they reuse the validation files). Writes
 `--out`.{json,md,png} (default bench/results/glad_evidence).
+
+The recipe `recipes/evidence/glad.yaml` runs the same protocol through the experiment engine (`regtune run`), with
+the dual encoder and the base-to-novel task built into regtune; this script produced the 20-seed figures of
+docs/glad.md "Evidence (v2)" before the bench used regtune's sampler (then, a seed's validation examples were
+drawn jointly with its shots; now, as in the recipe, after them: the test shots are the same, the validation sets
+are not).
 """
 
 from __future__ import annotations
@@ -42,7 +48,6 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import argparse  # noqa: E402
 import json  # noqa: E402
-import math  # noqa: E402
 import statistics  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
@@ -54,6 +59,7 @@ from bench import base_to_novel as b2n  # noqa: E402
 from bench._common import machine_description, quiet_transformers  # noqa: E402
 from bench.results import write_results  # noqa: E402
 from regtune.experiments.io import write_atomic  # noqa: E402
+from regtune.experiments.stats import mean_ci  # noqa: E402
 
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
@@ -151,15 +157,9 @@ def choose_lrs(val: dict[tuple[str, float], list[dict]], lora: str, glad: str) -
 
 # ----------------------------------------------------------------------------------------------------- report
 def t_interval(diffs: list[float]) -> tuple[float, float, float]:
-    """Mean and 95% t-interval of paired differences."""
-    from scipy import stats
-
-    n = len(diffs)
-    mean = statistics.fmean(diffs)
-    if n < 2:
-        return mean, float("nan"), float("nan")
-    half = stats.t.ppf(0.975, n - 1) * statistics.stdev(diffs) / math.sqrt(n)
-    return mean, mean - half, mean + half
+    """Mean and 95% t-interval of paired differences ([`regtune.experiments.stats.mean_ci`])."""
+    summary = mean_ci(diffs)
+    return summary["mean"], summary["lo"], summary["hi"]
 
 
 def summarize(configs: dict[str, dict], runs: dict[str, dict[int, dict]], seeds: list[int]) -> dict:

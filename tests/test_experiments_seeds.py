@@ -52,9 +52,8 @@ def recipe(data_dir: str, out: str, **changes) -> dict:
                      "report_to": "none", "disable_tqdm": True, "learning_rate": 1e-3},
         "runs": [
             {"name": "lora", "sweep": {"training.learning_rate": [1e-3, 1e-2]}},
-            {"name": "glad", "trainer": "GLADTrainer", "training": {"glad_rho": 0.1}},
-            {"name": "lora-matched", "sweep": {"training.learning_rate": [1e-3, 1e-4]},
-             "select": {"match": "lora"}},
+            {"name": "glad", "trainer": "GLADTrainer", "training": {"glad_rho": 0.1}, "select": {"values_from": "lora"}},
+            {"name": "lora-matched", "sweep": {"training.learning_rate": [1e-3]}, "select": {"match": "lora"}},
         ],
     }  # fmt: skip
     raw.update(changes)
@@ -117,7 +116,10 @@ def test_dual_encoder_frozen_and_encoder_prototypes():
 
     torch.manual_seed(0)
     config = BertConfig(**{k: v for k, v in TINY_BERT.items() if k != "model_type"}, vocab_size=50)
-    descriptions = {"input_ids": torch.tensor([[1, 5, 2], [1, 6, 7]]), "attention_mask": torch.tensor([[1, 1, 0], [1, 1, 1]])}
+    descriptions = {
+        "input_ids": torch.tensor([[1, 5, 2], [1, 6, 7]]),
+        "attention_mask": torch.tensor([[1, 1, 0], [1, 1, 1]]),
+    }
     ids, mask = torch.tensor([[1, 8, 9, 2]]), torch.ones(1, 4, dtype=torch.long)
     for prototypes in ("encoder", "frozen"):
         model = DualEncoderClassifier(BertModel(config), descriptions, scale=10.0, prototypes=prototypes).eval()
@@ -149,7 +151,7 @@ def test_seeds_sweeps_comparison_and_diagnostics_end_to_end(tmp_path):
     # every (run, seed) once, in its own folder; the matched run reused lora's 1e-3 trial
     assert sorted(result.ran) == sorted(f"{r}/seed-{s}" for r in ("lora", "glad", "lora-matched") for s in (0, 1))
     trials = os.listdir(os.path.join(out, "select"))
-    assert len(trials) == 3  # lora 1e-3 and 1e-2, lora-matched 1e-4 (1e-3 shared), each on select seed 7
+    assert len(trials) == 2  # lora 1e-3 and 1e-2 on select seed 7; lora-matched's 1e-3 trial is lora's
     saved = json.load(open(os.path.join(out, "results.json")))
     by = {(r["run"], r["seed"]): r for r in saved["results"]}
     assert set(by) == {(r, s) for r in ("lora", "glad", "lora-matched") for s in (0, 1)}
@@ -160,6 +162,9 @@ def test_seeds_sweeps_comparison_and_diagnostics_end_to_end(tmp_path):
     sweeps = saved["sweeps"]
     assert sweeps["lora"]["chosen"]["training.learning_rate"] in (1e-3, 1e-2)
     assert len(sweeps["lora"]["rows"]) == 2 and sweeps["lora-matched"]["rule"].startswith("match lora")
+    assert sweeps["glad"]["chosen"] == sweeps["lora"]["chosen"]  # values_from
+    glad0 = load_recipe(os.path.join(out, "glad", "seed-0", "recipe.yaml")).runs[0]
+    assert glad0.training["learning_rate"] == sweeps["lora"]["chosen"]["training.learning_rate"]
     pairs = {(c["run"], c["baseline"]): c for c in saved["comparisons"]}
     assert set(pairs) == {("glad", "lora"), ("lora-matched", "lora")}
     diff = pairs[("glad", "lora")]["metrics"]["test_novel.accuracy"]
@@ -210,3 +215,51 @@ def test_summarize_seeds_pairs_only_common_seeds():
     assert pair["seeds"] == [0, 1] and pair["diffs"] == pytest.approx([0.1, 0.0]) and pair["ties"] == 1
     a = summary["runs"][0]
     assert a["ci"]["test"]["accuracy"]["n"] == 3 and a["diagnostics"]["x/y"]["mean"] == pytest.approx(13 / 30)
+
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.mark.parametrize("name", ["glad", "allora", "mask_tuning"])
+def test_evidence_recipes_validate_with_any_data_dir(tmp_path, name):
+    """The evidence recipes validate (data files are only looked for; empty placeholders do), and protocol holds."""
+    for files in fewshot_text.FILES.values():
+        for file in files:
+            (tmp_path / file).parent.mkdir(parents=True, exist_ok=True)
+            (tmp_path / file).write_text("")
+    (tmp_path / "mr" / "rt-polarity.pos").write_text("")
+    rec = load_recipe(
+        os.path.join(REPO, "recipes", "evidence", f"{name}.yaml"), {"data.options.data_dir": str(tmp_path)}
+    )
+    assert rec.seeds is not None and len(rec.seeds) >= 5 and rec.selection.split == "validation"
+    assert all(r.model.head == "class-descriptions" for r in rec.runs)
+    assert all(r.sweep or r.values_from or r.match for r in rec.runs)  # every run's lr is chosen on validation
+    assert rec.compare and all(set(c.metrics) for c in rec.compare)
+    with pytest.raises(RecipeError, match="data.options.data_dir"):
+        load_recipe(
+            os.path.join(REPO, "recipes", "evidence", f"{name}.yaml"), {"data.options.data_dir": str(tmp_path / "x")}
+        )
+
+
+def test_compare_groups_pair_only_their_runs(tmp_path):
+    data_dir = make_data_dir(tmp_path)
+    raw = recipe(data_dir, str(tmp_path / "out"))
+    raw["compare"] = [
+        {"baseline": "lora", "runs": ["glad"], "metrics": ["test_novel.accuracy"]},
+        {"baseline": ["lora-matched"], "runs": ["glda"], "metrics": ["H.accuracy"]},
+    ]
+    with pytest.raises(RecipeError) as e:
+        validate_recipe(raw)
+    assert "glad" in dict(e.value.errors)["compare[1].runs"]
+    raw["compare"][1]["runs"] = ["glad"]
+    rec = validate_recipe(raw)
+    entries = [
+        {"run": r, "seed": s, "method": "m", "trainable_params": 1, "train_seconds": 1.0, "diagnostics": {},
+         "metrics": {"test_novel": {"accuracy": 0.5}, "H": {"accuracy": 0.5 + s}}}
+        for r in ("lora", "glad", "lora-matched") for s in (0, 1)
+    ]  # fmt: skip
+    pairs = summarize_seeds(entries, rec.compare)["comparisons"]
+    assert [(p["run"], p["baseline"], list(p["metrics"])) for p in pairs] == [
+        ("glad", "lora", ["test_novel.accuracy"]),
+        ("glad", "lora-matched", ["H.accuracy"]),
+    ]

@@ -59,7 +59,9 @@ class DualEncoderClassifier(torch.nn.Module):
             gradient).
     """
 
-    def __init__(self, encoder: torch.nn.Module, descriptions: dict, scale: float = DEFAULT_SCALE, prototypes="encoder"):
+    def __init__(
+        self, encoder: torch.nn.Module, descriptions: dict, scale: float = DEFAULT_SCALE, prototypes="encoder"
+    ):
         super().__init__()
         if prototypes not in PROTOTYPES:
             raise ValueError(f"`prototypes` must be one of {', '.join(PROTOTYPES)}, got {prototypes!r}")

@@ -220,7 +220,9 @@ def _build(dataset, k, n_val, max_test_per_class, seed, data_dir, base_classes=N
     if novel:
         half = len(labels) // 2
         base = [labels.index(c) for c in base_classes] if base_classes else all_ids[:half]
-        novel_ids = [labels.index(c) for c in novel_classes] if novel_classes else [c for c in all_ids if c not in base]
+        novel_ids = (
+            [labels.index(c) for c in novel_classes] if novel_classes else [c for c in all_ids if c not in base]
+        )
     else:
         base, novel_ids = all_ids, []
     train, val = sample_shots(pool, base, k, seed, n_val)

@@ -267,9 +267,10 @@ class RunSelectSpec(SectionModel):
 
 
 class CompareSpec(SectionModel):
-    """The top-level `compare:` section: paired differences run - baseline over the common seeds."""
+    """The top-level `compare:` section (or one item of a list of them): paired differences run - baseline."""
 
     baseline: str | list[str] = Field(description="The baseline run(s); every other run is compared with each.")
+    runs: list[str] | None = Field(None, description="The runs compared with the baselines (default: all others).")
     metrics: list[str] = Field(
         min_length=1, description="`split.metric` names, e.g. test_novel.accuracy (H.accuracy for base-to-novel)."
     )
@@ -287,7 +288,7 @@ class Recipe:
     source: str | None = None
     seeds: list[int] | None = None  # every run once per seed (paired: same shots, initialization, data order)
     selection: SelectSpec | None = None  # the `select:` section
-    compare: CompareSpec | None = None
+    compare: list[CompareSpec] | None = None
     all_runs: list[RunSpec] | None = None  # after `select`: every run (a selected run may take another's choice)
     kind = "runs"
 
@@ -703,7 +704,11 @@ def validate_recipe(raw: Any, source: str | None = None, default_name: str | Non
     if isinstance(seeds, list) and (not seeds or len(set(seeds)) != len(seeds)):
         errors.add("seeds", f"expected a non-empty list of distinct seeds, got {seeds!r}")
     selection = check_model(raw["select"], SelectSpec, "select", errors) if "select" in raw else None
-    compare = check_model(raw["compare"], CompareSpec, "compare", errors) if "compare" in raw else None
+    compare = None
+    if "compare" in raw:
+        items = raw["compare"] if isinstance(raw["compare"], list) else [raw["compare"]]
+        paths = [join_path("compare", i) if isinstance(raw["compare"], list) else "compare" for i in range(len(items))]
+        compare = [check_model(item, CompareSpec, path, errors) for item, path in zip(items, paths)]
     runs_raw = raw.get("runs")
     if runs_raw is None:
         runs_raw = [{}]
@@ -801,7 +806,10 @@ def _validate_sweep(spec: RunSpec, merged: dict, sweep, select, path: str, error
     if sweep is None:
         return
     if not isinstance(sweep, dict) or not sweep:
-        errors.add(path, f"expected a mapping {{key.path: [values]}} (e.g. training.learning_rate: [1e-4, 1e-3]), got {sweep!r}")
+        errors.add(
+            path,
+            f"expected a mapping {{key.path: [values]}} (e.g. training.learning_rate: [1e-4, 1e-3]), got {sweep!r}",
+        )
         return
     for key, values in sweep.items():
         if not isinstance(key, str) or key.split(".")[0] not in SECTION_KEYS + ("seed", "trainer"):
@@ -851,13 +859,15 @@ def _check_protocol(runs: list[RunSpec], seeds, selection, compare, raw: dict, e
             errors.add(f"{prefix}.sweep", "a run with `select.values_from` takes its values from that run: no sweep")
         if run.match and run.values_from:
             errors.add(f"{prefix}.select", "set one of `match` and `values_from`")
-    if compare is not None:
-        baselines = [compare.baseline] if isinstance(compare.baseline, str) else list(compare.baseline)
-        for b in baselines:
-            if b not in names:
-                errors.add("compare.baseline", f"no run named {b!r}.{suggest(b, names)} Runs: {', '.join(names)}")
+    for i, item in enumerate(compare or []):
+        path = join_path("compare", i) if isinstance(raw.get("compare"), list) else "compare"
+        baselines = [item.baseline] if isinstance(item.baseline, str) else list(item.baseline)
+        for key, listed in (("baseline", baselines), ("runs", item.runs or [])):
+            for b in listed:
+                if b not in names:
+                    errors.add(f"{path}.{key}", f"no run named {b!r}.{suggest(b, names)} Runs: {', '.join(names)}")
         if len(baselines) >= len(names):
-            errors.add("compare.baseline", "every run is a baseline: nothing to compare")
-        for j, metric in enumerate(compare.metrics):
+            errors.add(f"{path}.baseline", "every run is a baseline: nothing to compare")
+        for j, metric in enumerate(item.metrics or []):
             if metric.count(".") < 1:
-                errors.add(join_path("compare.metrics", j), f"expected `split.metric` (test.accuracy), got {metric!r}")
+                errors.add(f"{path}.metrics[{j}]", f"expected `split.metric` (test.accuracy), got {metric!r}")

@@ -210,14 +210,15 @@ def summarize_seeds(results: list[dict], compare=None) -> dict:
             }
         )
     comparisons = []
-    if compare is not None:
-        baselines = [compare.baseline] if isinstance(compare.baseline, str) else list(compare.baseline)
+    blocks = [compare] if compare is not None and not isinstance(compare, list) else compare or []
+    for block in blocks:
+        baselines = [block.baseline] if isinstance(block.baseline, str) else list(block.baseline)
         for baseline in baselines:
-            for name in by_run:
-                if name in baselines or baseline not in by_run:
+            for name in block.runs or by_run:
+                if name in baselines or baseline not in by_run or name not in by_run:
                     continue
                 pair = {"run": name, "baseline": baseline, "metrics": {}}
-                for metric in compare.metrics:
+                for metric in block.metrics:
                     split, _, key = metric.rpartition(".")
                     values = {
                         run: {e["seed"]: e["metrics"][split][key] for e in by_run[run] if key in e["metrics"].get(split, {})}
@@ -257,19 +258,23 @@ def format_seeded_report(summary: dict, select=None) -> str:
         for split, metric in columns:
             ci = run["ci"].get(split, {}).get(metric)
             cells.append("-" if ci is None else format_ci(ci, ".3f"))
-        diags = [f"{k} {format_ci(v, '.4g')}" for k, v in sorted(run["diagnostics"].items())]
+        shown = {k: v for k, v in run["diagnostics"].items() if k.count("/") == 1}  # per-layer ones: in the JSON
+        diags = [f"{k} {format_ci(v, '.4g')}" for k, v in sorted(shown.items())]
         cells += ["<br>".join(diags) or "-", f"{run['train_seconds']:.0f}"]
         rows.append(cells)
-    lines = ["Mean and 95% t-interval over the seeds; diagnostics: the mean over a run's logged steps, then over seeds.", ""]
+    lines = [
+        "Mean and 95% t-interval over the seeds; diagnostics: the mean over a run's logged steps, then over seeds.",
+        "",
+    ]
     lines += _markdown(header, rows)
     if summary.get("comparisons"):
-        metrics = list(summary["comparisons"][0]["metrics"])
-        header = ["run", "baseline", "seeds"] + [f"Δ {m}" for m in metrics] + [f"wins / ties ({metrics[0]})"]
+        metrics = _metric_names(summary["comparisons"])
+        header = ["run", "baseline", "seeds"] + [f"Δ {m}" for m in metrics] + ["wins / ties (first Δ)"]
         rows = []
         for pair in summary["comparisons"]:
-            first = pair["metrics"][metrics[0]]
+            first = next(iter(pair["metrics"].values()))
             cells = [pair["run"], pair["baseline"], str(first["n"])]
-            cells += [format_ci(pair["metrics"][m]) for m in metrics]
+            cells += [format_ci(pair["metrics"][m]) if m in pair["metrics"] else "-" for m in metrics]
             rows.append(cells + [f"{first['wins']}/{first['n']}, {first['ties']}"])
         lines += ["", "Paired difference run − baseline over the common seeds (same shots, initialization and data "
                   "order), mean [95% t-interval]:", ""] + _markdown(header, rows)  # fmt: skip
@@ -291,6 +296,13 @@ def format_seeded_report(summary: dict, select=None) -> str:
     return "\n".join(lines)
 
 
+def _metric_names(comparisons: list[dict]) -> list[str]:
+    names: list[str] = []
+    for pair in comparisons:
+        names += [m for m in pair["metrics"] if m not in names]
+    return names
+
+
 def plot_comparisons(comparisons: list[dict], path: str, title: str | None = None) -> str | None:
     """A PNG of the paired differences: every seed's difference (dots) and the mean with its 95% interval."""
     if not comparisons:
@@ -300,12 +312,14 @@ def plot_comparisons(comparisons: list[dict], path: str, title: str | None = Non
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    metrics = list(comparisons[0]["metrics"])
+    metrics = _metric_names(comparisons)
     fig, ax = plt.subplots(figsize=(max(5.0, 1.2 * len(comparisons) * len(metrics)), 4.2))
     step = len(metrics) + 1
     for i, pair in enumerate(comparisons):
         for j, metric in enumerate(metrics):
-            diff = pair["metrics"][metric]
+            diff = pair["metrics"].get(metric)
+            if diff is None:
+                continue
             x = i * step + j
             ax.scatter([x] * len(diff["diffs"]), diff["diffs"], s=12, alpha=0.5, color=f"C{j}")
             if diff["n"] >= 2:

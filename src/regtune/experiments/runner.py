@@ -154,6 +154,7 @@ def run_one(run: RunSpec, run_dir: str, cache: dict | None = None) -> dict:
         "global_step": trainer.state.global_step,
         "metrics": metrics,
         "diagnostics": logged_diagnostics(trainer.state.log_history),
+        "diagnostics_last": logged_diagnostics(trainer.state.log_history, last=True),
         "regtune_version": regtune.__version__,
         "history": [dict(h) for h in trainer.state.log_history],
     }
@@ -165,10 +166,11 @@ def run_one(run: RunSpec, run_dir: str, cache: dict | None = None) -> dict:
     return result
 
 
-def logged_diagnostics(history: list[dict]) -> dict[str, float]:
+def logged_diagnostics(history: list[dict], last: bool = False) -> dict[str, float]:
     """
-    The mean over the logged training steps of every mechanism diagnostic the trainer logged (the keys
-    `<regularizer>/<name>` that regtune's trainers add to the training logs, e.g. `glad/cos_g_gsam`).
+    The mean over the logged training steps (with `last`: the last logged value) of every mechanism diagnostic the
+    trainer logged (the keys `<regularizer>/<name>` that regtune's trainers add to the training logs, e.g.
+    `glad/cos_g_gsam`).
     """
     values: dict[str, list[float]] = {}
     for entry in history:
@@ -177,7 +179,7 @@ def logged_diagnostics(history: list[dict]) -> dict[str, float]:
         for key, value in entry.items():
             if "/" in key and isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
                 values.setdefault(key, []).append(float(value))
-    return {key: sum(v) / len(v) for key, v in values.items()}
+    return {key: v[-1] if last else sum(v) / len(v) for key, v in values.items()}
 
 
 @contextlib.contextmanager
