@@ -209,7 +209,8 @@ def test_report_pairs_runs_by_seed():
     assert cells[(1, "p0.1")]["tokens_per_param"] == 4.096
     table = markdown_table(results)
     assert "(1,000 parameters, 4,096 training tokens per run: 4.1 tokens per parameter)" in table
-    assert "| 4 | 1024 | -0.2500 [-0.8853, +0.3853] (0/2 higher) |" in table  # mean of -0.3, -0.2; t(1) interval
+    assert "| 4 | 1024 | p0.1 | 2.3000 [" in table
+    assert "| -0.2500 [-0.8853, +0.3853] (0/2 higher) |" in table  # mean of -0.3 and -0.2, t(1) interval
     assert "| p0.1 | 0.000 / 0.100 / 0.100 / 0.100 |" in table
 
 
@@ -234,7 +235,8 @@ def test_micro_study_end_to_end_and_resume(tmp_path):
     with open(first.files["plot"], "rb") as f:
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"
     table = (out / "results.md").read_text()
-    assert "| repetitions | unique tokens | none | late |" in table and "| 4 | 1024 |" in table
+    assert "| repetitions | unique tokens | dropout | held-out loss | - none | - 1 rep. | gap |" in table
+    assert "| 4 | 1024 | late |" in table
     result = json.loads((out / "results" / "micro-r4-late.json").read_text())
     assert result["steps"] == 32 and result["train_tokens"] == 4096 and result["unique_tokens"] == 1024
     assert result["mean_dropout"]["hidden"] == pytest.approx(0.1)  # 0.2 from epoch 2 on: during 2 of 4 epochs
@@ -272,7 +274,7 @@ def test_micro_study_end_to_end_and_resume(tmp_path):
     extended["dropout"]["constant"] = {"p": {"hidden": 0.1}}
     fourth = run_multi_epoch_study(extended, verbose=False)
     assert sorted(fourth.ran) == ["micro-r1-constant", "micro-r4-constant"] and len(fourth.skipped) == 4
-    assert "| none | late | constant |" in (out / "results.md").read_text()
+    assert "| 4 | 1024 | constant |" in (out / "results.md").read_text()
 
 
 def test_seeds_pair_dropout_with_no_dropout(tmp_path):
@@ -301,7 +303,7 @@ def test_cli_runs_a_study_and_reports_invalid_recipes(tmp_path, capsys):
     recipe["dropout"] = {"none": {"p": 0.0}}
     path.write_text(yaml.safe_dump(recipe))
     assert main([str(path), "--set", "evaluation.points=0"]) == 0
-    assert "| 2 | 2048 | **" not in capsys.readouterr().out  # a single column: nothing in bold
+    assert "| 2 | 2048 | none | " in capsys.readouterr().out  # the table is printed
     assert os.path.exists(tmp_path / "study" / "results" / "micro-r2-none.json")
     assert main([str(path), "--report_only"]) == 0
     assert main([str(path), "--set", "budget.tokenz=3"]) == 2

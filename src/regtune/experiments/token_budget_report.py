@@ -79,55 +79,43 @@ def summarize(results: list[dict], study: MultiEpochStudy | None = None) -> list
     return cells
 
 
-def _grid(cells, model, repetitions, dropouts, value) -> list[str]:
-    head = "| repetitions | unique tokens | " + " | ".join(dropouts) + " |"
-    lines = [head, "|---:|---:|" + "---:|" * len(dropouts)]
-    for rep in repetitions:
-        row = {c["dropout"]: c for c in cells if (c["model"], c["repetitions"]) == (model, rep)}
-        if not row:
-            continue
-        texts = ["" if d not in row or value(row[d]) is None else value(row[d]) for d in dropouts]
-        lines.append(f"| {rep} | {next(iter(row.values()))['unique_tokens']} | " + " | ".join(texts) + " |")
-    return [*lines, ""]
-
-
-def _wins(summary: dict | None) -> str | None:
+def _wins(summary: dict | None) -> str:
     if summary is None:
-        return None
+        return ""
     return f"{format_ci(summary, '+.4f')} ({summary['wins']}/{summary['n']} higher)"
 
 
 def markdown_table(results: list[dict], study: MultiEpochStudy | None = None) -> str:
     """
-    The study's tables in Markdown, per model: held-out loss, the paired difference against the first dropout setting,
-    the degradation against the fewest repetitions, the generalization gap, and the dropout rates applied.
+    The study's table in Markdown, one per model, a row per (repetitions, dropout): held-out loss, its paired
+    differences against the first dropout setting and against the fewest repetitions, and the generalization gap;
+    then the dropout rates applied per quarter of training.
     """
     cells = summarize(results, study)
     models, repetitions, dropouts = _orders(results, study)
-    out = []
+    seeds = max(len(c["seeds"]) for c in cells)
+    ref, rep0 = dropouts[0], repetitions[0]
+    out = [
+        f"Held-out loss in nats/token (lower is better){f', mean [95% CI] over {seeds} seeds' if seeds > 1 else ''}. "
+        f"`- {ref}` and `- {rep0} rep.`: paired differences in held-out loss against dropout `{ref}` and against "
+        f"{rep0} repetition(s), run by run on the same seed (k/n higher: the seeds where it is positive). Gap: "
+        "held-out loss minus the loss on the unique training data (eval mode).\n"
+    ]
     for model in models:
         mine = [c for c in cells if c["model"] == model]
-        c0, seeds = mine[0], max(len(c["seeds"]) for c in mine)
-        out.append(
+        c0 = mine[0]
+        out += [
             f"### {model} ({c0['n_params']:,} parameters, {c0['train_tokens']:,} training tokens per run: "
-            f"{c0['tokens_per_param']:.1f} tokens per parameter)\n"
-        )
-        over = f", mean [95% CI] over {seeds} seeds" if seeds > 1 else ""
-        out.append(f"Held-out loss (nats/token; lower is better{over}):\n")
-        out += _grid(mine, model, repetitions, dropouts, lambda c: format_ci(c["heldout"], ".4f"))
-        if len(dropouts) > 1:
+            f"{c0['tokens_per_param']:.1f} tokens per parameter)\n",
+            f"| repetitions | unique tokens | dropout | held-out loss | - {ref} | - {rep0} rep. | gap |",
+            "|---:|---:|---|---:|---:|---:|---:|",
+        ]
+        for c in mine:
             out.append(
-                f"Paired difference in held-out loss, dropout minus `{dropouts[0]}` on the same seed (negative: "
-                "dropout helps):\n"
+                f"| {c['repetitions']} | {c['unique_tokens']} | {c['dropout']} | {format_ci(c['heldout'], '.4f')} | "
+                f"{_wins(c['vs_reference'])} | {_wins(c['degradation'])} | {format_ci(c['gap'], '+.4f')} |"
             )
-            out += _grid(mine, model, repetitions, dropouts[1:], lambda c: _wins(c["vs_reference"]))
-        if len(repetitions) > 1:
-            out.append(
-                f"Degradation: held-out loss minus that at {repetitions[0]} repetition(s), same dropout and seed:\n"
-            )
-            out += _grid(mine, model, repetitions[1:], dropouts, lambda c: _wins(c["degradation"]))
-        out.append("Generalization gap: held-out loss minus loss on the unique training data (eval mode):\n")
-        out += _grid(mine, model, repetitions, dropouts, lambda c: format_ci(c["gap"], "+.4f"))
+        out.append("")
     types = sorted({t for c in cells for t in c["phase_dropout"]})
     if types:
         out.append("Dropout rate applied, read from the model at every step (mean per quarter of training):\n")
