@@ -119,14 +119,13 @@ class MaskTuningLayer(BaseTunerLayer):
         holds no weight-sized tensor per layer beyond what full fine-tuning holds. The rebuilt weight is the same
         computation on the same tensors, bit for bit; an in-place change of the weight or the scores between the
         forward and the backward raises, as autograd does for the tensors it saves."""
-        storage = weight.untyped_storage().data_ptr()
-        tensors = [self.get_base_layer().weight, *(scores for scores, _ in self._mask_inputs())]
-        versions = [t._version for t in tensors]
-        base_stride = weight.stride()
+        # the hooks live as long as the graph: they must not reference `weight` itself
+        storage, device, base_stride = weight.untyped_storage().data_ptr(), weight.device, weight.stride()
+        versions = [self.get_base_layer().weight._version, *(s._version for s, _ in self._mask_inputs())]
 
         def pack(tensor: torch.Tensor):
             try:
-                same = tensor.untyped_storage().data_ptr() == storage and tensor.device == weight.device
+                same = tensor.untyped_storage().data_ptr() == storage and tensor.device == device
             except (RuntimeError, NotImplementedError):  # a tensor without storage
                 same = False
             if not same:
