@@ -235,6 +235,8 @@ class RunSpec:
             out["description"] = self.description
         out.update(seed=self.seed, trainer=self.trainer)
         out["model"] = section(self.model)
+        if self.model.head is None:  # the head's knobs (defaults) mean nothing without it
+            out["model"] = {k: v for k, v in out["model"].items() if k not in ("prototypes", "logit_scale")}
         out["data"] = section(self.data)
         out["adapter"] = self.adapter.to_dict() if self.adapter is not None else None
         out["regularizers"] = [r.to_dict() for r in self.regularizers]
@@ -415,11 +417,9 @@ def _validate_model(raw, errors: Errors) -> ModelSpec:
                 f"no such local directory {value!r}, and not a Hub id (a Hub id is `name` or `owner/name`)",
             )
     if spec.head is None:
-        for key in ("class_descriptions",):
-            if getattr(spec, key) is not None:
+        for key in ("prototypes", "logit_scale", "class_descriptions"):
+            if key in raw:
                 errors.add(f"model.{key}", "only with `head: class-descriptions`")
-        if "prototypes" in raw:
-            errors.add("model.prototypes", "only with `head: class-descriptions`")
     elif spec.task == "causal-lm":
         errors.add("model.head", "`class-descriptions` is a classification head (model.task: sequence-classification)")
     if spec.config is not None:
