@@ -162,11 +162,29 @@ class MaskScorePenalty(Regularizer):
         )
         self.weight = float(weight)
 
+    def setup(self, trainer) -> None:
+        # the masked layers return each score tensor's norm from their forward, so that the penalty's gradient is
+        # added in each layer's backward (see `MaskTuningLayer.masked_weight`)
+        model = trainer.accelerator.unwrap_model(trainer.model)
+        for module in model.modules():
+            if isinstance(module, MaskTuningLayer):
+                module.masktune_track_norms = self.weight != 0.0
+
     def loss_term(self, model, inputs, outputs):
-        scores = _trainable_scores(model)
-        if not scores or self.weight == 0.0:
+        if self.weight == 0.0:
             return None
-        return self.weight * full(score_penalty(scores))  # FSDP2: a global norm over the shards, as a plain tensor
+        norms, untracked = [], []
+        for _, layer, adapter, scores in _score_entries(model):
+            norm = layer.masktune_norms.pop(adapter, None)
+            if norm is not None and norm.requires_grad:  # from this forward, on the unsharded scores
+                norms.append(norm)
+            else:  # the layer did not run with gradient (or was not set up): the norm of the parameter
+                untracked.append(scores)
+        if untracked:
+            norms.append(full(score_penalty(untracked)))  # FSDP2: a global norm over the shards, a plain tensor
+        if not norms:
+            return None
+        return self.weight * torch.stack([n.float() for n in norms]).sum()
 
 
 def _local(tensor: torch.Tensor) -> torch.Tensor:

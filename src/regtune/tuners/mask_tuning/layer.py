@@ -14,27 +14,46 @@ from torch import nn
 
 
 class _MaskedWeight(torch.autograd.Function):
-    """`weight * 1[scores > threshold]`, with the straight-through gradient `dL/dS := dL/dM = grad * weight`.
+    """`weight * 1[scores > threshold]`, with the straight-through gradient `dL/dS := dL/dM = grad * weight`; and,
+    as a second output, `||scores||_2` (a zero, not differentiable, unless `with_norm`).
 
     The same values and gradients as `weight * straight_through_mask(scores, threshold)`, but the backward keeps
     only references to `weight` and `scores` (no float copy of the mask) and the forward builds one boolean mask.
+    The norm is the score penalty's ([`regtune.regularizers.MaskScorePenalty`]): its gradient `g * S / ||S||` is
+    added here, when the layer's backward runs, rather than by a node of its own at the start of the backward (which
+    would hold that gradient for every layer at once until each layer's backward).
     """
 
     @staticmethod
-    def forward(ctx, weight: torch.Tensor, scores: torch.Tensor, threshold: float) -> torch.Tensor:
+    def forward(ctx, weight: torch.Tensor, scores: torch.Tensor, threshold: float, with_norm: bool):
         ctx.threshold = threshold
-        ctx.save_for_backward(weight, scores)
-        return weight * (scores > threshold)
+        ctx.set_materialize_grads(False)
+        masked = weight * (scores > threshold)
+        if with_norm:
+            norm = torch._foreach_norm([scores.detach()])[0]
+            ctx.save_for_backward(weight, scores, norm)
+        else:
+            norm = scores.new_zeros(())
+            ctx.mark_non_differentiable(norm)
+            ctx.save_for_backward(weight, scores)
+        return masked, norm
 
     @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        weight, scores = ctx.saved_tensors
+    def backward(ctx, grad: torch.Tensor | None, grad_norm: torch.Tensor | None):
+        weight, scores, *norm = ctx.saved_tensors
         grad_weight = grad_scores = None
-        if ctx.needs_input_grad[0]:
+        if grad is not None and ctx.needs_input_grad[0]:
             grad_weight = grad * (scores > ctx.threshold)
         if ctx.needs_input_grad[1]:
-            grad_scores = (grad * weight).to(scores.dtype)
-        return grad_weight, grad_scores, None
+            if grad is not None:
+                grad_scores = (grad * weight).to(scores.dtype)
+            if grad_norm is not None and norm:
+                # d||S|| / dS = S / ||S|| (0 where S = 0)
+                coefficient = torch.where(norm[0] > 0, grad_norm / norm[0], 0.0).to(scores.dtype)
+                grad_scores = (
+                    scores * coefficient if grad_scores is None else grad_scores.addcmul_(scores, coefficient)
+                )
+        return grad_weight, grad_scores, None, None
 
 
 class _Recompute:
@@ -72,6 +91,9 @@ class MaskTuningLayer(BaseTunerLayer):
         self._disable_adapters = False
         # set by `MaskTuningModel.masks_disabled()`: the base weight without any mask, other modules untouched
         self.masktune_masks_off = False
+        # set by `MaskScorePenalty`: the forward also returns each score tensor's norm, for the penalty's gradient
+        self.masktune_track_norms = False
+        self.masktune_norms: dict[str, torch.Tensor] = {}
         self.merged_adapters: list[str] = []
         self.in_features, self.out_features = _get_in_out_features(self.get_base_layer())
         self.kwargs = kwargs
@@ -107,10 +129,18 @@ class MaskTuningLayer(BaseTunerLayer):
 
     def masked_weight(self) -> torch.Tensor:
         """`W * M_1 * M_2 * ...` over the active adapters, differentiable in the scores (straight-through:
-        `dL/dS := dL/dM`)."""
+        `dL/dS := dL/dM`). With `masktune_track_norms` (set by [`regtune.regularizers.MaskScorePenalty`]) and gradient
+        enabled, the differentiable norm `||S||_2` of each adapter's scores is kept in `masktune_norms` for the
+        penalty of this forward."""
         weight = self.get_base_layer().weight
-        for scores, threshold in self._mask_inputs():
-            weight = _MaskedWeight.apply(weight, scores, threshold)
+        track = self.masktune_track_norms and torch.is_grad_enabled()
+        for name in self.active_adapters:
+            if name in self.masktune_scores:
+                scores = self.masktune_scores[name]
+                with_norm = track and scores.requires_grad
+                weight, norm = _MaskedWeight.apply(weight, scores, self.masktune_threshold[name], with_norm)
+                if with_norm:
+                    self.masktune_norms[name] = norm
         return weight
 
     def _recompute_hooks(self, weight: torch.Tensor):
@@ -142,7 +172,7 @@ class MaskTuningLayer(BaseTunerLayer):
                     "A mask-tuning layer's base weight or scores were modified in place between its forward and its "
                     "backward: the masked weight the forward used cannot be rebuilt for the gradient."
                 )
-            with torch.no_grad():
+            with torch.no_grad():  # (no norms are kept without gradient)
                 rebuilt = layer.masked_weight()
             if rebuilt.stride() != packed.base_stride:  # the same values in the forward's layout
                 laid_out = torch.empty_strided(
