@@ -521,13 +521,14 @@ def test_coefficient_is_computed_once_per_optimizer_step_and_is_exact(monkeypatc
     import regtune.tuners.allora.layer as layer_module
 
     events = []
+    real_norms = layer_module.allora_row_norms_squared  # the model's batched computation, once per shape group
     real = layer_module.allora_row_coefficient
 
     def counting(*args, **kwargs):
         events.append("c")
-        return real(*args, **kwargs)
+        return real_norms(*args, **kwargs)
 
-    monkeypatch.setattr(layer_module, "allora_row_coefficient", counting)
+    monkeypatch.setattr(layer_module, "allora_row_norms_squared", counting)
     cached_model, layers = _accumulated_run(False, events)
     per_step = " ".join("".join(e or "|" for e in events).split("|")).split()
     assert per_step == ["c" * len(layers)] * 3  # one computation per layer per optimizer step, not per micro-batch
@@ -669,8 +670,9 @@ def test_one_batched_computation_per_step_for_all_layers(monkeypatch):
     shapes = {(tuple(m.lora_A["default"].weight.shape), tuple(m.lora_B["default"].weight.shape)) for m in layers}
     assert len(layers) > len(shapes)
     calls = []
+    real_norms = layer_module.allora_row_norms_squared
+    monkeypatch.setattr(layer_module, "allora_row_norms_squared", lambda *a: calls.append(1) or real_norms(*a))
     real = layer_module.allora_row_coefficient
-    monkeypatch.setattr(layer_module, "allora_row_coefficient", lambda *a, **k: calls.append(1) or real(*a, **k))
     model.train()
     model(**spec.batch())["loss"].backward()
     assert len(calls) == len(shapes)

@@ -39,11 +39,38 @@ def allora_row_coefficient(
     Returns:
         `torch.Tensor`: float32, shape `(..., out_features)`.
     """
-    a = lora_A.detach().float()
-    b = lora_B.detach().float()
-    row_sq = ((b @ (a @ a.mT)) * b).sum(dim=-1).clamp_min(0.0)
+    row_sq = allora_row_norms_squared(lora_A, lora_B).clamp_min(0.0)
     norm_term = row_sq if norm_squared else row_sq.sqrt()
     return torch.rsqrt(norm_term + 1.0 / (eta * eta))
+
+
+def allora_row_norms_squared(lora_A: torch.Tensor, lora_B: torch.Tensor) -> torch.Tensor:
+    """`||(B A)_i||^2` for every output row `i`, through the `r x r` Gram matrix (float32, detached; leading
+    dimensions are batch dimensions). Not clamped: rounding can make a zero row slightly negative."""
+    a = lora_A.detach().float()
+    b = lora_B.detach().float()
+    return ((b @ (a @ a.mT)) * b).sum(dim=-1)
+
+
+def allora_row_coefficients_from_norms_(
+    norms: list[torch.Tensor], etas: list[float], norm_squared: list[bool]
+) -> list[torch.Tensor]:
+    """
+    In place, for several tensors at once (one `torch._foreach_*` call per step of the formula, whatever their
+    number): turn the squared row norms `norms[k]` (from [`allora_row_norms_squared`]) into the row coefficients
+    `1 / sqrt(max(norms[k], 0)^(p/2) + 1/etas[k]^2)`, `p = 2` where `norm_squared[k]`, else 1. The values are those of
+    [`allora_row_coefficient`]. Plain (unsharded) tensors only.
+
+    Returns:
+        `list[torch.Tensor]`: `norms`, now holding the coefficients.
+    """
+    torch._foreach_clamp_min_(norms, 0.0)
+    roots = [n for n, squared in zip(norms, norm_squared) if not squared]
+    if roots:
+        torch._foreach_sqrt_(roots)
+    torch._foreach_add_(norms, [1.0 / (eta * eta) for eta in etas])
+    torch._foreach_rsqrt_(norms)
+    return norms
 
 
 def allora_factor_coefficient(weight: torch.Tensor, eta: float, norm_squared: bool = True) -> torch.Tensor:
@@ -87,42 +114,56 @@ def scale_grad(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
 
 
 class _ALLoRAProduct(torch.autograd.Function):
-    """`B A x` whose backward scales the gradients of `A` and `B` by the row coefficient `c` (not that of `x`)."""
+    """`B A x` whose backward scales the gradients of `A` and `B` by the row coefficient `c` (not that of `x`).
+
+    `factors` (optional) is `[B | c[:, None] * B]` (out x 2r), which depends on the weights only: the layers compute
+    it with the coefficient, once per optimizer step, so that the backward does one product with it for both the
+    plain gradient path to `x` and the scaled one to `A`.
+    """
 
     @staticmethod
-    def forward(ctx, x, weight_A, weight_B, coefficient):
+    def forward(ctx, x, weight_A, weight_B, coefficient, factors=None):
         hidden = torch.nn.functional.linear(x, weight_A)
-        out = torch.nn.functional.linear(hidden, weight_B)
-        ctx.save_for_backward(x, hidden, weight_A, weight_B, coefficient)
-        return out
+        ctx.save_for_backward(x, hidden, weight_A, weight_B, coefficient, factors)
+        return torch.nn.functional.linear(hidden, weight_B)
 
     @staticmethod
     def backward(ctx, grad_out):
-        x, hidden, weight_A, weight_B, coefficient = ctx.saved_tensors
+        # runs for every adapted layer and micro-batch: kept to four products and one scaling
+        x, hidden, weight_A, weight_B, coefficient, factors = ctx.saved_tensors
         dtype = grad_out.dtype
         needs_x, needs_A, needs_B = ctx.needs_input_grad[:3]
+        r = weight_A.shape[0]
+        c = coefficient if coefficient.dtype == dtype else coefficient.to(dtype)
         grad_out_2d = grad_out.reshape(-1, grad_out.shape[-1])
-        b = weight_B if weight_B.dtype == dtype else weight_B.to(dtype)
-        c = (coefficient if coefficient.dtype == dtype else coefficient.to(dtype))[:, None]
         grad_x = grad_A = grad_B = None
-        if needs_x:
-            # plain LoRA: dL/dx = (delta B) A
-            a = weight_A if weight_A.dtype == dtype else weight_A.to(dtype)
-            grad_x = (grad_out @ b) @ a
-            if grad_x.dtype != x.dtype:
-                grad_x = grad_x.to(x.dtype)
-        if needs_A:
-            # delta * c through B is (delta) (c[:, None] * B): scale the small (out x r) matrix, not the activations
-            x_2d = x.reshape(-1, x.shape[-1])
-            grad_A = (grad_out_2d @ (b * c)).T @ (x_2d if x_2d.dtype == dtype else x_2d.to(dtype))
-            if grad_A.dtype != weight_A.dtype:
-                grad_A = grad_A.to(weight_A.dtype)
+        if needs_x or needs_A:
+            if factors is None:
+                b = weight_B if weight_B.dtype == dtype else weight_B.to(dtype)
+                factors = torch.cat([b, b * c[:, None]], dim=1)
+            elif factors.dtype != dtype:
+                factors = factors.to(dtype)
+            # [delta B | delta (c B)]: delta * c through B is delta (c[:, None] * B), the small matrix scaled, not the
+            # activations
+            through_B = grad_out_2d @ factors
+            if needs_x:  # plain LoRA: dL/dx = (delta B) A
+                a = weight_A if weight_A.dtype == dtype else weight_A.to(dtype)
+                grad_x = (through_B[:, :r] @ a).view(*x.shape[:-1], a.shape[-1])
+                if grad_x.dtype != x.dtype:
+                    grad_x = grad_x.to(x.dtype)
+            if needs_A:
+                x_2d = x.reshape(-1, x.shape[-1])
+                grad_A = through_B[:, r:].T @ (x_2d if x_2d.dtype == dtype else x_2d.to(dtype))
+                if grad_A.dtype != weight_A.dtype:
+                    grad_A = grad_A.to(weight_A.dtype)
         if needs_B:
             hidden_2d = hidden.reshape(-1, hidden.shape[-1])
-            grad_B = (grad_out_2d.T @ (hidden_2d if hidden_2d.dtype == dtype else hidden_2d.to(dtype))) * c
+            grad_B = (grad_out_2d.T @ (hidden_2d if hidden_2d.dtype == dtype else hidden_2d.to(dtype))).mul_(
+                c[:, None]
+            )
             if grad_B.dtype != weight_B.dtype:
                 grad_B = grad_B.to(weight_B.dtype)
-        return grad_x, grad_A, grad_B, None
+        return grad_x, grad_A, grad_B, None, None
 
 
 def allora_lora_forward(

@@ -31,26 +31,50 @@ def _named_adapters(model: nn.Module) -> list[tuple[str, object, str]]:
 
 
 def _stats(model: nn.Module, adapters: list | None = None) -> tuple[list[str], torch.Tensor] | None:
-    """`(layer names, tensor [min, median, min per layer..., median per layer...])` of `c / eta`, or None."""
+    """
+    `(layer names, tensor [min, median, min per layer..., median per layer...])` of `c / eta`, or None. The layers
+    come in the order of the computation (the adapters computed together in one batch are next to each other).
+    """
     adapters = _named_adapters(model) if adapters is None else adapters
     if not adapters:
         return None
-    values, etas = [], []
-    for _, module, adapter_name in adapters:
+    # the layers' cached coefficients (one batched refresh for all of them when stale); the adapters computed together
+    # in one batch are reduced together: a few reductions per batch of equally shaped layers, not per layer
+    blocks: list[list] = []  # [rows (n, k) of c, eta, positions of the adapters in `adapters`]
+    by_batch: dict[int, list] = {}
+    for position, (_, module, adapter_name) in enumerate(adapters):
+        eta = module.allora_eta[adapter_name]
         if module.allora_row_norm[adapter_name] == "factors":
             c_a, c_b = module.allora_factor_coefficients(adapter_name)
-            values.append(torch.cat([c_a.reshape(-1), c_b.reshape(-1)]))
-        else:
-            values.append(module.allora_row_coefficients(adapter_name).reshape(-1))
-        etas.append(module.allora_eta[adapter_name])
-    # a few vectorized reductions over all layers (rows padded per layer), not a few per layer
-    pad = torch.nn.utils.rnn.pad_sequence
-    inv_eta = torch.tensor(etas, dtype=values[0].dtype).to(values[0].device).reciprocal()[:, None]
-    mins = (pad(values, batch_first=True, padding_value=float("inf")) * inv_eta).amin(dim=1)
-    padded = pad(values, batch_first=True, padding_value=float("nan")) * inv_eta
-    medians = padded.nanmedian(dim=1).values
-    overall = torch.stack([mins.min(), padded.reshape(-1).nanmedian()])
-    return [name for name, _, _ in adapters], torch.cat([overall, mins, medians])
+            blocks.append([torch.cat([c_a.reshape(-1), c_b.reshape(-1)])[None], eta, [position]])
+            continue
+        _, value, batch, index = module._allora_entry(adapter_name, "rows", module._allora_compute_rows)
+        if batch is None:
+            blocks.append([value.reshape(1, -1), eta, [position]])
+            continue
+        block = by_batch.get(id(batch))
+        if block is None:
+            block = by_batch[id(batch)] = [batch.rows, eta, [None] * batch.rows.shape[0], batch]
+            blocks.append(block)
+        block[2][index] = position
+    rows_of = []
+    for block in blocks:
+        if None in block[2]:  # a batch with adapters outside `adapters`: only the rows of those inside
+            kept = [i for i, position in enumerate(block[2]) if position is not None]
+            block[0], block[2] = block[0][kept], [block[2][i] for i in kept]
+        rows_of.append(block[0])
+    etas = {block[1] for block in blocks}
+    if len(etas) > 1:  # c / eta per block; with one eta, the few statistics are divided at the end instead
+        rows_of = [rows / block[1] for rows, block in zip(rows_of, blocks)]
+    mins = [rows.amin(dim=1) for rows in rows_of]
+    medians = [rows.median(dim=1).values for rows in rows_of]
+    overall_median = torch.cat([rows.reshape(-1) for rows in rows_of]).median()
+    mins_all = torch.cat(mins)
+    vector = torch.cat([mins_all.min()[None], overall_median[None], mins_all, torch.cat(medians)])
+    if len(etas) == 1:
+        vector = vector / etas.pop()
+    # the per-layer entries are in the blocks' order
+    return [adapters[position][0] for block in blocks for position in block[2]], vector
 
 
 def allora_coefficient_stats(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -124,9 +148,17 @@ class ALLoRADiagnostics(Regularizer):
         if stats is None:
             return {}
         names, vector = stats
-        if not self.per_layer:
-            names, vector = [], vector[:2]
-        return dict(zip(_keys(names), vector.tolist()))  # one host sync for all of them
+        values = vector.tolist()  # one host sync for all of them
+        out = {"c_over_eta_min": values[0], "c_over_eta_median": values[1]}
+        if self.per_layer:
+            count = len(names)
+            mins = dict(zip(names, values[2 : 2 + count]))
+            medians = dict(zip(names, values[2 + count :]))
+            for name, _, _ in self._adapters:  # in the model's order
+                out[f"c_over_eta_min/{name}"] = mins[name]
+            for name, _, _ in self._adapters:
+                out[f"c_over_eta_median/{name}"] = medians[name]
+        return out
 
 
 def automatic_regularizers(model: nn.Module | None, regularizers: list[Regularizer]) -> list[Regularizer]:

@@ -37,12 +37,14 @@ from peft.utils.other import transpose
 from torch import nn
 from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
 
-from regtune._sharding import is_sharded
+from regtune._sharding import DTensor
 from regtune.functional.allora import (
     _ALLoRAProduct,
     allora_conv_forward,
     allora_factor_coefficient,
     allora_row_coefficient,
+    allora_row_coefficients_from_norms_,
+    allora_row_norms_squared,
     scale_grad,
 )
 
@@ -97,7 +99,7 @@ class ALLoRALayer:
     The ALLoRA part shared by every ALLoRA layer type: per-adapter settings and the cached coefficients.
 
     The coefficients are a function of `A` and `B` only. They are cached per adapter, keyed on the identity
-    (`data_ptr`) and the autograd version counter of `A` and `B` and on a process-wide counter bumped after every
+    (`data_ptr`), dtype and autograd version counter of `A` and `B` and on a process-wide counter bumped after every
     `torch.optim` optimizer step: any optimizer step and any in-place change of the weights through autograd-visible
     ops (`copy_`, `add_` under `torch.no_grad()`, `load_state_dict`, ...) recomputes them, so the cache gives exactly
     the coefficients a per-forward computation would give. Under gradient accumulation the micro-batches of one
@@ -105,11 +107,18 @@ class ALLoRALayer:
     detected; call [`ALLoRALayer.allora_clear_cache`] after one.)
     """
 
+    # the row coefficients of this layer type can be computed in the model's batched refresh (2-d `A`/`B`, one output
+    # row per row of `B`); conv and expert-stack layers compute theirs on their own
+    _allora_batched = True
+    # its gradient-site forward is `_ALLoRAProduct` (which takes the precomputed `[B | c B]`)
+    _allora_product_forward = False
+
     def _allora_init(self) -> None:
         self.allora_eta: dict[str, float] = {}
         self.allora_norm_squared: dict[str, bool] = {}
         self.allora_scale_gradients: dict[str, bool] = {}
         self.allora_row_norm: dict[str, str] = {}
+        # adapter -> (key, value, batch, index in the batch); batch is a _CoefficientBatch or None
         self.allora_cache: dict[str, tuple] = {}
 
     def _allora_record(self, adapter_name: str, config) -> None:
@@ -132,7 +141,13 @@ class ALLoRALayer:
 
     def allora_weights(self, adapter_name: str) -> tuple[torch.Tensor, torch.Tensor]:
         """The `(A, B)` parameters of `adapter_name`."""
-        return self.lora_A[adapter_name].weight, self.lora_B[adapter_name].weight
+        try:  # the registered parameters, by plain dict lookups (this runs several times per step and layer)
+            return (
+                self._modules["lora_A"]._modules[adapter_name]._parameters["weight"],
+                self._modules["lora_B"]._modules[adapter_name]._parameters["weight"],
+            )
+        except KeyError:  # no such adapter (KeyError again), or a weight that is not a plain parameter (parametrized)
+            return self.lora_A[adapter_name].weight, self.lora_B[adapter_name].weight
 
     def _allora_views(self, weight_A: torch.Tensor, weight_B: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """`(a, b)` with `dW = b @ a` per output row: `a (..., r, in)`, `b (..., out, r)` (leading dims: experts)."""
@@ -148,35 +163,29 @@ class ALLoRALayer:
 
     # ---- the coefficients ----
 
-    def _allora_cache_key(self, adapter_name: str, kind: str, weights=None) -> tuple:
-        weight_A, weight_B = weights if weights is not None else self.allora_weights(adapter_name)
-        return (
-            kind,
-            _Registry.generation,
-            weight_A.data_ptr(),
-            weight_A._version,
-            weight_B.data_ptr(),
-            weight_B._version,
-            weight_A.dtype,
-            weight_B.dtype,
-        )
-
-    def _allora_cached(self, adapter_name: str, kind: str, compute, weights=None):
-        key = self._allora_cache_key(adapter_name, kind, weights)
+    def _allora_entry(self, adapter_name: str, kind: str, compute, weights=None) -> tuple:
+        """The cache entry `(key, value, batch, index)` of `adapter_name`, recomputed when stale."""
+        if weights is None:
+            weights = self.allora_weights(adapter_name)
+        key = _cache_key(kind, weights)
         cached = self.allora_cache.get(adapter_name)
         if cached is not None and cached[0] == key:
-            return cached[1]
-        group = _Registry.groups.get(self) if kind == "rows" else None
-        if group is not None:
-            # one batched computation for every stale adapter of the model (once per optimizer step)
-            group.refresh()
-            cached = self.allora_cache.get(adapter_name)
-            if cached is not None and cached[0] == key:
-                return cached[1]
+            return cached
+        if kind == "rows":
+            group = _Registry.groups.get(self)
+            if group is not None:
+                # one batched computation for every stale adapter of the model (once per optimizer step)
+                group.refresh()
+                cached = self.allora_cache.get(adapter_name)
+                if cached is not None and cached[0] == key:
+                    return cached
         with torch.no_grad():
-            value = compute(*(weights if weights is not None else self.allora_weights(adapter_name)), adapter_name)
-        self.allora_cache[adapter_name] = (key, value)
-        return value
+            entry = (key, compute(*weights, adapter_name), None, 0)
+        self.allora_cache[adapter_name] = entry
+        return entry
+
+    def _allora_cached(self, adapter_name: str, kind: str, compute, weights=None):
+        return self._allora_entry(adapter_name, kind, compute, weights)[1]
 
     def allora_row_coefficients(self, adapter_name: str, weights=None) -> torch.Tensor:
         """
@@ -217,7 +226,12 @@ class ALLoRALayer:
         if self.allora_row_norm[adapter_name] == "factors":
             c_a, c_b = self.allora_factor_coefficients(adapter_name)
         else:
-            c_b = self.allora_row_coefficients(adapter_name)
+            _, c_b, batch, index = self._allora_entry(
+                adapter_name, "rows", self._allora_compute_rows, (weight_A, weight_B)
+            )
+            if batch is not None:  # computed with its batch: its scales too, once for the whole batch
+                scales_A, scales_B = batch.param_scales()
+                return scales_A[index], scales_B[index]
             r = self._allora_views(weight_A, weight_B)[0].shape[-2]
             c_a = c_b.mean(dim=-1, keepdim=True).expand(*c_b.shape[:-1], r)
         return self._allora_to_A(c_a, weight_A), self._allora_to_B(c_b, weight_B)
@@ -235,6 +249,22 @@ class ALLoRALayer:
         weight_A, weight_B = self.allora_weights(adapter_name)
         scale_A, scale_B = self.allora_param_scales(adapter_name)
         return scale_grad(weight_A, scale_A), scale_grad(weight_B, scale_B)
+
+    def _allora_delta_weight(self, adapter_name: str) -> torch.Tensor | None:
+        """
+        `dW = B A` (out x in) whose gradient reaches `A` and `B` by ALLoRA's rule, for the layers that run the adapter
+        in weight space (`nn.MultiheadAttention`, and merging); `None` when this call needs no rule (inference,
+        frozen adapter, update mode): the caller then uses peft's plain delta.
+        """
+        rule = self._allora_gradient_rule(adapter_name)
+        if rule is None:
+            return None
+        if rule == "factors":
+            weight_A, weight_B = self._allora_scaled_factors(adapter_name)
+            return weight_B @ weight_A
+        weight_A, weight_B = self.allora_weights(adapter_name)
+        coefficient = self.allora_row_coefficients(adapter_name, (weight_A, weight_B))
+        return scale_grad(weight_B @ weight_A, coefficient[:, None])
 
     def _allora_gradient_rule(self, adapter_name: str) -> str | None:
         """`"product"` / `"factors"` when this forward must apply the coefficient to the gradients, else `None`."""
@@ -279,8 +309,11 @@ class ALLoRALinearVariant(_ALLoRAVariantBase):
             and (weight_A.requires_grad or weight_B.requires_grad)
         ):
             if module.allora_row_norm[active_adapter] == "product":
-                coefficient = module.allora_row_coefficients(active_adapter, (weight_A, weight_B))
-                return result + _ALLoRAProduct.apply(x, weight_A, weight_B, coefficient)
+                _, coefficient, batch, index = module._allora_entry(
+                    active_adapter, "rows", module._allora_compute_rows, (weight_A, weight_B)
+                )
+                factors = None if batch is None or batch.factors is None else batch.factors[index]
+                return result + _ALLoRAProduct.apply(x, weight_A, weight_B, coefficient, factors)
             weight_A, weight_B = module._allora_scaled_factors(active_adapter)
             return result + F.linear(F.linear(x, weight_A), weight_B)
         return result + lora_B(lora_A(x))  # inference, frozen adapter or update mode: plain B A x
@@ -343,6 +376,7 @@ class ALLoRALinear(ALLoRALayer, LoraLinear):
     """
 
     other_param_names = LoraLinear.other_param_names + _ALLORA_PARAM_NAMES
+    _allora_product_forward = True
 
     def __init__(self, base_layer, adapter_name: str, config, **kwargs) -> None:
         self._allora_init()  # must exist before LoraLinear.__init__ calls update_layer -> variant.init
@@ -355,14 +389,9 @@ class ALLoRALinear(ALLoRALayer, LoraLinear):
     def get_delta_weight(self, adapter) -> torch.Tensor:
         # Used by merging and, for the out_proj of nn.MultiheadAttention, inside the forward (its weights are merged
         # for the call). In the latter case the gradient reaching A and B must follow ALLoRA's rule too.
-        rule = self._allora_gradient_rule(adapter)
-        if rule is None:
+        delta = self._allora_delta_weight(adapter)
+        if delta is None:
             return super().get_delta_weight(adapter)
-        if rule == "factors":
-            weight_A, weight_B = self._allora_scaled_factors(adapter)
-            return transpose(weight_B @ weight_A, self.fan_in_fan_out)
-        weight_A, weight_B = self.allora_weights(adapter)
-        delta = scale_grad(weight_B @ weight_A, self.allora_row_coefficients(adapter)[:, None])
         return transpose(delta, self.fan_in_fan_out)
 
     def __repr__(self) -> str:
@@ -391,6 +420,8 @@ class ALLoRAEmbedding(ALLoRALayer, LoraEmbedding):
 
 class _ALLoRAConvNd(ALLoRALayer):
     """Conv specifics: an output row is an output channel; `B` (a 1x1 conv, maybe grouped) is block diagonal."""
+
+    _allora_batched = False
 
     def _allora_views(self, weight_A, weight_B):
         r = weight_A.shape[0]
@@ -470,14 +501,8 @@ class ALLoRAMultiheadAttention(ALLoRALayer, LoraMultiheadAttention):
         self._allora_record(adapter_name, config)
 
     def get_delta_weight(self, adapter) -> torch.Tensor:
-        rule = self._allora_gradient_rule(adapter)
-        if rule is None:
-            return super().get_delta_weight(adapter)
-        if rule == "factors":
-            weight_A, weight_B = self._allora_scaled_factors(adapter)
-            return weight_B @ weight_A
-        weight_A, weight_B = self.allora_weights(adapter)
-        return scale_grad(weight_B @ weight_A, self.allora_row_coefficients(adapter)[:, None])
+        delta = self._allora_delta_weight(adapter)
+        return super().get_delta_weight(adapter) if delta is None else delta
 
     def __repr__(self) -> str:
         return "allora." + super().__repr__().removeprefix("lora.")
@@ -492,6 +517,7 @@ class ALLoRAParamWrapper(ALLoRALayer, LoraParamWrapper):
     """
 
     other_param_names = LoraParamWrapper.other_param_names + _ALLORA_PARAM_NAMES
+    _allora_batched = False
 
     def __init__(self, base_layer, adapter_name: str, parameter_name: str, config, **kwargs) -> None:
         self._allora_init()
@@ -571,12 +597,55 @@ class ALLoRAParamWrapper(ALLoRALayer, LoraParamWrapper):
         return "allora." + super().__repr__().removeprefix("lora.")
 
 
+def _cache_key(kind: str, weights: tuple[torch.Tensor, torch.Tensor]) -> tuple:
+    """What the cached coefficients of `(A, B)` are valid for: the optimizer-step generation, and the storage, dtype
+    and autograd version counter of `A` and `B` (an in-place change through autograd bumps the version)."""
+    weight_A, weight_B = weights
+    return (
+        kind,
+        _Registry.generation,
+        weight_A.data_ptr(),
+        weight_A._version,
+        weight_B.data_ptr(),
+        weight_B._version,
+        weight_A.dtype,
+        weight_B.dtype,
+    )
+
+
+class _CoefficientBatch:
+    """
+    The row coefficients of equally shaped adapters computed together: `rows[i]` (float32, `(out,)`) belongs to the
+    batch's `i`-th adapter. Each adapter's cache entry refers to its batch, so that the per-parameter scales of the
+    update-side optimizer and the diagnostics' statistics are computed once for the batch, not once per layer.
+    """
+
+    __slots__ = ("rows", "eta", "rank", "factors", "_param_scales")
+
+    def __init__(self, rows: torch.Tensor, eta: float, rank: int, factors: tuple | None = None):
+        self.rows = rows  # (n, out)
+        self.eta = eta
+        self.rank = rank
+        self.factors = factors  # gradient site: [B | c[:, None] * B] (out x 2r) per adapter, for its backward
+        self._param_scales = None
+
+    def param_scales(self) -> tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]]:
+        """The scales of every adapter's `A` (`(r, 1)`: the mean of its `c`) and `B` (`(out, 1)`: its `c`)."""
+        if self._param_scales is None:
+            rows = self.rows
+            mean = rows.mean(dim=-1, keepdim=True)  # (n, 1)
+            scales_A = mean[:, None, :].expand(rows.shape[0], self.rank, 1).unbind(0)
+            self._param_scales = (scales_A, rows[:, :, None].unbind(0))
+        return self._param_scales
+
+
 class ALLoRACoefficientGroup:
     """
     The ALLoRA layers of one model, whose row coefficients are computed together: when a layer finds its cached
     coefficient stale (the first forward after an optimizer step), the coefficients of every stale adapter of the
-    model are computed at once, in one batched product per group of equally shaped layers (`torch.stack` + `bmm`),
-    instead of a handful of small kernels per layer. The values are exactly those of the per-layer computation.
+    model are computed at once, in one batched product per group of equally shaped layers (`torch.stack` + `bmm`,
+    then one `torch._foreach_*` pass for the elementwise tail of all of them), instead of a handful of small kernels
+    per layer. The values are those of the per-layer computation (up to the rounding of the batched matmul).
     """
 
     def __init__(self, layers):
@@ -584,43 +653,60 @@ class ALLoRACoefficientGroup:
 
     def refresh(self) -> None:
         batches: dict[tuple, list] = {}
-        for layer in list(self.layers):
-            if type(layer)._allora_views is not ALLoRALayer._allora_views:
+        for layer in self.layers:
+            if not layer._allora_batched:
                 continue  # conv / expert stacks: their own (reshaped) computation, on demand
+            cache = layer.allora_cache
             for adapter_name, row_norm in layer.allora_row_norm.items():
                 if row_norm != "product":
                     continue
                 try:
-                    weight_A, weight_B = layer.allora_weights(adapter_name)
+                    weights = layer.allora_weights(adapter_name)
                 except KeyError:
                     continue
+                weight_A, weight_B = weights
                 if not (weight_A.requires_grad or weight_B.requires_grad):
                     continue
-                if is_sharded(weight_A) or is_sharded(weight_B):
+                if DTensor is not None and (isinstance(weight_A, DTensor) or isinstance(weight_B, DTensor)):
                     continue  # FSDP2: resharded outside its block's forward; computed there, on demand
-                key = layer._allora_cache_key(adapter_name, "rows")
-                cached = layer.allora_cache.get(adapter_name)
+                key = _cache_key("rows", weights)
+                cached = cache.get(adapter_name)
                 if cached is not None and cached[0] == key:
                     continue
                 group_key = (
-                    tuple(weight_A.shape),
-                    tuple(weight_B.shape),
+                    weight_A.shape,
+                    weight_B.shape,
                     weight_A.device,
+                    weight_B.dtype,
                     layer.allora_eta[adapter_name],
                     layer.allora_norm_squared[adapter_name],
+                    layer._allora_product_forward and layer.allora_scale_gradients[adapter_name],
                 )
-                batches.setdefault(group_key, []).append((layer, adapter_name, key, weight_A, weight_B))
+                batches.setdefault(group_key, []).append((cache, adapter_name, key, weight_A, weight_B))
+        if not batches:
+            return
         with torch.no_grad():
-            for (_, _, _, eta, squared), members in batches.items():
+            norms, stacks_B = [], []
+            for members in batches.values():
                 if len(members) == 1:
-                    layer, adapter_name, key, weight_A, weight_B = members[0]
-                    coefficients = [allora_row_coefficient(weight_A, weight_B, eta, squared)]
+                    stacked_A, stacked_B = members[0][3][None], members[0][4][None]
                 else:
-                    stacked_A = torch.stack([m[3].detach() for m in members])
-                    stacked_B = torch.stack([m[4].detach() for m in members])
-                    coefficients = allora_row_coefficient(stacked_A, stacked_B, eta, squared).unbind(0)
-                for (layer, adapter_name, key, _, _), value in zip(members, coefficients):
-                    layer.allora_cache[adapter_name] = (key, value)
+                    stacked_A = torch.stack([m[3] for m in members])
+                    stacked_B = torch.stack([m[4] for m in members])
+                norms.append(allora_row_norms_squared(stacked_A, stacked_B))
+                stacks_B.append(stacked_B)
+            etas = [group_key[4] for group_key in batches]
+            coefficients = allora_row_coefficients_from_norms_(norms, etas, [group_key[5] for group_key in batches])
+            for group_key, members, rows, eta, stacked_B in zip(
+                batches, batches.values(), coefficients, etas, stacks_B
+            ):
+                factors = None
+                if group_key[6]:  # the gradient site's backward: [B | c B], in B's dtype
+                    scaled_B = (stacked_B * rows[..., None]).to(stacked_B.dtype)
+                    factors = torch.cat([stacked_B, scaled_B], dim=-1).unbind(0)
+                batch = _CoefficientBatch(rows, eta, group_key[0][-2], factors)
+                for index, ((cache, adapter_name, key, _, _), value) in enumerate(zip(members, rows.unbind(0))):
+                    cache[adapter_name] = (key, value, batch, index)
 
 
 ALLORA_LAYER_TYPES = (

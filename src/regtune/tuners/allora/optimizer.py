@@ -23,7 +23,7 @@ import weakref
 import torch
 from torch import nn
 
-from regtune._sharding import foreach_copy_
+from regtune._sharding import foreach_copy_, is_sharded
 
 from .layer import ALLoRALayer, _install_global_hooks, _Registry, allora_adapters
 
@@ -128,27 +128,44 @@ def attach_allora_update(optimizer: torch.optim.Optimizer, model: nn.Module) -> 
     if not layers:
         return optimizer
     _install_global_hooks()
-    snapshot: list[torch.Tensor] = []
+    sharded = any(is_sharded(p) for p in scaled)
+    snapshot: list[torch.Tensor] = []  # A, B before the step (kept between steps, refilled in place)
+    snapshot_layout: list[tuple] = []
     scales: list[torch.Tensor] = []
 
     @torch.no_grad()
     def pre_step(opt, args, kw):
-        snapshot[:] = torch._foreach_mul(scaled, 1.0)  # copies of A, B before the step
+        if sharded:  # FSDP2's DTensor parameters: a fresh copy (no in-place foreach copy for them)
+            snapshot[:] = torch._foreach_mul(scaled, 1.0)
+        else:
+            layout = [(p.shape, p.dtype, p.device) for p in scaled]
+            if layout != snapshot_layout:
+                snapshot[:] = [torch.empty_like(p) for p in scaled]
+                snapshot_layout[:] = layout
+            torch._foreach_copy_(snapshot, scaled)
         scales.clear()
+        # the coefficients of the weights before the step (computed once for all layers, batched; float32)
         for module, name in layers:
-            weight_A, weight_B = module.allora_weights(name)
-            scale_A, scale_B = module.allora_param_scales(name)
-            scales.append(scale_A.to(weight_A.dtype))
-            scales.append(scale_B.to(weight_B.dtype))
+            scales.extend(module.allora_param_scales(name))
+        for k, (scale, param) in enumerate(zip(scales, scaled)):
+            if scale.dtype != param.dtype:
+                scales[k] = scale.to(param.dtype)
 
     @torch.no_grad()
     def post_step(opt, args, kw):
         # p <- p_old + scale * (p_new - p_old)
-        step = torch._foreach_sub(scaled, snapshot)
-        torch._foreach_mul_(step, scales)
-        torch._foreach_add_(snapshot, step)
-        foreach_copy_(scaled, snapshot)  # FSDP2's DTensor parameters too
-        snapshot.clear()
+        if sharded:  # FSDP2's DTensor parameters: no in-place foreach copy for them
+            step = torch._foreach_sub(scaled, snapshot)
+            torch._foreach_mul_(step, scales)
+            torch._foreach_add_(snapshot, step)
+            foreach_copy_(scaled, snapshot)
+        else:  # in place on the parameters: the same values (the sum's operands are swapped), 3 passes, no copy
+            torch._foreach_sub_(scaled, snapshot)
+            torch._foreach_mul_(scaled, scales)
+            torch._foreach_add_(scaled, snapshot)
+        if sharded:
+            snapshot.clear()
+        scales.clear()
 
     optimizer.register_step_pre_hook(pre_step)
     optimizer.register_step_post_hook(post_step)
