@@ -139,6 +139,16 @@ def count_flips(mask: torch.Tensor, packed: torch.Tensor) -> torch.Tensor:
     return count
 
 
+# entries per chunk of the gradient-dropout rule (U is drawn in these chunks, in order)
+_DROPOUT_CHUNK = 1 << 18
+
+
+def _uniform_generator(seed: int, global_step: int, index: int, device: torch.device) -> torch.Generator:
+    generator = torch.Generator(device=device)
+    generator.manual_seed(_uniform_seed(seed, global_step, index))
+    return generator
+
+
 def _uniform_seed(seed: int, global_step: int, index: int) -> int:
     """The seed of `U` for score tensor `index` at optimizer step `global_step`: one generator per tensor, so that
     every tensor's draw is the same whichever order the tensors are processed in (the backward's)."""
@@ -425,19 +435,33 @@ class GradientDropout(Regularizer):
         return loss
 
     def _drop_(self, index: int, grad: torch.Tensor, g_b: torch.Tensor, global_step: int) -> None:
-        """Apply the dropout to one score's accumulated task gradient `grad` (a plain tensor), in place; `g_b` is
-        this process's own buffer (overwritten)."""
-        generator = torch.Generator(device=grad.device)
-        generator.manual_seed(_uniform_seed(self.seed, global_step, index))
-        uniform = torch.rand(grad.shape, generator=generator, device=grad.device, dtype=grad.dtype)
-        keep = gradient_dropout_keep_(grad, g_b.to(grad.dtype), uniform)
-        del uniform, g_b
-        if self.log_diagnostics:  # device-side counts, read when the Trainer logs
-            nonzero = grad != 0
-            counts = torch.stack([(nonzero & ~keep).sum(), nonzero.sum()])
+        """Apply the dropout to one score's accumulated task gradient `grad` (a plain tensor), in place, by chunks
+        of entries (the temporaries stay a few MiB whatever the layer's size); `g_b` is this process's own buffer
+        (overwritten)."""
+        generator = _uniform_generator(self.seed, global_step, index, grad.device)
+        lam = self.graddrop_lambda
+        flat_grad = grad.view(-1) if grad.is_contiguous() else None
+        if flat_grad is None:  # one chunk
+            flat_grad, chunk = grad, grad.numel()
+        else:
+            chunk = _DROPOUT_CHUNK
+        flat_b = g_b.to(grad.dtype).reshape(flat_grad.shape)
+        del g_b
+        counts = None
+        for start in range(0, max(flat_grad.numel(), 1), chunk):
+            task = flat_grad[start : start + chunk] if flat_grad.dim() == 1 else flat_grad
+            uniform = torch.rand(task.shape, generator=generator, device=grad.device, dtype=grad.dtype)
+            knowledge = flat_b[start : start + chunk] if flat_grad.dim() == 1 else flat_b
+            keep = gradient_dropout_keep_(task, knowledge, uniform)
+            del uniform
+            if self.log_diagnostics:  # device-side counts, read when the Trainer logs
+                nonzero = task != 0
+                part = torch.stack([torch.count_nonzero(nonzero & ~keep), torch.count_nonzero(nonzero)])
+                counts = part if counts is None else counts + part
+            # ((1 - lambda) + lambda * keep) * g_a, in place
+            task.mul_(keep.to(grad.dtype).mul_(lam).add_(1.0 - lam))
+        if counts is not None:
             self._counts = counts if self._counts is None else self._counts + counts
-        # ((1 - lambda) + lambda * keep) * g_a, in place
-        grad.mul_(keep.to(grad.dtype).mul_(self.graddrop_lambda).add_(1.0 - self.graddrop_lambda))
 
     def _apply(self, scores: list[torch.Tensor], global_step: int) -> None:
         """The dropout at the end of the step, on the reduced task gradients (DDP, FSDP2)."""
@@ -455,9 +479,14 @@ class GradientDropout(Regularizer):
                 continue
             # U over the full shape from the tensor's own generator: identical on every process, then laid out
             # like .grad
-            generator = torch.Generator(device=g_b.device)
-            generator.manual_seed(_uniform_seed(self.seed, global_step, index))
-            uniform = torch.rand(score.shape, generator=generator, device=g_b.device, dtype=score.grad.dtype)
+            generator = _uniform_generator(self.seed, global_step, index, g_b.device)
+            numel, dtype = score.numel(), score.grad.dtype
+            uniform = torch.cat(
+                [
+                    torch.rand(min(_DROPOUT_CHUNK, numel - start), generator=generator, device=g_b.device, dtype=dtype)
+                    for start in range(0, numel, _DROPOUT_CHUNK)
+                ]
+            ).view(score.shape)  # drawn in the chunks of `_drop_`, so that every path draws the same U
             g_b, uniform = shard_like(g_b.to(score.grad.dtype), score.grad), shard_like(uniform, score.grad)
             local_grad, local_b, local_u = _local(score.grad), _local(g_b), _local(uniform)
             keep = gradient_dropout_keep_(local_grad, local_b, local_u)
