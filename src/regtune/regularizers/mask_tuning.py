@@ -52,7 +52,7 @@ def _eval_mode(model: torch.nn.Module):
 
 
 # logits entries per chunk of the closed-form knowledge gradient (bounds its temporaries to a few MiB)
-_KNOWLEDGE_CHUNK = 1 << 18
+_KNOWLEDGE_CHUNK = 1 << 16
 
 
 @torch.no_grad()
@@ -91,7 +91,7 @@ def knowledge_logit_grad(
         log_student = torch.log_softmax(flat_student[part].float() / temperature, dim=-1)
         target = torch.softmax(flat_teacher[part].float() / temperature, dim=-1)
         if with_loss:
-            total += (target * log_student).sum()
+            total += torch.dot(target.view(-1), log_student.view(-1))  # no product temporary
         grad = log_student.exp_()  # softmax(s / T)
         grad.mul_(target.sum(dim=-1, keepdim=True)).sub_(target).mul_(factor)
         flat_out[part].copy_(grad)

@@ -28,7 +28,8 @@ class _MaskedWeight(torch.autograd.Function):
     def forward(ctx, weight: torch.Tensor, scores: torch.Tensor, threshold: float, with_norm: bool):
         ctx.threshold = threshold
         ctx.set_materialize_grads(False)
-        masked = weight * (scores > threshold)
+        # M * W (one float temporary: `weight * bool_mask` would first copy the mask to float)
+        masked = (scores > threshold).to(weight.dtype).mul_(weight)
         if with_norm:
             norm = torch._foreach_norm([scores.detach()])[0]
             ctx.save_for_backward(weight, scores, norm)
