@@ -47,9 +47,13 @@ def allora_row_coefficient(
 def allora_row_norms_squared(lora_A: torch.Tensor, lora_B: torch.Tensor) -> torch.Tensor:
     """`||(B A)_i||^2` for every output row `i`, through the `r x r` Gram matrix (float32, detached; leading
     dimensions are batch dimensions). Not clamped: rounding can make a zero row slightly negative."""
-    a = lora_A.detach().float()
-    b = lora_B.detach().float()
-    return ((b @ (a @ a.mT)) * b).sum(dim=-1)
+    a = lora_A.detach() if lora_A.requires_grad else lora_A
+    b = lora_B.detach() if lora_B.requires_grad else lora_B
+    if a.dtype != torch.float32:
+        a = a.float()
+    if b.dtype != torch.float32:
+        b = b.float()
+    return torch.linalg.vecdot(b @ (a @ a.mT), b)
 
 
 def allora_row_coefficients_from_norms_(

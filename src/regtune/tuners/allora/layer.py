@@ -702,7 +702,9 @@ class ALLoRACoefficientGroup:
             ):
                 factors = None
                 if group_key[6]:  # the gradient site's backward: [B | c B], in B's dtype
-                    scaled_B = (stacked_B * rows[..., None]).to(stacked_B.dtype)
+                    scaled_B = stacked_B * rows.unsqueeze(-1)
+                    if scaled_B.dtype != stacked_B.dtype:
+                        scaled_B = scaled_B.to(stacked_B.dtype)
                     factors = torch.cat([stacked_B, scaled_B], dim=-1).unbind(0)
                 batch = _CoefficientBatch(rows, eta, group_key[0][-2], factors)
                 for index, ((cache, adapter_name, key, _, _), value) in enumerate(zip(members, rows.unbind(0))):
