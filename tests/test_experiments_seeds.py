@@ -109,6 +109,10 @@ def test_protocol_sections_are_checked(tmp_path):
     assert "required" in paths["seeds"]
     assert "no value of its own" in paths["runs[2].select.match"]
     assert "learning_rate" in paths["runs[0].sweep.training.learning_rat"]
+    raw = recipe(data_dir, str(tmp_path / "out"))
+    raw["model"] = {"config": TINY_BERT, "tokenizer": "builtin:all-MiniLM-L6-v2", "prototypes": "frozen"}
+    with pytest.raises(RecipeError, match="model.prototypes: only with `head: class-descriptions`"):
+        validate_recipe(raw)
 
 
 def test_dual_encoder_frozen_and_encoder_prototypes():
