@@ -442,3 +442,67 @@ def test_an_error_in_the_second_pass_leaves_the_weights_unperturbed(tmp_path):
         trainer.training_step(trainer.model, inputs)
     for name, param in trainer.model.named_parameters():
         assert torch.equal(param, before[name]), name
+
+
+class _Deep(torch.nn.Module):
+    """Narrow and deep: at a large batch the activations dominate, so plain training peaks early in its backward,
+    before most gradient buffers exist (as a language model does)."""
+
+    def __init__(self, width=32, depth=6):
+        super().__init__()
+        self.inp = torch.nn.Linear(12, width)
+        self.blocks = torch.nn.ModuleList(torch.nn.Linear(width, width) for _ in range(depth))
+        self.head = torch.nn.Linear(width, 3)
+
+    def forward(self, x, labels=None):
+        hidden = torch.tanh(self.inp(x))
+        for block in self.blocks:
+            hidden = torch.tanh(block(hidden))
+        logits = self.head(hidden)
+        return {"loss": torch.nn.functional.cross_entropy(logits, labels), "logits": logits}
+
+
+class _AccumulatingGLAD(GLADRegularizer):
+    """The earlier step (the second backward accumulates on top of the rescaled g, theta saved): the contrast."""
+
+    def training_step(self, trainer, model, inputs, num_items_in_batch=None):
+        from regtune.functional.glad import glad_perturb_, glad_restore_
+
+        loss = self._loss_and_backward(trainer, model, inputs, num_items_in_batch)
+        params = [p for p in model.parameters() if p.requires_grad and p.grad is not None]
+        saved, _, _ = glad_perturb_(params, [p.grad for p in params], self.rho, self.glad_lambda)
+        self._loss_and_backward(trainer, model, inputs, num_items_in_batch)
+        glad_restore_(params, saved, [p.grad for p in params], self.glad_lambda)
+        return loss
+
+
+def test_peak_memory_when_plain_training_peaks_in_its_backward(tmp_path):
+    """GLAD's second backward fills fresh gradient buffers, as plain training's backward does, so its peak exceeds
+    plain training's by the one saved copy of the parameters, even where plain training peaks before its gradients
+    exist (where keeping g in the buffers through the second backward costs one more copy)."""
+
+    def model():
+        torch.manual_seed(0)
+        return _Deep()
+
+    peaks = {}
+    regs = {
+        "plain": [],
+        "glad": [GLADRegularizer(rho=0.3, glad_lambda=0.5, share_dropout_masks=False, log_diagnostics=False)],
+        "accumulating": [
+            _AccumulatingGLAD(rho=0.3, glad_lambda=0.5, share_dropout_masks=False, log_diagnostics=False)
+        ],
+    }
+    for name, reg in regs.items():
+        trainer = RegTrainer(
+            model=model(), args=_args(tmp_path / name, batch=512), train_dataset=_data(512), regularizers=reg
+        )
+        trainer.create_optimizer_and_scheduler(num_training_steps=1)
+        trainer.current_gradient_accumulation_steps = 1  # set by the Trainer's loop
+        (batch,) = list(trainer.get_train_dataloader())
+        trainer.training_step(trainer.model, batch)  # warm-up (lazy allocations)
+        trainer.model.zero_grad(set_to_none=True)
+        peaks[name] = _peak_tensor_bytes(lambda t=trainer, b=batch: t.training_step(t.model, b))
+    trainable = sum(p.numel() * p.element_size() for p in model().parameters())
+    assert peaks["glad"] - peaks["plain"] <= trainable + 1024, (peaks, trainable)
+    assert peaks["accumulating"] - peaks["plain"] > 1.5 * trainable, (peaks, trainable)  # the check has signal
