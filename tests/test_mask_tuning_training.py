@@ -18,6 +18,7 @@ from transformers import BertConfig, BertForSequenceClassification, HfArgumentPa
 import regtune
 from regtune.functional.masks import gradient_dropout, pack_mask, score_penalty, soft_cross_entropy
 from regtune.regularizers.mask_tuning import GradientDropout, MaskScorePenalty, _uniform_seed
+from regtune.trainers import RegTrainer
 from regtune.trainers.mask_tuning_trainer import MaskTuningTrainer, MaskTuningTrainingArguments
 
 
@@ -434,3 +435,162 @@ def test_no_host_sync_inside_the_step(tmp_path, monkeypatch):
     logs = trainer.regularizer_diagnostics()
     assert {"gradient_dropout/drop_fraction", "gradient_dropout/knowledge_loss", "mask_tuning/flipped"} <= set(logs)
     assert "mask_tuning/flipped/lin0" in logs
+
+
+# ------------------------------------------------------------------------------------------------- cost
+
+
+def test_knowledge_logit_grad_matches_autograd_of_the_soft_cross_entropy():
+    from regtune.regularizers.mask_tuning import knowledge_logit_grad
+
+    gen = torch.Generator().manual_seed(2)
+    student = torch.randn(3, 5, 7, generator=gen, dtype=torch.float64).float().requires_grad_(True)
+    teacher = torch.randn(3, 5, 7, generator=gen)
+    for temperature, scale in ((1.0, 1.0), (2.0, 0.5)):
+        loss = soft_cross_entropy(student, teacher, temperature)
+        (expected,) = torch.autograd.grad(loss * scale, student)
+        grad, value = knowledge_logit_grad(student.detach(), teacher.clone(), temperature, scale)
+        torch.testing.assert_close(grad, expected, atol=1e-7, rtol=1e-5)
+        torch.testing.assert_close(value, loss.detach(), atol=1e-6, rtol=1e-5)
+    # in place in the teacher's buffer when dtypes match; chunks of rows give the same result
+    buffer = teacher.clone()
+    grad, _ = knowledge_logit_grad(student.detach(), buffer, 1.0, 1.0, with_loss=False)
+    assert grad.data_ptr() == buffer.data_ptr()
+
+
+def test_in_place_keep_is_the_formula_bit_for_bit():
+    from regtune.functional.masks import gradient_dropout_keep
+    from regtune.regularizers.mask_tuning import gradient_dropout_keep_
+
+    gen = torch.Generator().manual_seed(4)
+    g_a, g_b, uniform = torch.randn(1000, generator=gen), torch.randn(1000, generator=gen), torch.rand(1000)
+    g_a[:10] = 0.0
+    keep = gradient_dropout_keep_(g_a, g_b.clone(), uniform)
+    assert keep.dtype == torch.bool
+    assert torch.equal(keep, gradient_dropout_keep(g_a, g_b, uniform).bool())
+
+
+def test_count_flips_matches_the_unpacked_reference():
+    from regtune.regularizers.mask_tuning import count_flips
+
+    gen = torch.Generator().manual_seed(6)
+    for shape in [(7,), (8,), (13, 5), (64, 33), (3, 4, 5)]:
+        reference = torch.rand(shape, generator=gen) > 0.4
+        current = torch.rand(shape, generator=gen) > 0.4
+        expected = int((current != reference).sum())
+        assert int(count_flips(current, pack_mask(reference))) == expected, shape
+        assert int(count_flips(reference, pack_mask(reference))) == 0
+
+
+def test_masked_weight_keeps_no_weight_sized_tensor_and_gives_the_straight_through_gradient():
+    """The graph keeps references to the weights and scores only (the masked weight is rebuilt in the backward), and
+    the gradients equal the straight-through formula's bit for bit, the score penalty's included."""
+    import gc
+
+    from regtune.functional.masks import straight_through_mask
+    from regtune.tuners.mask_tuning.layer import MaskTuningLayer
+
+    def run(track_norms):
+        model = _model()
+        layers = [m for m in model.modules() if isinstance(m, MaskTuningLayer)]
+        for layer in layers:
+            layer.masktune_track_norms = track_norms
+        batch = _batch(_data(4))
+        out = model(**batch)
+        shapes = {tuple(layer.get_base_layer().weight.shape) for layer in layers}
+        gc.collect()
+        held = [
+            o
+            for o in gc.get_objects()
+            if isinstance(o, torch.Tensor) and not isinstance(o, torch.nn.Parameter) and tuple(o.shape) in shapes
+        ]
+        loss = out.loss
+        if track_norms:
+            loss = loss + MaskScorePenalty(1e-2).loss_term(model, batch, out)
+        scores = [p for n, p in model.named_parameters() if "masktune_scores" in n]
+        return held, torch.autograd.grad(loss, scores), model, batch
+
+    held, grads, model, batch = run(track_norms=True)
+    assert not held, [tuple(t.shape) for t in held]
+    _, plain_grads, _, _ = run(track_norms=False)
+
+    # the reference: W * straight_through_mask(S) in every layer, the penalty through the parameters' norms
+    reference = _model()
+    originals = {}
+    for module in reference.modules():
+        if isinstance(module, MaskTuningLayer):
+
+            def forward(x, *args, module=module, **kwargs):
+                weight = module.get_base_layer().weight
+                for name in module.active_adapters:
+                    mask = straight_through_mask(module.masktune_scores[name], module.masktune_threshold[name])
+                    weight = weight * mask.to(weight.dtype)
+                return module._forward_with_weight(x, weight)
+
+            originals[module] = forward
+            module.forward = forward
+    out = reference(**batch)
+    scores = [p for n, p in reference.named_parameters() if "masktune_scores" in n]
+    (expected_plain,) = [torch.autograd.grad(out.loss, scores, retain_graph=True)]
+    expected = torch.autograd.grad(out.loss + 1e-2 * score_penalty(scores), scores)
+    for a, b in zip(plain_grads, expected_plain):
+        assert torch.equal(a, b)
+    for a, b in zip(grads, expected):
+        torch.testing.assert_close(a, b, atol=1e-9, rtol=1e-6)
+
+
+def _step_peak(trainer, batch):
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        trainer.training_step(trainer.model, batch)
+    events = sorted(
+        (e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"), key=lambda e: e.start_ns()
+    )
+    current = peak = 0
+    for event in events:
+        current += event.nbytes()
+        peak = max(peak, current)
+    return peak
+
+
+def test_gradient_dropout_step_peak_is_near_full_fine_tuning(tmp_path):
+    """A gradient-dropout step allocates at its peak what a full fine-tuning step of the same weights does plus
+    about one copy of the scores (the knowledge gradients, full while the task backward starts with every
+    activation alive) and per-layer temporaries: not the masked weights, not the score penalty's gradient of every
+    layer, not the knowledge and task gradients of every layer at once (about three copies more before)."""
+    from regtune.tuners.mask_tuning.layer import MaskTuningLayer
+
+    def base():
+        torch.manual_seed(0)
+        config = BertConfig(
+            hidden_size=128, num_hidden_layers=2, num_attention_heads=2, intermediate_size=256, vocab_size=64,
+            max_position_embeddings=32, num_labels=3, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
+        )  # fmt: skip
+        return BertForSequenceClassification(config)
+
+    masked = get_peft_model(base(), regtune.MaskTuningConfig(task_type="SEQ_CLS", init_weights=False))
+    layers = {
+        name.removeprefix("base_model.model.") + ".weight": module
+        for name, module in masked.named_modules()
+        if isinstance(module, MaskTuningLayer)
+    }
+    scores_bytes = sum(m.masktune_scores["default"].numel() * 4 for m in layers.values())
+    full = base()
+    for name, param in full.named_parameters():
+        param.requires_grad = name.replace(".base_layer", "") in layers or name in layers
+    assert sum(p.numel() * 4 for p in full.parameters() if p.requires_grad) == scores_bytes
+
+    data, peaks = _data(8), {}
+    for name, model in (("full", full), ("graddrop", masked)):
+        cls = RegTrainer if name == "full" else MaskTuningTrainer
+        trainer = cls(model=model, args=_args(tmp_path / name, batch=8, steps=1), train_dataset=data)
+        trainer.model_accepts_loss_kwargs = False
+        trainer._regtune_setup()
+        trainer.create_optimizer_and_scheduler(num_training_steps=1)
+        trainer.current_gradient_accumulation_steps = 1
+        (batch,) = list(trainer.get_train_dataloader())
+        trainer.training_step(trainer.model, batch)  # warm-up
+        trainer.model.zero_grad(set_to_none=True)
+        peaks[name] = _step_peak(trainer, batch)
+    assert peaks["graddrop"] - peaks["full"] <= 1.3 * scores_bytes + 64 * 1024, (peaks, scores_bytes)
