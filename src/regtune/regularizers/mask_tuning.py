@@ -240,18 +240,22 @@ class GradientDropout(Regularizer):
     also swaps a `modules_to_save` head back to its initial weights, which would distill an untrained head.) No second
     copy of the model is kept.
 
-    Per micro-batch: one teacher forward (no grad, eval mode), one forward of the model, `g_b` by
-    `torch.autograd.grad` over the scores, then the usual backward of the task loss (which includes any loss term,
-    e.g. [`MaskScorePenalty`]). Other trainable parameters (a classifier head) get `g_a` unchanged.
+    Per micro-batch: one teacher forward (no grad, eval mode), one forward of the model, the knowledge loss's gradient
+    at the logits in closed form ([`knowledge_logit_grad`]), `g_b` by one `torch.autograd.grad` from the logits to
+    the scores, then the usual backward of the task loss (which includes any loss term, e.g. [`MaskScorePenalty`]).
+    In one process, each score's task gradient is dropped as soon as that backward has accumulated it, and its `g_b`
+    freed (see the Cost section of docs/mask_tuning.md). Other trainable parameters (a classifier head) get `g_a`
+    unchanged.
 
     Semantics (tested):
 
     - **Gradient accumulation**: `g_a` (in `.grad`) and `g_b` (a buffer) are accumulated over the micro-batches of
       the optimizer step with the same scaling as the task loss; the dropout is applied once, to the accumulated
       gradients, after the last micro-batch.
-    - **DDP**: `g_a` is all-reduced by DDP, `g_b` explicitly (`all_reduce` then divided by the world size), and `U` is
-      drawn from a generator seeded with `(seed, global_step)`, identical on every rank -- so every rank applies the
-      same gradient. The seed makes a resumed run draw the same `U` without extra state.
+    - **DDP**: `g_a` is all-reduced by DDP, `g_b` explicitly (`all_reduce` then divided by the world size), and the
+      dropout is applied after the backward; `U` is drawn, for each score tensor, from a generator seeded with
+      `(seed, global_step, tensor index)`, identical on every rank and whatever order the tensors are processed in
+      -- so every rank applies the same gradient. The seed makes a resumed run draw the same `U` without extra state.
     - **FSDP2**: `g_b` is taken with respect to the unsharded scores the forward used, reduced like under DDP, and
       `g_b` and `U` are then laid out like each (sharded) gradient.
 
@@ -537,7 +541,7 @@ class MaskFlipMonitor(Regularizer):
     masked layer, with `per_layer=True`) and `mask_tuning/zero_fraction` (the share of mask entries that are 0).
 
     At the start of training (`setup`) it keeps each mask bit-packed (1 bit per entry, 1/32 of the scores' memory);
-    when the Trainer logs, it compares the current masks with them ([`count_flips`]: one comparison of the scores with
+    when the Trainer logs, it compares the current masks with them (`count_flips`: one comparison of the scores with
     the threshold per layer, then word-wide operations on 8 entries at a time; one host read for all layers).
     Nothing is computed inside the training steps.
     The reference masks are part of its state, so a resumed run keeps counting from the original start. Under DDP the
