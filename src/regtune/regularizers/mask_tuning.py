@@ -241,7 +241,7 @@ class GradientDropout(Regularizer):
     copy of the model is kept.
 
     Per micro-batch: one teacher forward (no grad, eval mode), one forward of the model, the knowledge loss's gradient
-    at the logits in closed form ([`knowledge_logit_grad`]), `g_b` by one `torch.autograd.grad` from the logits to
+    at the logits in closed form (`knowledge_logit_grad`), `g_b` by one `torch.autograd.grad` from the logits to
     the scores, then the usual backward of the task loss (which includes any loss term, e.g. [`MaskScorePenalty`]).
     In one process, each score's task gradient is dropped as soon as that backward has accumulated it, and its `g_b`
     freed (see the Cost section of docs/mask_tuning.md). Other trainable parameters (a classifier head) get `g_a`
