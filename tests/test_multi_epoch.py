@@ -205,6 +205,9 @@ def test_report_pairs_runs_by_seed():
     pair = cells[(4, "p0.1")]["vs_reference"]  # dropout - none, on the seeds both have
     assert pair["seeds"] == [0, 1] and pair["diffs"] == pytest.approx([-0.3, -0.2]) and pair["wins"] == 0
     assert cells[(4, "none")]["degradation"]["diffs"] == pytest.approx([0.5, 0.5])
+    # how much dropout reduces the degradation: (2.2 - 2.1) - (2.5 - 2.0) and (2.4 - 2.15) - (2.6 - 2.1)
+    assert cells[(4, "p0.1")]["degradation_vs_reference"]["diffs"] == pytest.approx([-0.4, -0.25])
+    assert cells[(4, "none")]["degradation_vs_reference"] is None
     assert cells[(4, "p0.1")]["gap"]["mean"] == pytest.approx(0.8)
     assert cells[(1, "p0.1")]["tokens_per_param"] == 4.096
     table = markdown_table(results)
@@ -235,7 +238,8 @@ def test_micro_study_end_to_end_and_resume(tmp_path):
     with open(first.files["plot"], "rb") as f:
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"
     table = (out / "results.md").read_text()
-    assert "| repetitions | unique tokens | dropout | held-out loss | - none | - 1 rep. | gap |" in table
+    header = "| repetitions | unique tokens | dropout | held-out loss | - none | - 1 rep. | degradation - none | gap |"
+    assert header in table
     assert "| 4 | 1024 | late |" in table
     result = json.loads((out / "results" / "micro-r4-late.json").read_text())
     assert result["steps"] == 32 and result["train_tokens"] == 4096 and result["unique_tokens"] == 1024

@@ -36,6 +36,8 @@ def summarize(results: list[dict], study: MultiEpochStudy | None = None) -> list
       (e.g. `none`), run by run on the same seeds (same initial weights, unique subset and batch order); `None` for the
       reference itself;
     - `degradation`: the paired difference of held-out loss against the fewest repetitions, same dropout and seed;
+    - `degradation_vs_reference`: the degradation minus that of the reference dropout setting, seed by seed (negative:
+      this dropout setting reduces the degradation); `None` for the reference and at the fewest repetitions;
     - `mean_dropout` / `phase_dropout`: the dropout rate read from the model at every step, over the run and per
       quarter of training, averaged over the cell's runs.
     """
@@ -44,6 +46,10 @@ def summarize(results: list[dict], study: MultiEpochStudy | None = None) -> list
 
     def heldout(model, rep, dropout) -> dict:
         return {s: r["heldout_loss"] for (m, k, d, s), r in by_key.items() if (m, k, d) == (model, rep, dropout)}
+
+    def degradation(model, rep, dropout) -> dict:
+        base = heldout(model, repetitions[0], dropout)
+        return {s: loss - base[s] for s, loss in heldout(model, rep, dropout).items() if s in base}
 
     cells = []
     for model in models:
@@ -69,6 +75,9 @@ def summarize(results: list[dict], study: MultiEpochStudy | None = None) -> list
                         "degradation": None
                         if rep == repetitions[0]
                         else paired_difference(losses, heldout(model, repetitions[0], dropout)),
+                        "degradation_vs_reference": None
+                        if rep == repetitions[0] or dropout == dropouts[0]
+                        else paired_difference(degradation(model, rep, dropout), degradation(model, rep, dropouts[0])),
                         "mean_dropout": {t: mean_ci([r["mean_dropout"][t] for r in runs])["mean"] for t in types},
                         "phase_dropout": {
                             t: [mean_ci(q)["mean"] for q in zip(*(r["phase_dropout"][t] for r in runs))] for t in types
@@ -98,8 +107,10 @@ def markdown_table(results: list[dict], study: MultiEpochStudy | None = None) ->
     out = [
         f"Held-out loss in nats/token (lower is better){f', mean [95% CI] over {seeds} seeds' if seeds > 1 else ''}. "
         f"`- {ref}` and `- {rep0} rep.`: paired differences in held-out loss against dropout `{ref}` and against "
-        f"{rep0} repetition(s), run by run on the same seed (k/n higher: the seeds where it is positive). Gap: "
-        "held-out loss minus the loss on the unique training data (eval mode).\n"
+        f"{rep0} repetition(s), run by run on the same seed (k/n higher: the seeds where it is positive); "
+        f"`degradation - {ref}`: the degradation (`- {rep0} rep.`) minus that of `{ref}`, seed by seed (negative: "
+        "the dropout setting reduces the degradation). Gap: held-out loss minus the loss on the unique training data "
+        "(eval mode).\n"
     ]
     for model in models:
         mine = [c for c in cells if c["model"] == model]
@@ -107,13 +118,14 @@ def markdown_table(results: list[dict], study: MultiEpochStudy | None = None) ->
         out += [
             f"### {model} ({c0['n_params']:,} parameters, {c0['train_tokens']:,} training tokens per run: "
             f"{c0['tokens_per_param']:.1f} tokens per parameter)\n",
-            f"| repetitions | unique tokens | dropout | held-out loss | - {ref} | - {rep0} rep. | gap |",
-            "|---:|---:|---|---:|---:|---:|---:|",
+            f"| repetitions | unique tokens | dropout | held-out loss | - {ref} | - {rep0} rep. | degradation - {ref} | gap |",
+            "|---:|---:|---|---:|---:|---:|---:|---:|",
         ]
         for c in mine:
             out.append(
                 f"| {c['repetitions']} | {c['unique_tokens']} | {c['dropout']} | {format_ci(c['heldout'], '.4f')} | "
-                f"{_wins(c['vs_reference'])} | {_wins(c['degradation'])} | {format_ci(c['gap'], '+.4f')} |"
+                f"{_wins(c['vs_reference'])} | {_wins(c['degradation'])} | {_wins(c['degradation_vs_reference'])} | "
+                f"{format_ci(c['gap'], '+.4f')} |"
             )
         out.append("")
     types = sorted({t for c in cells for t in c["phase_dropout"]})
