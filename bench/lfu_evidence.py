@@ -176,21 +176,25 @@ def train_and_evaluate(config: dict, seed: int, model_dir: str, data: dict, epoc
             trainer = regtune.LfUTrainer(
                 model=model, args=args, train_dataset=dataset, processing_class=tokenizer, peft_config=peft_config
             )
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.process_time()
         trainer.train()
         seconds = time.perf_counter() - start
         metrics = evaluate(trainer.model, tokenizer, data)
+        metrics["cpu_s"] = time.process_time() - cpu_start  # training + evaluation, all threads
         metrics.update(diagnostics(trainer.state.log_history))
         metrics.update(steps=trainer.state.global_step, train_s=seconds)
     return metrics
 
 
-def cached_run(path: str, config: dict, seed: int, before: dict, **kwargs) -> dict:
+def cached_run(path: str, config: dict, seed: int, before: dict, train: bool = True, **kwargs) -> dict:
+    """The run's metrics from `path`, or (with `train`) trained now and written there."""
     from regtune.experiments.io import write_atomic
 
     if os.path.isfile(path):
         with open(path) as f:
             return json.load(f)
+    if not train:
+        raise FileNotFoundError(f"{path} is missing (--report-only trains nothing; run without it first)")
     metrics = train_and_evaluate(config, seed, **kwargs)
     metrics.update(config=config, seed=seed, forgetting=metrics["corpus"] - before["corpus"])
     write_atomic(path, metrics)
@@ -469,7 +473,14 @@ def main():
     datasets.disable_progress_bars()
     data = load_data()
     start = time.perf_counter()
-    model_dir, pretrain_info = pretrained_model(data, cli.cache, cli.pretrain_steps)
+    pretrain_path = os.path.join(cli.out, "pretrain.json")
+    if cli.report_only:  # the records of the run, not the model: nothing is trained or pretrained
+        model_dir = None
+        with open(pretrain_path) as f:
+            pretrain_info = json.load(f)
+    else:
+        model_dir, pretrain_info = pretrained_model(data, cli.cache, cli.pretrain_steps)
+        write_atomic(pretrain_path, pretrain_info)
     before_path = os.path.join(cli.out, "before.json")
     if os.path.isfile(before_path):
         with open(before_path) as f:
@@ -481,6 +492,7 @@ def main():
         before = evaluate(base, AutoTokenizer.from_pretrained(model_dir), data)
         write_atomic(before_path, before)
     kwargs = {"model_dir": model_dir, "data": data, "epochs": cli.epochs, "batch_size": cli.batch_size}
+    kwargs["train"] = not cli.report_only
     calibration = {"perturb": calibrate("perturb", cli.alphas, cli, kwargs, before)}
     lfu = {"perturb": (calibration["perturb"]["alpha"], calibration["perturb"]["beta"], None)}
     if cli.reps_lrs:
@@ -490,9 +502,8 @@ def main():
     for seed in cli.seeds:
         for config in front_configs(cli.lrs, lfu, cli.sft_extra_lrs):
             path = os.path.join(cli.out, "runs", f"{run_name(config)}_s{seed}.json")
-            if cli.report_only and not os.path.isfile(path):
-                continue
-            runs.append(cached_run(path, config, seed, before, **kwargs))
+            if os.path.isfile(path) or not cli.report_only:
+                runs.append(cached_run(path, config, seed, before, **kwargs))
     results = {
         "pretrain": pretrain_info, "before": before, "calibration": calibration,
         "setup": {
@@ -503,6 +514,7 @@ def main():
         },
         "summary": summarize(runs, sorted({*cli.lrs, *cli.sft_extra_lrs})), "machine": machine_description("cpu"),
         "wall_s_this_invocation": time.perf_counter() - start,
+        "cpu_s_this_invocation": time.process_time(),
         "compute_s_runs": sum(r["train_s"] for r in runs),
     }  # fmt: skip
     write_report(results, cli.out)

@@ -1,8 +1,11 @@
 """bench.lfu_evidence: the calibration's interpolation, the run names and the paired statistics (no model trained)."""
 
+import json
+
 import pytest
 
 from bench.lfu_evidence import (
+    cached_run,
     diagnostics,
     front_configs,
     loglog_interpolate,
@@ -88,3 +91,11 @@ def test_summarize_pairs_at_each_lr_and_at_matched_in_task_loss():
     lfu = summary["configs"]["lfu-perturb_a0.3_b9_lr0.001"]
     assert lfu["lfu/cons_to_sft"]["mean"] == pytest.approx(0.2) and lfu["seeds"] == [0, 1, 2]
     assert summary["configs"]["sft_lr0.002"]["seeds"] == [0, 1, 2, 3]
+
+
+def test_cached_run_reads_a_finished_run_and_never_trains_in_report_only_mode(tmp_path):
+    path = tmp_path / "sft_lr0.001_s0.json"
+    with pytest.raises(FileNotFoundError, match="report-only"):
+        cached_run(str(path), {"method": "sft", "lr": 1e-3}, 0, {"corpus": 1.5}, train=False)
+    path.write_text(json.dumps({"in_task": 1.6, "forgetting": 0.01}))
+    assert cached_run(str(path), {"method": "sft", "lr": 1e-3}, 0, {"corpus": 1.5}, train=False)["in_task"] == 1.6
