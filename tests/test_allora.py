@@ -689,3 +689,119 @@ def test_quantized_layers_are_refused_with_a_reason():
 
     with pytest.raises(ValueError, match="does not support quantized layers"):
         get_peft_model(_Single(Int8Linear()), regtune.ALLoRAConfig(target_modules=["layer"]))
+
+
+# ---- the cached coefficient: once per optimizer step, never stale (issue 17) ----
+
+
+def _llama_allora(coefficient_on="gradient", seed=0):
+    spec = TINY_MODELS["llama"]
+    torch.manual_seed(seed)
+    config = regtune.ALLoRAConfig(
+        r=4, eta=1.7, target_modules="all-linear", init_lora_weights=False, coefficient_on=coefficient_on
+    )
+    return spec, get_peft_model(spec.build(), config)
+
+
+def _assert_fresh(model, eta=1.7):
+    """Every adapter's cached coefficient (and update-side scales) equals the formula on the current weights."""
+    for _, layer, name in regtune.tuners.allora.allora_adapters(model):
+        A, B = layer.allora_weights(name)
+        expected = allora_row_coefficient(A, B, eta)
+        torch.testing.assert_close(layer.allora_row_coefficients(name), expected, rtol=1e-6, atol=0)
+        scale_A, scale_B = layer.allora_param_scales(name)
+        torch.testing.assert_close(scale_B.reshape(-1), expected, rtol=1e-6, atol=0)
+        torch.testing.assert_close(scale_A.reshape(-1), expected.mean().expand(A.shape[0]), rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("coefficient_on", ["gradient", "update"])
+def test_coefficient_once_per_step_under_accumulation_and_never_stale(monkeypatch, coefficient_on):
+    import regtune.tuners.allora.layer as layer_module
+
+    spec, model = _llama_allora(coefficient_on)
+    layers = [m for m in model.modules() if isinstance(m, regtune.tuners.allora.ALLoRALayer)]
+    groups = len({(m.lora_A["default"].weight.shape, m.lora_B["default"].weight.shape) for m in layers})
+    assert len(layers) > groups > 1  # several layers per batched computation, and several batches
+    calls = []
+    real_norms = layer_module.allora_row_norms_squared
+    monkeypatch.setattr(layer_module, "allora_row_norms_squared", lambda *a: calls.append(1) or real_norms(*a))
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=0.05)
+    if coefficient_on == "update":
+        regtune.tuners.allora.attach_allora_update(optimizer, model)
+    model.train()
+    for step in range(2):
+        calls.clear()
+        for _ in range(2):  # two micro-batches of gradient accumulation
+            (model(**spec.batch())["loss"] / 2).backward()
+        optimizer.step()  # the update site computes its scales here (from the weights before the step)
+        optimizer.zero_grad()
+        _assert_fresh(model)  # after the step: recomputed from the new weights, not the cached ones
+        # one batched computation per shape group and set of weights: at step 0 for the initial weights (in the first
+        # forward, or the update site's step) and for the stepped ones (in the check above); from then on the check
+        # above computes them once, and the micro-batches and the update site's step reuse them
+        assert len(calls) == (2 if step == 0 else 1) * groups, step
+    # eval (no gradient): no computation
+    calls.clear()
+    model.eval()
+    with torch.no_grad():
+        model(**spec.batch())
+    assert calls == []
+    # load_state_dict (in place, and with assign=True: new parameter objects) invalidates the cache
+    _, other = _llama_allora(coefficient_on, seed=1)
+    state = {k: v for k, v in other.state_dict().items() if "lora_" in k}
+    model.load_state_dict(state, strict=False)
+    _assert_fresh(model)
+    state = {k: v.clone() * 0.5 for k, v in state.items()}
+    model.load_state_dict(state, strict=False, assign=True)
+    _assert_fresh(model)
+    # merging and unmerging change the base weights only: the cached coefficient stays that of A and B
+    calls.clear()
+    model.merge_adapter()
+    _assert_fresh(model)
+    model.unmerge_adapter()
+    _assert_fresh(model)
+    assert calls == []  # nothing changed in A or B: no recomputation
+
+
+def test_training_with_the_cache_equals_recomputing_every_forward():
+    """Two optimizer steps with gradient accumulation: bit-identical to recomputing the coefficient in every forward
+    (the update site too: its scales come from the same cache)."""
+
+    def run(clear: bool, coefficient_on: str):
+        spec, model = _llama_allora(coefficient_on)
+        layers = [m for m in model.modules() if isinstance(m, regtune.tuners.allora.ALLoRALayer)]
+        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=0.05)
+        if coefficient_on == "update":
+            regtune.tuners.allora.attach_allora_update(optimizer, model)
+        torch.manual_seed(3)
+        for _ in range(2):
+            for _ in range(2):
+                if clear:
+                    for layer in layers:
+                        layer.allora_clear_cache()
+                (model(**spec.batch())["loss"] / 2).backward()
+            optimizer.step()
+            optimizer.zero_grad()
+        return [p.detach().clone() for p in model.parameters() if p.requires_grad]
+
+    for site in ("gradient", "update"):
+        cached, fresh = run(False, site), run(True, site)
+        assert all(torch.equal(p, q) for p, q in zip(cached, fresh)), site
+
+
+def test_diagnostics_stats_match_the_formula_across_shape_groups():
+    import regtune.regularizers.allora_diagnostics as diagnostics
+
+    _, model = _llama_allora()
+    stats = diagnostics.allora_coefficient_stats(model)
+    rows = []
+    for module_name, layer, name in regtune.tuners.allora.allora_adapters(model):
+        A, B = layer.allora_weights(name)
+        c = allora_row_coefficient(A, B, 1.7) / 1.7
+        key = module_name.split("base_model.model.", 1)[-1]
+        assert stats[f"c_over_eta_min/{key}"].item() == pytest.approx(c.min().item(), rel=1e-6)
+        assert stats[f"c_over_eta_median/{key}"].item() == pytest.approx(c.median().item(), rel=1e-6)
+        rows.append(c)
+    assert stats["c_over_eta_min"].item() == pytest.approx(torch.cat(rows).min().item(), rel=1e-6)
+    assert stats["c_over_eta_median"].item() == pytest.approx(torch.cat(rows).median().item(), rel=1e-6)
+    assert stats["c_over_eta_min"].item() < 1.0  # B != 0: the coefficient is engaged
