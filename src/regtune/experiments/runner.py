@@ -346,29 +346,39 @@ def settings_key(run: RunSpec) -> str:
     return hashlib.sha1(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
-def _train_or_read(spec: RunSpec, run_dir: str, cache: dict, overwrite: bool, train: bool, log, label: str):
-    """The results of `spec` in `run_dir`: read when finished with the same settings, else trained (resumed)."""
+def _stored_state(spec: RunSpec, run_dir: str, overwrite: bool) -> str:
+    """
+    `"finished"`, `"resume"` or `"new"` for the folder `run_dir` of `spec`. A folder holding other settings raises
+    [`RecipeError`] naming the changed fields, or, with `overwrite`, is removed (`"new"`).
+    """
     stored_path = os.path.join(run_dir, "recipe.yaml")
-    metrics_path = os.path.join(run_dir, "metrics.json")
-    if os.path.isfile(stored_path):
-        with open(stored_path, encoding="utf-8") as f:
-            stored = {k: v for k, v in _settings(load_yaml(f.read()) or {}).items() if k != "name"}
-        changed = changed_fields(stored, {k: v for k, v in _settings(spec.to_dict()).items() if k != "name"})
-        if changed and not overwrite:
-            shown = "; ".join(changed[:8])
-            raise RecipeError(
-                [(f"runs.{spec.name}", f"{run_dir} holds this run with other settings ({shown}). Pass --overwrite "
-                  "to train it again, or use another output_dir.")]
-            )  # fmt: skip
-        if changed:
+    if not os.path.isfile(stored_path):
+        return "new"
+    with open(stored_path, encoding="utf-8") as f:
+        stored = {k: v for k, v in _settings(load_yaml(f.read()) or {}).items() if k != "name"}
+    changed = changed_fields(stored, {k: v for k, v in _settings(spec.to_dict()).items() if k != "name"})
+    if changed and not overwrite:
+        raise RecipeError(
+            [(f"runs.{spec.name}", f"{run_dir} holds this run with other settings ({'; '.join(changed[:8])}). Pass "
+              "--overwrite to train it again, or use another output_dir.")]
+        )  # fmt: skip
+    if changed:
+        if is_main_process():
             shutil.rmtree(run_dir)
-        elif os.path.isfile(metrics_path):
-            return read_json(metrics_path), False
+        barrier()
+        return "new"
+    return "finished" if os.path.isfile(os.path.join(run_dir, "metrics.json")) else "resume"
+
+
+def _train_or_read(spec: RunSpec, run_dir: str, cache: dict, overwrite: bool, train: bool, log, label: str):
+    """`(results, trained now)` of `spec` in `run_dir`: read when finished with the same settings, else trained."""
+    if _stored_state(spec, run_dir, overwrite) == "finished":
+        return read_json(os.path.join(run_dir, "metrics.json")), False
     if not train:
         return None, False
     if is_main_process():
         log(f"[regtune] {label}")
-        write_atomic(stored_path, dump_yaml(spec.to_dict()))
+        write_atomic(os.path.join(run_dir, "recipe.yaml"), dump_yaml(spec.to_dict()))
     barrier()
     return run_one(spec, run_dir, cache), True
 
@@ -471,7 +481,7 @@ def run_seeded(recipe: Recipe, log=print, overwrite: bool = False, report_only: 
             spec = with_seed(chosen[name], seed)
             run_dir = os.path.join(output_dir, name, f"seed-{seed}")
             key = settings_key(spec)
-            if key in done and train and not os.path.isfile(os.path.join(run_dir, "metrics.json")):
+            if key in done and train and _stored_state(spec, run_dir, overwrite) != "finished":
                 same, result = done[key]  # the same settings as another run: one training, two names
                 if main:
                     write_atomic(os.path.join(run_dir, "recipe.yaml"), dump_yaml(spec.to_dict()))
