@@ -18,8 +18,9 @@ Protocol:
    beta). alpha is interpolated (log-log) to an ascent gain of `--target-gain`, beta to a ratio of `--target-ratio`
    at that alpha (the ratio is linear in beta for a fixed trajectory); a last run at the chosen (alpha, beta)
    checks both.
-2. **Fronts on paired seeds.** SFT and LfU at the calibrated (alpha, beta), each at every lr of `--lrs`, on each test
-   seed: the same LoRA initialization (`transformers.set_seed(seed)` before the trainer is built) and the same batch
+2. **Fronts on paired seeds.** SFT and LfU perturb at the calibrated (alpha, beta), each at every lr of `--lrs`,
+   SFT also at `--sft-extra-lrs` (a denser baseline front) and RepS (calibrated the same way) at `--reps-lrs`, on each
+   test seed: the same LoRA initialization (`transformers.set_seed(seed)` before the trainer is built) and the same batch
    order (`args.seed`). Reported: each configuration's mean with its 95% t-interval, the paired difference LfU - SFT
    at each lr, and at matched in-task loss (per seed, SFT's forgetting interpolated linearly between its lrs at
    LfU's in-task loss), with LfU's diagnostics of the same runs next to them.
@@ -370,7 +371,11 @@ def write_report(results: dict, out: str) -> None:
         "| run | seeds | in-task loss | forgetting | ascent gain | beta * L_cons / L_sft | train s |",
         "|---|---|---|---|---|---|---|",
     ]
-    for name, row in results["summary"]["configs"].items():
+    configs = results["summary"]["configs"]
+    for name in sorted(
+        configs, key=lambda n: (configs[n]["config"]["method"] != "sft", n.split("_")[0], configs[n]["config"]["lr"])
+    ):
+        row = configs[name]
         gain = format_ci(row["lfu/ascent_gain"], ".2%") if "lfu/ascent_gain" in row else "-"
         ratio = format_ci(row["lfu/cons_to_sft"], ".3f") if "lfu/cons_to_sft" in row else "-"
         lines.append(
@@ -448,10 +453,13 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
     parser.add_argument("--lrs", type=float, nargs="+", default=[5e-4, 1e-3, 2e-3])
-    parser.add_argument("--sft-extra-lrs", type=float, nargs="*", default=[2.5e-4])
+    parser.add_argument(
+        "--sft-extra-lrs", type=float, nargs="*", default=[2.5e-4, 7e-4, 1.4e-3],
+        help="SFT alone at these lrs too: a denser SFT front for the matched comparison",
+    )  # fmt: skip
     parser.add_argument("--alphas", type=float, nargs="+", default=[0.1, 0.3, 1.0, 3.0])
-    parser.add_argument("--reps-lrs", type=float, nargs="*", default=[], help="RepS at these lrs (none: no RepS)")
-    parser.add_argument("--reps-alphas", type=float, nargs="+", default=[0.1, 0.3, 1.0, 3.0])
+    parser.add_argument("--reps-lrs", type=float, nargs="*", default=[1e-3], help="RepS at these lrs (none: no RepS)")
+    parser.add_argument("--reps-alphas", type=float, nargs="+", default=[0.3, 1.0, 3.0, 10.0])
     parser.add_argument("--target-gain", type=float, default=0.05)
     parser.add_argument("--target-ratio", type=float, default=0.2)
     parser.add_argument("--calibration-steps", type=int, default=10)
