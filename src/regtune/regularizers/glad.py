@@ -25,6 +25,20 @@ def _capture_rng(device: torch.device | None) -> dict[str, Any]:
     return state
 
 
+def _same_rng(a: dict[str, Any], b: dict[str, Any]) -> bool:
+    """Whether two captured random states are equal (host tensors: no device synchronisation)."""
+    if a.keys() != b.keys():
+        return False
+    for key, value in a.items():
+        other = b[key]
+        if key == "cpu":
+            if not torch.equal(value, other):
+                return False
+        elif value[0] != other[0] or not torch.equal(value[1], other[1]):
+            return False
+    return True
+
+
 def _restore_rng(state: dict[str, Any]) -> None:
     for key, value in state.items():
         if key == "cpu":
@@ -51,7 +65,8 @@ class GLADRegularizer(Regularizer):
       both passes' dropout from one random key) the second pass replays the random-number state of the first pass
       of each micro-batch (CPU and the model's accelerator), so both passes drop the same units and `g_sam - g`
       measures the perturbation, not dropout noise; the random state after the step is the one after the first
-      pass, so the rest of the run draws exactly what plain training draws. `False` draws fresh masks.
+      pass, so the rest of the run draws exactly what plain training draws. A first pass that drew no random
+      numbers (a model without dropout) keeps no state. `False` draws fresh masks.
     - **Gradient accumulation**: the perturbation uses the accumulated gradient of the whole optimizer step. The
       micro-batches of the step are kept; after the last one's ordinary backward, the parameters are perturbed,
       all micro-batches are run again (forward + backward) to get `g_sam`, the parameters are restored exactly (a
@@ -158,6 +173,8 @@ class GLADRegularizer(Regularizer):
         device = getattr(trainer.args, "device", None) if settings.share_dropout_masks else None
         rng = _capture_rng(device) if settings.share_dropout_masks else None
         loss = self._loss_and_backward(trainer, model, inputs, num_items_in_batch)
+        if rng is not None and _same_rng(rng, _capture_rng(device)):
+            rng = None  # the pass drew no random numbers (no dropout): nothing to replay, nothing to keep
         self._window.append((inputs, num_items_in_batch, rng))
         if not trainer.accelerator.sync_gradients:  # not the last micro-batch of this optimizer step
             return loss
@@ -173,7 +190,8 @@ class GLADRegularizer(Regularizer):
         del grads
         for p in params:
             p.grad = None
-        after_first_pass = _capture_rng(device) if settings.share_dropout_masks else None
+        replay = any(batch_rng is not None for *_, batch_rng in window)
+        after_first_pass = _capture_rng(device) if replay else None
         try:
             for index, (batch, items, batch_rng) in enumerate(window):
                 last = index == len(window) - 1
