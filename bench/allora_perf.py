@@ -9,7 +9,9 @@ suite's Llama, interleaved round by round in one process (see `bench/perf.py`: `
     OMP_NUM_THREADS=1 python -m bench.allora_perf                       # small and real width, 4x16 and 16x64
     OMP_NUM_THREADS=1 python -m bench.allora_perf --widths small --sizes 4x16 --rounds 60
 
-Writes one JSON per (width, size) to `bench/results/allora_perf/` (or `--out`), skipped when present (resumable), and
+Writes one JSON per (width, size) to `bench/results/allora_perf/` (or `--out`; the committed runs of 2026-12-01 are
+in its `before/` and `after/` folders: the code before and after the per-step cost work of issue 17, run back to back
+with `--rounds 40`), skipped when present (resumable), and
 prints the table: the time ratio to LoRA (wall and thread CPU time, median of paired ratios and 25-75% spread), the
 diagnostics on/off ratio and the diagnostics read-out as a share of the step.
 """
