@@ -9,7 +9,7 @@ from tiny_models import TINY_MODELS, tiny_gpt2
 
 import regtune
 from regtune.functional import allora_lora_forward, allora_row_coefficient
-from regtune.tuners.allora import ALLoRALinear
+from regtune.tuners.allora.layer import ALLoRALinear
 
 
 def _tensors(out_f=5, in_f=7, r=3, seed=0):
@@ -95,7 +95,7 @@ def test_other_lora_variants_are_rejected_and_embeddings_supported():
     with pytest.raises(ValueError, match="use_dora"):
         regtune.ALLoRAConfig(target_modules=["q_proj"], use_dora=True)
     model = get_peft_model(tiny_gpt2(), regtune.ALLoRAConfig(target_modules=["wte"]))
-    assert isinstance(model.base_model.model.transformer.wte, regtune.tuners.allora.ALLoRAEmbedding)
+    assert isinstance(model.base_model.model.transformer.wte, regtune.tuners.allora.layer.ALLoRAEmbedding)
 
 
 def _one_sgd_step(coefficient_on: str, lr=0.1):
@@ -314,7 +314,7 @@ def test_weight_space_layers_follow_the_row_rule(case):
         base = _Experts()
         config = regtune.ALLoRAConfig(target_parameters=["experts.weight"], r=2, eta=eta, init_lora_weights=False)
         model = get_peft_model(base, config)
-        layer = next(m for m in model.modules() if isinstance(m, regtune.tuners.allora.ALLoRAParamWrapper))
+        layer = next(m for m in model.modules() if isinstance(m, regtune.tuners.allora.layer.ALLoRAParamWrapper))
         x = torch.randn(3, 4, 5, generator=g)
     captured = []
     _spy_delta(layer, captured)

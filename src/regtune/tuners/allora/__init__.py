@@ -2,35 +2,16 @@ from regtune._compat import register_regtune_method
 
 from ..training_hooks import AdapterTrainingHooks, register_training_hooks
 from .config import ALLoRAConfig
-from .layer import (
-    ALLoRAConv1d,
-    ALLoRAConv2d,
-    ALLoRAConv3d,
-    ALLoRAEmbedding,
-    ALLoRALayer,
-    ALLoRALinear,
-    ALLoRALinearVariant,
-    ALLoRAMultiheadAttention,
-    ALLoRAParamWrapper,
-    allora_adapters,
-)
+from .layer import ALLoRALayer, allora_adapters  # the layer classes: regtune.tuners.allora.layer
 from .model import ALLoRAModel
 from .optimizer import ALLoRAOptimizerError, attach_allora_update, create_allora_optimizer
 
 
 __all__ = [
     "ALLoRAConfig",
-    "ALLoRAConv1d",
-    "ALLoRAConv2d",
-    "ALLoRAConv3d",
-    "ALLoRAEmbedding",
     "ALLoRALayer",
-    "ALLoRALinear",
-    "ALLoRALinearVariant",
     "ALLoRAModel",
-    "ALLoRAMultiheadAttention",
     "ALLoRAOptimizerError",
-    "ALLoRAParamWrapper",
     "allora_adapters",
     "attach_allora_update",
     "create_allora_optimizer",
