@@ -435,7 +435,7 @@ def plot(results: dict, out: str) -> None:
         label = (
             method
             if method == "sft"
-            else f"LfU perturb (alpha {rows[0]['config']['alpha']:g}, beta {rows[0]['config']['beta']:g})"
+            else f"LfU {method[4:]} (alpha {rows[0]['config']['alpha']:g}, beta {rows[0]['config']['beta']:g})"
         )
         ax.errorbar(xs, ys, xerr=xerr, yerr=yerr, marker="o", color=color, label=label, capsize=3)
         for x, y, r in zip(xs, ys, rows):
