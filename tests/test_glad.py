@@ -12,6 +12,7 @@ from tiny_models import MLP
 from transformers import TrainingArguments
 
 import regtune
+from bench.glad_cost import peak_tensor_bytes
 from regtune.regularizers.glad import GLADRegularizer
 from regtune.trainers import RegTrainer
 from regtune.trainers.glad_trainer import GLADTrainer, GLADTrainingArguments
@@ -365,22 +366,6 @@ def test_shared_masks_remove_the_dropout_noise_from_gsam(tmp_path):
 # ------------------------------------------------------------------------------------------------- memory
 
 
-def _peak_tensor_bytes(fn):
-    """Peak bytes of live CPU tensors while `fn` runs (from the profiler's allocation events)."""
-    from torch.profiler import ProfilerActivity, profile
-
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        fn()
-    events = sorted(
-        (e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"), key=lambda e: e.start_ns()
-    )
-    current = peak = 0
-    for event in events:
-        current += event.nbytes()
-        peak = max(peak, current)
-    return peak
-
-
 @pytest.mark.parametrize("adapter, shared", [("lora", False), ("full", False), ("full", True)])
 def test_peak_memory_is_plain_plus_one_copy_of_the_trainable_parameters(tmp_path, adapter, shared):
     """Around one optimizer step (2 accumulated micro-batches), GLAD's peak tensor memory exceeds plain training's by
@@ -412,7 +397,7 @@ def test_peak_memory_is_plain_plus_one_copy_of_the_trainable_parameters(tmp_path
                 trainer.accelerator.gradient_state._set_sync_gradients(index == len(batches) - 1)
                 trainer.training_step(trainer.model, batch)
 
-        peaks[name] = _peak_tensor_bytes(step)
+        peaks[name] = peak_tensor_bytes(step)
         if regs:
             held = [v for v in vars(regs[0]).values() if isinstance(v, torch.Tensor) and v.numel() > 2]
             assert not held and not regs[0]._window
@@ -502,7 +487,7 @@ def test_peak_memory_when_plain_training_peaks_in_its_backward(tmp_path):
         (batch,) = list(trainer.get_train_dataloader())
         trainer.training_step(trainer.model, batch)  # warm-up (lazy allocations)
         trainer.model.zero_grad(set_to_none=True)
-        peaks[name] = _peak_tensor_bytes(lambda t=trainer, b=batch: t.training_step(t.model, b))
+        peaks[name] = peak_tensor_bytes(lambda t=trainer, b=batch: t.training_step(t.model, b))
     trainable = sum(p.numel() * p.element_size() for p in model().parameters())
     assert peaks["glad"] - peaks["plain"] <= trainable + 1024, (peaks, trainable)
     assert peaks["accumulating"] - peaks["plain"] > 1.5 * trainable, (peaks, trainable)  # the check has signal

@@ -16,6 +16,7 @@ from peft import get_peft_model
 from transformers import BertConfig, BertForSequenceClassification, HfArgumentParser, TrainerCallback
 
 import regtune
+from bench.glad_cost import peak_tensor_bytes
 from regtune.functional.masks import gradient_dropout, pack_mask, score_penalty, soft_cross_entropy
 from regtune.regularizers.mask_tuning import GradientDropout, MaskScorePenalty, _uniform_seed
 from regtune.trainers import RegTrainer
@@ -539,21 +540,6 @@ def test_masked_weight_keeps_no_weight_sized_tensor_and_gives_the_straight_throu
         torch.testing.assert_close(a, b, atol=1e-9, rtol=1e-6)
 
 
-def _step_peak(trainer, batch):
-    from torch.profiler import ProfilerActivity, profile
-
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        trainer.training_step(trainer.model, batch)
-    events = sorted(
-        (e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"), key=lambda e: e.start_ns()
-    )
-    current = peak = 0
-    for event in events:
-        current += event.nbytes()
-        peak = max(peak, current)
-    return peak
-
-
 def test_gradient_dropout_step_peak_is_near_full_fine_tuning(tmp_path):
     """A gradient-dropout step allocates at its peak what a full fine-tuning step of the same weights does plus
     about one copy of the scores (the knowledge gradients, full while the task backward starts with every
@@ -592,5 +578,5 @@ def test_gradient_dropout_step_peak_is_near_full_fine_tuning(tmp_path):
         (batch,) = list(trainer.get_train_dataloader())
         trainer.training_step(trainer.model, batch)  # warm-up
         trainer.model.zero_grad(set_to_none=True)
-        peaks[name] = _step_peak(trainer, batch)
+        peaks[name] = peak_tensor_bytes(lambda t=trainer, b=batch: t.training_step(t.model, b))
     assert peaks["graddrop"] - peaks["full"] <= 1.3 * scores_bytes + 64 * 1024, (peaks, scores_bytes)
