@@ -94,6 +94,14 @@ class _Profile:
         return peak
 
 
+def peak_tensor_bytes(fn) -> int:
+    """Peak of (allocated - freed) CPU tensor bytes while `fn()` runs."""
+    profile = _Profile()
+    profile.start()
+    fn()
+    return profile.stop()
+
+
 class MemoryProbe(TrainerCallback):
     """Measures step `warmup` (RSS high-water mark) and step `warmup + 1` (tensor peak) of a Trainer's run."""
 

@@ -12,7 +12,7 @@ from tiny_models import MLP
 from transformers import TrainingArguments
 
 import regtune
-from bench.glad_cost import peak_tensor_bytes
+from bench.perf_memory import peak_tensor_bytes
 from regtune.regularizers.glad import GLADRegularizer
 from regtune.trainers import RegTrainer
 from regtune.trainers.glad_trainer import GLADTrainer, GLADTrainingArguments

@@ -16,7 +16,7 @@ from peft import get_peft_model
 from transformers import BertConfig, BertForSequenceClassification, HfArgumentParser, TrainerCallback
 
 import regtune
-from bench.glad_cost import peak_tensor_bytes
+from bench.perf_memory import peak_tensor_bytes
 from regtune.functional.masks import gradient_dropout, pack_mask, score_penalty, soft_cross_entropy
 from regtune.regularizers.mask_tuning import GradientDropout, MaskScorePenalty, _uniform_seed
 from regtune.trainers import RegTrainer
@@ -175,7 +175,7 @@ def test_scores_get_no_weight_decay(tmp_path):
 
 WORKER = """
 import json, os, sys, torch
-sys.path.insert(0, {tests!r})
+sys.path[:0] = [{tests!r}, {root!r}]
 from test_mask_tuning_training import _model, _data, _args
 from regtune.trainers.mask_tuning_trainer import MaskTuningTrainer
 torch.set_num_threads(1)
@@ -194,7 +194,8 @@ if args.process_index == 0:
 
 def _launch(tmp_path, out, nproc, batch):
     script = tmp_path / "worker.py"
-    script.write_text(WORKER.format(tests=os.path.dirname(__file__)))
+    tests = os.path.dirname(os.path.abspath(__file__))
+    script.write_text(WORKER.format(tests=tests, root=os.path.dirname(tests)))
     os.makedirs(out, exist_ok=True)
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
     cmd = (launcher if nproc > 1 else [sys.executable]) + [str(script), str(out), str(batch)]
