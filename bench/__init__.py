@@ -1,5 +1,5 @@
-"""regtune's benchmarks. Run them from the repository root as modules, e.g. `python -m bench.base_to_novel --help`.
+"""regtune's benchmarks. Run them from the repository root as modules, e.g. `python -m bench.perf --help`.
 
-Shared pieces: [`bench.data`] (the text data sets under /work/shared/data), [`bench.results`] (one results writer:
-JSON + markdown + optional plot) and `bench._common` (the offline MiniLM model, the machine description).
+Shared pieces: `bench._common` (the offline MiniLM model, the machine description). Accuracy comparisons run through
+the experiment engine (`regtune run recipes/...`), not through scripts here.
 """

@@ -1,6 +1,6 @@
 """Collect the GARDO testbed study into committed artefacts: results table, matched-proxy comparison, step time.
 
-    python bench/gardo_report.py [--study bench/out/gardo_testbed] [--step_time bench/out/gardo_step_time.json]
+    python bench/gardo_report.py [--study bench/out/gardo_testbed] [--step_time bench/results/gardo_step_time.json]
 
 Reads `<study>/results.json` (written by `regtune study gardo`), compares every method with the no-KL run at the
 same proxy reward (the no-KL seed-mean curve of true metric and diversity against proxy reward, interpolated at the
@@ -81,7 +81,11 @@ def diagnostics_table(study: str, methods: list[str], seeds: list[str] | None = 
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--study", default="bench/out/gardo_testbed")
-    parser.add_argument("--step_time", default="bench/out/gardo_step_time.json")
+    parser.add_argument(
+        "--step_time",
+        default="bench/results/gardo_step_time.json",
+        help="step-time JSON of the retired gardo_step_time bench (section skipped if absent)",
+    )
     parser.add_argument("--reference", default="no_kl")
     parser.add_argument("--out", default="bench/results/gardo_testbed.md")
     parser.add_argument("--img", default="docs/img")
@@ -129,7 +133,7 @@ def main() -> None:
             st = json.load(f)
         lines += [
             "",
-            "## Step time (bench/gardo_step_time.py)",
+            "## Step time",
             "",
             f"{st['date']}, {st['machine']}; batch {st['batch']} x {st['sampling_steps']} SDE steps, "
             f"{st['gated_samples']} gated samples ({st['gate_fraction']:.0%} gate), {st['rounds']} interleaved rounds.",

@@ -38,19 +38,33 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch: spin-waitin
 import torch  # noqa: E402
 from datasets import Dataset  # noqa: E402
 from peft import LoraConfig  # noqa: E402
-from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM  # noqa: E402
+from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM, TrainerCallback  # noqa: E402
 from trl import SFTConfig, SFTTrainer  # noqa: E402
 
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 import regtune  # noqa: E402
 from bench._common import OUT_DIR, machine_description, quiet_transformers  # noqa: E402
-from bench.trainer_step_time import StepTimer  # noqa: E402
 from regtune.data.char_tokenizer import build_char_tokenizer  # noqa: E402
 
 
 CORPUS = os.path.join(HERE, "..", "..", "shared", "data", "text", "input.txt")
 SPEAKER = "GLOUCESTER"
+
+
+class StepTimer(TrainerCallback):
+    """Wall time of every optimizer step of a Trainer run (`times`, seconds)."""
+
+    def __init__(self):
+        self.times: list[float] = []
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        self._start = time.perf_counter()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.times.append(time.perf_counter() - self._start)
+
+
 TEMPLATES = [
     "{ctx}\n\n{name}:\n",  # the training template (the corpus' own format)
     "{ctx}\n\n{title}:\n",
