@@ -451,13 +451,18 @@ class _AccumulatingGLAD(GLADRegularizer):
     """The earlier step (the second backward accumulates on top of the rescaled g, theta saved): the contrast."""
 
     def training_step(self, trainer, model, inputs, num_items_in_batch=None):
-        from regtune.functional.glad import glad_perturb_, glad_restore_
-
         loss = self._loss_and_backward(trainer, model, inputs, num_items_in_batch)
         params = [p for p in model.parameters() if p.requires_grad and p.grad is not None]
-        saved, _, _ = glad_perturb_(params, [p.grad for p in params], self.rho, self.glad_lambda)
-        self._loss_and_backward(trainer, model, inputs, num_items_in_batch)
-        glad_restore_(params, saved, [p.grad for p in params], self.glad_lambda)
+        grads = [p.grad for p in params]
+        with torch.no_grad():
+            saved = [p.detach().clone() for p in params]
+            scale = self.rho / torch.linalg.vector_norm(torch.stack([g.norm() for g in grads]))
+            torch._foreach_add_(params, torch._foreach_mul(grads, scale))  # theta + eps
+            torch._foreach_mul_(grads, (1.0 - self.glad_lambda) / self.glad_lambda)  # kept through the 2nd backward
+        self._loss_and_backward(trainer, model, inputs, num_items_in_batch)  # accumulates g_sam on top
+        with torch.no_grad():
+            torch._foreach_copy_(params, saved)
+            torch._foreach_mul_(grads, self.glad_lambda)  # (1 - lambda) g + lambda g_sam
         return loss
 
 
