@@ -127,13 +127,11 @@ def _load_snippet(run: dict, repo_id: str, subfolder: str | None) -> str:
     auto = "AutoModelForSequenceClassification" if task == "sequence-classification" else "AutoModelForCausalLM"
     base = metrics.get("base_model") or recipe.get("model", {}).get("name_or_path")
     base_comment = ""
-    if not base or base.startswith(("builtin:", "/", ".")) or os.path.isdir(str(base)):
+    if not base or _is_local(base):
         base_comment = "  # the base model this adapter was trained on (see the recipe below)"
         base = base or "<base model>"
-    head = ""
-    labels = _label_count(metrics)
-    if task == "sequence-classification" and labels:
-        head = f", num_labels={labels}"
+    labels = metrics.get("label_names")
+    head = f", num_labels={len(labels)}" if task == "sequence-classification" and labels else ""
     sub = f', subfolder="{subfolder}"' if subfolder else ""
     is_adapter = metrics.get("adapter_type") is not None
     lines = ["```python"]
@@ -155,9 +153,9 @@ def _load_snippet(run: dict, repo_id: str, subfolder: str | None) -> str:
     return "\n".join(lines)
 
 
-def _label_count(metrics: dict) -> int | None:
-    labels = metrics.get("label_names")
-    return len(labels) if labels else None
+def _is_local(model: str) -> bool:
+    """Whether a run's `base_model` is a built-in or local model (no Hub id to name in the card)."""
+    return model.startswith(("builtin:", "/", ".")) or os.path.isdir(model)
 
 
 def make_model_card(
@@ -184,7 +182,7 @@ def make_model_card(
     task = runs[0]["metrics"].get("task", "sequence-classification")
     bases = {m.get("base_model") for m in results}
     base_model = next(iter(bases)) if len(bases) == 1 else None
-    if base_model and (base_model.startswith(("builtin:", "/", ".")) or os.path.isdir(base_model)):
+    if base_model and _is_local(base_model):
         base_model = None
     tags = ["regtune"] + sorted({t.lower() for t in adapter_types if t}) + [task]
     tags += [reg["type"] for r in runs for reg in r["recipe"].get("regularizers") or []]

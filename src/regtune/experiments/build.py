@@ -28,23 +28,17 @@ def hub_base_model(spec: ModelSpec) -> str | None:
     return spec.name_or_path
 
 
-def is_sft_trainer(trainer_name: str) -> bool:
-    """Whether a recipe's `trainer:` is trl's `SFTTrainer` or a subclass (e.g. `LfUTrainer`).
-
-    Such trainers take the data set as it is (language-modeling `text`, `prompt`/`completion`, conversational
-    `messages`, ...) and tokenize and collate it themselves, so the runner hands them the raw splits.
-    """
-    cls, _ = resolve_trainer(trainer_name)
-    try:
-        from trl import SFTTrainer
-    except ImportError:  # pragma: no cover - trl is a dependency
-        return False
-    return cls is not None and issubclass(cls, SFTTrainer)
-
-
 def takes_raw_data(run: RunSpec) -> bool:
-    """Whether the run's trainer gets its data set untokenized: a causal-LM run with a trl SFT trainer."""
-    return run.task == "causal-lm" and is_sft_trainer(run.trainer)
+    """
+    Whether the run's trainer gets its data set untokenized: a causal-LM run whose `trainer:` is trl's `SFTTrainer`
+    or a subclass (e.g. `LfUTrainer`). Such trainers take the data set as it is (language-modeling `text`,
+    `prompt`/`completion`, conversational `messages`, ...) and tokenize and collate it themselves.
+    """
+    if run.task != "causal-lm":
+        return False
+    from trl import SFTTrainer
+
+    return issubclass(resolve_trainer(run.trainer)[0], SFTTrainer)
 
 
 def load_tokenizer(spec: ModelSpec, task: str):

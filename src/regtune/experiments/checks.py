@@ -208,7 +208,7 @@ def check_mapping(
     if not isinstance(data, dict):
         errors.add(path, f"expected a mapping of {what} fields, got {_show(data)}")
         return {}
-    for key in set(data) & set(forbidden or {}):
+    for key in [k for k in data if k in (forbidden or {})]:  # in the recipe's order
         errors.add(join_path(path, str(key)), forbidden[key])
     data = {k: v for k, v in data.items() if k not in (forbidden or {})}
     if not dataclasses.is_dataclass(cls):
@@ -221,11 +221,6 @@ def check_mapping(
     model = _model(what, _host_fields(cls, tuple(exclude), ranges))
     check_model(data, model, path, errors, what)
     return {k: v for k, v in data.items() if k in model.model_fields}
-
-
-def check_call_kwargs(fn, kwargs, path: str, errors: Errors, what: str, ranges: dict | None = None) -> dict:
-    """Check `kwargs` against the keyword parameters (names, annotated types, `ranges`) of the callable `fn`."""
-    return check_mapping(kwargs, fn, path, errors, ranges=ranges, what=what)
 
 
 def check_value(value, annotation, path: str, errors: Errors, **bounds):

@@ -33,9 +33,6 @@ class Errors:
         if (path, message) not in self.items:
             self.items.append((path, message))
 
-    def __bool__(self) -> bool:
-        return bool(self.items)
-
     def raise_if_any(self, source: str | None = None) -> None:
         if self.items:
             raise RecipeError(self.items, source)
@@ -64,7 +61,13 @@ def allowed_list(choices, limit: int = 40) -> str:
     return "allowed: " + ", ".join(choices)
 
 
-def unknown_key(key, allowed, what: str | None = None) -> str:
+def unknown_key(key, allowed, what: str | None = None, label: str = "unknown key") -> str:
     """The message for an unknown key: `unknown key for X. Did you mean 'y'?` (or the allowed keys)."""
     hint = suggest(key, allowed)
-    return f"unknown key{f' for {what}' if what else ''}.{hint or ' (' + allowed_list(allowed) + ')'}"
+    return f"{label}{f' for {what}' if what else ''}.{hint or ' (' + allowed_list(allowed) + ')'}"
+
+
+def unknown_choice(what: str, value, known, shown=None) -> str:
+    """`unknown <what> 'x'. Did you mean 'y'? Known: a, b` (`shown`: the known values as listed, default sorted)."""
+    shown = sorted(known) if shown is None else shown
+    return f"unknown {what} {value!r}.{suggest(value, known)} Known: {', '.join(shown)}"

@@ -36,21 +36,19 @@ from pydantic import Field
 
 from regtune.data.models import BUILTIN_MODELS
 
-from .checks import SectionModel, check_call_kwargs, check_mapping, check_model, check_value, construct_checked
-from .errors import Errors, RecipeError, allowed_list, join_path, suggest
+from .checks import SectionModel, check_mapping, check_model, check_value, construct_checked
+from .errors import Errors, RecipeError, join_path, suggest, unknown_choice, unknown_key
 
 
 TASKS = ("sequence-classification", "causal-lm")
 DEFAULT_TRAINERS = ("RegTrainer", "Trainer", "transformers.Trainer")
 HUB_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?$")
-CLASSIFICATION_METRICS = ("accuracy", "macro_f1")
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 SECTION_KEYS = ("model", "data", "adapter", "regularizers", "training", "evaluation")
 RUN_ONLY_KEYS = ("sweep", "select")  # a run's sweep, and how its value is chosen (not inherited from the top level)
 RUN_KEYS = ("name", "description", "seed", "trainer") + SECTION_KEYS + RUN_ONLY_KEYS
 TOP_LEVEL_KEYS = ("name", "description", "seed", "seeds", "select", "compare", "output_dir", "trainer", "runs")
 TOP_LEVEL_KEYS += SECTION_KEYS
-SELECT_METRICS = ("accuracy", "macro_f1", "loss", "perplexity")
 # peft config fields that the recipe sets elsewhere.
 ADAPTER_FORBIDDEN = {
     "peft_type": "set the adapter type with `type`, e.g. `type: LORA`",
@@ -345,8 +343,9 @@ def resolve_trainer(name: str):
 
         cls = getattr(trainers, name, None)
         if cls is None:
-            known = [n for n in trainers.__all__ if n.endswith("Trainer")] + ["Trainer"]
-            raise ValueError(f"unknown trainer {name!r}.{suggest(name, known)} Known: {', '.join(sorted(known))}")
+            raise ValueError(
+                unknown_choice("trainer", name, [n for n in trainers.__all__ if n.endswith("Trainer")] + ["Trainer"])
+            )
     if not (isinstance(cls, type) and issubclass(cls, Trainer)):
         raise ValueError(f"{name!r} is not a transformers.Trainer subclass")
     return cls, trainer_config_class(cls)
@@ -406,11 +405,8 @@ def _validate_model(raw, errors: Errors) -> ModelSpec:
         if isinstance(value, str) and value.startswith("builtin:"):
             name = value[len("builtin:") :]
             if name not in BUILTIN_MODELS:
-                errors.add(
-                    f"model.{key}",
-                    f"unknown built-in model {name!r}.{suggest(name, BUILTIN_MODELS)} "
-                    f"Known: {', '.join('builtin:' + n for n in BUILTIN_MODELS)}",
-                )
+                shown = ["builtin:" + n for n in BUILTIN_MODELS]
+                errors.add(f"model.{key}", unknown_choice("built-in model", name, BUILTIN_MODELS, shown))
         elif isinstance(value, str) and _missing_local_path(value):
             errors.add(
                 f"model.{key}",
@@ -448,16 +444,12 @@ def _validate_data(raw, errors: Errors) -> DataSpec:
     if spec.builtin is not None:
         task = BUILTIN_TASKS.get(spec.builtin)
         if task is None:
-            errors.add(
-                "data.builtin",
-                f"unknown built-in task {spec.builtin!r}.{suggest(spec.builtin, BUILTIN_TASKS)} "
-                f"Known: {', '.join(sorted(BUILTIN_TASKS))}",
-            )
+            errors.add("data.builtin", unknown_choice("built-in task", spec.builtin, BUILTIN_TASKS))
         else:
             ranges = getattr(task, "option_ranges", {})
             what = f"task {task.name!r}"
             n_errors = len(errors.items)
-            spec.options = check_call_kwargs(task.build, spec.options, "data.options", errors, what, ranges)
+            spec.options = check_mapping(spec.options, task.build, "data.options", errors, ranges=ranges, what=what)
             if task.check_options is not None and len(errors.items) == n_errors:
                 for key, message in task.check_options(spec.options):
                     errors.add(f"data.options.{key}", message)
@@ -526,13 +518,10 @@ def _validate_regularizers(raw, errors: Errors) -> list[RegularizerSpec]:
         kwargs = {k: v for k, v in item.items() if k != "type"}
         name = item["type"]
         if name not in registry:
-            errors.add(
-                f"{path}.type",
-                f"unknown regularizer {name!r}.{suggest(name, registry)} Known: {', '.join(sorted(registry))}",
-            )
+            errors.add(f"{path}.type", unknown_choice("regularizer", name, registry))
             continue
         n_errors = len(errors.items)
-        kwargs = check_call_kwargs(registry[name], kwargs, path, errors, f"regularizer {name!r}")
+        kwargs = check_mapping(kwargs, registry[name], path, errors, what=f"regularizer {name!r}")
         if len(errors.items) == n_errors:  # the regularizer's own checks (ranges, combinations); building is cheap
             from regtune.regularizers import build_regularizer
 
@@ -638,14 +627,12 @@ def merge_run(base: dict, run: dict) -> dict:
     """
     merged = copy.deepcopy(base)
     for key, value in run.items():
-        if key == "adapter" and isinstance(value, dict) and isinstance(merged.get("adapter"), dict):
-            if (
-                str(value.get("type", merged["adapter"].get("type"))).upper()
-                != str(merged["adapter"].get("type")).upper()
-            ):
-                merged["adapter"] = copy.deepcopy(value)
+        old = merged.get(key)
+        if key == "adapter" and isinstance(value, dict) and isinstance(old, dict):
+            if str(value.get("type", old.get("type"))).upper() != str(old.get("type")).upper():
+                merged[key] = copy.deepcopy(value)
                 continue
-        merged[key] = _deep_merge(merged.get(key), value)
+        merged[key] = _deep_merge(old, value)
     return merged
 
 
@@ -658,17 +645,11 @@ def _deep_merge(base, override):
     return copy.deepcopy(override)
 
 
-def _path_parts(path: str) -> list:
-    parts = []
-    for token in re.findall(r"[^.\[\]]+|\[\d+\]", path):
-        parts.append(int(token[1:-1]) if token.startswith("[") else token)
-    return parts
-
-
 def _defined_in(data, path: str) -> bool:
-    """Whether the (possibly nested) key path `path` is set in `data`."""
+    """Whether the (possibly nested) key path `path` (`a.b[0].c`) is set in `data`."""
     node = data
-    for part in _path_parts(path):
+    for token in re.findall(r"[^.\[\]]+|\[\d+\]", path):
+        part = int(token[1:-1]) if token.startswith("[") else token
         if isinstance(part, int) and isinstance(node, list) and part < len(node):
             node = node[part]
         elif isinstance(part, str) and isinstance(node, dict) and part in node:
@@ -692,10 +673,7 @@ def validate_recipe(raw: Any, source: str | None = None, default_name: str | Non
         raise RecipeError([("", f"a recipe is a YAML mapping, got {type(raw).__name__}")], source)
     for key in raw:
         if key not in TOP_LEVEL_KEYS:
-            hint = suggest(str(key), TOP_LEVEL_KEYS)
-            errors.add(
-                str(key), f"unknown top-level key.{hint}{'' if hint else ' (' + allowed_list(TOP_LEVEL_KEYS) + ')'}"
-            )
+            errors.add(str(key), unknown_key(key, TOP_LEVEL_KEYS, label="unknown top-level key"))
     name = raw.get("name", default_name)
     _check_name(name, "name", errors, "the recipe name (set `name:`)")
     description = check_value(raw.get("description"), str | None, "description", errors)
@@ -729,11 +707,7 @@ def validate_recipe(raw: Any, source: str | None = None, default_name: str | Non
             continue
         bad = [k for k in run_raw if k not in RUN_KEYS]
         for key in bad:
-            hint = suggest(str(key), RUN_KEYS)
-            errors.add(
-                join_path(prefix, key),
-                f"unknown key in a run.{hint}{'' if hint else ' (' + allowed_list(RUN_KEYS) + ')'}",
-            )
+            errors.add(join_path(prefix, key), unknown_key(key, RUN_KEYS, label="unknown key in a run"))
         if bad:
             continue
         if single:
@@ -782,9 +756,7 @@ def _validate_merged(merged: dict, run_raw: dict, prefix: str, single: bool, err
     except RecipeError as e:
         for path, message in e.errors:
             from_run = not single and (path == "name" or _defined_in(run_raw, path))
-            full = join_path(prefix, path) if from_run else path
-            if (full, message) not in errors.items:
-                errors.add(full, message)
+            errors.add(join_path(prefix, path) if from_run else path, message)
     return None
 
 

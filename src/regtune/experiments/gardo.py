@@ -46,7 +46,7 @@ from regtune.diffusion.testbed import TestbedConfig
 from .checks import SectionModel, check_mapping, check_model, construct_checked
 from .errors import Errors, RecipeError, join_path, suggest
 from .io import is_main_process, write_atomic
-from .report import ExperimentResult, write_results
+from .report import ExperimentResult, markdown_lines, pyplot, save_figure, write_results
 from .stats import format_ci, mean_ci, paired_difference
 
 
@@ -350,42 +350,28 @@ def results_table(results: list[dict]) -> str:
     def cell(summary, fmt):
         return "n/a" if not summary else format_ci(summary, fmt)
 
-    lines = [
-        "## Final held-out evaluation",
-        "",
-        "| method | proxy reward (JPEG) | true metric (class prob) | diversity (pixel L2) | diversity (feat) |",
-        "|---|---|---|---|---|",
-    ]
-    first = results[0] if results else {}
-    if first.get("initial"):
-        ini = first["initial"]
-        lines.append(
-            f"| pretrained (epoch 0) | {ini.get('eval_proxy_reward', float('nan')):.4f} | "
-            f"{ini.get('eval_class_prob', float('nan')):.3f} | {ini.get('eval_diversity_l2', float('nan')):.2f} | "
-            f"{ini.get('eval_diversity_feat', float('nan')):.3f} |"
-        )
-    for res in results:
-        f = res["final"]
-        lines.append(
-            f"| {res['method']} | {cell(f.get('eval_proxy_reward'), '.4f')} | {cell(f.get('eval_class_prob'), '.3f')} | "
-            f"{cell(f.get('eval_diversity_l2'), '.2f')} | {cell(f.get('eval_diversity_feat'), '.3f')} |"
-        )
+    finals = list(zip(CURVE_KEYS, (".4f", ".3f", ".2f", ".3f")))
+    header = ["method", "proxy reward (JPEG)", "true metric (class prob)", "diversity (pixel L2)", "diversity (feat)"]
+    initial = (results[0] if results else {}).get("initial")
+    rows = [["pretrained (epoch 0)"] + [f"{initial.get(k, float('nan')):{f}}" for k, f in finals]] if initial else []
+    rows += [[res["method"]] + [cell(res["final"].get(k), f) for k, f in finals] for res in results]
     n = max((v["n"] for r in results for v in r["final"].values()), default=0)
+    lines = ["## Final held-out evaluation", "", *markdown_lines(header, rows)]
     lines += [
         f"\nMean [95% CI] over {n} seed(s) (t-interval), at the last epoch.",
         "",
         "## The mechanism's diagnostics",
         "",
-        "| method | clip fraction | gated fraction | KL (gated samples) | approx KL | refreshes |",
-        "|---|---|---|---|---|---|",
     ]
-    for res in results:
-        d = res.get("diagnostics", {})
-        refreshes = res["final"].get("refreshes")
-        lines.append(
-            f"| {res['method']} | {cell(d.get('clip_fraction'), '.3f')} | {cell(d.get('gated_fraction'), '.3f')} | "
-            f"{cell(d.get('kl'), '.2e')} | {cell(d.get('approx_kl'), '.1e')} | {cell(refreshes, '.1f')} |"
-        )
+    diagnostics = list(zip(DIAGNOSTICS, (".3f", ".3f", ".2e", ".1e")))
+    header = ["method", "clip fraction", "gated fraction", "KL (gated samples)", "approx KL", "refreshes"]
+    rows = [
+        [res["method"]]
+        + [cell(res.get("diagnostics", {}).get(k), f) for k, f in diagnostics]
+        + [cell(res["final"].get("refreshes"), ".1f")]
+        for res in results
+    ]
+    lines += markdown_lines(header, rows)
     lines.append(
         "\nMeans over a run's epochs, then mean [95% CI] over seeds; refreshes: the run's total. The gated fraction is "
         "the gate's size in every run (only kl_mode=gated applies the KL to it; kl_all applies it to every sample)."
@@ -395,17 +381,9 @@ def results_table(results: list[dict]) -> str:
 
 def matched_table(matched: dict) -> str:
     base = matched["baseline"]
-    lines = [
-        "",
-        "## At matched proxy reward",
-        "",
-        f"Each family's best run where the proxy reward first reaches the seed's pretrained proxy + gain; mean [95% CI]"
-        f" over the seeds that reach it (n), and the difference to {base}, paired over seeds (wins / pairs).",
-        "",
-        "| proxy gain | family | n | true metric | diversity (L2) | diversity (feat) | "
-        f"true metric - {base} | diversity (L2) - {base} | diversity (feat) - {base} |",
-        "|---|---|---|---|---|---|---|---|---|",
-    ]
+    header = ["proxy gain", "family", "n", "true metric", "diversity (L2)", "diversity (feat)"]
+    header += [f"{name} - {base}" for name in header[3:]]
+    rows = []
     for level in matched["levels"]:
         for family, values in level["families"].items():
             diffs = level["vs_baseline"].get(family)
@@ -417,20 +395,18 @@ def matched_table(matched: dict) -> str:
                 ]
             else:
                 cells += ["(baseline)"] * 3
-            n = values["eval_class_prob"]["n"]
-            lines.append(f"| {level['proxy_gain']:+.3f} | {family} | {n} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+            rows.append([f"{level['proxy_gain']:+.3f}", family, str(values["eval_class_prob"]["n"])] + cells)
+    text = (
+        f"Each family's best run where the proxy reward first reaches the seed's pretrained proxy + gain; mean [95% CI]"
+        f" over the seeds that reach it (n), and the difference to {base}, paired over seeds (wins / pairs)."
+    )
+    return "\n".join(["", "## At matched proxy reward", "", text, "", *markdown_lines(header, rows)])
 
 
 def plot_tradeoff(matched: dict, path: str) -> str:
     """True metric and diversity of each family's frontier against the proxy gain (mean and 95% CI over seeds)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     keys = [("eval_class_prob", "true metric (class probability)"), ("eval_diversity_l2", "diversity (pixel L2)")]
-    fig, axes = plt.subplots(1, len(keys), figsize=(5.2 * len(keys), 3.8))
+    fig, axes = pyplot().subplots(1, len(keys), figsize=(5.2 * len(keys), 3.8))
     for i, family in enumerate(matched["families"]):
         for ax, (key, title) in zip(axes, keys):
             pts = [(lv["proxy_gain"], lv["families"][family][key]) for lv in matched["levels"]]
@@ -445,24 +421,16 @@ def plot_tradeoff(matched: dict, path: str) -> str:
             ax.set_title(f"{title} at matched proxy", fontsize=10)
             ax.set_xlabel("proxy reward gain over the pretrained model")
     axes[0].legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, dpi=110)
 
 
 def plot_curves(results: list[dict], path: str) -> str:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     keys = [
         ("eval_proxy_reward", "proxy reward (JPEG compressibility)"),
         ("eval_class_prob", "true metric (class probability)"),
         ("eval_diversity_l2", "diversity (within-prompt pixel L2)"),
     ]
-    fig, axes = plt.subplots(1, len(keys) + 1, figsize=(4.6 * (len(keys) + 1), 3.6))
+    fig, axes = pyplot().subplots(1, len(keys) + 1, figsize=(4.6 * (len(keys) + 1), 3.6))
     for m_i, res in enumerate(results):
         method = res["method"]
         color = f"C{m_i}"
@@ -493,7 +461,4 @@ def plot_curves(results: list[dict], path: str) -> str:
     axes[-1].set_xlabel("proxy reward")
     axes[-1].set_ylabel("class probability")
     axes[0].legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, dpi=110)

@@ -15,7 +15,7 @@ import re
 from collections.abc import Iterable
 from typing import Any
 
-from .errors import RecipeError, suggest
+from .errors import RecipeError, suggest, unknown_choice
 from .io import load_yaml
 
 
@@ -105,14 +105,8 @@ def _list_index(node: list, part: str, walked: list[str]) -> int:
     names = [item.get("name") for item in node if isinstance(item, dict)]
     if part in names:
         return names.index(part)
-    raise RecipeError(
-        [
-            (
-                f"{path}.{part}",
-                f"no item named {part!r} in {path}.{suggest(part, [n for n in names if n])} Names: {names}",
-            )
-        ]
-    )
+    hint = suggest(part, [n for n in names if n])
+    raise RecipeError([(f"{path}.{part}", f"no item named {part!r} in {path}.{hint} Names: {names}")])
 
 
 def resolve_source(source: str) -> str:
@@ -164,9 +158,7 @@ def read_recipe(source: str, overrides: dict | Iterable[tuple[str, Any]] | None 
         kind = "gardo" if {"testbed", "methods", "seeds"} & set(raw) else "token-budget" if "budget" in raw else "runs"
     kind = KIND_ALIASES.get(kind, kind) if isinstance(kind, str) else kind
     if not isinstance(kind, str) or kind not in KINDS:
-        raise RecipeError(
-            [("kind", f"unknown kind {kind!r}.{suggest(kind, KINDS)} Known: {', '.join(KINDS)}")], source
-        )
+        raise RecipeError([("kind", unknown_choice("kind", kind, KINDS, shown=KINDS))], source)
     return kind, raw, path
 
 

@@ -56,6 +56,27 @@ def write_results(
     return files
 
 
+def pyplot():
+    """`matplotlib.pyplot` on the non-interactive Agg backend (raises `ImportError` without matplotlib)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def save_figure(fig, path: str, dpi: int = 120, **layout) -> str:
+    """Lay out `fig` (`tight_layout(**layout)`), write it to `path` (its folder created) and close it; returns `path`."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout(**layout)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fig.savefig(path, dpi=dpi)
+    plt.close(fig)
+    return path
+
+
 def primary_metric(result: dict) -> str | None:
     """The metric a result is compared on: the first classification metric, else perplexity, else loss."""
     for split_metrics in result.get("metrics", {}).values():
@@ -109,10 +130,7 @@ def plot_results(results: list[dict], path: str, title: str | None = None) -> st
     training, the metric against the training step (curves). Returns `path`, or `None` without matplotlib or data.
     """
     try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+        plt = pyplot()
     except ImportError:
         return None
     metric = next((m for m in (primary_metric(r) for r in results) if m), None)
@@ -156,11 +174,7 @@ def plot_results(results: list[dict], path: str, title: str | None = None) -> st
         ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.18), ncol=2, frameon=False)
     if title:
         fig.suptitle(title)
-    fig.tight_layout()
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def _curve(result: dict, split: str, metric: str):
@@ -229,7 +243,8 @@ def summarize_seeds(results: list[dict], compare=None) -> dict:
     return {"runs": runs, "comparisons": comparisons}
 
 
-def _markdown(header: list[str], rows: list[list[str]]) -> list[str]:
+def markdown_lines(header: list[str], rows: list[list[str]]) -> list[str]:
+    """The lines of a markdown table (unpadded)."""
     return ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"] + [
         "| " + " | ".join(row) + " |" for row in rows
     ]
@@ -266,7 +281,7 @@ def format_seeded_report(summary: dict, select=None) -> str:
         "Mean and 95% t-interval over the seeds; diagnostics: the mean over a run's logged steps, then over seeds.",
         "",
     ]
-    lines += _markdown(header, rows)
+    lines += markdown_lines(header, rows)
     if summary.get("comparisons"):
         metrics = _metric_names(summary["comparisons"])
         header = ["run", "baseline", "seeds"] + [f"Δ {m}" for m in metrics] + ["wins / ties (first Δ)"]
@@ -277,7 +292,7 @@ def format_seeded_report(summary: dict, select=None) -> str:
             cells += [format_ci(pair["metrics"][m]) if m in pair["metrics"] else "-" for m in metrics]
             rows.append(cells + [f"{first['wins']}/{first['n']}, {first['ties']}"])
         lines += ["", "Paired difference run − baseline over the common seeds (same shots, initialization and data "
-                  "order), mean [95% t-interval]:", ""] + _markdown(header, rows)  # fmt: skip
+                  "order), mean [95% t-interval]:", ""] + markdown_lines(header, rows)  # fmt: skip
     sweeps = {n: s for n, s in summary.get("sweeps", {}).items() if s.get("rows")}
     if sweeps:
         what = f"{select.metric} on {select.split}" if select is not None else "the validation metric"
@@ -292,7 +307,7 @@ def format_seeded_report(summary: dict, select=None) -> str:
                 rows.append([name, _values(row["values"]), f"{row['mean_metric']:.4f}", f"{row['mean_loss']:.4f}",
                              per_seed, mark])  # fmt: skip
         seeds = f" (seeds {select.seeds})" if select is not None else ""
-        lines += ["", f"Sweeps{seeds}: each value scored by {what}, no test data:", ""] + _markdown(header, rows)
+        lines += ["", f"Sweeps{seeds}: each value scored by {what}, no test data:", ""] + markdown_lines(header, rows)
     return "\n".join(lines)
 
 
@@ -307,13 +322,8 @@ def plot_comparisons(comparisons: list[dict], path: str, title: str | None = Non
     """A PNG of the paired differences: every seed's difference (dots) and the mean with its 95% interval."""
     if not comparisons:
         return None
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     metrics = _metric_names(comparisons)
-    fig, ax = plt.subplots(figsize=(max(5.0, 1.2 * len(comparisons) * len(metrics)), 4.2))
+    fig, ax = pyplot().subplots(figsize=(max(5.0, 1.2 * len(comparisons) * len(metrics)), 4.2))
     step = len(metrics) + 1
     for i, pair in enumerate(comparisons):
         for j, metric in enumerate(metrics):
@@ -332,8 +342,4 @@ def plot_comparisons(comparisons: list[dict], path: str, title: str | None = Non
     ax.set_ylabel("paired difference")
     ax.set_title((title + ": " if title else "") + "per seed, mean and 95% t-interval")
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)

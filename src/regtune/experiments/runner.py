@@ -225,14 +225,10 @@ def check_resumable(recipe: Recipe, overwrite: bool = False) -> dict[str, str]:
     states, errors = {}, []
     for run in recipe.runs:
         run_dir = os.path.join(recipe.output_dir, run.name)
-        stored_path = os.path.join(run_dir, "recipe.yaml")
-        if not os.path.isfile(stored_path):
+        changed = _changed_settings(run_dir, run)
+        if changed is None:
             states[run.name] = "new"
-            continue
-        with open(stored_path, encoding="utf-8") as f:
-            stored = load_yaml(f.read()) or {}
-        changed = changed_fields(_settings(stored), _settings(run.to_dict()))
-        if not changed:
+        elif not changed:
             finished = os.path.isfile(os.path.join(run_dir, "metrics.json"))
             states[run.name] = "finished" if finished else "resume"
         elif overwrite:
@@ -251,8 +247,45 @@ def check_resumable(recipe: Recipe, overwrite: bool = False) -> dict[str, str]:
     return states
 
 
-def _settings(run: dict) -> dict:
-    return plain({k: v for k, v in run.items() if k not in ("description",)})
+def _settings(run: dict, ignored=("description",)) -> dict:
+    return plain({k: v for k, v in run.items() if k not in ignored})
+
+
+def _changed_settings(run_dir: str, run: RunSpec, ignored=("description",)) -> list[str] | None:
+    """The fields where the settings stored in `<run_dir>/recipe.yaml` differ from `run`'s; `None` when none are."""
+    stored_path = os.path.join(run_dir, "recipe.yaml")
+    if not os.path.isfile(stored_path):
+        return None
+    with open(stored_path, encoding="utf-8") as f:
+        stored = load_yaml(f.read()) or {}
+    return changed_fields(_settings(stored, ignored), _settings(run.to_dict(), ignored))
+
+
+def _write_run_recipe(run_dir: str, run: RunSpec) -> None:
+    write_atomic(os.path.join(run_dir, "recipe.yaml"), dump_yaml(run.to_dict()))
+
+
+def _read_results(recipe: Recipe, subfolders=("",)) -> list[dict]:
+    """
+    The results on disk (`<run>/<subfolder>/metrics.json`) of every run of the full recipe (`recipe.raw`), in recipe
+    order, so that runs not selected now keep their place in the report.
+    """
+    runs = recipe.raw.get("runs")
+    names = [r.name for r in recipe.runs]
+    if isinstance(runs, list):
+        names = [r["name"] for r in runs if isinstance(r, dict) and isinstance(r.get("name"), str)]
+    paths = [os.path.join(recipe.output_dir, name, sub, "metrics.json") for name in names for sub in subfolders]
+    return [read_json(path) for path in paths if os.path.isfile(path)]
+
+
+def _write_report(recipe: Recipe, results: list[dict], table: str, plots: dict, ran, skipped, **extra):
+    """Write the results files (main process only) and return the [`ExperimentResult`]."""
+    files = {}
+    if is_main_process():
+        version = results[0]["regtune_version"] if results else None
+        files = write_results(recipe.output_dir, recipe.name, results, table, plots, regtune_version=version, **extra)
+        files["recipe"] = os.path.join(recipe.output_dir, "recipe.yaml")
+    return ExperimentResult(recipe.output_dir, results, table, files, ran, skipped)
 
 
 def run_recipe(
@@ -292,32 +325,14 @@ def run_recipe(
             )
             if states[run.name] == "overwrite":
                 shutil.rmtree(run_dir)
-            write_atomic(os.path.join(run_dir, "recipe.yaml"), dump_yaml(run.to_dict()))
+            _write_run_recipe(run_dir, run)
         barrier()
         run_one(run, run_dir, cache)
         ran.append(run.name)
 
-    results = []
-    for name in _run_names_in_order(recipe):
-        path = os.path.join(output_dir, name, "metrics.json")
-        if os.path.isfile(path):
-            results.append(read_json(path))
-    table = format_table(results)
-    files = {}
-    if main:
-        version = results[0]["regtune_version"] if results else None
-        plots = {"results": lambda path: plot_results(results, path, title=recipe.name)}
-        files = write_results(output_dir, recipe.name, results, table, plots, regtune_version=version)
-        files["recipe"] = os.path.join(output_dir, "recipe.yaml")
-    return ExperimentResult(output_dir, results, table, files, ran, skipped)
-
-
-def _run_names_in_order(recipe: Recipe) -> list[str]:
-    """All run names of the full recipe (`recipe.raw`), so that unselected runs keep their place in the table."""
-    runs = recipe.raw.get("runs")
-    if isinstance(runs, list):
-        return [r["name"] for r in runs if isinstance(r, dict) and isinstance(r.get("name"), str)]
-    return [r.name for r in recipe.runs]
+    results = _read_results(recipe)
+    plots = {"results": lambda path: plot_results(results, path, title=recipe.name)}
+    return _write_report(recipe, results, format_table(results), plots, ran, skipped)
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -342,7 +357,7 @@ def with_seed(run: RunSpec, seed: int, evaluation: EvaluationSpec | None = None)
 
 def settings_key(run: RunSpec) -> str:
     """A short hash of a run's settings (its name and description left out): equal settings, equal key."""
-    settings = {k: v for k, v in _settings(run.to_dict()).items() if k != "name"}
+    settings = _settings(run.to_dict(), ("description", "name"))
     return hashlib.sha1(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
@@ -351,12 +366,9 @@ def _stored_state(spec: RunSpec, run_dir: str, overwrite: bool) -> str:
     `"finished"`, `"resume"` or `"new"` for the folder `run_dir` of `spec`. A folder holding other settings raises
     [`RecipeError`] naming the changed fields, or, with `overwrite`, is removed (`"new"`).
     """
-    stored_path = os.path.join(run_dir, "recipe.yaml")
-    if not os.path.isfile(stored_path):
+    changed = _changed_settings(run_dir, spec, ("description", "name"))
+    if changed is None:
         return "new"
-    with open(stored_path, encoding="utf-8") as f:
-        stored = {k: v for k, v in _settings(load_yaml(f.read()) or {}).items() if k != "name"}
-    changed = changed_fields(stored, {k: v for k, v in _settings(spec.to_dict()).items() if k != "name"})
     if changed and not overwrite:
         raise RecipeError(
             [(f"runs.{spec.name}", f"{run_dir} holds this run with other settings ({'; '.join(changed[:8])}). Pass "
@@ -378,7 +390,7 @@ def _train_or_read(spec: RunSpec, run_dir: str, cache: dict, overwrite: bool, tr
         return None, False
     if is_main_process():
         log(f"[regtune] {label}")
-        write_atomic(os.path.join(run_dir, "recipe.yaml"), dump_yaml(spec.to_dict()))
+        _write_run_recipe(run_dir, spec)
     barrier()
     return run_one(spec, run_dir, cache), True
 
@@ -484,7 +496,7 @@ def run_seeded(recipe: Recipe, log=print, overwrite: bool = False, report_only: 
             if key in done and train and _stored_state(spec, run_dir, overwrite) != "finished":
                 same, result = done[key]  # the same settings as another run: one training, two names
                 if main:
-                    write_atomic(os.path.join(run_dir, "recipe.yaml"), dump_yaml(spec.to_dict()))
+                    _write_run_recipe(run_dir, spec)
                     write_atomic(os.path.join(run_dir, "metrics.json"), {**result, "run": name, "same_as": same})
                 continue
             label = f"run {name} ({spec.method}) seed {seed}"
@@ -494,25 +506,13 @@ def run_seeded(recipe: Recipe, log=print, overwrite: bool = False, report_only: 
                 (ran if trained else skipped).append(f"{name}/seed-{seed}")
 
     # 3. the report, from the files on disk (runs not selected now keep their results)
-    results = []
-    for name in _run_names_in_order(recipe):
-        for seed in recipe.seeds:
-            path = os.path.join(output_dir, name, f"seed-{seed}", "metrics.json")
-            if os.path.isfile(path):
-                results.append(read_json(path))
+    results = _read_results(recipe, [f"seed-{seed}" for seed in recipe.seeds])
     summary = summarize_seeds(results, recipe.compare)
     summary["sweeps"] = sweeps
+    plots = {
+        "results": lambda path: plot_results(summary["runs"], path, title=recipe.name),
+        "comparison": lambda path: plot_comparisons(summary["comparisons"], path, title=recipe.name),
+    }
+    select = recipe.selection.model_dump() if recipe.selection else None
     table = format_seeded_report(summary, recipe.selection)
-    files = {}
-    if main:
-        version = results[0]["regtune_version"] if results else None
-        plots = {
-            "results": lambda path: plot_results(summary["runs"], path, title=recipe.name),
-            "comparison": lambda path: plot_comparisons(summary["comparisons"], path, title=recipe.name),
-        }
-        extra = {"seeds": recipe.seeds, "select": recipe.selection.model_dump() if recipe.selection else None}
-        files = write_results(
-            output_dir, recipe.name, results, table, plots, regtune_version=version, **extra, **summary
-        )
-        files["recipe"] = os.path.join(output_dir, "recipe.yaml")
-    return ExperimentResult(output_dir, results, table, files, ran, skipped)
+    return _write_report(recipe, results, table, plots, ran, skipped, seeds=recipe.seeds, select=select, **summary)

@@ -31,11 +31,7 @@ from typing import Any
 import torch
 
 from .errors import RecipeError
-from .io import barrier as _barrier
-from .io import changed_fields, plain, read_json, write_atomic
-from .io import has_accelerator as _has_accelerator
-from .io import is_main_process as _is_main
-from .io import world_size as _world_size
+from .io import barrier, changed_fields, has_accelerator, is_main_process, plain, read_json, world_size, write_atomic
 from .report import ExperimentResult
 from .token_budget_recipe import MultiEpochStudy, load_study_recipe
 
@@ -161,7 +157,7 @@ def load_or_prepare_corpus(study: MultiEpochStudy, needed_tokens: int, output_di
     path = os.path.join(output_dir, "corpus.pt")
     tokenizer_dir = os.path.join(output_dir, "tokenizer")
     key = json.loads(json.dumps({"data": _data_spec(study), "needed_tokens": needed_tokens}))
-    if _is_main():
+    if is_main_process():
         cached = torch.load(path, weights_only=True) if os.path.exists(path) else None
         if cached is None or cached.get("key") != key:
             corpus = prepare_corpus(study, needed_tokens)
@@ -175,7 +171,7 @@ def load_or_prepare_corpus(study: MultiEpochStudy, needed_tokens: int, output_di
             tmp = f"{path}.tmp.{os.getpid()}"
             torch.save(payload, tmp)
             os.replace(tmp, path)
-    _barrier()
+    barrier()
     cached = torch.load(path, weights_only=True)
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
     return Corpus(tokenizer, cached["train"].long(), cached["heldout"].long(), cached["description"])
@@ -188,8 +184,8 @@ def trainer_training_args(study: MultiEpochStudy) -> dict:
     """The recipe's `training` fields with the study's defaults that are not part of a run's spec."""
     training = dict(study.training)
     # without use_cpu, processes started by torchrun / accelerate on a machine without GPUs would each train alone
-    training.setdefault("use_cpu", not _has_accelerator())
-    training.setdefault("dataloader_pin_memory", _has_accelerator())
+    training.setdefault("use_cpu", not has_accelerator())
+    training.setdefault("dataloader_pin_memory", has_accelerator())
     return training
 
 
@@ -372,7 +368,7 @@ def train_one(
         "phase_dropout": phase_dropout,  # the same, per quarter of training
         "curves": _curves(trainer.state.log_history, tokens_per_step),
         "train_seconds": round(train_seconds, 1),
-        "world_size": _world_size(),
+        "world_size": world_size(),
     }
     del trainer, lm
     gc.collect()
@@ -383,14 +379,14 @@ def train_one(
 
 
 def _log(message: str, verbose: bool) -> None:
-    if verbose and _is_main():
+    if verbose and is_main_process():
         print(f"[multi-epoch] {message}", flush=True)
 
 
 def _global_batch_size(study: MultiEpochStudy) -> int:
     per_device = study.training.get("per_device_train_batch_size", 8)
     accumulation = study.training.get("gradient_accumulation_steps", 1)
-    return per_device * accumulation * _world_size()
+    return per_device * accumulation * world_size()
 
 
 def plan_study(study: MultiEpochStudy) -> list[tuple[str, int, str, int, RunPlan]]:
@@ -461,8 +457,8 @@ def run_multi_epoch_study(
                 message += "Use another output_dir, or --overwrite to rerun it."
                 raise RecipeError([(f"runs.{name}", message)], study.source)
         todo.append((name, model, repetitions, dropout, seed, plan, spec))
-    _barrier()
-    if _is_main():
+    barrier()
+    if is_main_process():
         os.makedirs(out, exist_ok=True)
         write_atomic(os.path.join(out, "study.json"), study.to_dict())
     if skipped:
@@ -477,13 +473,13 @@ def run_multi_epoch_study(
         )
         for i, (name, model, repetitions, dropout, seed, plan, spec) in enumerate(todo, 1):
             run_dir = os.path.join(out, "runs", name)
-            _barrier()
-            if _is_main():
+            barrier()
+            if is_main_process():
                 spec_path = os.path.join(run_dir, "spec.json")
                 if os.path.isdir(run_dir) and (not os.path.exists(spec_path) or read_json(spec_path) != plain(spec)):
                     shutil.rmtree(run_dir)  # an unfinished run of other settings: start it again
                 write_atomic(spec_path, spec)
-            _barrier()
+            barrier()
             _log(
                 f"[{i}/{len(todo)}] {name}: {plan.unique_tokens} unique tokens x {repetitions} = {plan.train_tokens} "
                 f"tokens, {plan.steps} steps",
@@ -491,7 +487,7 @@ def run_multi_epoch_study(
             )
             result = train_one(study, corpus, model, repetitions, dropout, plan, run_dir, seed)
             result["spec"] = spec
-            if _is_main():
+            if is_main_process():
                 write_atomic(os.path.join(out, "results", f"{name}.json"), result)
                 write_report(out, load_results(out), study)
                 shutil.rmtree(run_dir, ignore_errors=True)  # checkpoints are not needed once the result is saved
@@ -501,12 +497,12 @@ def run_multi_epoch_study(
                 f"{result['train_loss_eval']:.4f}, {result['train_seconds']:.0f} s",
                 verbose,
             )
-    _barrier()
-    if _is_main() and os.path.isdir(os.path.join(out, "runs")) and not os.listdir(os.path.join(out, "runs")):
+    barrier()
+    if is_main_process() and os.path.isdir(os.path.join(out, "runs")) and not os.listdir(os.path.join(out, "runs")):
         os.rmdir(os.path.join(out, "runs"))
     results = [r for r in load_results(out) if r.get("run") in set(names)]
     files = {}
-    if _is_main():
+    if is_main_process():
         files = write_report(out, results, study)
     wall = time.time() - started
     _log(

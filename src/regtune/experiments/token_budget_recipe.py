@@ -38,7 +38,7 @@ from typing import Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from .checks import SectionModel, check_call_kwargs, check_mapping, check_model, construct_checked
+from .checks import SectionModel, check_mapping, check_model, construct_checked
 from .errors import Errors, join_path, suggest, unknown_key
 
 
@@ -236,9 +236,7 @@ def _validate_dropout(raw, errors: Errors) -> dict[str, dict]:
     settings = {}
     for name, args in raw.items():
         path, before = f"dropout.{name}", len(errors.items)
-        settings[str(name)] = args = check_call_kwargs(
-            DropoutSchedule, args, f"dropout.{name}", errors, "DropoutSchedule"
-        )
+        settings[str(name)] = args = check_mapping(args, DropoutSchedule, path, errors, what="DropoutSchedule")
         if len(errors.items) > before:
             continue
         if "p" not in args:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import math
 
-from .report import write_results
+from .report import pyplot, save_figure, write_results
 from .stats import format_ci, mean_ci, paired_difference
 from .token_budget_recipe import MultiEpochStudy
 
@@ -140,21 +140,11 @@ def markdown_table(results: list[dict], study: MultiEpochStudy | None = None) ->
     return "\n".join(out)
 
 
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def plot_heldout_vs_repetitions(results: list[dict], path: str, study: MultiEpochStudy | None = None) -> None:
+def plot_heldout_vs_repetitions(results: list[dict], path: str, study: MultiEpochStudy | None = None) -> str:
     """Held-out loss (mean and 95% CI over seeds) against repetitions, one line per dropout setting and panel per size."""
-    plt = _pyplot()
     cells = summarize(results, study)
     models, repetitions, dropouts = _orders(results, study)
-    fig, axes = plt.subplots(1, len(models), figsize=(5.2 * len(models), 4), squeeze=False)
+    fig, axes = pyplot().subplots(1, len(models), figsize=(5.2 * len(models), 4), squeeze=False)
     for ax, model in zip(axes[0], models):
         for d in dropouts:
             mine = [c for c in cells if (c["model"], c["dropout"]) == (model, d)]
@@ -172,17 +162,15 @@ def plot_heldout_vs_repetitions(results: list[dict], path: str, study: MultiEpoc
         ax.grid(alpha=0.3)
         ax.legend(title="dropout")
     fig.suptitle("Multi-epoch degradation at a fixed token budget")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    return save_figure(fig, path)
 
 
-def plot_training_curves(results: list[dict], path: str, study: MultiEpochStudy | None = None) -> None:
+def plot_training_curves(results: list[dict], path: str, study: MultiEpochStudy | None = None) -> str:
     """
     Held-out (solid) and training (dashed) loss against tokens seen, for the first seed; rows: model sizes, columns:
     repetitions.
     """
-    plt = _pyplot()
+    plt = pyplot()
     from matplotlib.ticker import EngFormatter
 
     seed = min(_seed(r) for r in results)
@@ -220,9 +208,7 @@ def plot_training_curves(results: list[dict], path: str, study: MultiEpochStudy 
     handles, labels = max((ax.get_legend_handles_labels() for row in axes for ax in row), key=lambda h: len(h[0]))
     if handles:
         fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 4), fontsize=8)
-    fig.tight_layout(rect=(0, 0.08 if handles else 0, 1, 1))
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    return save_figure(fig, path, dpi=110, rect=(0, 0.08 if handles else 0, 1, 1))
 
 
 def write_report(output_dir: str, results: list[dict], study: MultiEpochStudy | None = None) -> dict[str, str]:
