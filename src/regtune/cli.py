@@ -23,21 +23,14 @@ import glob
 import os
 import sys
 
+from . import __version__
+
 
 EXIT_INVALID = 2
 OVERRIDES_HELP = (
     "Any other --key.path=value overrides the recipe (values are YAML: 1e-3, true, null, [query, value]); "
     "runs are addressed by name: --runs.allora.adapter.eta=4."
 )
-
-
-def _version() -> str:
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version("regtune")
-    except PackageNotFoundError:  # pragma: no cover - a source checkout that is not installed
-        return "unknown"
 
 
 STUDY_ALIASES = {
@@ -57,7 +50,7 @@ def _build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="regtune", description="Run, validate and publish regtune recipes.", allow_abbrev=False
     )
-    parser.add_argument("--version", action="version", version=f"regtune {_version()}")
+    parser.add_argument("--version", action="version", version=f"regtune {__version__}")
     debug = argparse.ArgumentParser(add_help=False)
     debug.add_argument("--debug", action="store_true", help="show the full traceback of an error")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
@@ -128,7 +121,7 @@ def _names(text: str | None) -> list[str] | None:
     return [n.strip() for n in text.split(",") if n.strip()] if text else None
 
 
-def _load(path: str, args, extra: list[str]):
+def _load(path: str, extra: list[str]):
     from .experiments import load_recipe, parse_override_args
 
     return load_recipe(path, parse_override_args(extra))
@@ -149,14 +142,14 @@ def _cmd_validate(args, extra) -> int:
     failed = []
     for path in paths:
         try:
-            recipe = _load(path, args, extra)
+            recipe = _load(path, extra)
         except (RecipeError, FileNotFoundError) as e:
             if len(paths) == 1:
                 raise
             print(f"regtune validate: {e}", file=sys.stderr)
             failed.append(path)
             continue
-        only = _names(getattr(args, "only", None))
+        only = _names(args.only)
         recipe = recipe.select(only) if only and recipe.kind == "runs" else recipe
         count = f"{len(_runs(recipe))} run(s)" if recipe.kind == "runs" else f"a {recipe.kind} recipe"
         print(f"{path}: valid, {count}, output_dir {recipe.output_dir}")
@@ -175,7 +168,7 @@ def _cmd_run(args, extra) -> int:
 
     if args.command == "study":
         extra = extra + [f"--{item}" for item in args.overrides]
-    recipe = _load(args.recipe, args, extra)
+    recipe = _load(args.recipe, extra)
     if args.command == "study" and recipe.kind != {"multi-epoch": "token-budget"}.get(args.study, args.study):
         raise ValueError(f"{args.recipe} is a {recipe.kind!r} recipe, not a {args.study} one: use `regtune run`")
     result = run_recipe(

@@ -490,7 +490,6 @@ def _validate_adapter(raw, task: str, errors: Errors, own_head: bool = False) ->
         forbidden=ADAPTER_FORBIDDEN,
         exclude=("auto_mapping",),
         ranges=ADAPTER_RANGES,
-        what=config_cls.__name__,
     )
     fields = {f.name for f in dataclasses.fields(config_cls)}
     if "task_type" in fields and kwargs.get("task_type") is None and not own_head:  # no task head to train
@@ -533,15 +532,7 @@ def _validate_regularizers(raw, errors: Errors) -> list[RegularizerSpec]:
 
 def _validate_training(raw, config_cls, errors: Errors) -> dict:
     n_errors = len(errors.items)
-    training = check_mapping(
-        raw,
-        config_cls,
-        "training",
-        errors,
-        forbidden=TRAINING_FORBIDDEN,
-        ranges=TRAINING_RANGES,
-        what=config_cls.__name__,
-    )
+    training = check_mapping(raw, config_cls, "training", errors, forbidden=TRAINING_FORBIDDEN, ranges=TRAINING_RANGES)
     if len(errors.items) == n_errors:
         build = lambda: config_cls(output_dir="regtune-validation", **copy.deepcopy(training))  # noqa: E731
         construct_checked(build, "training", training, errors, config_cls.__name__)
@@ -688,14 +679,12 @@ def validate_recipe(raw: Any, source: str | None = None, default_name: str | Non
         paths = [join_path("compare", i) if isinstance(raw["compare"], list) else "compare" for i in range(len(items))]
         compare = [check_model(item, CompareSpec, path, errors) for item, path in zip(items, paths)]
     runs_raw = raw.get("runs")
-    if runs_raw is None:
+    single = runs_raw is None
+    if single:
         runs_raw = [{}]
-        single = True
-    else:
-        single = False
-        if not isinstance(runs_raw, list) or not runs_raw:
-            errors.add("runs", f"expected a non-empty list of runs ({{name: ..., <overrides>}}), got {runs_raw!r}")
-            runs_raw = []
+    elif not isinstance(runs_raw, list) or not runs_raw:
+        errors.add("runs", f"expected a non-empty list of runs ({{name: ..., <overrides>}}), got {runs_raw!r}")
+        runs_raw = []
     errors.raise_if_any(source)
 
     base = {k: v for k, v in raw.items() if k in RUN_KEYS and k not in ("name",) + RUN_ONLY_KEYS}

@@ -166,14 +166,9 @@ def validate_recipe(raw: dict, source: str | None = None, default_name: str | No
         raw=raw,
     )
     for method in study.methods:  # GARDOConfig's own checks, under the key paths of the fields they name
+        path = f"methods.{method}" if method in top.methods else f"sweep.{study.family(method)}"
         fields = {**study.training, **study.methods[method]}
-        construct_checked(
-            lambda m=method: study.config(m, study.seeds[0]),
-            f"methods.{method}" if method in top.methods else f"sweep.{study.family(method)}",
-            fields,
-            errors,
-            "GARDOConfig",
-        )
+        construct_checked(lambda m=method: study.config(m, study.seeds[0]), path, fields, errors, "GARDOConfig")
     errors.raise_if_any(source)
     return study
 

@@ -202,12 +202,11 @@ def summarize_seeds(results: list[dict], compare=None) -> dict:
     runs = []
     for name, entries in by_run.items():
         metrics: dict[str, dict] = {}
+        diagnostics: dict[str, list] = {}
         for entry in entries:
             for split, values in entry.get("metrics", {}).items():
                 for metric, value in values.items():
                     metrics.setdefault(split, {}).setdefault(metric, []).append(value)
-        diagnostics: dict[str, list] = {}
-        for entry in entries:
             for key, value in entry.get("diagnostics", {}).items():
                 diagnostics.setdefault(key, []).append(value)
         runs.append(

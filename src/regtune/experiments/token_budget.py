@@ -378,23 +378,16 @@ def train_one(
 # ---- the study ----
 
 
-def _log(message: str, verbose: bool) -> None:
-    if verbose and is_main_process():
-        print(f"[multi-epoch] {message}", flush=True)
-
-
-def _global_batch_size(study: MultiEpochStudy) -> int:
-    per_device = study.training.get("per_device_train_batch_size", 8)
-    accumulation = study.training.get("gradient_accumulation_steps", 1)
-    return per_device * accumulation * world_size()
-
-
 def plan_study(study: MultiEpochStudy) -> list[tuple[str, int, str, int, RunPlan]]:
     """
     The runs of a study, `(model, repetitions, dropout, seed, plan)`, in the order they run: seed by seed (so that a
     study stopped early holds whole grids), then model, repetitions and dropout.
     """
-    batch = _global_batch_size(study)
+    per_device, accumulation = (
+        study.training.get("per_device_train_batch_size", 8),
+        study.training.get("gradient_accumulation_steps", 1),
+    )
+    batch = per_device * accumulation * world_size()
     plans = {r: plan_run(study.budget_tokens, r, study.data.block_size, batch) for r in study.repetitions}
     return [
         (m, r, d, seed, plans[r])
@@ -432,6 +425,10 @@ def run_multi_epoch_study(
     """
     from .token_budget_report import write_report
 
+    def log(message: str) -> None:
+        if verbose and is_main_process():
+            print(f"[multi-epoch] {message}", flush=True)
+
     started = time.time()
     study = recipe if isinstance(recipe, MultiEpochStudy) else load_study_recipe(recipe, overrides)
     if output_dir is not None:
@@ -462,14 +459,13 @@ def run_multi_epoch_study(
         os.makedirs(out, exist_ok=True)
         write_atomic(os.path.join(out, "study.json"), study.to_dict())
     if skipped:
-        _log(f"{len(skipped)} finished run(s) found in {out}/results, skipped: {', '.join(skipped)}", verbose)
+        log(f"{len(skipped)} finished run(s) found in {out}/results, skipped: {', '.join(skipped)}")
     ran = []
     if todo and not report_only:
         corpus = load_or_prepare_corpus(study, max(plan.unique_tokens for *_, plan in runs), out)
-        _log(
+        log(
             f"corpus {corpus.description}: {corpus.train_ids.numel()} training-pool tokens, "
             f"{corpus.heldout_ids.numel()} held-out tokens, vocabulary {len(corpus.tokenizer)}",
-            verbose,
         )
         for i, (name, model, repetitions, dropout, seed, plan, spec) in enumerate(todo, 1):
             run_dir = os.path.join(out, "runs", name)
@@ -480,10 +476,9 @@ def run_multi_epoch_study(
                     shutil.rmtree(run_dir)  # an unfinished run of other settings: start it again
                 write_atomic(spec_path, spec)
             barrier()
-            _log(
+            log(
                 f"[{i}/{len(todo)}] {name}: {plan.unique_tokens} unique tokens x {repetitions} = {plan.train_tokens} "
                 f"tokens, {plan.steps} steps",
-                verbose,
             )
             result = train_one(study, corpus, model, repetitions, dropout, plan, run_dir, seed)
             result["spec"] = spec
@@ -492,10 +487,9 @@ def run_multi_epoch_study(
                 write_report(out, load_results(out), study)
                 shutil.rmtree(run_dir, ignore_errors=True)  # checkpoints are not needed once the result is saved
             ran.append(name)
-            _log(
+            log(
                 f"    held-out loss {result['heldout_loss']:.4f}, train loss (eval mode) "
                 f"{result['train_loss_eval']:.4f}, {result['train_seconds']:.0f} s",
-                verbose,
             )
     barrier()
     if is_main_process() and os.path.isdir(os.path.join(out, "runs")) and not os.listdir(os.path.join(out, "runs")):
@@ -505,9 +499,7 @@ def run_multi_epoch_study(
     if is_main_process():
         files = write_report(out, results, study)
     wall = time.time() - started
-    _log(
-        f"done in {wall:.0f} s: {len(ran)} run(s) trained, {len(skipped)} skipped; table {files.get('table')}", verbose
-    )
+    log(f"done in {wall:.0f} s: {len(ran)} run(s) trained, {len(skipped)} skipped; table {files.get('table')}")
     table = ""
     if files.get("table") and os.path.exists(files["table"]):
         with open(files["table"], encoding="utf-8") as f:

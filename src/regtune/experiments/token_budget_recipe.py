@@ -215,7 +215,7 @@ def _validate_models(raw, errors: Errors) -> dict[str, dict]:
             continue
         config_cls = CONFIG_MAPPING[model_type]
         if dataclasses.is_dataclass(config_cls):
-            fields = check_mapping(fields, config_cls, path, errors, what=config_cls.__name__)
+            fields = check_mapping(fields, config_cls, path, errors)
         else:
             allowed = [p for p in inspect.signature(config_cls.__init__).parameters if p not in ("self", "kwargs")]
             for key in fields:
@@ -236,7 +236,7 @@ def _validate_dropout(raw, errors: Errors) -> dict[str, dict]:
     settings = {}
     for name, args in raw.items():
         path, before = f"dropout.{name}", len(errors.items)
-        settings[str(name)] = args = check_mapping(args, DropoutSchedule, path, errors, what="DropoutSchedule")
+        settings[str(name)] = args = check_mapping(args, DropoutSchedule, path, errors)
         if len(errors.items) > before:
             continue
         if "p" not in args:
@@ -268,14 +268,7 @@ def validate_recipe(raw: dict, source: str | None = None, default_name: str | No
         if short:
             errors.add("budget.repetitions", f"{short[0]} repetitions leave less than one block of unique tokens")
     evaluation = check_model(top.evaluation, EvaluationSpec, "evaluation", errors, "evaluation")
-    training = check_mapping(
-        top.training or {},
-        TrainingArguments,
-        "training",
-        errors,
-        forbidden=STUDY_TRAINING_KEYS,
-        what="TrainingArguments",
-    )
+    training = check_mapping(top.training, TrainingArguments, "training", errors, forbidden=STUDY_TRAINING_KEYS)
     study = MultiEpochStudy(
         name=str(name),
         description=top.description or "",

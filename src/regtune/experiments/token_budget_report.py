@@ -11,16 +11,12 @@ from .token_budget_recipe import MultiEpochStudy
 
 
 def _orders(results: list[dict], study: MultiEpochStudy | None):
-    def present(values, key):
-        return [v for v in values if any(r[key] == v for r in results)]
-
-    if study is not None:
-        return (
-            present(study.models, "model"),
-            present(study.repetitions, "repetitions"),
-            present(study.dropout, "dropout"),
-        )
-    return [sorted({r[k] for r in results}) for k in ("model", "repetitions", "dropout")]
+    """The models, repetitions and dropout settings that `results` hold, in the study's order (else sorted)."""
+    keys = ("model", "repetitions", "dropout")
+    if study is None:
+        return [sorted({r[k] for r in results}) for k in keys]
+    orders = (study.models, study.repetitions, study.dropout)
+    return [[v for v in values if any(r[k] == v for r in results)] for values, k in zip(orders, keys)]
 
 
 def _seed(run: dict):
