@@ -288,13 +288,13 @@ def prepare_hub_folder(run_dir: str, folder: str, repo_id: str, runs: list[str] 
         recipe_yaml = dump_yaml(run["recipe"])
         write_atomic(os.path.join(folder, "metrics.json"), run["metrics"])
         title = None
-    with open(os.path.join(folder, "recipe.yaml"), "w") as f:
-        f.write(recipe_yaml)
+    write_atomic(os.path.join(folder, "recipe.yaml"), recipe_yaml)
     plot = os.path.join(recipe_dir, "results.png") if recipe_dir else None
     if plot and os.path.isfile(plot):
         shutil.copy2(plot, os.path.join(folder, "results.png"))
-    with open(os.path.join(folder, "README.md"), "w") as f:
-        f.write(make_model_card(selected, repo_id, recipe_yaml, subfolders, title=title))
+    write_atomic(
+        os.path.join(folder, "README.md"), make_model_card(selected, repo_id, recipe_yaml, subfolders, title=title)
+    )
     return folder
 
 

@@ -107,10 +107,6 @@ def barrier() -> None:
 def has_accelerator() -> bool:
     """Whether torch sees a GPU / XPU / MPS device (pinned memory and `use_cpu` depend on it)."""
     import torch
+    from accelerate.utils import is_mps_available, is_xpu_available
 
-    xpu, mps = getattr(torch, "xpu", None), getattr(torch.backends, "mps", None)
-    return (
-        torch.cuda.is_available()
-        or bool(xpu is not None and xpu.is_available())
-        or bool(mps is not None and mps.is_available())
-    )
+    return torch.cuda.is_available() or is_xpu_available() or is_mps_available()

@@ -67,7 +67,7 @@ def pyplot():
 
 
 def save_figure(fig, path: str, dpi: int = 120, **layout) -> str:
-    """Lay out `fig` (`tight_layout(**layout)`), write it to `path` (its folder created) and close it; returns `path`."""
+    """Lay out `fig` (`tight_layout(**layout)`), write it to `path` (folder created) and close it; returns `path`."""
     import matplotlib.pyplot as plt
 
     fig.tight_layout(**layout)

@@ -395,11 +395,6 @@ def _train_or_read(spec: RunSpec, run_dir: str, cache: dict, overwrite: bool, tr
     return run_one(spec, run_dir, cache), True
 
 
-def _score(result: dict, split: str, metric: str) -> tuple[float, float]:
-    values = result["metrics"].get(split, {})
-    return values.get(metric, float("nan")), values.get("loss", float("nan"))
-
-
 def run_seeded(recipe: Recipe, log=print, overwrite: bool = False, report_only: bool = False) -> ExperimentResult:
     """
     Run a recipe with `seeds:`. First, each run with a `sweep` trains every value on the `select.seeds` and scores
@@ -453,13 +448,13 @@ def run_seeded(recipe: Recipe, log=print, overwrite: bool = False, report_only: 
                 spec = with_seed(variant, seed, evaluation)
                 trial_dir = os.path.join(output_dir, "select", settings_key(spec))
                 label = f"select {run.name} {values} seed {seed}"
-                result, trained = _train_or_read(spec, trial_dir, cache, overwrite, train, log, label)
+                result, _ = _train_or_read(spec, trial_dir, cache, overwrite, train, log, label)
                 if result is None:
                     continue
-                metric, loss = _score(result, select.split, select.metric)
+                scores = result["metrics"].get(select.split, {})
                 row["seeds"].append(seed)
-                row["metric"].append(metric)
-                row["loss"].append(loss)
+                row["metric"].append(scores.get(select.metric, float("nan")))
+                row["loss"].append(scores.get("loss", float("nan")))
             if row["seeds"]:
                 row["mean_metric"] = statistics.fmean(row["metric"])
                 row["mean_loss"] = statistics.fmean(row["loss"])
