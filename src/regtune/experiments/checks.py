@@ -62,10 +62,7 @@ def check_model(data, model: type[SectionModel], path: str, errors: Errors, what
         bad = {error["loc"][0] for error in e.errors() if error["loc"]}
         for error in e.errors():
             loc = [p for p in error["loc"] if isinstance(p, int) or not (p in _TAGS or any(c in p for c in "[],-"))]
-            key_path = path
-            for part in loc:
-                key_path = join_path(key_path, part)
-            by_path.setdefault(key_path, []).append(error)
+            by_path.setdefault(functools.reduce(join_path, loc, path), []).append(error)
         for key_path, found in by_path.items():
             if not any(p.startswith((f"{key_path}[", f"{key_path}.")) for p in by_path):  # the deepest error wins
                 errors.add(key_path, _message(found, model, what))

@@ -136,11 +136,7 @@ def plot_results(results: list[dict], path: str, title: str | None = None) -> st
     metric = next((m for m in (primary_metric(r) for r in results) if m), None)
     if metric is None:
         return None
-    splits = []
-    for result in results:
-        for split in result.get("metrics", {}):
-            if split not in splits:
-                splits.append(split)
+    splits = list(dict.fromkeys(split for result in results for split in result.get("metrics", {})))
     has_curves = any(len(_curve(r, s, metric)[0]) >= 2 for r in results for s in splits)  # evaluated during training
     fig, axes = plt.subplots(1, 2 if has_curves else 1, figsize=(11 if has_curves else 6, 4.6), squeeze=False)
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
@@ -311,10 +307,7 @@ def format_seeded_report(summary: dict, select=None) -> str:
 
 
 def _metric_names(comparisons: list[dict]) -> list[str]:
-    names: list[str] = []
-    for pair in comparisons:
-        names += [m for m in pair["metrics"] if m not in names]
-    return names
+    return list(dict.fromkeys(m for pair in comparisons for m in pair["metrics"]))
 
 
 def plot_comparisons(comparisons: list[dict], path: str, title: str | None = None) -> str | None:
