@@ -352,7 +352,7 @@ def targets_table(result: dict) -> list[str]:
     lines = [
         "",
         "Goals (the median paired ratio, or the extra tensor memory in copies of the trainable parameters; "
-        "**bold**: goal missed):",
+        "**bold**: goal missed, compared at the precision shown):",
         "",
         "| goal | " + " | ".join(f"{w} {s}" for w, s in configs) + " |",
         "| --- |" + " ---: |" * len(configs),
@@ -370,7 +370,8 @@ def targets_table(result: dict) -> list[str]:
                 cells.append("")
             else:
                 text = f"{100 * value:.1f}%" if key == "diag_log_fraction" else f"{value:.2f}"
-                cells.append(text if value <= limit else f"**{text}**")
+                shown = float(text.rstrip("%")) / (100 if text.endswith("%") else 1)
+                cells.append(text if shown <= limit else f"**{text}**")  # compared at the precision shown
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
     return lines
 
@@ -408,6 +409,25 @@ def width_table(result: dict) -> list[str]:
 # ---- main ----
 
 
+DOCS_BEGIN, DOCS_END = "<!-- bench.perf tables: begin -->", "<!-- bench.perf tables: end -->"
+
+
+def _write_tables(result: dict, stem: str, docs: str | None) -> None:
+    """Write `<stem>.md` and, with `docs`, replace the text between the marker lines of that markdown file."""
+    text = markdown(result)
+    with open(stem + ".md", "w") as f:
+        f.write(text)
+    if docs:
+        with open(docs) as f:
+            page = f.read()
+        if DOCS_BEGIN not in page or DOCS_END not in page:
+            raise SystemExit(f"--docs {docs}: the page has no {DOCS_BEGIN!r} ... {DOCS_END!r} lines to replace.")
+        head, rest = page.split(DOCS_BEGIN, 1)
+        tail = rest.split(DOCS_END, 1)[1]
+        with open(docs, "w") as f:
+            f.write(f"{head}{DOCS_BEGIN}\n\n{text.strip()}\n\n{DOCS_END}{tail}")
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="smoke run: tiny model, 2 rounds")
@@ -420,7 +440,20 @@ def main(argv=None):
     parser.add_argument("--no-time", action="store_true", help="peak memory only")
     parser.add_argument("--out", default=os.path.join(HERE, "results"))
     parser.add_argument("--name", default=None, help="output file stem (default perf, or perf_quick with --quick)")
+    parser.add_argument(
+        "--docs",
+        default=None,
+        help="also write the tables into this markdown file, between the lines "
+        f"{DOCS_BEGIN!r} and {DOCS_END!r} (e.g. docs/performance.md)",
+    )
+    parser.add_argument("--report-only", action="store_true", help="measure nothing: rewrite the tables from the JSON")
     cli = parser.parse_args(argv)
+    stem = os.path.join(cli.out, cli.name or ("perf_quick" if cli.quick else "perf"))
+    if cli.report_only:
+        with open(stem + ".json") as f:
+            result = json.load(f)
+        _write_tables(result, stem, cli.docs)
+        return result
     preset = QUICK if cli.quick else FULL
     for key in ("widths", "sizes", "rounds", "warmup"):
         if getattr(cli, key) is None:
@@ -436,7 +469,6 @@ def main(argv=None):
         print(f"[{time.time() - start:6.0f} s] {msg}", flush=True)
 
     timing, memory = {}, {}
-    stem = os.path.join(cli.out, cli.name or ("perf_quick" if cli.quick else "perf"))
     os.makedirs(cli.out, exist_ok=True)
 
     def write(final: bool) -> dict:
@@ -446,8 +478,7 @@ def main(argv=None):
         result["load_avg_at_end"] = os.getloadavg()
         with open(stem + ".json", "w") as f:
             json.dump(result, f, indent=1, default=str)
-        with open(stem + ".md", "w") as f:
-            f.write(markdown(result))
+        _write_tables(result, stem, cli.docs if final else None)
         return result
 
     # one (width, batch) configuration after the other, the results written after each: a run cut short keeps them

@@ -71,3 +71,28 @@ def test_goals_table_marks_missed_goals():
     memory_line = next(line for line in lines if line.startswith("| GLAD peak tensors"))
     assert "**1.90**" in time_line  # over the 1.8 goal
     assert "0.50" in memory_line and "**" not in memory_line
+
+
+def test_report_only_rewrites_the_tables_between_the_docs_markers(tmp_path):
+    """`--report-only --docs PAGE` rebuilds the tables from the JSON and replaces only the text between the markers;
+    a page without them is refused."""
+    import json
+    import os
+
+    import pytest
+
+    committed = os.path.join(os.path.dirname(perf.__file__), "results", "perf.json")
+    with open(committed) as f:
+        result = json.load(f)
+    (tmp_path / "perf.json").write_text(json.dumps(result))
+    page = tmp_path / "page.md"
+    page.write_text(f"# Before\n\n{perf.DOCS_BEGIN}\nstale table\n{perf.DOCS_END}\n\nAfter.\n")
+    perf.main(["--report-only", "--out", str(tmp_path), "--docs", str(page)])
+    text = page.read_text()
+    assert text.startswith("# Before\n") and text.endswith("\nAfter.\n") and "stale table" not in text
+    assert perf.markdown(result).strip() in text
+    assert (tmp_path / "perf.md").read_text() == perf.markdown(result)
+    bare = tmp_path / "bare.md"
+    bare.write_text("# no markers\n")
+    with pytest.raises(SystemExit, match="no"):
+        perf.main(["--report-only", "--out", str(tmp_path), "--docs", str(bare)])
