@@ -27,7 +27,9 @@ ratio with the diagnostics on vs off.
 Peak memory: every variant in a fresh process (forked from a server that has only imported the libraries), one step
 after a warm-up step; see `perf_memory.py`.
 
-Writes `bench/results/perf.json` and `bench/results/perf.md` (or `--out`); `--quick` writes `perf_quick.*`.
+Writes `bench/results/perf.json` and `bench/results/perf.md` (or `--out`); `--quick` writes `perf_quick.*`. With
+`--docs docs/performance.md` the tables also replace the text between that page's marker lines; `--report-only`
+rebuilds the tables (and the page) from the JSON without measuring.
 """
 
 from __future__ import annotations
