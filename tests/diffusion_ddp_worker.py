@@ -44,4 +44,8 @@ def run(out_dir: str) -> None:
 
 
 if __name__ == "__main__":
-    run(sys.argv[1])
+    try:
+        run(sys.argv[1])
+    finally:  # tear the process group down before exit (gloo threads left running can abort the interpreter)
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()

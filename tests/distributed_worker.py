@@ -240,4 +240,8 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    finally:  # tear the process group down before exit (gloo threads left running can abort the interpreter)
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()

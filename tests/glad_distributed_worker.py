@@ -54,4 +54,8 @@ def main(out: str, per_device_batch: int, accumulation: int) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], int(sys.argv[2]), int(sys.argv[3]))
+    try:
+        main(sys.argv[1], int(sys.argv[2]), int(sys.argv[3]))
+    finally:  # tear the process group down before exit (gloo threads left running can abort the interpreter)
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
