@@ -21,6 +21,7 @@ accelerate launch -m regtune run recipes/multi_epoch_gpu.yaml
 from __future__ import annotations
 
 import gc
+import hashlib
 import json
 import os
 import shutil
@@ -196,10 +197,17 @@ def init_distributed(study: MultiEpochStudy) -> None:
     TrainingArguments(output_dir=study.output_dir, **trainer_training_args(study)).world_size  # noqa: B018
 
 
+def _file_identity(path: str) -> dict:
+    """A text file as a run's spec records it: its name and content hash (not where this machine keeps it), so that
+    a moved checkout still resumes and an edited corpus is never silently reused."""
+    with open(path, "rb") as f:
+        return {"name": os.path.basename(path), "sha256": hashlib.sha256(f.read()).hexdigest()}
+
+
 def _data_spec(study: MultiEpochStudy) -> dict:
     data = study.data
     return {
-        "text_file": os.path.abspath(data.text_file) if data.text_file else None,
+        "text_file": _file_identity(data.text_file) if data.text_file else None,
         "hub": data.hub,
         "tokenizer": data.tokenizer,
         "heldout_fraction": data.heldout_fraction if data.text_file else None,
