@@ -372,8 +372,8 @@ def targets_table(result: dict) -> list[str]:
                 cells.append("")
             else:
                 text = f"{100 * value:.1f}%" if key == "diag_log_fraction" else f"{value:.2f}"
-                shown = float(text.rstrip("%")) / (100 if text.endswith("%") else 1)
-                cells.append(text if shown <= limit else f"**{text}**")  # compared at the precision shown
+                shown = round(value, 3 if key == "diag_log_fraction" else 2)  # compared at the precision shown
+                cells.append(text if shown <= limit else f"**{text}**")
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
     return lines
 

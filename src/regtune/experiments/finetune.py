@@ -321,7 +321,7 @@ def adapter_types() -> dict[str, Any]:
 
 def resolve_trainer(name: str):
     """
-    Resolve a recipe's `trainer:` to `(trainer class or None, config class)`.
+    Resolve a recipe's `trainer:` to `(trainer class, config class)`.
 
     `name` is a class of `regtune.trainers` (`RegTrainer`, the default), `Trainer` (transformers'), or a dotted
     import path (`trl.SFTTrainer`). The config class is the trainer's `config_class` attribute, else the most
