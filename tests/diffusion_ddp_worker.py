@@ -44,8 +44,6 @@ def run(out_dir: str) -> None:
 
 
 if __name__ == "__main__":
-    try:
-        run(sys.argv[1])
-    finally:  # tear the process group down before exit (gloo threads left running can abort the interpreter)
-        if torch.distributed.is_initialized():
-            torch.distributed.destroy_process_group()
+    from worker_exit import run_and_exit
+
+    run_and_exit(run, sys.argv[1])

@@ -240,8 +240,6 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    finally:  # tear the process group down before exit (gloo threads left running can abort the interpreter)
-        if torch.distributed.is_initialized():
-            torch.distributed.destroy_process_group()
+    from worker_exit import run_and_exit
+
+    run_and_exit(main)

@@ -479,8 +479,9 @@ def main() -> None:
         report["seconds"][name] = round(time.perf_counter() - start, 2)
     with open(os.path.join(cli.out, f"report_{rank}.json"), "w") as f:
         json.dump(report, f, indent=1)
-    dist.destroy_process_group()
 
 
 if __name__ == "__main__":
-    main()
+    from worker_exit import run_and_exit
+
+    run_and_exit(main)

@@ -54,8 +54,6 @@ def main(out: str, per_device_batch: int, accumulation: int) -> None:
 
 
 if __name__ == "__main__":
-    try:
-        main(sys.argv[1], int(sys.argv[2]), int(sys.argv[3]))
-    finally:  # tear the process group down before exit (gloo threads left running can abort the interpreter)
-        if torch.distributed.is_initialized():
-            torch.distributed.destroy_process_group()
+    from worker_exit import run_and_exit
+
+    run_and_exit(main, sys.argv[1], int(sys.argv[2]), int(sys.argv[3]))

@@ -127,8 +127,6 @@ if __name__ == "__main__":
     parser.add_argument("--accumulation", type=int, default=1)
     cli = parser.parse_args()
     torch.set_num_threads(1)
-    try:
-        run(cli.out, cli.mode, cli.per_device_batch, cli.accumulation)
-    finally:  # tear the process group down before exit (gloo threads left running can abort the interpreter)
-        if torch.distributed.is_initialized():
-            torch.distributed.destroy_process_group()
+    from worker_exit import run_and_exit
+
+    run_and_exit(run, cli.out, cli.mode, cli.per_device_batch, cli.accumulation)

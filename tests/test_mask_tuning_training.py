@@ -189,8 +189,8 @@ world = torch.distributed.get_world_size() if torch.distributed.is_initialized()
 json.dump({{"world_size": world}}, open(os.path.join(out, f"world_{{args.process_index}}.json"), "w"))
 if args.process_index == 0:
     torch.save({{n: p.detach() for n, p in model.named_parameters() if p.requires_grad}}, os.path.join(out, "w.pt"))
-if torch.distributed.is_initialized():  # tear the process group down before exit
-    torch.distributed.destroy_process_group()
+from worker_exit import run_and_exit  # tears the process group down and skips interpreter teardown
+run_and_exit(lambda: None)
 """
 
 
