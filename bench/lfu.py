@@ -46,9 +46,9 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 import regtune  # noqa: E402
 from bench._common import OUT_DIR, machine_description, quiet_transformers  # noqa: E402
 from regtune.data.char_tokenizer import build_char_tokenizer  # noqa: E402
+from regtune.data.shakespeare import read_corpus, speaker_pairs  # noqa: E402
 
 
-CORPUS = os.path.join(HERE, "..", "..", "shared", "data", "text", "input.txt")
 SPEAKER = "GLOUCESTER"
 
 
@@ -95,28 +95,6 @@ PRETRAIN_CONFIG = {
 
 
 # ---- data ----
-
-
-def read_corpus() -> tuple[str, str]:
-    with open(CORPUS) as f:
-        text = f.read()
-    cut = int(0.9 * len(text))
-    return text[:cut], text[cut:]
-
-
-def speaker_pairs(train_text: str, ctx_chars: int = 120, completion_chars: int = 160) -> tuple[list, str]:
-    """The speaker's turns as (context, turn) pairs, and the train text without them (for pretraining)."""
-    blocks = train_text.split("\n\n")
-    pairs, kept = [], []
-    for i, block in enumerate(blocks):
-        if block.startswith(SPEAKER + ":\n") and i > 0:
-            turn = block[len(SPEAKER) + 2 :]
-            if len(turn) > completion_chars:
-                turn = turn[:completion_chars].rsplit(" ", 1)[0]
-            pairs.append((blocks[i - 1][-ctx_chars:], turn))
-        else:
-            kept.append(block)
-    return pairs, "\n\n".join(kept)
 
 
 def render(template: str, ctx: str) -> str:

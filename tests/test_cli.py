@@ -127,6 +127,15 @@ def test_study_command_is_dispatched_to_regtune_studies(capsys):
     assert "--report_only" in capsys.readouterr().out
 
 
+def test_run_options_take_hyphens_or_underscores():
+    from regtune.cli import _build_parser
+
+    parser = _build_parser()
+    for argv in (["--report-only", "--output-dir", "x"], ["--report_only", "--output_dir", "x"]):
+        args, rest = parser.parse_known_args(["run", "r.yaml", *argv])
+        assert args.report_only and args.output_dir == "x" and rest == []
+
+
 def test_unknown_command_exits_with_usage():
     with pytest.raises(SystemExit):
         main(["fly"])

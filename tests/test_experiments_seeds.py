@@ -9,7 +9,7 @@ import os
 import pytest
 import torch
 
-from regtune.data import fewshot_text, get_task
+from regtune.data import fewshot_text, get_task, shakespeare
 from regtune.data.dual_encoder import DualEncoderClassifier, cosine_logits, mean_pool
 from regtune.experiments import RecipeError, load_recipe, run_recipe
 from regtune.experiments.finetune import validate_recipe
@@ -224,19 +224,25 @@ def test_summarize_seeds_pairs_only_common_seeds():
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-@pytest.mark.parametrize("name", ["glad", "allora", "mask_tuning"])
+def placeholder_data_dir(root) -> str:
+    """Empty files where the built-in tasks look for their data (validation only checks that they exist)."""
+    for files in [*fewshot_text.FILES.values(), [shakespeare.CORPUS_FILE]]:
+        for file in files:
+            (root / file).parent.mkdir(parents=True, exist_ok=True)
+            (root / file).write_text("")
+    return str(root)
+
+
+@pytest.mark.parametrize("name", ["glad", "allora", "mask_tuning", "lfu"])
 def test_evidence_recipes_validate_with_any_data_dir(tmp_path, name):
     """The evidence recipes validate (data files are only looked for; empty placeholders do), and protocol holds."""
-    for files in fewshot_text.FILES.values():
-        for file in files:
-            (tmp_path / file).parent.mkdir(parents=True, exist_ok=True)
-            (tmp_path / file).write_text("")
-    (tmp_path / "mr" / "rt-polarity.pos").write_text("")
+    placeholder_data_dir(tmp_path)
     rec = load_recipe(
         os.path.join(REPO, "recipes", "evidence", f"{name}.yaml"), {"data.options.data_dir": str(tmp_path)}
     )
     assert rec.seeds is not None and len(rec.seeds) >= 5 and rec.selection.split == "validation"
-    assert all(r.model.head == "class-descriptions" for r in rec.runs)
+    if name != "lfu":  # the classification recipes: a dual encoder, no new head
+        assert all(r.model.head == "class-descriptions" for r in rec.runs)
     trained = [r for r in rec.runs if r.training.get("learning_rate") != 0.0]  # lr 0: a zero-shot reference
     assert trained and all(r.sweep or r.values_from or r.match for r in trained)  # each lr is chosen on validation
     assert rec.compare and all(set(c.metrics) for c in rec.compare)
@@ -268,3 +274,21 @@ def test_compare_groups_pair_only_their_runs(tmp_path):
         ("glad", "lora", ["test_novel.accuracy"]),
         ("glad", "lora-matched", ["H.accuracy"]),
     ]
+
+
+@pytest.mark.parametrize("name", ["glad", "allora", "mask_tuning", "lfu"])
+def test_committed_evidence_chose_every_lr_inside_its_grid(tmp_path, name):
+    """A baseline is tuned as carefully as the method: no lr chosen as the best of its sweep sits on the grid's edge
+    (a choice on the edge means the grid should have gone further), and the committed sweeps are the recipe's."""
+    results = json.load(open(os.path.join(REPO, "bench", "results", "evidence", name, "results.json")))
+    path = os.path.join(REPO, "recipes", "evidence", f"{name}.yaml")
+    rec = load_recipe(path, {"data.options.data_dir": placeholder_data_dir(tmp_path)})
+    grids = {r.name: r.sweep["training.learning_rate"] for r in rec.runs if "training.learning_rate" in r.sweep}
+    assert set(results["sweeps"]) >= set(grids)
+    for run, sweep in results["sweeps"].items():
+        if sweep["rule"] != "best" or run not in grids:
+            continue
+        grid = sorted(grids[run])
+        assert [row["values"]["training.learning_rate"] for row in sweep["rows"]] == grids[run]
+        chosen = sweep["chosen"]["training.learning_rate"]
+        assert grid[0] < chosen < grid[-1], f"{name}/{run}: lr {chosen} chosen at the edge of {grid}"

@@ -42,8 +42,13 @@ STUDY_ALIASES = {
 def _add_run_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--only", help="comma-separated run (or GARDO method) names to run")
     parser.add_argument("--overwrite", action="store_true", help="train again the runs whose settings changed")
-    parser.add_argument("--report_only", action="store_true", help="train nothing; rewrite the report (studies)")
-    parser.add_argument("--output_dir", help="write here instead of the recipe's output_dir")
+    parser.add_argument(
+        "--report_only",
+        "--report-only",
+        action="store_true",
+        help="train nothing; rewrite the report from the results",
+    )
+    parser.add_argument("--output_dir", "--output-dir", help="write here instead of the recipe's output_dir")
 
 
 def _build_parser() -> argparse.ArgumentParser:

@@ -10,7 +10,7 @@ import difflib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from . import fewshot_text
+from . import fewshot_text, shakespeare
 from .models import BUILTIN_MODELS, BuiltinModel, resolve_model_path
 from .quickstart import quickstart_sentiment
 
@@ -109,6 +109,25 @@ register_task(
         option_ranges=_TEXT_RANGES,
         check_options=fewshot_text.check_options,
         class_descriptions=fewshot_text.class_descriptions,
+    )
+)
+
+register_task(
+    BuiltinTask(
+        name="shakespeare-turns",
+        build=shakespeare.shakespeare_turns,
+        description="One speaker's turns of Tiny Shakespeare as prompt/completion pairs; held-out text for forgetting.",
+        problem="causal-lm",
+        eval_splits=("test", "held_out"),
+        option_ranges={
+            "ctx_chars": {"ge": 1},
+            "completion_chars": {"ge": 1},
+            "n_train": {"ge": 1},
+            "n_val": {"ge": 0},
+            "n_held_out": {"ge": 1},
+            "window_chars": {"ge": 2},
+        },  # fmt: skip
+        check_options=shakespeare.check_options,
     )
 )
 
