@@ -317,6 +317,7 @@ def plot_comparisons(comparisons: list[dict], path: str, title: str | None = Non
     metrics = _metric_names(comparisons)
     fig, ax = pyplot().subplots(figsize=(max(5.0, 1.2 * len(comparisons) * len(metrics)), 4.2))
     step = len(metrics) + 1
+    labelled = set()  # each metric named once in the legend, where it is first drawn
     for i, pair in enumerate(comparisons):
         for j, metric in enumerate(metrics):
             diff = pair["metrics"].get(metric)
@@ -327,7 +328,8 @@ def plot_comparisons(comparisons: list[dict], path: str, title: str | None = Non
             if diff["n"] >= 2:
                 err = [[diff["mean"] - diff["lo"]], [diff["hi"] - diff["mean"]]]
                 ax.errorbar([x + 0.25], [diff["mean"]], yerr=err, fmt="o", color=f"C{j}", capsize=3,
-                            label=f"Δ {metric}" if i == 0 else None)  # fmt: skip
+                            label=None if metric in labelled else f"Δ {metric}")  # fmt: skip
+                labelled.add(metric)
     ax.axhline(0, color="k", lw=0.8)
     ax.set_xticks([i * step + (len(metrics) - 1) / 2 for i in range(len(comparisons))],
                   [f"{p['run']}\n− {p['baseline']}" for p in comparisons], fontsize=8)  # fmt: skip
