@@ -174,6 +174,8 @@ def time_group(group: str, width: str, size: str, warmup: int, rounds: int, log)
             spent = log_times[v.name][warmup : warmup + rounds]
             row["diag_log_s"] = quantiles(spent)
             row["diag_log_fraction"] = statistics.median(spent) / statistics.median(times[v.name])
+            # the same read-out once every 10 steps (logging_steps=10; the Trainer's default is 500), per step
+            row["diag_log_fraction_every_10"] = row["diag_log_fraction"] / 10
         out[v.name] = row
     return out
 
@@ -363,6 +365,7 @@ def targets_table(result: dict) -> list[str]:
     for method in dict.fromkeys(r["method"] for r in rows if r.get("diag_on_off_cpu_ratio")):
         goals.append((f"{method}: diagnostics on/off (CPU time) <= 1.02", method, "diag_on_off_cpu_ratio", 1.02))
         goals.append((f"{method}: diagnostics read-out <= 2% of the step", method, "diag_log_fraction", 0.02))
+        goals.append((f"{method}: the same, logging every 10 steps <= 2%", method, "diag_log_fraction_every_10", 0.02))
     for label, method, key, limit in goals:
         cells = []
         for width, size in configs:
@@ -371,8 +374,9 @@ def targets_table(result: dict) -> list[str]:
             if value is None:
                 cells.append("")
             else:
-                text = f"{100 * value:.1f}%" if key == "diag_log_fraction" else f"{value:.2f}"
-                shown = round(value, 3 if key == "diag_log_fraction" else 2)  # compared at the precision shown
+                share = key.startswith("diag_log_fraction")
+                text = f"{100 * value:.1f}%" if share else f"{value:.2f}"
+                shown = round(value, 3 if share else 2)  # compared at the precision shown
                 cells.append(text if shown <= limit else f"**{text}**")
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
     return lines

@@ -3,6 +3,8 @@
 import importlib
 import threading
 
+import pytest
+
 from bench import perf
 
 
@@ -55,6 +57,7 @@ def test_time_group_runs_the_shipped_trainers_one_step_at_a_time(monkeypatch):
     assert row["time_ratio"]["n"] == 3 and row["cpu_ratio"]["n"] == 3
     assert row["diag_on_off_ratio"]["n"] == 3
     assert row["diag_log_s"]["n"] == 3 and row["diag_log_fraction"] > 0
+    assert row["diag_log_fraction_every_10"] == pytest.approx(row["diag_log_fraction"] / 10)
     assert "time_ratio" not in result["lora"]  # the baseline is not compared with itself
 
 
