@@ -126,7 +126,7 @@ register_task(
             "n_val": {"ge": 0},
             "n_held_out": {"ge": 1},
             "window_chars": {"ge": 2},
-        },  # fmt: skip
+        },
         check_options=shakespeare.check_options,
     )
 )
