@@ -225,11 +225,14 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def placeholder_data_dir(root) -> str:
-    """Empty files where the built-in tasks look for their data (validation only checks that they exist)."""
-    for files in [*fewshot_text.FILES.values(), [shakespeare.CORPUS_FILE]]:
-        for file in files:
-            (root / file).parent.mkdir(parents=True, exist_ok=True)
-            (root / file).write_text("")
+    """Empty files where the text tasks look for their data (validation only checks that they exist), and a small
+    generated play for `shakespeare-turns` (whose validation counts the speaker's turns)."""
+    for file in [f for files in fewshot_text.FILES.values() for f in files]:
+        (root / file).parent.mkdir(parents=True, exist_ok=True)
+        (root / file).write_text("")
+    blocks = [f"KING:\nNews {i}?\n\nGLOUCESTER:\nThe field is ours, {i}." for i in range(200)]
+    (root / shakespeare.CORPUS_FILE).parent.mkdir(parents=True, exist_ok=True)
+    (root / shakespeare.CORPUS_FILE).write_text("\n\n".join(blocks + ["HAMLET:\nTo be."] * 40))
     return str(root)
 
 

@@ -59,6 +59,12 @@ def test_bad_options_name_the_field(tmp_path):
     data_dir = write_corpus(tmp_path)
     with pytest.raises(ValueError, match="n_train"):
         shakespeare_turns(data_dir=data_dir, n_train=100)
+    # found at validation, before anything is built: a speaker without turns, too few turns for the splits
+    assert task.check_options({"data_dir": data_dir, "speaker": "Gloucester"})[0][0] == "speaker"
+    assert task.check_options({"data_dir": data_dir, "speaker": 3})[0][0] == "speaker"
+    problem = task.check_options({"data_dir": data_dir, "n_train": 30, "n_val": 10})
+    assert problem[0][0] == "n_train" and "has 40 turns" in problem[0][1]
+    assert task.check_options({"data_dir": data_dir, "n_train": 20, "n_val": 5}) == []
 
 
 def test_recipe_checks_the_options_before_loading(tmp_path):
@@ -67,12 +73,28 @@ def test_recipe_checks_the_options_before_loading(tmp_path):
     from regtune.experiments import load_recipe
 
     model_dir = _char_llama(tmp_path, write_corpus(tmp_path))
-    base = {"model": {"name_or_path": model_dir, "task": "causal-lm"}, "trainer": "trl.SFTTrainer"}
+    base = {
+        "model": {"name_or_path": model_dir, "task": "causal-lm"},
+        "trainer": "trl.SFTTrainer",
+        "training": {"bf16": False},  # trl's SFTConfig defaults to bf16, which a CPU-only machine refuses
+    }
     path = tmp_path / "r.yaml"
     for options, field in [({"data_dir": str(tmp_path / "x")}, "data.options.data_dir"), ({"n_val": -1}, "n_val")]:
         path.write_text(yaml.safe_dump({**base, "data": {"builtin": "shakespeare-turns", "options": options}}))
         with pytest.raises(RecipeError, match=field):
             load_recipe(str(path))
+    # a shared section's error is reported once, not again as "no run named ..." by every comparison
+    protocol = {
+        "kind": "runs",
+        "seeds": [0, 1],
+        "compare": {"baseline": "sft", "metrics": ["held_out.loss"]},
+        "runs": [{"name": "sft"}, {"name": "lfu", "trainer": "LfUTrainer"}],
+    }
+    bad = {"builtin": "shakespeare-turns", "options": {"data_dir": str(tmp_path / "x")}}
+    path.write_text(yaml.safe_dump({**base, **protocol, "data": bad}))
+    with pytest.raises(RecipeError) as error:
+        load_recipe(str(path))
+    assert [p for p, _ in error.value.errors] == ["data.options.data_dir"], error.value.errors
 
 
 def _char_llama(tmp_path, data_dir: str) -> str:

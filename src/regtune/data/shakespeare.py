@@ -117,7 +117,7 @@ def shakespeare_turns(
 
 
 def check_options(options: dict) -> list[tuple[str, str]]:
-    """Problems of the options (`(option, message)`), found without building the splits."""
+    """Problems of the options (`(option, message)`): a missing corpus, a speaker without turns, too few turns."""
     data_dir = options.get("data_dir", DEFAULT_DATA_DIR)
     if not os.path.isfile(os.path.join(data_dir, CORPUS_FILE)):
         return [
@@ -127,4 +127,20 @@ def check_options(options: dict) -> list[tuple[str, str]]:
                 f"{os.path.abspath(data_dir)}); set data.options.data_dir to the folder that holds it",
             )
         ]
+    speaker = options.get("speaker", "GLOUCESTER")
+    if not isinstance(speaker, str) or not speaker:
+        return [
+            ("speaker", f"expected a speaker's name as it appears in the corpus (e.g. GLOUCESTER), got {speaker!r}")
+        ]
+    n_train, n_val = options.get("n_train", 144), options.get("n_val", 24)
+    if not all(isinstance(n, int) for n in (n_train, n_val)):
+        return []  # the option ranges report the types
+    try:
+        turns = len(speaker_pairs(read_corpus(data_dir)[0], speaker)[0])
+    except (OSError, UnicodeDecodeError) as e:
+        return [("data_dir", f"cannot read {CORPUS_FILE} under {data_dir!r}: {e}")]
+    if turns == 0:
+        return [("speaker", f"{speaker!r} has no turns in the training text (names are upper case, e.g. GLOUCESTER)")]
+    if n_train + n_val >= turns:
+        return [("n_train", f"n_train + n_val = {n_train + n_val} leaves no test pairs: {speaker} has {turns} turns")]
     return []

@@ -720,7 +720,7 @@ def validate_recipe(raw: Any, source: str | None = None, default_name: str | Non
             errors.add(join_path(prefix, "name"), f"duplicate run name {name_i!r} (also runs[{seen[name_i]}])")
         if isinstance(name_i, str):
             seen.setdefault(name_i, i)
-    _check_protocol(runs, seeds, selection, compare, raw, errors)
+    _check_protocol(runs, seeds, selection, compare, raw, errors, declared=list(seen))
     errors.raise_if_any(source)
     raw = {"name": name, **{k: v for k, v in raw.items() if k != "name"}}  # a name taken from the file name is kept
     if seeds is not None and selection is None and any(r.sweep for r in runs):
@@ -793,9 +793,15 @@ def _validate_sweep(spec: RunSpec, merged: dict, sweep, select, path: str, error
     spec.sweep = dict(sweep)
 
 
-def _check_protocol(runs: list[RunSpec], seeds, selection, compare, raw: dict, errors: Errors) -> None:
-    """Checks across runs: `seeds` with the sections that need it, `select` rules and `compare` names."""
+def _check_protocol(
+    runs: list[RunSpec], seeds, selection, compare, raw: dict, errors: Errors, declared: list[str] = ()
+) -> None:
+    """
+    Checks across runs: `seeds` with the sections that need it, `select` rules and `compare` names. A name in
+    `declared` (a run of the recipe that failed its own validation, reported there) is not reported again as unknown.
+    """
     names = {r.name: r for r in runs}
+    declared = list(dict.fromkeys([*declared, *names]))  # in the recipe's order
     needs_seeds = [k for k in ("select", "compare") if k in raw]
     if any(r.sweep for r in runs):
         needs_seeds.append("sweep")
@@ -807,6 +813,8 @@ def _check_protocol(runs: list[RunSpec], seeds, selection, compare, raw: dict, e
             if target is None:
                 continue
             other = names.get(target)
+            if other is None and target in declared:
+                continue  # that run's own errors are reported
             if other is None or other is run:
                 errors.add(
                     f"{prefix}.select.{key}",
@@ -825,9 +833,12 @@ def _check_protocol(runs: list[RunSpec], seeds, selection, compare, raw: dict, e
         baselines = [item.baseline] if isinstance(item.baseline, str) else list(item.baseline)
         for key, listed in (("baseline", baselines), ("runs", item.runs or [])):
             for b in listed:
-                if b not in names:
-                    errors.add(f"{path}.{key}", f"no run named {b!r}.{suggest(b, names)} Runs: {', '.join(names)}")
-        if len(baselines) >= len(names):
+                if b not in declared:
+                    errors.add(
+                        f"{path}.{key}",
+                        f"no run named {b!r}.{suggest(b, declared)} Runs: {', '.join(declared)}",
+                    )
+        if len(baselines) >= len(declared):
             errors.add(f"{path}.baseline", "every run is a baseline: nothing to compare")
         for j, metric in enumerate(item.metrics or []):
             if metric.count(".") < 1:
