@@ -151,6 +151,6 @@ def check_distributed_support(trainer) -> None:
         raise ValueError(
             f"regtune cannot train this under DeepSpeed ZeRO-{stage}: "
             + "; ".join(problems)
-            + ". Use DDP (recipes/accelerate/ddp.yaml) or FSDP2 (recipes/accelerate/fsdp2.yaml); see "
+            + ". Use DDP (configs/accelerate/ddp.yaml) or FSDP2 (configs/accelerate/fsdp2.yaml); see "
             "docs/distributed.md."
         )

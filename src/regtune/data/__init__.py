@@ -87,31 +87,38 @@ register_task(
     )
 )
 
-_TEXT_RANGES = {"k": {"ge": 1}, "n_val": {"ge": 0}, "max_test_per_class": {"ge": 1}, "seed": {"ge": 0}}
-register_task(
-    BuiltinTask(
-        name="base-to-novel",
-        build=fewshot_text.base_to_novel,
-        description="k shots of the base classes of TREC / AG News / SST-2 / MR; tested on base and novel classes.",
-        eval_splits=("test_base", "test_novel"),
-        option_ranges=_TEXT_RANGES,
+
+def _text_task(name: str, build: Callable, description: str, eval_splits: tuple[str, ...], **extra) -> BuiltinTask:
+    """A task over the text classification data sets of `fewshot_text` (shared options, checks and descriptions)."""
+    return BuiltinTask(
+        name=name,
+        build=build,
+        description=description,
+        eval_splits=eval_splits,
+        option_ranges={"k": {"ge": 1}, "n_val": {"ge": 0}, "max_test_per_class": {"ge": 1}, "seed": {"ge": 0}},
         check_options=fewshot_text.check_options,
         class_descriptions=fewshot_text.class_descriptions,
+        **extra,
+    )
+
+
+register_task(
+    _text_task(
+        "base-to-novel",
+        fewshot_text.base_to_novel,
+        "k shots of the base classes of TREC / AG News / SST-2 / MR; tested on base and novel classes.",
+        ("test_base", "test_novel"),
         summarize=fewshot_text.base_novel_summary,
     )
 )
 register_task(
-    BuiltinTask(
-        name="few-shot",
-        build=fewshot_text.few_shot,
-        description="k shots of every class of TREC / AG News / SST-2 / MR; tested on the test set.",
-        eval_splits=("test",),
-        option_ranges=_TEXT_RANGES,
-        check_options=fewshot_text.check_options,
-        class_descriptions=fewshot_text.class_descriptions,
+    _text_task(
+        "few-shot",
+        fewshot_text.few_shot,
+        "k shots of every class of TREC / AG News / SST-2 / MR; tested on the test set.",
+        ("test",),
     )
 )
-
 register_task(
     BuiltinTask(
         name="shakespeare-turns",
@@ -119,14 +126,7 @@ register_task(
         description="One speaker's turns of Tiny Shakespeare as prompt/completion pairs; held-out text for forgetting.",
         problem="causal-lm",
         eval_splits=("test", "held_out"),
-        option_ranges={
-            "ctx_chars": {"ge": 1},
-            "completion_chars": {"ge": 1},
-            "n_train": {"ge": 1},
-            "n_val": {"ge": 0},
-            "n_held_out": {"ge": 1},
-            "window_chars": {"ge": 2},
-        },
+        option_ranges=shakespeare.OPTION_RANGES,
         check_options=shakespeare.check_options,
     )
 )

@@ -26,6 +26,10 @@ from .fewshot_text import DEFAULT_DATA_DIR
 CORPUS_FILE = os.path.join("text", "input.txt")
 HELD_OUT_FRACTION = 0.1
 PAIR_SEED = 0
+OPTION_RANGES = {  # checked when a recipe is validated
+    "ctx_chars": {"ge": 1}, "completion_chars": {"ge": 1}, "n_train": {"ge": 1}, "n_val": {"ge": 0},
+    "n_held_out": {"ge": 1}, "window_chars": {"ge": 2},
+}  # fmt: skip
 
 
 def read_corpus(data_dir: str = DEFAULT_DATA_DIR) -> tuple[str, str]:

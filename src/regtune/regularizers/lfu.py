@@ -439,7 +439,7 @@ class LfURegularizer(Regularizer):
                 f"LfU does not support {what}: each process perturbs the trainable parameters by its own ascent step "
                 "and takes their gradients with torch.autograd.grad, so every process must hold the whole parameters "
                 "and their gradients (FSDP and ZeRO-3 shard the parameters, the DeepSpeed engine owns the gradients). "
-                "Use DDP (recipes/accelerate/ddp.yaml); see docs/distributed.md."
+                "Use DDP (configs/accelerate/ddp.yaml); see docs/distributed.md."
             )
         if args.n_gpu > 1:
             raise ValueError("LfU does not support DataParallel (n_gpu > 1); launch one process per GPU instead.")
