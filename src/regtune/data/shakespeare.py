@@ -17,6 +17,7 @@ fine-tuned on those turns (`bench/char_llama.py` does it for the LfU evidence re
 
 from __future__ import annotations
 
+import inspect
 import os
 import random
 
@@ -101,11 +102,9 @@ def shakespeare_turns(
     train_text, held_out_text = read_corpus(data_dir)
     pairs, _ = speaker_pairs(train_text, speaker, ctx_chars, completion_chars)
     random.Random(PAIR_SEED).shuffle(pairs)
-    if n_train + n_val >= len(pairs):
-        raise ValueError(
-            f"n_train + n_val = {n_train + n_val} leaves no test pairs: {speaker} has {len(pairs)} turns in the "
-            "training text"
-        )
+    problem = _split_problem(n_train, n_val, speaker, len(pairs))
+    if problem:
+        raise ValueError(problem)
 
     def as_dataset(rows):
         return Dataset.from_dict(
@@ -120,9 +119,19 @@ def shakespeare_turns(
     )
 
 
+def _split_problem(n_train: int, n_val: int, speaker: str, turns: int) -> str | None:
+    """Why `n_train` and `n_val` do not fit the speaker's `turns` (no test pairs would be left), or `None`."""
+    if n_train + n_val < turns:
+        return None
+    return (
+        f"n_train + n_val = {n_train + n_val} leaves no test pairs: {speaker} has {turns} turns in the training text"
+    )
+
+
 def check_options(options: dict) -> list[tuple[str, str]]:
     """Problems of the options (`(option, message)`): a missing corpus, a speaker without turns, too few turns."""
-    data_dir = options.get("data_dir", DEFAULT_DATA_DIR)
+    options = {**_DEFAULTS, **options}
+    data_dir = options["data_dir"]
     if not os.path.isfile(os.path.join(data_dir, CORPUS_FILE)):
         return [
             (
@@ -131,12 +140,12 @@ def check_options(options: dict) -> list[tuple[str, str]]:
                 f"{os.path.abspath(data_dir)}); set data.options.data_dir to the folder that holds it",
             )
         ]
-    speaker = options.get("speaker", "GLOUCESTER")
+    speaker = options["speaker"]
     if not isinstance(speaker, str) or not speaker:
         return [
             ("speaker", f"expected a speaker's name as it appears in the corpus (e.g. GLOUCESTER), got {speaker!r}")
         ]
-    n_train, n_val = options.get("n_train", 144), options.get("n_val", 24)
+    n_train, n_val = options["n_train"], options["n_val"]
     if not all(isinstance(n, int) for n in (n_train, n_val)):
         return []  # the option ranges report the types
     try:
@@ -145,6 +154,9 @@ def check_options(options: dict) -> list[tuple[str, str]]:
         return [("data_dir", f"cannot read {CORPUS_FILE} under {data_dir!r}: {e}")]
     if turns == 0:
         return [("speaker", f"{speaker!r} has no turns in the training text (names are upper case, e.g. GLOUCESTER)")]
-    if n_train + n_val >= turns:
-        return [("n_train", f"n_train + n_val = {n_train + n_val} leaves no test pairs: {speaker} has {turns} turns")]
-    return []
+    problem = _split_problem(n_train, n_val, speaker, turns)
+    return [("n_train", problem)] if problem else []
+
+
+# the build function's defaults, which check_options assumes for options a recipe leaves out
+_DEFAULTS = {name: p.default for name, p in inspect.signature(shakespeare_turns).parameters.items()}
