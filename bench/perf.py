@@ -56,7 +56,9 @@ from transformers import TrainerCallback  # noqa: E402
 from bench._common import machine_description, quiet_transformers  # noqa: E402
 
 
-FULL = dict(widths=["small", "real"], sizes=["4x16", "16x64"], rounds=7, warmup=1)
+# rounds per batch size: a 4 x 16 step takes milliseconds, and the ratios there are a few percent from 1, so it gets
+# enough rounds for their spread to be read to about a percent
+FULL = dict(widths=["small", "real"], sizes=["4x16", "16x64"], rounds={"4x16": 41, "16x64": 11}, warmup=1)
 QUICK = dict(widths=["tiny"], sizes=["4x16", "16x64"], rounds=2, warmup=1)
 
 
@@ -112,13 +114,18 @@ def paired(a: list[float], b: list[float]) -> dict:
     return quantiles([x / y for x, y in zip(a, b)])
 
 
+def rounds_for(rounds: int | dict, size: str) -> int:
+    """The number of timed rounds at `size` (`rounds`: one number for all sizes, or one per size)."""
+    return rounds if isinstance(rounds, int) else rounds.get(size, max(rounds.values()))
+
+
 def time_group(group: str, width: str, size: str, warmup: int, rounds: int, log) -> dict:
     from bench.perf_variants import GROUPS, build_trainer
 
     variants = GROUPS[group]
     batch, seq_len = (int(x) for x in size.split("x"))
     steps = warmup + rounds + 1  # the last step closes at the end of training: not counted
-    batons, threads, errors, log_times = {}, [], {}, {}
+    batons, threads, errors, log_times, refresh_times = {}, [], {}, {}, {}
     with tempfile.TemporaryDirectory() as tmp:
         for v in variants:
             try:
@@ -139,6 +146,7 @@ def time_group(group: str, width: str, size: str, warmup: int, rounds: int, log)
             batons[v.name] = baton
             threads.append(thread)
             log_times[v.name] = getattr(trainer, "_perf_log_times", None)
+            refresh_times[v.name] = getattr(trainer, "_perf_refresh_times", None)
             del trainer
         names = list(batons)
         for r in range(steps):
@@ -176,6 +184,14 @@ def time_group(group: str, width: str, size: str, warmup: int, rounds: int, log)
             row["diag_log_fraction"] = statistics.median(spent) / statistics.median(times[v.name])
             # the same read-out once every 10 steps (logging_steps=10; the Trainer's default is 500), per step
             row["diag_log_fraction_every_10"] = row["diag_log_fraction"] / 10
+        if v.floor in times:  # the method against its floor: the same passes without the method's own work
+            row["time_ratio_vs_floor"] = paired(times[v.name], times[v.floor])
+            row["cpu_ratio_vs_floor"] = paired(cpu[v.name], cpu[v.floor])
+        if refresh_times.get(v.name):
+            # ALLoRA's coefficient refresh (once per optimizer step), alone, as a share of the step
+            spent = [refresh_times[v.name].get(s, 0.0) for s in range(warmup, warmup + rounds)]
+            row["refresh_s"] = quantiles(spent)
+            row["refresh_fraction"] = statistics.median(spent) / statistics.median(times[v.name])
         out[v.name] = row
     return out
 
@@ -267,12 +283,18 @@ def _r(q: dict | None, digits: int = 2) -> str:
     return f"{q['median']:.{digits}f} ({q['q25']:.{digits}f}-{q['q75']:.{digits}f})"
 
 
+def _rounds_text(rounds: int | dict) -> str:
+    if isinstance(rounds, int):
+        return f"{rounds} interleaved rounds"
+    return "interleaved rounds: " + ", ".join(f"{n} at {size}" for size, n in rounds.items())
+
+
 def markdown(result: dict) -> str:
     cfg, mach = result["config"], result["machine"]
     lines = [
         f"regtune performance suite: {mach['date']}, {mach['cpu']} ({mach['cpu_count']} cores, torch "
         f"{mach['torch']}, {cfg['threads']} thread), `{result['command']}`, {result['wall_s'] / 60:.1f} min; "
-        f"{cfg['rounds']} interleaved rounds after {cfg['warmup']} warm-up steps. Load average at start/end: "
+        f"{_rounds_text(cfg['rounds'])} after {cfg['warmup']} warm-up steps. Load average at start/end: "
         f"{', '.join(f'{x:.1f}' for x in mach.get('load_avg_at_start', []))} / "
         f"{', '.join(f'{x:.1f}' for x in result.get('load_avg_at_end', []))}.",
         "",
@@ -313,6 +335,7 @@ def markdown(result: dict) -> str:
         ]  # fmt: skip
         lines.append("| " + " | ".join(cells) + " |")
     lines += targets_table(result)
+    lines += floors_table(result)
     lines += width_table(result)
     lines += ["", "Baselines (absolute figures):", "", "| baseline | width | batch | step (ms) | peak RSS above imports (MiB) "
               "| tensor peak (MiB) |", "| --- | --- | --- | ---: | ---: | ---: |"]  # fmt: skip
@@ -379,6 +402,44 @@ def targets_table(result: dict) -> list[str]:
                 shown = round(value, 3 if share else 2)  # compared at the precision shown
                 cells.append(text if shown <= limit else f"**{text}**")
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def floors_table(result: dict) -> list[str]:
+    """What each method costs above its floor: GLAD against the same two passes without the perturbation, ALLoRA's
+    coefficient refresh (its one per-step cost that LoRA does not have) as a share of its step."""
+    rows = result["rows"]
+    configs = list(dict.fromkeys((r["width"], r["size"]) for r in rows))
+    floors = [r for r in rows if r.get("time_ratio_vs_floor") or r.get("refresh_fraction") is not None]
+    if not floors:
+        return []
+    lines = [
+        "",
+        "Floors (paired median ratios, 25-75% spread; the two-pass rows are the baseline trained with two "
+        "micro-batches of the same size per optimizer step):",
+        "",
+        "| figure | " + " | ".join(f"{w} {s}" for w, s in configs) + " |",
+        "| --- |" + " ---: |" * len(configs),
+    ]
+    figures = []
+    for method in dict.fromkeys(r["method"] for r in floors):
+        figures.append((f"{method}: time / the same two passes without the method", method, "time_ratio_vs_floor"))
+        figures.append((f"{method}: coefficient refresh, % of the step", method, "refresh_fraction"))
+    for method in dict.fromkeys(r["method"] for r in rows if "two passes" in r["method"]):
+        figures.append((f"{method} / {method.split(',')[0]} (one pass)", method, "time_ratio"))
+    for label, method, key in figures:
+        cells = []
+        for width, size in configs:
+            row = next((r for r in rows if r["method"] == method and (r["width"], r["size"]) == (width, size)), None)
+            value = row.get(key) if row else None
+            if value is None:
+                cells.append("")
+            elif isinstance(value, dict):
+                cells.append(_r(value))
+            else:
+                cells.append(f"{100 * value:.1f}%")
+        if any(cells):
+            lines.append(f"| {label} | " + " | ".join(cells) + " |")
     return lines
 
 
@@ -499,12 +560,13 @@ def main(argv=None):
             if not cli.no_memory:
                 log(f"memory {width} {size}: {len(jobs)} fresh processes")
                 memory.update(memory_pass(jobs, log))
+            rounds = rounds_for(cli.rounds, size)
             for group in [] if cli.no_time else cli.groups:
-                log(f"time: {group} {width} {size}")
+                log(f"time: {group} {width} {size}, {rounds} rounds")
                 if group == "gardo":
-                    timing[(group, width, size)] = time_gardo(width, size, cli.warmup, cli.rounds, log)
+                    timing[(group, width, size)] = time_gardo(width, size, cli.warmup, rounds, log)
                 else:
-                    timing[(group, width, size)] = time_group(group, width, size, cli.warmup, cli.rounds, log)
+                    timing[(group, width, size)] = time_group(group, width, size, cli.warmup, rounds, log)
                 write(final=False)
     result = write(final=True)
     print(markdown(result))

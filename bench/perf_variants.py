@@ -89,9 +89,8 @@ def full_ft_model(width: str):
 def _reg_trainer(model, out, batch, seq_len, steps, cls=None, args_cls=TrainingArguments, regularizers=(), **extra):
     cls = cls or regtune.RegTrainer
     args = args_cls(**common_args(out, batch, steps), **extra)
-    trainer = cls(
-        model=model, args=args, train_dataset=lm_dataset(batch * steps, seq_len), regularizers=list(regularizers)
-    )
+    rows = batch * steps * args.gradient_accumulation_steps
+    trainer = cls(model=model, args=args, train_dataset=lm_dataset(rows, seq_len), regularizers=list(regularizers))
     trainer.model_accepts_loss_kwargs = False
     return trainer
 
@@ -99,6 +98,13 @@ def _reg_trainer(model, out, batch, seq_len, steps, cls=None, args_cls=TrainingA
 def b_lora(width, out, batch, seq_len, steps):
     model = get_peft_model(llama(width), LoraConfig(target_modules=TARGETS, task_type="CAUSAL_LM", **LORA))
     return _reg_trainer(model, out, batch, seq_len, steps)
+
+
+def b_lora_two_passes(width, out, batch, seq_len, steps):
+    """LoRA with two forward/backward passes per optimizer step (two micro-batches of the same size): GLAD's floor,
+    the work of its two passes without its perturbation."""
+    model = get_peft_model(llama(width), LoraConfig(target_modules=TARGETS, task_type="CAUSAL_LM", **LORA))
+    return _reg_trainer(model, out, batch, seq_len, steps, gradient_accumulation_steps=2)
 
 
 def b_allora(site):
@@ -124,6 +130,11 @@ def b_msd(width, out, batch, seq_len, steps):
 
 def b_full(width, out, batch, seq_len, steps):
     return _reg_trainer(full_ft_model(width), out, batch, seq_len, steps)
+
+
+def b_full_two_passes(width, out, batch, seq_len, steps):
+    """Full fine-tuning with two forward/backward passes per optimizer step: GLAD's floor under full fine-tuning."""
+    return _reg_trainer(full_ft_model(width), out, batch, seq_len, steps, gradient_accumulation_steps=2)
 
 
 def b_full_glad(width, out, batch, seq_len, steps):
@@ -190,14 +201,21 @@ class Variant:
     diagnostics: bool | None = True  # None: the method has no mechanism diagnostics
     memory: bool = True  # measured in the memory pass
     notes: list = field(default_factory=list)
+    floor: str | None = None  # the variant whose step time is this method's floor (the same passes, no method)
 
 
-def _pair(name, build, baseline, method=None, diagnostics=True):
+def _pair(name, build, baseline, method=None, diagnostics=True, floor=None):
     method = method or name
-    out = [Variant(name, build, baseline, method, diagnostics=True if diagnostics else None)]
+    out = [Variant(name, build, baseline, method, diagnostics=True if diagnostics else None, floor=floor)]
     if diagnostics:
-        out.append(Variant(name + " [diag off]", build, baseline, method, diagnostics=False, memory=False))
+        out.append(
+            Variant(name + " [diag off]", build, baseline, method, diagnostics=False, memory=False, floor=floor)
+        )
     return out
+
+
+LORA_TWO_PASSES = "lora, two passes per step"
+FULL_TWO_PASSES = "full-ft, two passes per step"
 
 
 # One timing session per group: its variants are interleaved, round by round, in one process.
@@ -206,14 +224,16 @@ GROUPS: dict[str, list[Variant]] = {
         Variant("lora", b_lora, "lora", "lora", diagnostics=None),
         *_pair("allora (gradient)", b_allora("gradient"), "lora"),
         *_pair("allora (update)", b_allora("update"), "lora"),
-        *_pair("glad", b_glad, "lora"),
+        *_pair("glad", b_glad, "lora", floor=LORA_TWO_PASSES),
         Variant("multi-sample dropout (K=8)", b_msd, "lora", "multi-sample dropout (K=8)", diagnostics=None),
+        Variant(LORA_TWO_PASSES, b_lora_two_passes, "lora", LORA_TWO_PASSES, diagnostics=None, memory=False),
     ],
     "full": [
         Variant("full-ft", b_full, "full-ft", "full-ft", diagnostics=None),
         *_pair("mask tuning", b_mask(0.0), "full-ft"),
         *_pair("mask tuning + gradient dropout", b_mask(1.0), "full-ft"),
-        *_pair("glad (full-ft)", b_full_glad, "full-ft"),
+        *_pair("glad (full-ft)", b_full_glad, "full-ft", floor=FULL_TWO_PASSES),
+        Variant(FULL_TWO_PASSES, b_full_two_passes, "full-ft", FULL_TWO_PASSES, diagnostics=None, memory=False),
     ],
     "sft": [
         Variant("sft", b_sft(None), "sft", "sft", diagnostics=None),
@@ -240,12 +260,35 @@ def _time_diagnostics(trainer) -> None:
     trainer.regularizer_diagnostics = timed
 
 
+def _time_allora_refresh(trainer) -> None:
+    """Record the wall time of ALLoRA's coefficient refresh (`ALLoRACoefficientGroup.refresh`, once per optimizer
+    step) per step of `trainer` (`trainer._perf_refresh_times`: global step -> seconds); nothing without ALLoRA."""
+    import time
+
+    from regtune.tuners.allora.layer import _Registry
+
+    group = next((g for m in trainer.model.modules() if (g := _Registry.groups.get(m)) is not None), None)
+    if group is None:
+        return
+    refresh, spent = group.refresh, {}
+    trainer._perf_refresh_times = spent
+
+    def timed():
+        start = time.perf_counter()
+        refresh()
+        step = trainer.state.global_step
+        spent[step] = spent.get(step, 0.0) + time.perf_counter() - start
+
+    group.refresh = timed
+
+
 def build_trainer(variant: Variant, width: str, out: str, batch: int, seq_len: int, steps: int):
     trainer = variant.build(width, os.path.join(out, variant.name.replace(" ", "_")), batch, seq_len, steps)
     if variant.diagnostics is False:
         set_diagnostics(trainer, False)
     elif hasattr(trainer, "regularizer_diagnostics"):
         _time_diagnostics(trainer)
+    _time_allora_refresh(trainer)
     # the logs are computed every step (with the diagnostics), but not printed: printing costs what the terminal costs
     trainer.remove_callback(PrinterCallback)
     trainer.remove_callback(ProgressCallback)

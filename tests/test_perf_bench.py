@@ -22,6 +22,8 @@ def test_time_group_runs_the_shipped_trainers_one_step_at_a_time(monkeypatch):
     variants = [
         perf_variants.Variant("lora", perf_variants.b_lora, "lora", "lora", diagnostics=None),
         *perf_variants._pair("allora (gradient)", perf_variants.b_allora("gradient"), "lora"),
+        perf_variants.Variant("glad", perf_variants.b_glad, "lora", "glad", diagnostics=None, floor="two passes"),
+        perf_variants.Variant("two passes", perf_variants.b_lora_two_passes, "lora", "two passes", diagnostics=None),
     ]
     monkeypatch.setitem(perf_variants.GROUPS, "test", variants)
     monkeypatch.setitem(
@@ -50,7 +52,7 @@ def test_time_group_runs_the_shipped_trainers_one_step_at_a_time(monkeypatch):
     result = perf.time_group("test", "test", "2x8", warmup=1, rounds=3, log=lambda message: None)
 
     assert state["most"] == 1  # never two trainers computing at once
-    assert state["steps"] == 3 * (1 + 3 + 1)  # warm-up, timed rounds and the closing step of each trainer
+    assert state["steps"] == 5 * (1 + 3 + 1)  # warm-up, timed rounds and the closing step of each trainer
     assert threading.active_count() == threads_before  # every trainer thread finished
     row = result["allora (gradient)"]
     assert "error" not in row and "error" not in result["lora"]
@@ -59,6 +61,16 @@ def test_time_group_runs_the_shipped_trainers_one_step_at_a_time(monkeypatch):
     assert row["diag_log_s"]["n"] == 3 and row["diag_log_fraction"] > 0
     assert row["diag_log_fraction_every_10"] == pytest.approx(row["diag_log_fraction"] / 10)
     assert "time_ratio" not in result["lora"]  # the baseline is not compared with itself
+    # ALLoRA's coefficient refresh is timed once per step; GLAD is compared with its two-pass floor
+    assert row["refresh_s"]["n"] == 3 and 0 < row["refresh_fraction"] < 1
+    assert "refresh_s" not in result["lora"] and "refresh_s" not in result["glad"]
+    assert result["glad"]["time_ratio_vs_floor"]["n"] == 3
+    assert result["two passes"]["time_ratio"]["n"] == 3 and "time_ratio_vs_floor" not in result["two passes"]
+    lines = perf.floors_table(
+        {"rows": [{**r, "method": name, "width": "test", "size": "2x8"} for name, r in result.items()]}
+    )
+    assert any(line.startswith("| glad: time / the same two passes without the method | ") for line in lines)
+    assert any(line.startswith("| allora (gradient): coefficient refresh, % of the step | ") for line in lines)
 
 
 def test_goals_table_marks_missed_goals():
