@@ -245,16 +245,22 @@ GROUPS: dict[str, list[Variant]] = {
 
 
 def _time_diagnostics(trainer) -> None:
-    """Record the wall time of every read-out of the regularizers' diagnostics (`trainer._perf_log_times`)."""
+    """Record the wall time of every read-out of the regularizers' diagnostics (`trainer._perf_log_times`), net of
+    ALLoRA's coefficient refresh when the read-out triggers it (the refresh is then not done in the next forward:
+    moved, not added; it is timed by [`_time_allora_refresh`])."""
     import time
 
     read_out = trainer.regularizer_diagnostics
     trainer._perf_log_times = []
+    trainer._perf_refresh_in_readout = None
 
     def timed():
+        trainer._perf_refresh_in_readout = 0.0
         start = time.perf_counter()
         out = read_out()
-        trainer._perf_log_times.append(time.perf_counter() - start)
+        spent = time.perf_counter() - start - trainer._perf_refresh_in_readout
+        trainer._perf_refresh_in_readout = None
+        trainer._perf_log_times.append(spent)
         return out
 
     trainer.regularizer_diagnostics = timed
@@ -276,8 +282,11 @@ def _time_allora_refresh(trainer) -> None:
     def timed():
         start = time.perf_counter()
         refresh()
+        elapsed = time.perf_counter() - start
         step = trainer.state.global_step
-        spent[step] = spent.get(step, 0.0) + time.perf_counter() - start
+        spent[step] = spent.get(step, 0.0) + elapsed
+        if getattr(trainer, "_perf_refresh_in_readout", None) is not None:
+            trainer._perf_refresh_in_readout += elapsed
 
     group.refresh = timed
 
