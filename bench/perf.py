@@ -374,76 +374,78 @@ def _figure(row: dict, key: str):
     return value["median"] if isinstance(value, dict) else value
 
 
-def targets_table(result: dict) -> list[str]:
-    rows = result["rows"]
+def _per_config_table(rows: list[dict], caption: str, first: str, items: list[tuple], cell, skip_empty=False):
+    """A table with one line per `(label, method, key, *extra)` of `items` and one column per (width, batch) of `rows`
+    (`first`: the first column's title); `cell(row, key, *extra)` writes a cell."""
     configs = list(dict.fromkeys((r["width"], r["size"]) for r in rows))
     if not configs:
         return []
     lines = [
         "",
-        "Goals (the median paired ratio, or the extra tensor memory in copies of the trainable parameters; "
-        "**bold**: goal missed, compared at the precision shown):",
+        caption,
         "",
-        "| goal | " + " | ".join(f"{w} {s}" for w, s in configs) + " |",
+        f"| {first} | " + " | ".join(f"{w} {s}" for w, s in configs) + " |",
         "| --- |" + " ---: |" * len(configs),
     ]
+    for label, method, key, *extra in items:
+        cells = []
+        for width, size in configs:
+            row = next((r for r in rows if r["method"] == method and (r["width"], r["size"]) == (width, size)), None)
+            cells.append(cell(row, key, *extra) if row else "")
+        if any(cells) or not skip_empty:
+            lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def _goal_cell(row: dict, key: str, limit: float) -> str:
+    value = _figure(row, key)
+    if value is None:
+        return ""
+    share = key.startswith("diag_log_fraction")
+    text = f"{100 * value:.1f}%" if share else f"{value:.2f}"
+    shown = round(value, 3 if share else 2)  # compared at the precision shown
+    return text if shown <= limit else f"**{text}**"
+
+
+def targets_table(result: dict) -> list[str]:
+    rows = result["rows"]
     goals = list(GOALS)
     for method in dict.fromkeys(r["method"] for r in rows if r.get("diag_on_off_cpu_ratio")):
         goals.append((f"{method}: diagnostics on/off (CPU time) <= 1.02", method, "diag_on_off_cpu_ratio", 1.02))
         goals.append((f"{method}: diagnostics read-out <= 2% of the step", method, "diag_log_fraction", 0.02))
         goals.append((f"{method}: the same, logging every 10 steps <= 2%", method, "diag_log_fraction_every_10", 0.02))
-    for label, method, key, limit in goals:
-        cells = []
-        for width, size in configs:
-            row = next((r for r in rows if r["method"] == method and (r["width"], r["size"]) == (width, size)), None)
-            value = _figure(row, key) if row else None
-            if value is None:
-                cells.append("")
-            else:
-                share = key.startswith("diag_log_fraction")
-                text = f"{100 * value:.1f}%" if share else f"{value:.2f}"
-                shown = round(value, 3 if share else 2)  # compared at the precision shown
-                cells.append(text if shown <= limit else f"**{text}**")
-        lines.append(f"| {label} | " + " | ".join(cells) + " |")
-    return lines
+    caption = (
+        "Goals (the median paired ratio, or the extra tensor memory in copies of the trainable parameters; "
+        "**bold**: goal missed, compared at the precision shown):"
+    )
+    return _per_config_table(rows, caption, "goal", goals, _goal_cell)
+
+
+def _floor_cell(row: dict, key: str) -> str:
+    value = row.get(key)
+    if value is None:
+        return ""
+    return _r(value) if isinstance(value, dict) else f"{100 * value:.1f}%"
 
 
 def floors_table(result: dict) -> list[str]:
     """What each method costs above its floor: GLAD against the same two passes without the perturbation, ALLoRA's
     coefficient refresh (its one per-step cost that LoRA does not have) as a share of its step."""
     rows = result["rows"]
-    configs = list(dict.fromkeys((r["width"], r["size"]) for r in rows))
     floors = [r for r in rows if r.get("time_ratio_vs_floor") or r.get("refresh_fraction") is not None]
     if not floors:
         return []
-    lines = [
-        "",
-        "Floors (paired median ratios, 25-75% spread; the two-pass rows are the baseline trained with two "
-        "micro-batches of the same size per optimizer step):",
-        "",
-        "| figure | " + " | ".join(f"{w} {s}" for w, s in configs) + " |",
-        "| --- |" + " ---: |" * len(configs),
-    ]
     figures = []
     for method in dict.fromkeys(r["method"] for r in floors):
         figures.append((f"{method}: time / the same two passes without the method", method, "time_ratio_vs_floor"))
         figures.append((f"{method}: coefficient refresh, % of the step", method, "refresh_fraction"))
     for method in dict.fromkeys(r["method"] for r in rows if "two passes" in r["method"]):
         figures.append((f"{method} / {method.split(',')[0]} (one pass)", method, "time_ratio"))
-    for label, method, key in figures:
-        cells = []
-        for width, size in configs:
-            row = next((r for r in rows if r["method"] == method and (r["width"], r["size"]) == (width, size)), None)
-            value = row.get(key) if row else None
-            if value is None:
-                cells.append("")
-            elif isinstance(value, dict):
-                cells.append(_r(value))
-            else:
-                cells.append(f"{100 * value:.1f}%")
-        if any(cells):
-            lines.append(f"| {label} | " + " | ".join(cells) + " |")
-    return lines
+    caption = (
+        "Floors (paired median ratios, 25-75% spread; the two-pass rows are the baseline trained with two "
+        "micro-batches of the same size per optimizer step):"
+    )
+    return _per_config_table(rows, caption, "figure", figures, _floor_cell, skip_empty=True)
 
 
 def width_table(result: dict) -> list[str]:
