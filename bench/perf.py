@@ -1,8 +1,8 @@
 """One performance suite: step time and peak memory of every regtune method against its baseline.
 
-    OMP_NUM_THREADS=1 python bench/perf.py            # the full suite (two widths, two batch sizes)
-    OMP_NUM_THREADS=1 python bench/perf.py --quick    # a smoke run: tiny models, few rounds
-    python bench/perf.py --groups lora --widths small --sizes 4x16   # a part
+    OMP_NUM_THREADS=1 python -m bench.perf            # the full suite (two widths, two batch sizes)
+    OMP_NUM_THREADS=1 python -m bench.perf --quick    # a smoke run: tiny models, few rounds
+    python -m bench.perf --groups lora --widths small --sizes 4x16   # a part
 
 Methods (each against its baseline, each trained through regtune's shipped trainer or regularizer):
 
@@ -39,6 +39,7 @@ import json
 import multiprocessing
 import os
 import statistics
+import sys
 import tempfile
 import threading
 import time
@@ -295,7 +296,8 @@ def markdown(result: dict) -> str:
     lines = [
         f"regtune performance suite: {mach['date']}, {mach['cpu']} ({mach['cpu_count']} cores, torch "
         f"{mach['torch']}, {cfg['threads']} thread), `{result['command']}`, {result['wall_s'] / 60:.1f} min; "
-        f"{_rounds_text(cfg['rounds'])} after {cfg['warmup']} warm-up steps. Load average at start/end: "
+        f"{_rounds_text(cfg['rounds'])} after {cfg['warmup']} warm-up step{'' if cfg['warmup'] == 1 else 's'}. "
+        "Load average at start/end: "
         f"{', '.join(f'{x:.1f}' for x in mach.get('load_avg_at_start', []))} / "
         f"{', '.join(f'{x:.1f}' for x in result.get('load_avg_at_end', []))}.",
         "",
@@ -615,7 +617,7 @@ def assemble(cli, machine: dict, timing: dict, memory: dict) -> dict:
                         rows.append(row)
     result = {
         "bench": "perf",
-        "command": "python bench/perf.py" + (" --quick" if cli.quick else ""),
+        "command": " ".join(["python -m bench.perf", *sys.argv[1:]]),
         "config": {**vars(cli), "threads": torch.get_num_threads(), "cuda": torch.cuda.is_available()},
         "machine": machine,
         "models": {
