@@ -110,7 +110,10 @@ def b_lora_two_passes(width, out, batch, seq_len, steps):
 def b_allora(site):
     def build(width, out, batch, seq_len, steps):
         config = regtune.ALLoRAConfig(r=8, eta=2.0, coefficient_on=site, target_modules=TARGETS, task_type="CAUSAL_LM")
-        return _reg_trainer(get_peft_model(llama(width), config), out, batch, seq_len, steps)
+        # the diagnostic with its per-layer metrics (the worst case, and the default when the suite was first run)
+        diagnostics = regtune.regularizers.ALLoRADiagnostics(per_layer=True)
+        model = get_peft_model(llama(width), config)
+        return _reg_trainer(model, out, batch, seq_len, steps, regularizers=[diagnostics])
 
     return build
 
@@ -150,7 +153,7 @@ def b_mask(graddrop_lambda):
         model = get_peft_model(llama(width), config)
         return _reg_trainer(
             model, out, batch, seq_len, steps, cls=regtune.MaskTuningTrainer,
-            args_cls=regtune.MaskTuningTrainingArguments,
+            args_cls=regtune.MaskTuningTrainingArguments, mask_flips_per_layer=True,  # per layer: the worst case
         )  # fmt: skip
 
     return build

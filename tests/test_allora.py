@@ -631,6 +631,12 @@ def test_trainer_logs_the_coefficient_diagnostic(tmp_path, monkeypatch):
     args = training_args(str(tmp_path), max_steps=4, logging_steps=2)
     trainer = regtune.RegTrainer(model=model, args=args, train_dataset=classification_dataset())
     assert [type(r).__name__ for r in trainer.regularizers] == ["ALLoRADiagnostics"]
+    assert trainer.regularizers[0].per_layer is False  # the console gets the model-wide pair only
+    per_layer = regtune.regularizers.ALLoRADiagnostics(per_layer=True)
+    trainer = regtune.RegTrainer(
+        model=model, args=args, train_dataset=classification_dataset(), regularizers=[per_layer]
+    )
+    assert trainer.regularizers == [per_layer]  # given explicitly: not added a second time
     trainer.train()
     logs = [entry for entry in trainer.state.log_history if "loss" in entry]
     assert len(logs) == 2 and len(calls) == 2  # computed at logging steps only, never inside a step

@@ -2,11 +2,12 @@
 
 `c_i / eta = 1` while `||dW_i|| << 1/eta` (the adaptive term is not engaged: ALLoRA is then LoRA with its steps
 multiplied by `eta`); it falls towards 0 as a row grows. [`ALLoRADiagnostics`] reports, at every logging step, the
-minimum and the median of `c / eta` over the rows of each ALLoRA layer, and over all rows of the model.
+minimum and the median of `c / eta` over all rows of the model (and, with `per_layer=True`, over the rows of each
+ALLoRA layer).
 
 regtune's trainers add it automatically when the model has ALLoRA adapters (see [`automatic_regularizers`]), so the
-values reach every `report_to` integration as `allora/c_over_eta_min`, `allora/c_over_eta_median`,
-`allora/c_over_eta_min/<layer>` and `allora/c_over_eta_median/<layer>`.
+values reach every `report_to` integration as `allora/c_over_eta_min` and `allora/c_over_eta_median` (plus
+`allora/c_over_eta_min/<layer>` and `allora/c_over_eta_median/<layer>` with `per_layer=True`).
 """
 
 from __future__ import annotations
@@ -118,16 +119,17 @@ class ALLoRADiagnostics(Regularizer):
 
         ```py
         >>> trainer = RegTrainer(model=allora_model, args=args, train_dataset=ds)  # added automatically
-        >>> trainer = RegTrainer(..., regularizers=[ALLoRADiagnostics(per_layer=False)])  # only the model-wide pair
+        >>> trainer = RegTrainer(..., regularizers=[ALLoRADiagnostics(per_layer=True)])  # also each layer's pair
         ```
 
     Args:
-        per_layer (`bool`, defaults to `True`): also report each layer's min and median (two metrics per layer).
+        per_layer (`bool`, defaults to `False`): also report each layer's min and median (two metrics per layer: off
+            by default, so that the console logs stay readable; dashboards may want them).
     """
 
     name = "allora"
 
-    def __init__(self, per_layer: bool = True):
+    def __init__(self, per_layer: bool = False):
         if not isinstance(per_layer, bool):
             raise ValueError(f"ALLoRADiagnostics: `per_layer` = {per_layer!r} (allowed: True or False).")
         self.per_layer = per_layer

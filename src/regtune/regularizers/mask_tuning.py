@@ -537,8 +537,8 @@ def _local_full(grad: torch.Tensor) -> torch.Tensor:
 class MaskFlipMonitor(Regularizer):
     """
     The diagnostic of mask tuning's mechanism: how many mask entries have flipped since training started, logged as
-    Trainer metrics `mask_tuning/flipped` (the share over all masked weights), `mask_tuning/flipped/<layer>` (per
-    masked layer, with `per_layer=True`) and `mask_tuning/zero_fraction` (the share of mask entries that are 0).
+    Trainer metrics `mask_tuning/flipped` (the share over all masked weights), `mask_tuning/zero_fraction` (the share
+    of mask entries that are 0) and, with `per_layer=True`, `mask_tuning/flipped/<layer>` (per masked layer).
 
     At the start of training (`setup`) it keeps each mask bit-packed (1 bit per entry, 1/32 of the scores' memory);
     when the Trainer logs, it compares the current masks with them (`count_flips`: one comparison of the scores with
@@ -551,12 +551,13 @@ class MaskFlipMonitor(Regularizer):
     [`regtune.MaskTuningTrainer`] adds it; add it to any other trainer's `regularizers` to get the same metrics.
 
     Args:
-        per_layer (`bool`, defaults to `True`): also log the flipped share of every masked layer.
+        per_layer (`bool`, defaults to `False`): also log the flipped share of every masked layer (one metric per
+            layer: off by default, so that the console logs stay readable).
     """
 
     name = "mask_tuning"
 
-    def __init__(self, per_layer: bool = True):
+    def __init__(self, per_layer: bool = False):
         if not isinstance(per_layer, bool):
             raise ValueError(f"MaskFlipMonitor: `per_layer` must be True or False, got {per_layer!r}.")
         self.per_layer = per_layer

@@ -27,7 +27,7 @@ class MaskTuningTrainingArguments(TrainingArguments):
         graddrop_lambda (`float`, *optional*): gradient-dropout strength in [0, 1], 0 = off; default: the config's
             (1.0; the official README recommends 0.3).
         graddrop_temperature (`float`, defaults to `1.0`): temperature of the knowledge loss, a finite number > 0.
-        mask_flips_per_layer (`bool`, defaults to `True`): log the flipped share of every masked layer
+        mask_flips_per_layer (`bool`, defaults to `False`): log the flipped share of every masked layer
             (`mask_tuning/flipped/<layer>`) besides the overall one.
     """
 
@@ -41,7 +41,7 @@ class MaskTuningTrainingArguments(TrainingArguments):
         default=DEFAULTS["graddrop_temperature"], metadata={"help": HELP["graddrop_temperature"]}
     )
     mask_flips_per_layer: bool = field(
-        default=True, metadata={"help": "Log the flipped share of every masked layer besides the overall one."}
+        default=False, metadata={"help": "Log the flipped share of every masked layer besides the overall one."}
     )
 
     def __post_init__(self):
@@ -99,7 +99,7 @@ class MaskTuningTrainer(RegTrainer):
         own = [MaskScorePenalty(weight)]
         if lam > 0:
             own.append(GradientDropout(lam, temperature=temperature))
-        own.append(MaskFlipMonitor(per_layer=getattr(args, "mask_flips_per_layer", True)))
+        own.append(MaskFlipMonitor(per_layer=getattr(args, "mask_flips_per_layer", False)))
         super().__init__(model, args, *pargs, regularizers=[*own, *(regularizers or [])], **kwargs)
 
     def get_decay_parameter_names(self, model) -> list[str]:
