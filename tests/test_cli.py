@@ -231,6 +231,27 @@ def test_cli_user_errors_exit_2_with_one_message(argv, expected, tmp_path, capsy
     assert expected in err and "Traceback" not in err, err
 
 
+@pytest.mark.parametrize("command", ["run", "validate"])
+@pytest.mark.parametrize("value", ["", ",", " , "])
+def test_empty_only_is_a_usage_error_not_every_run(command, value, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main([command, QUICKSTART, f"--only={value}"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "--only: expected comma-separated run names" in err and "Traceback" not in err, err
+
+
+def test_a_closed_pipe_ends_quietly(monkeypatch, capsys):
+    import regtune.cli as cli
+
+    def closed_pipe(args, extra):
+        raise BrokenPipeError(32, "Broken pipe")
+
+    monkeypatch.setattr(cli, "_cmd_validate", closed_pipe)
+    assert main(["validate", QUICKSTART]) == 1
+    assert "Traceback" not in capsys.readouterr().err
+
+
 def test_debug_shows_the_traceback():
     from regtune.experiments import RecipeError
 

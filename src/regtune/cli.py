@@ -40,7 +40,7 @@ STUDY_ALIASES = {
 
 
 def _add_run_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--only", help="comma-separated run (or GARDO method) names to run")
+    parser.add_argument("--only", type=_names, help="comma-separated run (or GARDO method) names to run")
     parser.add_argument("--overwrite", action="store_true", help="train again the runs whose settings changed")
     parser.add_argument(
         "--report_only",
@@ -86,7 +86,7 @@ def _build_parser() -> argparse.ArgumentParser:
         "each resolved run. Exit status 2 when a recipe is invalid, with every problem and its key path.",
     )
     validate.add_argument("recipe", help="path of the recipe YAML, or a directory of recipes")
-    validate.add_argument("--only", help="comma-separated run names to show")
+    validate.add_argument("--only", type=_names, help="comma-separated run names to show")
 
     push = sub.add_parser(
         "push",
@@ -98,7 +98,7 @@ def _build_parser() -> argparse.ArgumentParser:
     )
     push.add_argument("run_dir", help="a folder written by `regtune run` (the recipe's, or one run's)")
     push.add_argument("repo_id", help="the Hub repository, e.g. user/quickstart-allora")
-    push.add_argument("--only", help="comma-separated run names to push")
+    push.add_argument("--only", type=_names, help="comma-separated run names to push")
     push.add_argument("--private", action="store_true", help="create the repository as private")
     push.add_argument("--stage", metavar="DIR", help="only write the folder that would be uploaded to DIR")
 
@@ -122,8 +122,12 @@ def _build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _names(text: str | None) -> list[str] | None:
-    return [n.strip() for n in text.split(",") if n.strip()] if text else None
+def _names(text: str) -> list[str]:
+    """`--only a,b` as `["a", "b"]`; an empty list is a usage error (argparse: one message, exit status 2)."""
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    if not names:
+        raise argparse.ArgumentTypeError(f"expected comma-separated run names, e.g. --only lora,allora; got {text!r}")
+    return names
 
 
 def _load(path: str, extra: list[str]):
@@ -154,7 +158,7 @@ def _cmd_validate(args, extra) -> int:
             print(f"regtune validate: {e}", file=sys.stderr)
             failed.append(path)
             continue
-        only = _names(args.only)
+        only = args.only
         recipe = recipe.select(only) if only and recipe.kind == "runs" else recipe
         count = f"{len(_runs(recipe))} run(s)" if recipe.kind == "runs" else f"a {recipe.kind} recipe"
         print(f"{path}: valid, {count}, output_dir {recipe.output_dir}")
@@ -177,7 +181,7 @@ def _cmd_run(args, extra) -> int:
     if args.command == "study" and recipe.kind != {"multi-epoch": "token-budget"}.get(args.study, args.study):
         raise ValueError(f"{args.recipe} is a {recipe.kind!r} recipe, not a {args.study} one: use `regtune run`")
     result = run_recipe(
-        recipe, only=_names(args.only), overwrite=args.overwrite, report_only=args.report_only,
+        recipe, only=args.only, overwrite=args.overwrite, report_only=args.report_only,
         output_dir=args.output_dir,
     )  # fmt: skip
     main = is_main_process()
@@ -191,7 +195,7 @@ def _cmd_run(args, extra) -> int:
     if getattr(args, "push_to_hub", None) and main:
         from .hub import push_to_hub
 
-        runs = [r.name for r in _runs(recipe)] if not args.only else _names(args.only)
+        runs = args.only or [r.name for r in _runs(recipe)]
         info = push_to_hub(result.output_dir, args.push_to_hub, runs=runs, private=args.private or None)
         print(f"pushed:  {getattr(info, 'commit_url', info)}")
     return 0
@@ -202,7 +206,7 @@ def _cmd_push(args, extra) -> int:
         raise ValueError(f"unexpected arguments {' '.join(extra)}")
     from .hub import prepare_hub_folder, push_to_hub
 
-    runs = _names(args.only)
+    runs = args.only
     if args.stage:
         folder = prepare_hub_folder(args.run_dir, args.stage, args.repo_id, runs)
         for root, _, files in sorted(os.walk(folder)):
@@ -234,6 +238,14 @@ def user_error_message(command: str, error: BaseException) -> str | None:
     return None
 
 
+def _silence_stdout() -> None:
+    """Point stdout at /dev/null, so that the interpreter's final flush does not fail again on the closed pipe."""
+    try:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    except (AttributeError, OSError, ValueError):  # no file descriptor behind stdout (e.g. captured)
+        pass
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `regtune` console script (`regtune = "regtune.cli:main"`). Returns the exit status."""
     argv = sys.argv[1:] if argv is None else list(argv)
@@ -244,6 +256,9 @@ def main(argv: list[str] | None = None) -> int:
     commands = {"run": _cmd_run, "validate": _cmd_validate, "push": _cmd_push, "study": _cmd_run}
     try:
         return commands[args.command](args, extra)
+    except BrokenPipeError:  # the reader of stdout went away (`regtune validate RECIPE | head`): stop quietly
+        _silence_stdout()
+        return 1
     except Exception as e:
         message = user_error_message(args.command, e)
         if message is None or args.debug:
