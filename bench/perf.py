@@ -389,10 +389,11 @@ def _per_config_table(rows: list[dict], caption: str, first: str, items: list[tu
         f"| {first} | " + " | ".join(f"{w} {s}" for w, s in configs) + " |",
         "| --- |" + " ---: |" * len(configs),
     ]
+    by_config = {(r["method"], r["width"], r["size"]): r for r in rows}
     for label, method, key, *extra in items:
         cells = []
         for width, size in configs:
-            row = next((r for r in rows if r["method"] == method and (r["width"], r["size"]) == (width, size)), None)
+            row = by_config.get((method, width, size))
             cells.append(cell(row, key, *extra) if row else "")
         if any(cells) or not skip_empty:
             lines.append(f"| {label} | " + " | ".join(cells) + " |")

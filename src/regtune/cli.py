@@ -158,8 +158,7 @@ def _cmd_validate(args, extra) -> int:
             print(f"regtune validate: {e}", file=sys.stderr)
             failed.append(path)
             continue
-        only = args.only
-        recipe = recipe.select(only) if only and recipe.kind == "runs" else recipe
+        recipe = recipe.select(args.only) if args.only and recipe.kind == "runs" else recipe
         count = f"{len(_runs(recipe))} run(s)" if recipe.kind == "runs" else f"a {recipe.kind} recipe"
         print(f"{path}: valid, {count}, output_dir {recipe.output_dir}")
         if len(paths) == 1:
@@ -206,15 +205,14 @@ def _cmd_push(args, extra) -> int:
         raise ValueError(f"unexpected arguments {' '.join(extra)}")
     from .hub import prepare_hub_folder, push_to_hub
 
-    runs = args.only
     if args.stage:
-        folder = prepare_hub_folder(args.run_dir, args.stage, args.repo_id, runs)
+        folder = prepare_hub_folder(args.run_dir, args.stage, args.repo_id, args.only)
         for root, _, files in sorted(os.walk(folder)):
             for name in sorted(files):
                 print(os.path.relpath(os.path.join(root, name), folder))
         print(f"staged in {folder} (nothing uploaded)")
         return 0
-    info = push_to_hub(args.run_dir, args.repo_id, runs=runs, private=args.private or None)
+    info = push_to_hub(args.run_dir, args.repo_id, runs=args.only, private=args.private or None)
     print(f"pushed: {getattr(info, 'commit_url', info)}")
     return 0
 
