@@ -7,6 +7,7 @@ methods.
 
 __version__ = "0.1.0.dev0"
 
+from .export import export_as_lora, export_merged  # noqa: E402
 from .regularizers import Regularizer  # noqa: E402
 from .trainers import (  # noqa: E402
     GLADTrainer,
@@ -42,5 +43,7 @@ __all__ = [
     "RegularizedTrainerMixin",
     "__version__",
     "create_allora_optimizer",
+    "export_as_lora",
+    "export_merged",
     "rank_modules_by_gradient",
 ]

@@ -5,6 +5,7 @@ regtune run RECIPE [--only NAME[,NAME]] [--overwrite] [--report_only] [--output_
             [--push_to_hub REPO_ID [--private]]     # RECIPE: a YAML file, a folder, or owner/name[:path.yaml]
 regtune validate RECIPE|DIRECTORY [--key.path=value ...]
 regtune push RUN_DIR REPO_ID [--only RUN[,RUN]] [--private] [--stage DIR]
+regtune export RUN_DIR OUT [--as lora|merged] [--base MODEL]   # adapters that load without regtune
 regtune study multi-epoch|gardo RECIPE [--set key.path=value ...]   # an alias of `regtune run`
 regtune --version
 ```
@@ -101,6 +102,22 @@ def _build_parser() -> argparse.ArgumentParser:
     push.add_argument("--only", type=_names, help="comma-separated run names to push")
     push.add_argument("--private", action="store_true", help="create the repository as private")
     push.add_argument("--stage", metavar="DIR", help="only write the folder that would be uploaded to DIR")
+
+    export = sub.add_parser(
+        "export",
+        help="write adapters in formats that load without regtune (peft LoRA, or merged weights)",
+        description="Export the adapter(s) in RUN_DIR (an adapter folder, a run's folder or a recipe's output folder; "
+        "each adapter found is written under its relative path in OUT). `--as lora` (default) rewrites GLAD and "
+        "ALLoRA adapters as standard peft LoRA adapters with identical outputs; `--as merged` writes the base model "
+        "with the adapter merged into its weights (the way to serve a mask-tuning adapter).",
+        parents=[debug],
+        allow_abbrev=False,
+    )
+    export.add_argument("run_dir", help="an adapter folder, or a folder written by `regtune run`")
+    export.add_argument("out", help="the folder to write")
+    export.add_argument("--as", dest="export_as", choices=("lora", "merged"), default="lora",
+                        help="lora: a peft LoRA adapter (GLAD, ALLoRA); merged: the merged model (any adapter)")  # fmt: skip
+    export.add_argument("--base", metavar="MODEL", help="--as merged: the base model (default: the adapter's)")
 
     study = sub.add_parser(
         "study",
@@ -217,6 +234,24 @@ def _cmd_push(args, extra) -> int:
     return 0
 
 
+def _cmd_export(args, extra) -> int:
+    if extra:
+        raise ValueError(f"unexpected arguments {' '.join(extra)}")
+    from .export import export_as_lora, export_saved_merged, find_adapter_dirs
+
+    if args.export_as == "lora":
+        written = export_as_lora(args.run_dir, args.out)
+    else:
+        folders = find_adapter_dirs(args.run_dir)
+        written = [
+            export_saved_merged(folder, os.path.join(args.out, os.path.relpath(folder, args.run_dir)), args.base)
+            for folder in folders
+        ]
+    for folder in written:
+        print(f"exported ({args.export_as}): {os.path.normpath(folder)}")
+    return 0
+
+
 def user_error_message(command: str, error: BaseException) -> str | None:
     """
     The one-line-per-problem message for an error caused by the user's input (recipe, paths, credentials), or
@@ -233,6 +268,8 @@ def user_error_message(command: str, error: BaseException) -> str | None:
         return str(error)
     if command != "run" and isinstance(error, ValueError):
         return str(error)
+    if command == "export" and isinstance(error, OSError):  # e.g. a base model that cannot be loaded
+        return str(error).splitlines()[0]
     return None
 
 
@@ -251,7 +288,9 @@ def main(argv: list[str] | None = None) -> int:
     if "--debug" in extra:
         extra.remove("--debug")
         args.debug = True
-    commands = {"run": _cmd_run, "validate": _cmd_validate, "push": _cmd_push, "study": _cmd_run}
+    commands = {
+        "run": _cmd_run, "validate": _cmd_validate, "push": _cmd_push, "export": _cmd_export, "study": _cmd_run,
+    }  # fmt: skip
     try:
         return commands[args.command](args, extra)
     except BrokenPipeError:  # the reader of stdout went away (`regtune validate RECIPE | head`): stop quietly
