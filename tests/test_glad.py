@@ -163,11 +163,11 @@ def test_ddp_two_processes_match_one_process(tmp_path):
 
 def test_one_settings_object_for_adapter_trainer_and_regularizer(tmp_path):
     from dataclasses import fields
-    from typing import get_type_hints
 
     from transformers import HfArgumentParser
 
     from regtune import GLADSettings
+    from regtune.experiments import finetune
 
     config = regtune.GLADConfig(r=4, target_modules=["lin0"], rho=0.2, glad_lambda=0.7, share_dropout_masks=False)
     assert config.glad_settings == GLADSettings(rho=0.2, glad_lambda=0.7, share_dropout_masks=False)
@@ -183,7 +183,7 @@ def test_one_settings_object_for_adapter_trainer_and_regularizer(tmp_path):
 
     # the trainer's config class (what a recipe's `training:` section is validated against) carries the settings
     assert GLADTrainer.config_class is GLADTrainingArguments
-    assert get_type_hints(GLADTrainer.__init__)["args"] == GLADTrainingArguments | None
+    assert finetune.trainer_config_class(GLADTrainer) is GLADTrainingArguments
     (args,) = HfArgumentParser(GLADTrainingArguments).parse_dict(
         {"output_dir": str(tmp_path), "glad_lambda": 0.25, "use_cpu": True, "report_to": "none"}
     )

@@ -89,11 +89,10 @@ class GLADTrainer(RegTrainer):
 
     config_class = GLADTrainingArguments
 
-    def __init__(self, model=None, args: GLADTrainingArguments | None = None, *pargs, regularizers=None, **kwargs):
+    def _method_regularizers(self, model, args) -> list:
         settings = GLADSettings.from_model(model)
         log_diagnostics = True
         if isinstance(args, GLADTrainingArguments):
             settings = args.glad_settings(settings)
             log_diagnostics = args.glad_log_diagnostics
-        glad = GLADRegularizer(settings=settings, log_diagnostics=log_diagnostics)
-        super().__init__(model, args, *pargs, regularizers=[glad, *(regularizers or [])], **kwargs)
+        return [GLADRegularizer(settings=settings, log_diagnostics=log_diagnostics)]

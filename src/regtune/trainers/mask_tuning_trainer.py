@@ -80,16 +80,7 @@ class MaskTuningTrainer(RegTrainer):
 
     config_class = MaskTuningTrainingArguments
 
-    def __init__(
-        self,
-        model=None,
-        args: MaskTuningTrainingArguments | None = None,
-        *pargs,
-        regularizers=None,
-        **kwargs,
-    ):
-        if args is None:
-            args = MaskTuningTrainingArguments(output_dir="trainer_output")
+    def _method_regularizers(self, model, args) -> list:
         config = next(iter(getattr(model, "peft_config", {}).values()), None)
         weight = getattr(args, "score_l2_weight", None)
         lam = getattr(args, "graddrop_lambda", None)
@@ -100,7 +91,7 @@ class MaskTuningTrainer(RegTrainer):
         if lam > 0:
             own.append(GradientDropout(lam, temperature=temperature))
         own.append(MaskFlipMonitor(per_layer=getattr(args, "mask_flips_per_layer", False)))
-        super().__init__(model, args, *pargs, regularizers=[*own, *(regularizers or [])], **kwargs)
+        return own
 
     def get_decay_parameter_names(self, model) -> list[str]:
         # R-AMT trains the scores without weight decay (the released code): the score penalty is their regularizer

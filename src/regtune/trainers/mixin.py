@@ -23,6 +23,8 @@ from regtune.regularizers import Regularizer, build_regularizer
 from regtune.regularizers.base import overrides
 from regtune.tuners import training_hooks
 
+from .model_loading import host_takes_peft_config, prepare_model
+
 
 logger = logging.getLogger(__name__)
 
@@ -178,13 +180,26 @@ class _MixinCallback(TrainerCallback):
             trainer._regtune_check_finite(state)
 
 
+def _prepare_model_arguments(args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    """trl's `model` (instance or id) and `peft_config=` conventions for a host trainer that lacks them."""
+    peft_config, model_init_kwargs = kwargs.pop("peft_config", None), kwargs.pop("model_init_kwargs", None)
+    model = args[0] if args else kwargs.get("model")
+    if isinstance(model, str) or peft_config is not None or model_init_kwargs:
+        model = prepare_model(model, peft_config, model_init_kwargs)
+        if args:
+            args = (model, *args[1:])
+        else:
+            kwargs["model"] = model
+    return args, kwargs
+
+
 class RegularizedTrainerMixin:
     """
     Gives any `transformers.Trainer` subclass a `regularizers=[...]` argument (see [`Regularizer`] for the hooks).
 
     ```py
     >>> from trl import SFTTrainer
-    >>> class RegSFTTrainer(RegularizedTrainerMixin, SFTTrainer): ...  # the mixin goes first
+    >>> class RegSFTTrainer(RegularizedTrainerMixin, SFTTrainer): ...  # the mixin goes first (else a TypeError)
     >>> trainer = RegSFTTrainer(model=model, args=args, train_dataset=ds,
     ...                         regularizers=[DropoutSchedule(p=0.1, mode="step", start_fraction=0.5)])
     ```
@@ -232,8 +247,26 @@ class RegularizedTrainerMixin:
         on_nonfinite (`str`, defaults to `"error"`): what the non-finite guard does with a NaN or infinite task
             loss, loss term, training loss or gradient norm: `"error"` (stop with a [`NonFiniteLossError`]),
             `"skip"` (skip the optimizer step, log the count) or `"ignore"` (no guard).
-        *args, **kwargs: passed to the host trainer.
+        *args, **kwargs: passed to the host trainer. For a host that does not take them itself (trl's trainers
+            do), a `model` given as a Hub id or local path is loaded (`model_init_kwargs=` go to
+            `from_pretrained`) and `peft_config=` is applied with `peft.get_peft_model`.
     """
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        from transformers import Trainer
+
+        mro = cls.__mro__
+        before = mro[: mro.index(RegularizedTrainerMixin)]
+        hosts = [
+            base for base in before if issubclass(base, Trainer) and not issubclass(base, RegularizedTrainerMixin)
+        ]
+        if hosts:
+            raise TypeError(
+                f"{cls.__name__}: RegularizedTrainerMixin must come before {hosts[0].__name__} in the bases, so that "
+                f"it receives `regularizers=` first: class {cls.__name__}(RegularizedTrainerMixin, "
+                f"{hosts[0].__name__}): ..."
+            )
 
     def __init__(
         self, *args, regularizers: Iterable[Regularizer] | None = None, on_nonfinite: str = "error", **kwargs
@@ -251,8 +284,11 @@ class RegularizedTrainerMixin:
         self.regularizers: list[Regularizer] = regs
         self._regtune_owner = next((reg for reg in regs if reg.owns_step), None)
         self._regtune_term_regs = [reg for reg in regs if overrides(reg, "loss_term")]
+        self._regtune_input_columns = tuple(dict.fromkeys(c for reg in regs for c in reg.input_columns))
         self._regtune_in_training_step = False
         self._regtune_pending_state: dict | None = None
+        if not host_takes_peft_config(super().__init__):  # trl's trainers load ids and apply peft_config themselves
+            args, kwargs = _prepare_model_arguments(args, kwargs)
         super().__init__(*args, **kwargs)
         regs.extend(training_hooks.automatic_regularizers(self.model, regs))  # e.g. ALLoRA's c/eta diagnostics
         if regs or on_nonfinite != "ignore":
@@ -344,7 +380,10 @@ class RegularizedTrainerMixin:
     ):
         if not self._regtune_in_training_step:
             return super().compute_loss(
-                model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch
+                model,
+                self._regtune_model_inputs(inputs) if self._regtune_input_columns else inputs,
+                return_outputs=return_outputs,
+                num_items_in_batch=num_items_in_batch,
             )
         if not self.regularizers:
             result = super().compute_loss(
@@ -361,8 +400,9 @@ class RegularizedTrainerMixin:
                 # runs an extra forward when `return_outputs=True`)
                 handle = model.register_forward_hook(lambda module, args, output: captured.append(output))
                 stack.callback(handle.remove)
-            # a copy: hosts pop `labels` from the dict they get, and loss terms still want them
-            host_inputs = dict(inputs) if isinstance(inputs, Mapping) else inputs
+            # a copy: hosts pop `labels` from the dict they get, and loss terms still want them; the regularizers'
+            # own columns (e.g. `sample_index`) are not model inputs
+            host_inputs = self._regtune_model_inputs(inputs)
             result = super().compute_loss(
                 model, host_inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch
             )
@@ -385,6 +425,29 @@ class RegularizedTrainerMixin:
                 self._regtune_watch(f"loss term of regularizer {reg.name!r}", term)
                 loss = loss + (term * scale if scale != 1.0 else term)
         return (loss, outputs) if return_outputs else loss
+
+    # ---- the regularizers' own data columns (`Regularizer.input_columns`) ----
+
+    def _set_signature_columns_if_needed(self) -> None:
+        # `remove_unused_columns` keeps the model's forward arguments and the label names; the regularizers' own
+        # columns (ELR's and PS-KD's `sample_index`) are kept too, and `_regtune_model_inputs` removes them before
+        # the model is called
+        unset = self._signature_columns is None
+        super()._set_signature_columns_if_needed()
+        if unset and self._regtune_input_columns:
+            self._signature_columns += [c for c in self._regtune_input_columns if c not in self._signature_columns]
+
+    def _regtune_model_inputs(self, inputs):
+        """`inputs` (a copy) without the regularizers' own columns, which are not model inputs."""
+        if not isinstance(inputs, Mapping):
+            return inputs
+        columns = self._regtune_input_columns
+        return {k: v for k, v in inputs.items() if k not in columns} if columns else dict(inputs)
+
+    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+        if self._regtune_input_columns and isinstance(inputs, Mapping):
+            inputs = self._regtune_model_inputs(inputs)
+        return super().prediction_step(model, inputs, prediction_loss_only, ignore_keys=ignore_keys)
 
     def create_optimizer(self, *args, **kwargs):
         # ALLoRA adapters with coefficient_on="update" get their update-side coefficient on the optimizer built here
