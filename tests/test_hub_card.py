@@ -186,3 +186,56 @@ def test_cli_push_stage_and_upload(run_dir, tmp_path, monkeypatch, capsys):
     assert main(["push", run_dir, "me/tiny", "--private"]) == 0
     assert ("create_repo", "me/tiny", True, True) in RecordingHfApi.calls
     assert main(["push", str(tmp_path / "missing"), "me/tiny"]) == 2
+
+
+def test_push_without_network_is_one_line_with_exit_2(run_dir, monkeypatch, capsys):
+    # a real connection failure: a token is set, the endpoint is a closed local port
+    monkeypatch.setenv("HF_TOKEN", "hf_dummy_token_for_the_test")
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", "http://127.0.0.1:9")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    capsys.readouterr()
+    assert main(["push", run_dir, "me/tiny", "--only", "lora"]) == 2
+    error = capsys.readouterr().err
+    assert error.startswith("regtune push: cannot push to me/tiny: the Hub could not be reached"), error
+    assert error.count("\n") == 1 and "Traceback" not in error
+
+
+@pytest.fixture(scope="module")
+def seeded_run_dir(run_dir, tmp_path_factory):
+    """A `regtune run` output with seeds: `<run>/seed-<k>/adapter`, and a run trained once under two names."""
+    root = tmp_path_factory.mktemp("seeded")
+    recipe = validate_recipe(
+        {
+            "name": "tiny-seeded",
+            "output_dir": str(root / "out"),
+            "seeds": [0, 1],
+            "model": {"name_or_path": os.path.join(os.path.dirname(run_dir), "tiny-bert")},
+            "data": {"builtin": "quickstart-sentiment", "options": {"n_train": 8, "n_eval": 8}, "max_length": 24},
+            "adapter": {"type": "LORA", "r": 2, "lora_alpha": 4, "target_modules": ["query", "value"]},
+            "training": {
+                "max_steps": 1,
+                "per_device_train_batch_size": 8,
+                "save_strategy": "no",
+                "disable_tqdm": True,
+            },
+            "runs": [{"name": "lora"}, {"name": "lora-again"}],
+        }
+    )
+    run_recipe(recipe, log=lambda _: None)
+    return str(root / "out")
+
+
+def test_a_seeded_recipe_can_be_pushed(seeded_run_dir, tmp_path):
+    runs, _ = collect_runs(seeded_run_dir)
+    assert sorted(r["name"] for r in runs) == ["lora-again/seed-0", "lora-again/seed-1", "lora/seed-0", "lora/seed-1"]
+    folder = prepare_hub_folder(seeded_run_dir, str(tmp_path / "stage"), "me/seeded", runs=["lora"])
+    files = _files(folder)
+    assert {f"lora/seed-{k}/{f}" for k in (0, 1) for f in ADAPTER_FILES} <= files
+    assert not any(f.startswith("lora-again") for f in files)
+    # a run trained once under two names pushes the adapter it shares
+    single = prepare_hub_folder(seeded_run_dir, str(tmp_path / "one"), "me/one", runs=["lora-again/seed-1"])
+    assert ADAPTER_FILES <= _files(single)

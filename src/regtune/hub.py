@@ -46,28 +46,39 @@ def collect_runs(run_dir: str, runs: list[str] | None = None) -> tuple[list[dict
     Read the runs in `run_dir`: a recipe's output folder (with `<run>/` sub-folders) or one run's folder.
 
     Returns `(runs, recipe_dir)`: each run is `{"name", "dir", "metrics", "recipe", "model_dir"}`; `recipe_dir` is
-    `run_dir` for a recipe folder, else `None`. `runs` selects runs by name. Raises `ValueError` when `run_dir` holds
-    no finished run.
+    `run_dir` for a recipe folder, else `None`. A recipe run with seeds gives one entry per seed, named
+    `<run>/seed-<k>` (its folder). `runs` selects runs by name (all seeds of a run) or by `<run>/seed-<k>`. Raises
+    `ValueError` when `run_dir` holds no finished run.
     """
     results_path, metrics_path = os.path.join(run_dir, "results.json"), os.path.join(run_dir, "metrics.json")
-    if os.path.isfile(results_path):  # a recipe's folder
-        names, recipe_dir = [r["run"] for r in read_json(results_path)["results"]], run_dir
-        dirs = {name: os.path.join(run_dir, name) for name in names}
+    if os.path.isfile(results_path):  # a recipe's folder: `<run>/` or, with seeds, `<run>/seed-<k>/` per result
+        names, recipe_dir, dirs, same_as = [], run_dir, {}, {}
+        for entry in read_json(results_path)["results"]:
+            folder, name = os.path.join(run_dir, entry["run"]), entry["run"]
+            seeded = os.path.join(folder, f"seed-{entry.get('seed')}")
+            if entry.get("seed") is not None and os.path.isdir(seeded):
+                folder, name = seeded, f"{entry['run']}/seed-{entry['seed']}"
+                if entry.get("same_as"):  # trained once under another run's name: its model is there
+                    same_as[name] = os.path.join(run_dir, entry["same_as"], f"seed-{entry['seed']}")
+            names.append(name)
+            dirs[name] = folder
     elif os.path.isfile(metrics_path):  # one run's folder
-        names, recipe_dir = [read_json(metrics_path)["run"]], None
+        names, recipe_dir, same_as = [read_json(metrics_path)["run"]], None, {}
         dirs = {names[0]: run_dir}
     else:
         raise ValueError(f"{run_dir} is not a regtune run folder (no results.json); run `regtune run RECIPE` first")
-    if runs:
-        unknown = [n for n in runs if n not in names]
+    if runs:  # a run's name selects all its seeds; `name/seed-<k>` one of them
+        unknown = [n for n in runs if not any(name == n or name.startswith(f"{n}/seed-") for name in names)]
         if unknown:
             raise ValueError(f"no run named {', '.join(map(repr, unknown))} in {run_dir} (runs: {', '.join(names)})")
-        names = [n for n in names if n in runs]
+        names = [name for name in names if any(name == n or name.startswith(f"{n}/seed-") for n in runs)]
     out = []
     for name in names:
         folder = dirs[name]
+        model_home = same_as.get(name, folder)
         model_dir = next(
-            (os.path.join(folder, d) for d in ("adapter", "model") if os.path.isdir(os.path.join(folder, d))), None
+            (os.path.join(model_home, d) for d in ("adapter", "model") if os.path.isdir(os.path.join(model_home, d))),
+            None,
         )
         if model_dir is None or not os.path.isfile(os.path.join(folder, "metrics.json")):
             raise ValueError(f"run {name!r} in {folder} has no saved adapter/model or metrics.json; did it finish?")
@@ -323,13 +334,33 @@ def push_to_hub(
             )
         except Exception as e:
             hint = _auth_hint(e, token)
-            if hint is None:
-                raise
-            raise HubAuthError(f"cannot push to {repo_id}: {hint}") from e
+            if hint is not None:
+                raise HubAuthError(f"cannot push to {repo_id}: {hint}") from e
+            if _is_network_error(e):
+                first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+                raise HubError(
+                    f"cannot push to {repo_id}: the Hub could not be reached or refused the upload "
+                    f"({type(e).__name__}: {first}); check the network, HF_ENDPOINT and HF_HUB_OFFLINE"
+                ) from e
+            raise
 
 
-class HubAuthError(ValueError):
+class HubError(ValueError):
+    """Pushing failed on the network or on the Hub's side; the message is one line saying what and where."""
+
+
+class HubAuthError(HubError):
     """Pushing failed for want of (valid) Hugging Face credentials; the message says how to log in."""
+
+
+def _is_network_error(error: Exception) -> bool:
+    """Whether `error` comes from the connection or the Hub's HTTP answer (not from regtune's own code)."""
+    from huggingface_hub.errors import HfHubHTTPError, OfflineModeIsEnabled
+
+    if isinstance(error, (HfHubHTTPError, OfflineModeIsEnabled, ConnectionError, TimeoutError)):
+        return True
+    roots = {cls.__module__.split(".")[0] for cls in type(error).__mro__}
+    return any(root.startswith(("httpx", "httpcore", "requests", "urllib3", "h11")) for root in roots)
 
 
 LOGIN_HINT = "log in with `hf auth login` (or `huggingface-cli login`), or set the HF_TOKEN environment variable"
