@@ -546,6 +546,26 @@ def test_effective_rate_in_the_forward_matches_the_schedule(tmp_path):
     assert model.dropout.p == 0.0 and model.config.hidden_dropout == 0.0  # restored after training
 
 
+def test_the_rate_in_effect_is_logged(tmp_path):
+    """Through the regtune trainers, every training log carries the rate the last optimizer step ran with."""
+    import datasets
+    from transformers import TrainingArguments
+
+    from regtune import RegTrainer
+
+    schedule = DropoutSchedule(p=0.4, mode="linear", start_step=1, end_step=5)
+    args = TrainingArguments(
+        output_dir=str(tmp_path), report_to="none", use_cpu=True, optim="sgd", save_strategy="no", logging_steps=1,
+        per_device_train_batch_size=4, num_train_epochs=1, disable_tqdm=True,
+    )  # fmt: skip
+    data = datasets.Dataset.from_dict({"x": [[1.0]] * 28})
+    trainer = RegTrainer(model=_ConfigDropoutLM(), args=args, train_dataset=data, regularizers=[schedule])
+    trainer.train()
+    logged = [(h["step"], h["dropout_schedule/p"]) for h in trainer.state.log_history if "dropout_schedule/p" in h]
+    assert logged == [(step, pytest.approx(schedule.rate(step - 1, 7))) for step in range(1, 8)]
+    assert [p for _, p in logged] == pytest.approx([0.0, 0.0, 0.1, 0.2, 0.3, 0.4, 0.4])
+
+
 def test_effective_per_type_rates_in_llama_switched_on_at_an_epoch(tmp_path, monkeypatch):
     """Llama with eager attention: attention dropout (an attribute read in forward) and the hidden dropout added by
     add_hidden_dropout, switched on after the first epoch with their own rates, measured in the forward."""

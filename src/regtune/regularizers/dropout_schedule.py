@@ -311,6 +311,15 @@ class DropoutSchedule(Regularizer):
                 self._current[type_] = rate
         return rates
 
+    def diagnostics(self) -> dict[str, float]:
+        """The dropout probability in effect during the last optimizer step: `dropout_schedule/p` (one rate for every
+        type), or `dropout_schedule/p_<type>` per type (a schedule with one rate per type)."""
+        if not self._current:
+            return {}
+        if isinstance(self.p, dict) or isinstance(self.start_p, dict):
+            return {f"p_{type_}": rate for type_, rate in self._current.items()}
+        return {"p": next(iter(self._current.values()))}
+
     def detach(self) -> None:
         """Put the original dropout values back."""
         for type_, sites in self._sites.items():
