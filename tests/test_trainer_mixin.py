@@ -499,7 +499,7 @@ def test_nonfinite_guard_skip_counts_and_leaves_the_weights(tmp_path):
     model, trainer = _guarded_run(tmp_path, _float_dataset(nan_rows=range(8, 12)), max_steps=3, on_nonfinite="skip")
     trainer.train()
     assert trainer.nonfinite_skipped_steps == 1 and trainer.state.global_step == 3
-    assert [log["nonfinite_skipped_steps"] for log in trainer.state.log_history if "loss" in log] == [0, 0, 1]
+    assert [log["regtune/nonfinite_skipped_steps"] for log in trainer.state.log_history if "loss" in log] == [0, 0, 1]
     clean, clean_trainer = _guarded_run(tmp_path, _float_dataset(), max_steps=2)
     clean_trainer.train()
     torch.testing.assert_close(flat_weights(model), flat_weights(clean), rtol=0, atol=0)  # step 3 changed nothing
@@ -733,3 +733,29 @@ def test_nonfinite_guard_follows_the_other_processes(tmp_path, monkeypatch):
     trainer.train()
     assert trainer.nonfinite_skipped_steps == 2
     torch.testing.assert_close(flat_weights(model), before, rtol=0, atol=0)
+
+
+def test_each_loss_term_and_the_task_loss_are_logged(tmp_path):
+    """Each log holds `<name>/loss` (the mean of the term over the micro-batches since the last log) and
+    `regtune/task_loss`; with the term they add up to the Trainer's `loss`."""
+    terms: list[float] = []
+
+    class RecordedPenalty(LogitPenalty):
+        def loss_term(self, model, inputs, outputs):
+            term = super().loss_term(model, inputs, outputs)
+            terms.append(term.item())
+            return term
+
+    args = training_args(
+        str(tmp_path), per_device_train_batch_size=2, gradient_accumulation_steps=2, max_steps=4, logging_steps=2
+    )
+    trainer = RegTrainer(
+        model=tiny_bert(), args=args, train_dataset=classification_dataset(n=16), regularizers=[RecordedPenalty(2.0)]
+    )
+    trainer.train()
+    logs = [h for h in trainer.state.log_history if "loss" in h]
+    assert len(logs) == 2 and len(terms) == 8
+    for k, log in enumerate(logs):  # 2 optimizer steps x 2 micro-batches per log
+        assert log["logit_penalty/loss"] == pytest.approx(sum(terms[4 * k : 4 * k + 4]) / 4, rel=1e-6)
+        assert log["regtune/task_loss"] + log["logit_penalty/loss"] == pytest.approx(log["loss"], abs=2e-4)
+        assert log["regtune/task_loss"] > 0

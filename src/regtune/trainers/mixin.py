@@ -236,7 +236,7 @@ class RegularizedTrainerMixin:
       decision). A NaN or infinite value then raises a [`NonFiniteLossError`] naming the optimizer step, the
       micro-batch and the term (`on_nonfinite="error"`, the default), or skips the update (`"skip"`: all gradients
       are dropped, so the optimizer leaves every weight and its own state as they were; the learning-rate schedule
-      and `global_step` advance; the count is logged as `nonfinite_skipped_steps`), or does nothing (`"ignore"`:
+      and `global_step` advance; the count is logged as `regtune/nonfinite_skipped_steps`), or does nothing (`"ignore"`:
       the Trainer's own behaviour, where `logging_nan_inf_filter` hides the NaN loss from the logs while the weights
       become NaN). Under fp16 mixed precision the gradient norm is not checked: the gradient scaler skips
       overflowing steps itself. `"skip"` is refused under DeepSpeed, whose engine steps inside the backward.
@@ -287,6 +287,7 @@ class RegularizedTrainerMixin:
         self._regtune_input_columns = tuple(dict.fromkeys(c for reg in regs for c in reg.input_columns))
         self._regtune_in_training_step = False
         self._regtune_pending_state: dict | None = None
+        self._regtune_term_sums: dict[str, tuple[torch.Tensor | float, int]] = {}
         if not host_takes_peft_config(super().__init__):  # trl's trainers load ids and apply peft_config themselves
             args, kwargs = _prepare_model_arguments(args, kwargs)
         super().__init__(*args, **kwargs)
@@ -412,7 +413,9 @@ class RegularizedTrainerMixin:
             loss, outputs = result, (captured[0] if captured else None)
         self._regtune_watch("task loss", loss)
         if self._regtune_term_regs:
-            scale = 1.0 / self._regtune_ga_steps() if self.loss_is_scaled_for_ga_now(num_items_in_batch) else 1.0
+            scaled = self.loss_is_scaled_for_ga_now(num_items_in_batch)
+            self._regtune_log_term("regtune/task_loss", loss, scaled_for_ga=scaled)
+            scale = 1.0 / self._regtune_ga_steps() if scaled else 1.0
             for reg in self._regtune_term_regs:
                 term = reg.loss_term(model, inputs, outputs)
                 if term is None:
@@ -423,6 +426,7 @@ class RegularizedTrainerMixin:
                         f"{type(term).__name__}{tuple(term.shape) if isinstance(term, torch.Tensor) else ''}."
                     )
                 self._regtune_watch(f"loss term of regularizer {reg.name!r}", term)
+                self._regtune_log_term(f"{reg.name}/loss", term)
                 loss = loss + (term * scale if scale != 1.0 else term)
         return (loss, outputs) if return_outputs else loss
 
@@ -464,10 +468,28 @@ class RegularizedTrainerMixin:
         # training logs (they carry the loss) get the regularizers' mechanism diagnostics, through the Trainer's own
         # logging, so they reach every `report_to` integration
         if self.regularizers and "loss" in logs:
-            logs = {**logs, **self.regularizer_diagnostics()}
+            logs = {**logs, **self._regtune_logged_terms(), **self.regularizer_diagnostics()}
         if self.on_nonfinite == "skip" and "loss" in logs:
-            logs = {**logs, "nonfinite_skipped_steps": self.nonfinite_skipped_steps}
+            logs = {**logs, "regtune/nonfinite_skipped_steps": self.nonfinite_skipped_steps}
         super().log(logs, *args, **kwargs)
+
+    def _regtune_log_term(self, key: str, value: torch.Tensor, scaled_for_ga: bool = False) -> None:
+        """Add a micro-batch's loss term to the sums logged as its mean (kept on the device: no host sync per step)."""
+        value = value.detach().float()
+        if scaled_for_ga:  # a loss already divided for accumulation: back to the micro-batch's own value
+            value = value * self._regtune_ga_steps()
+        total, count = self._regtune_term_sums.get(key, (0.0, 0))
+        self._regtune_term_sums[key] = (total + value, count + 1)
+
+    def _regtune_logged_terms(self) -> dict[str, float]:
+        """The mean of each loss term over the micro-batches since the last log (averaged over processes), reset."""
+        sums, self._regtune_term_sums = self._regtune_term_sums, {}
+        if not sums:
+            return {}
+        means = torch.stack([torch.as_tensor(total, dtype=torch.float32) / count for total, count in sums.values()])
+        if self.accelerator.num_processes > 1:  # every process logs training metrics together (like `loss`)
+            means = self.accelerator.reduce(means.to(self.accelerator.device), reduction="mean")
+        return dict(zip(sums, means.tolist()))
 
     def regularizer_diagnostics(self) -> dict[str, float]:
         """Collect every regularizer's [`Regularizer.diagnostics`] as `{"<name>/<key>": float}` (resets them)."""
@@ -569,7 +591,7 @@ class RegularizedTrainerMixin:
             f"{message} The weights were not updated at this step. Typical causes: a bad batch (NaN/inf inputs, or "
             "labels that are all ignored, which gives 0/0), a learning rate too high for the model, an overflowing "
             "half-precision forward, a regularizer weight too large. Pass `on_nonfinite='skip'` to the trainer to "
-            "skip such steps and count them (logged as `nonfinite_skipped_steps`), or 'ignore' to turn the guard off."
+            "skip such steps and count them (logged as `regtune/nonfinite_skipped_steps`), or 'ignore' to turn the guard off."
         )
 
     # ---- checkpoints ----
