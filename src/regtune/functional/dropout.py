@@ -41,6 +41,7 @@ from ._checks import is_int, is_rate, raise_field_errors, str_subset
 DROPOUT_SCHEDULE_MODES = ("constant", "linear", "step")
 DROPOUT_KINDS = ("modules", "attributes", "config")
 DROPOUT_TYPES = ("attention", "hidden", "embedding", "classifier", "lora")
+"""The dropout types a model's dropout places are sorted into (see [`dropout_type`])."""
 
 # (type, substrings of the lower-cased attribute name), tried in order before the owner's class name
 _NAME_RULES = (
