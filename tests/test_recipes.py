@@ -9,6 +9,7 @@ import os
 import pytest
 import yaml
 
+from regtune.cli import main as cli_main
 from regtune.data import BUILTIN_TASKS, get_task, load_task
 from regtune.data.quickstart import (
     HELD_OUT_EXPRESSIONS,
@@ -530,3 +531,64 @@ def test_host_config_fields_are_checked_by_their_annotations():
     assert run.adapter.kwargs["init_lora_weights"] == "pissa_niter_4"
     errors = errors_of(apply_overrides(recipe(), {"training.learning_rate": float("inf")}))
     assert "expected a finite number" in errors["training.learning_rate"]
+
+
+L2SP_MODULE = """
+import math
+from regtune.regularizers import Regularizer
+
+
+class L2SP(Regularizer):
+    name = "l2sp"
+
+    def __init__(self, weight: float = 1e-2):
+        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not math.isfinite(weight) or weight < 0:
+            raise ValueError(f"L2SP: `weight` must be a finite number >= 0, got {weight!r}.")
+        self.weight = weight
+"""
+
+
+def _custom_recipe(tmp_path, item: dict) -> str:
+    recipe = {
+        "name": "custom-reg",
+        "output_dir": str(tmp_path / "out"),
+        "model": {"name_or_path": "builtin:all-MiniLM-L6-v2"},
+        "data": {"builtin": "quickstart-sentiment"},
+        "regularizers": [item],
+        "runs": [{"name": "a"}],
+    }
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    return str(path)
+
+
+def test_a_recipe_names_a_custom_regularizer_by_import_path(tmp_path, monkeypatch, capsys):
+    (tmp_path / "my_regs.py").write_text(L2SP_MODULE)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    for spelling in ("my_regs:L2SP", "my_regs.L2SP"):
+        recipe = load_recipe(_custom_recipe(tmp_path, {"type": spelling, "weight": 0.5}))
+        assert recipe.runs[0].regularizers[0].to_dict() == {"type": spelling, "weight": 0.5}
+    bad = [
+        ({"type": "my_regs:L2SP", "weight": -1}, "L2SP: `weight` must be a finite number >= 0, got -1"),
+        ({"type": "my_regs:L2SP", "wieght": 1}, "regularizers[0].wieght"),
+        ({"type": "my_regs:Nope"}, "regularizers[0].type: Regularizer type 'my_regs:Nope': cannot import it"),
+        ({"type": "math:sqrt"}, "is not a regtune.regularizers.Regularizer subclass"),
+    ]
+    for item, message in bad:
+        capsys.readouterr()
+        assert cli_main(["validate", _custom_recipe(tmp_path, item)]) == 2
+        assert message in capsys.readouterr().err
+
+
+def test_a_hub_recipe_imports_code_only_with_trust_remote_code(tmp_path, monkeypatch, capsys):
+    (tmp_path / "my_regs.py").write_text(L2SP_MODULE)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    local = _custom_recipe(tmp_path, {"type": "my_regs:L2SP", "weight": 0.5})
+    import huggingface_hub
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", lambda repo, filename, **kwargs: local)
+    capsys.readouterr()
+    assert cli_main(["validate", "someone/recipes:custom.yaml"]) == 2
+    error = capsys.readouterr().err
+    assert "regularizers[0].type: 'my_regs:L2SP' would be imported" in error and "--trust-remote-code" in error
+    assert cli_main(["validate", "someone/recipes:custom.yaml", "--trust-remote-code"]) == 0

@@ -2,6 +2,7 @@
 
 ```
 regtune run RECIPE [--only NAME[,NAME]] [--overwrite] [--report_only] [--output_dir DIR] [--key.path=value ...]
+            [--trust-remote-code]                   # a Hub recipe may import the trainers/regularizers it names
             [--push_to_hub REPO_ID [--private]]     # RECIPE: a YAML file, a folder, or owner/name[:path.yaml]
 regtune validate RECIPE|DIRECTORY [--key.path=value ...]
 regtune push RUN_DIR REPO_ID [--only RUN[,RUN]] [--private] [--stage DIR]
@@ -50,6 +51,17 @@ def _add_run_options(parser: argparse.ArgumentParser) -> None:
         help="train nothing; rewrite the report from the results",
     )
     parser.add_argument("--output_dir", "--output-dir", help="write here instead of the recipe's output_dir")
+    _add_trust_option(parser)
+
+
+def _add_trust_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--trust-remote-code",
+        "--trust_remote_code",
+        dest="trust_remote_code",
+        action="store_true",
+        help="allow a recipe from the Hub to import the trainers and regularizers it names by import path",
+    )
 
 
 def _build_parser() -> argparse.ArgumentParser:
@@ -88,6 +100,7 @@ def _build_parser() -> argparse.ArgumentParser:
     )
     validate.add_argument("recipe", help="path of the recipe YAML, or a directory of recipes")
     validate.add_argument("--only", type=_names, help="comma-separated run names to show")
+    _add_trust_option(validate)
 
     push = sub.add_parser(
         "push",
@@ -147,10 +160,10 @@ def _names(text: str) -> list[str]:
     return names
 
 
-def _load(path: str, extra: list[str]):
+def _load(path: str, extra: list[str], trust_remote_code: bool = False):
     from .experiments import load_recipe, parse_override_args
 
-    return load_recipe(path, parse_override_args(extra))
+    return load_recipe(path, parse_override_args(extra), trust_remote_code=trust_remote_code)
 
 
 def _runs(recipe) -> list:
@@ -168,7 +181,7 @@ def _cmd_validate(args, extra) -> int:
     failed = []
     for path in paths:
         try:
-            recipe = _load(path, extra)
+            recipe = _load(path, extra, args.trust_remote_code)
         except (RecipeError, FileNotFoundError) as e:
             if len(paths) == 1:
                 raise
@@ -193,7 +206,7 @@ def _cmd_run(args, extra) -> int:
 
     if args.command == "study":
         extra = extra + [f"--{item}" for item in args.overrides]
-    recipe = _load(args.recipe, extra)
+    recipe = _load(args.recipe, extra, args.trust_remote_code)
     if args.command == "study" and recipe.kind != {"multi-epoch": "token-budget"}.get(args.study, args.study):
         raise ValueError(f"{args.recipe} is a {recipe.kind!r} recipe, not a {args.study} one: use `regtune run`")
     result = run_recipe(

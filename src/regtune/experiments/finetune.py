@@ -8,7 +8,7 @@ seed: 42
 model: {name_or_path: builtin:all-MiniLM-L6-v2}      # a Hub id, a local directory, builtin:<name>, or {config: {...}}
 data: {builtin: quickstart-sentiment, options: {n_train: 64}}   # or {path: <Hub id | csv | json | dir>, ...}
 adapter: {type: LORA, r: 8, target_modules: [query, value]}      # any peft / regtune config, by peft type name
-regularizers: []                                   # [{type: <name in regtune.regularizers.REGULARIZERS>, ...}]
+regularizers: []                                   # [{type: <name in regtune.regularizers.REGULARIZERS> or my_pkg.module:MyRegularizer, ...}]
 training: {learning_rate: 1e-3, num_train_epochs: 5}             # fields of the trainer's config (TrainingArguments)
 evaluation: {splits: [in_distribution, held_out], metrics: [accuracy]}
 runs:                                              # variants, each overriding sections of the above
@@ -507,6 +507,7 @@ def _validate_regularizers(raw, errors: Errors) -> list[RegularizerSpec]:
         errors.add("regularizers", f"expected a list of {{type: name, ...}} mappings, got {raw!r}")
         return []
     from regtune.regularizers import REGULARIZERS as registry
+    from regtune.regularizers import regularizer_class
 
     specs = []
     for i, item in enumerate(raw):
@@ -516,11 +517,15 @@ def _validate_regularizers(raw, errors: Errors) -> list[RegularizerSpec]:
             continue
         kwargs = {k: v for k, v in item.items() if k != "type"}
         name = item["type"]
-        if name not in registry:
-            errors.add(f"{path}.type", unknown_choice("regularizer", name, registry))
+        try:  # a registered name, or an import path `my_pkg.module:MyRegularizer` (imported here)
+            cls = regularizer_class(name)
+        except ValueError as e:
+            errors.add(
+                f"{path}.type", unknown_choice("regularizer", name, registry) if name.isidentifier() else str(e)
+            )
             continue
         n_errors = len(errors.items)
-        kwargs = check_mapping(kwargs, registry[name], path, errors, what=f"regularizer {name!r}")
+        kwargs = check_mapping(kwargs, cls, path, errors, what=f"regularizer {name!r}")
         if len(errors.items) == n_errors:  # the regularizer's own checks (ranges, combinations); building is cheap
             from regtune.regularizers import build_regularizer
 

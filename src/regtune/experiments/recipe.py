@@ -15,7 +15,7 @@ import re
 from collections.abc import Iterable
 from typing import Any
 
-from .errors import RecipeError, suggest, unknown_choice
+from .errors import RecipeError, join_path, suggest, unknown_choice
 from .io import load_yaml
 
 
@@ -162,7 +162,32 @@ def read_recipe(source: str, overrides: dict | Iterable[tuple[str, Any]] | None 
     return kind, raw, path
 
 
-def load_recipe(source: str, overrides: dict | Iterable[tuple[str, Any]] | None = None):
+def import_paths(raw: dict) -> list[tuple[str, str]]:
+    """`(key path, import path)` of every trainer or regularizer a recipe names by import path (`trl.SFTTrainer`,
+    `my_pkg.module:MyRegularizer`): the code loading it would import."""
+    from regtune.regularizers import is_import_path
+
+    found = []
+    sections = [("", raw)] + [
+        (join_path("runs", i), run) for i, run in enumerate(raw.get("runs") or []) if isinstance(run, dict)
+    ]
+    for prefix, section in sections:
+        if is_import_path(section.get("trainer")):
+            found.append((join_path(prefix, "trainer"), section["trainer"]))
+        for j, item in enumerate(section.get("regularizers") or []):
+            if isinstance(item, dict) and is_import_path(item.get("type")):
+                found.append((join_path(join_path(join_path(prefix, "regularizers"), j), "type"), item["type"]))
+    return found
+
+
+def is_hub_source(source: str) -> bool:
+    """Whether `source` names a Hub repository (`owner/name[:path]`) rather than a local file or folder."""
+    return bool(HUB_RECIPE.match(source)) and not os.path.exists(source)
+
+
+def load_recipe(
+    source: str, overrides: dict | Iterable[tuple[str, Any]] | None = None, trust_remote_code: bool = False
+):
     """
     Read the recipe `source` (a file, a folder with recipe.yaml, or a Hub repository `owner/name[:path]`), apply
     `overrides` (see [`apply_overrides`]) and validate it as its `kind` says: a
@@ -171,10 +196,25 @@ def load_recipe(source: str, overrides: dict | Iterable[tuple[str, Any]] | None 
 
     The recipe's `name` defaults to the file name without extension; its `output_dir` (default `runs/<name>`) is
     relative to the working directory. Raises [`RecipeError`] (a `ValueError`) naming every invalid key path.
+
+    A recipe from the Hub is someone else's text: like transformers' remote code, the trainers and regularizers it
+    names by import path are imported only with `trust_remote_code=True` (`--trust-remote-code`); otherwise a
+    [`RecipeError`] names them, before anything is imported.
     """
     kind, raw, path = read_recipe(source, overrides)
+    if is_hub_source(source) and not trust_remote_code:
+        paths = import_paths(raw)
+        if paths:
+            raise RecipeError(
+                [
+                    (key, f"{value!r} would be imported from a recipe downloaded from the Hub; read the recipe, then "
+                     "pass --trust-remote-code (trust_remote_code=True) to allow it")
+                    for key, value in paths
+                ],
+                source,
+            )  # fmt: skip
     module = importlib.import_module(f".{KINDS[kind]}", __package__)
     default_name = os.path.splitext(os.path.basename(path))[0]
-    if default_name == "recipe" and HUB_RECIPE.match(source) and not os.path.exists(source):
+    if default_name == "recipe" and is_hub_source(source):
         default_name = source.split(":")[0].rsplit("/", 1)[-1]
     return module.validate_recipe(raw, source=source, default_name=default_name)

@@ -5,6 +5,8 @@ Build one by name (as recipes do) with [`build_regularizer`], or instantiate the
 
 from __future__ import annotations
 
+import builtins
+import importlib
 import inspect
 
 from .allora_diagnostics import ALLoRADiagnostics
@@ -24,6 +26,39 @@ REGULARIZERS: dict[str, type[Regularizer]] = {
     MaskScorePenalty.name: MaskScorePenalty,
     GradientDropout.name: GradientDropout,
 }
+"""The regularizers [`build_regularizer`] (and a recipe's `regularizers:` list) can build by name."""
+
+
+def is_import_path(name: str) -> bool:
+    """Whether a regularizer (or trainer) name is an import path (`my_pkg.module:MyRegularizer` or
+    `my_pkg.module.MyRegularizer`) rather than a registered name."""
+    return isinstance(name, str) and (":" in name or "." in name)
+
+
+def regularizer_class(type: str) -> type[Regularizer]:  # noqa: A002 - `type` is the recipe key
+    """
+    The [`Regularizer`] subclass named by `type`: a key of [`REGULARIZERS`], or an import path
+    `my_pkg.module:MyRegularizer` (or `my_pkg.module.MyRegularizer`), imported here.
+
+    Raises:
+        `ValueError`: for an unknown name (listing the registered ones), a path that cannot be imported, or an
+            object that is not a `Regularizer` subclass.
+    """
+    if isinstance(type, str) and type in REGULARIZERS:
+        return REGULARIZERS[type]
+    if not is_import_path(type):
+        raise ValueError(
+            f"Unknown regularizer type {type!r}; allowed: {sorted(REGULARIZERS)}, or an import path "
+            "'my_pkg.module:MyRegularizer'."
+        )
+    module_name, _, attr = type.rpartition(":") if ":" in type else type.rpartition(".")
+    try:
+        cls = getattr(importlib.import_module(module_name), attr)
+    except (ImportError, AttributeError, ValueError) as e:
+        raise ValueError(f"Regularizer type {type!r}: cannot import it ({e}).") from None
+    if not (isinstance(cls, builtins.type) and issubclass(cls, Regularizer)):
+        raise ValueError(f"Regularizer type {type!r} is not a regtune.regularizers.Regularizer subclass.")
+    return cls
 
 
 def build_regularizer(type: str, **kwargs) -> Regularizer:  # noqa: A002 - `type` is the recipe key
@@ -38,7 +73,8 @@ def build_regularizer(type: str, **kwargs) -> Regularizer:  # noqa: A002 - `type
     ```
 
     Args:
-        type (`str`): a key of [`REGULARIZERS`] (`"multi_sample_dropout"`, `"dropout_schedule"`, `"glad"`, `"lfu"`,
+        type (`str`): an import path (`"my_pkg.module:MyRegularizer"`) or a key of [`REGULARIZERS`]
+            (`"multi_sample_dropout"`, `"dropout_schedule"`, `"glad"`, `"lfu"`,
             `"mask_score_penalty"`, `"gradient_dropout"`).
         **kwargs: the regularizer's constructor arguments; each constructor validates its own.
 
@@ -47,9 +83,7 @@ def build_regularizer(type: str, **kwargs) -> Regularizer:  # noqa: A002 - `type
             message lists the allowed fields), or invalid values (the message names every bad field and its allowed
             values).
     """
-    if not isinstance(type, str) or type not in REGULARIZERS:
-        raise ValueError(f"Unknown regularizer type {type!r}; allowed: {sorted(REGULARIZERS)}.")
-    cls = REGULARIZERS[type]
+    cls = regularizer_class(type)
     parameters = inspect.signature(cls.__init__).parameters.values()
     fields = [p.name for p in parameters if p.name != "self" and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
     unknown = sorted(set(kwargs) - set(fields))
@@ -78,4 +112,6 @@ __all__ = [
     "MultiSampleDropout",
     "Regularizer",
     "build_regularizer",
+    "is_import_path",
+    "regularizer_class",
 ]
