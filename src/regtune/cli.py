@@ -203,7 +203,9 @@ def _cmd_validate(args, extra) -> int:
 def _cmd_run(args, extra) -> int:
     from .experiments import run_recipe
     from .experiments.io import is_main_process
+    from .experiments.launch import check_launch
 
+    check_launch("regtune run")
     if args.command == "study":
         extra = extra + [f"--{item}" for item in args.overrides]
     recipe = _load(args.recipe, extra, args.trust_remote_code)
@@ -272,8 +274,9 @@ def user_error_message(command: str, error: BaseException) -> str | None:
     raised as user errors count, so that a failure inside training keeps its traceback.
     """
     from .experiments import RecipeError
+    from .experiments.launch import LaunchError
 
-    if isinstance(error, RecipeError):
+    if isinstance(error, (RecipeError, LaunchError)):
         return str(error)
     if isinstance(error, OSError) and error.filename is not None and error.strerror:
         return f"{error.filename}: {error.strerror}"

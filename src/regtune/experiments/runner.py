@@ -56,6 +56,7 @@ from .io import (
     read_json,
     write_atomic,
 )
+from .launch import distributed_training_defaults
 from .report import (
     ExperimentResult,
     format_seeded_report,
@@ -107,7 +108,7 @@ def run_one(run: RunSpec, run_dir: str, cache: dict | None = None) -> dict:
     trainable, total = count_parameters(model)
 
     _, config_cls = resolve_trainer(run.trainer)
-    training = dict(run.training)
+    training = distributed_training_defaults(dict(run.training))  # torchrun on CPUs: one data-parallel job
     training.setdefault("seed", run.seed)
     if "dataloader_pin_memory" not in training and not has_accelerator():
         training["dataloader_pin_memory"] = False  # pinning needs an accelerator (else a warning per dataloader)
