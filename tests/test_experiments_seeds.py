@@ -151,7 +151,12 @@ def test_seeds_sweeps_comparison_and_diagnostics_end_to_end(tmp_path):
     data_dir = make_data_dir(tmp_path)
     out = str(tmp_path / "out")
     rec = validate_recipe(recipe(data_dir, out))
-    result = run_recipe(rec, log=lambda *_: None)
+    lines: list[str] = []
+    result = run_recipe(rec, log=lines.append)
+    # progress over the whole recipe: 3 sweep trials (lora-matched's is read back) + 3 runs x 2 seeds
+    progress = [line for line in lines if line.startswith("[regtune] progress:")]
+    assert len(progress) == 8 and progress[0].startswith("[regtune] progress: 1/9 trainings, elapsed ")
+    assert progress[-1].startswith("[regtune] progress: 9/9 trainings") and progress[-1].endswith("about 0m00s left")
     # every (run, seed) once, in its own folder; the matched run reused lora's 1e-3 trial
     assert sorted(result.ran) == sorted(f"{r}/seed-{s}" for r in ("lora", "glad", "lora-matched") for s in (0, 1))
     trials = os.listdir(os.path.join(out, "select"))

@@ -307,7 +307,9 @@ def test_cli_runs_a_study_and_reports_invalid_recipes(tmp_path, capsys):
     recipe["dropout"] = {"none": {"p": 0.0}}
     path.write_text(yaml.safe_dump(recipe))
     assert main([str(path), "--set", "evaluation.points=0"]) == 0
-    assert "| 2 | 2048 | none | " in capsys.readouterr().out  # the table is printed
+    out = capsys.readouterr().out
+    assert "| 2 | 2048 | none | " in out  # the table is printed
+    assert "[multi-epoch] progress: 1/1 runs, elapsed " in out and "about 0m00s left" in out  # progress with an ETA
     assert os.path.exists(tmp_path / "study" / "results" / "micro-r2-none.json")
     assert main([str(path), "--report_only"]) == 0
     assert main([str(path), "--set", "budget.tokenz=3"]) == 2

@@ -110,3 +110,46 @@ def has_accelerator() -> bool:
     from accelerate.utils import is_mps_available, is_xpu_available
 
     return torch.cuda.is_available() or is_xpu_available() or is_mps_available()
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(round(seconds))
+    hours, rest = divmod(seconds, 3600)
+    minutes, seconds = divmod(rest, 60)
+    return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{seconds:02d}s"
+
+
+class RecipeProgress:
+    """
+    Progress over a whole recipe, for a study of tens of trainings: after each training, one log line with the
+    trainings done out of the total, the elapsed time and an estimate of the time left (the mean time of the
+    trainings done so far in this invocation, times those left; results read back from disk count as done and take
+    no time).
+    """
+
+    def __init__(self, total: int, log=print, what: str = "trainings"):
+        import time
+
+        self.total, self.log, self.what = max(int(total), 0), log, what
+        self.done = self.trained = 0
+        self.trained_seconds = 0.0
+        self.start = time.perf_counter()
+
+    def skip(self) -> None:
+        """A training whose results were read back from disk."""
+        self.done += 1
+
+    def finished(self, seconds: float) -> None:
+        """A training that took `seconds`; logs the progress line (main process only)."""
+        import time
+
+        self.done += 1
+        self.trained += 1
+        self.trained_seconds += seconds
+        left = max(self.total - self.done, 0)
+        eta = _duration(self.trained_seconds / self.trained * left) if left else "0m00s"
+        if is_main_process():
+            self.log(
+                f"[regtune] progress: {self.done}/{self.total} {self.what}, elapsed "
+                f"{_duration(time.perf_counter() - self.start)}, about {eta} left"
+            )

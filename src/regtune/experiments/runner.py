@@ -46,6 +46,7 @@ from .build import (
 from .errors import RecipeError
 from .finetune import EvaluationSpec, Recipe, RunSpec, resolve_trainer, set_path, validate_run
 from .io import (
+    RecipeProgress,
     barrier,
     changed_fields,
     dump_yaml,
@@ -311,12 +312,14 @@ def run_recipe(
     barrier()
     cache: dict = {}
     ran, skipped = [], []
+    progress = RecipeProgress(sum(states[run.name] != "report" for run in recipe.runs), log, "runs")
     for i, run in enumerate(recipe.runs, 1):
         run_dir = os.path.join(output_dir, run.name)
         if states[run.name] == "report":  # `report_only`: train nothing, rewrite the table from the results
             continue
         if states[run.name] == "finished":
             skipped.append(run.name)
+            progress.skip()
             if main:
                 log(f"[regtune] run {i}/{len(recipe.runs)}: {run.name} finished earlier with the same settings")
             continue
@@ -328,7 +331,9 @@ def run_recipe(
                 shutil.rmtree(run_dir)
             _write_run_recipe(run_dir, run)
         barrier()
+        start = time.perf_counter()
         run_one(run, run_dir, cache)
+        progress.finished(time.perf_counter() - start)
         ran.append(run.name)
 
     results = _read_results(recipe)
@@ -383,9 +388,13 @@ def _stored_state(spec: RunSpec, run_dir: str, overwrite: bool) -> str:
     return "finished" if os.path.isfile(os.path.join(run_dir, "metrics.json")) else "resume"
 
 
-def _train_or_read(spec: RunSpec, run_dir: str, cache: dict, overwrite: bool, train: bool, log, label: str):
+def _train_or_read(
+    spec: RunSpec, run_dir: str, cache: dict, overwrite: bool, train: bool, log, label: str, progress=None
+):
     """`(results, trained now)` of `spec` in `run_dir`: read when finished with the same settings, else trained."""
     if _stored_state(spec, run_dir, overwrite) == "finished":
+        if progress is not None:
+            progress.skip()
         return read_json(os.path.join(run_dir, "metrics.json")), False
     if not train:
         return None, False
@@ -393,7 +402,11 @@ def _train_or_read(spec: RunSpec, run_dir: str, cache: dict, overwrite: bool, tr
         log(f"[regtune] {label}")
         _write_run_recipe(run_dir, spec)
     barrier()
-    return run_one(spec, run_dir, cache), True
+    start = time.perf_counter()
+    result = run_one(spec, run_dir, cache)
+    if progress is not None:
+        progress.finished(time.perf_counter() - start)
+    return result, True
 
 
 def run_seeded(recipe: Recipe, log=print, overwrite: bool = False, report_only: bool = False) -> ExperimentResult:
@@ -420,6 +433,9 @@ def run_seeded(recipe: Recipe, log=print, overwrite: bool = False, report_only: 
     select = recipe.selection
     cache: dict = {}
     ran, skipped = [], []
+    trials = sum(len(r.variants) * len(select.seeds) for r in by_name.values() if r.name in wanted and r.variants)
+    finals = sum(r.name in wanted for r in recipe.runs) * len(recipe.seeds)
+    progress = RecipeProgress(trials + finals, log) if train else None
 
     # 1. the sweeps, on the selection seeds and the validation split
     sweeps: dict[str, dict] = {}
@@ -449,7 +465,7 @@ def run_seeded(recipe: Recipe, log=print, overwrite: bool = False, report_only: 
                 spec = with_seed(variant, seed, evaluation)
                 trial_dir = os.path.join(output_dir, "select", settings_key(spec))
                 label = f"select {run.name} {values} seed {seed}"
-                result, _ = _train_or_read(spec, trial_dir, cache, overwrite, train, log, label)
+                result, _ = _train_or_read(spec, trial_dir, cache, overwrite, train, log, label, progress)
                 if result is None:
                     continue
                 scores = result["metrics"].get(select.split, {})
@@ -491,12 +507,14 @@ def run_seeded(recipe: Recipe, log=print, overwrite: bool = False, report_only: 
             key = settings_key(spec)
             if key in done and train and _stored_state(spec, run_dir, overwrite) != "finished":
                 same, result = done[key]  # the same settings as another run: one training, two names
+                if progress is not None:
+                    progress.skip()
                 if main:
                     _write_run_recipe(run_dir, spec)
                     write_atomic(os.path.join(run_dir, "metrics.json"), {**result, "run": name, "same_as": same})
                 continue
             label = f"run {name} ({spec.method}) seed {seed}"
-            result, trained = _train_or_read(spec, run_dir, cache, overwrite, train, log, label)
+            result, trained = _train_or_read(spec, run_dir, cache, overwrite, train, log, label, progress)
             if result is not None:
                 done.setdefault(key, (name, result))
                 (ran if trained else skipped).append(f"{name}/seed-{seed}")

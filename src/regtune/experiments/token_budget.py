@@ -32,7 +32,17 @@ from typing import Any
 import torch
 
 from .errors import RecipeError
-from .io import barrier, changed_fields, has_accelerator, is_main_process, plain, read_json, world_size, write_atomic
+from .io import (
+    RecipeProgress,
+    barrier,
+    changed_fields,
+    has_accelerator,
+    is_main_process,
+    plain,
+    read_json,
+    world_size,
+    write_atomic,
+)
 from .report import ExperimentResult
 from .token_budget_recipe import MultiEpochStudy, load_study_recipe
 
@@ -469,6 +479,9 @@ def run_multi_epoch_study(
     if skipped:
         log(f"{len(skipped)} finished run(s) found in {out}/results, skipped: {', '.join(skipped)}")
     ran = []
+    progress = RecipeProgress(len(runs), lambda line: log(line.replace("[regtune] ", "")), "runs")
+    for _ in skipped:
+        progress.skip()
     if todo and not report_only:
         corpus = load_or_prepare_corpus(study, max(plan.unique_tokens for *_, plan in runs), out)
         log(
@@ -488,6 +501,7 @@ def run_multi_epoch_study(
                 f"[{i}/{len(todo)}] {name}: {plan.unique_tokens} unique tokens x {repetitions} = {plan.train_tokens} "
                 f"tokens, {plan.steps} steps",
             )
+            start = time.perf_counter()
             result = train_one(study, corpus, model, repetitions, dropout, plan, run_dir, seed)
             result["spec"] = spec
             if is_main_process():
@@ -499,6 +513,7 @@ def run_multi_epoch_study(
                 f"    held-out loss {result['heldout_loss']:.4f}, train loss (eval mode) "
                 f"{result['train_loss_eval']:.4f}, {result['train_seconds']:.0f} s",
             )
+            progress.finished(time.perf_counter() - start)
     barrier()
     if is_main_process() and os.path.isdir(os.path.join(out, "runs")) and not os.listdir(os.path.join(out, "runs")):
         os.rmdir(os.path.join(out, "runs"))
