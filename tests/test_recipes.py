@@ -592,3 +592,17 @@ def test_a_hub_recipe_imports_code_only_with_trust_remote_code(tmp_path, monkeyp
     error = capsys.readouterr().err
     assert "regularizers[0].type: 'my_regs:L2SP' would be imported" in error and "--trust-remote-code" in error
     assert cli_main(["validate", "someone/recipes:custom.yaml", "--trust-remote-code"]) == 0
+
+
+def test_a_recipe_held_in_python_and_seeds_alone_mean_the_runs_kind(tmp_path):
+    raw = {
+        "name": "in-python",
+        "output_dir": str(tmp_path / "out"),
+        "seeds": [0, 1],  # without `kind:`, seeds alone do not make a GARDO recipe
+        "model": {"name_or_path": "builtin:all-MiniLM-L6-v2"},
+        "data": {"builtin": "quickstart-sentiment"},
+        "runs": [{"name": "a"}],
+    }
+    recipe = load_recipe(raw, [("training.learning_rate", 1e-3)])
+    assert recipe.kind == "runs" and recipe.seeds == [0, 1] and recipe.runs[0].training["learning_rate"] == 1e-3
+    assert "name" in raw and "training" not in raw  # the caller's mapping is not changed

@@ -113,3 +113,18 @@ def test_mixin_after_the_host_is_a_clear_error_and_first_takes_peft_config(bert_
     )
     assert isinstance(trainer.model, PeftModel)
     trainer.train()
+
+
+def test_the_peft_task_type_picks_the_head_of_a_headless_checkpoint(tmp_path):
+    from transformers import BertModel
+
+    encoder = tmp_path / "encoder"
+    BertModel(tiny_bert().config).save_pretrained(encoder)  # `architectures`: BertModel (a sentence encoder)
+    config = LoraConfig(r=2, target_modules=["query"], task_type="SEQ_CLS")
+    trainer = RegTrainer(
+        model=str(encoder), peft_config=config, model_init_kwargs={"num_labels": 4}, args=_args(tmp_path)
+    )
+    head = trainer.model.base_model.model
+    assert type(head).__name__ == "BertForSequenceClassification" and head.config.num_labels == 4
+    with pytest.raises(ValueError, match=r"is a BertModel .* no classification head for `num_labels`"):
+        RegTrainer(model=str(encoder), model_init_kwargs={"num_labels": 4}, args=_args(tmp_path))

@@ -136,15 +136,21 @@ def resolve_source(source: str) -> str:
         ) from None
 
 
-def read_recipe(source: str, overrides: dict | Iterable[tuple[str, Any]] | None = None) -> tuple[str, dict, str]:
-    """`(kind, raw data with the overrides applied, local path)` of the recipe `source` (see [`resolve_source`])."""
-    path = resolve_source(source)
-    with open(path, encoding="utf-8") as f:
-        text = f.read()
-    try:
-        raw = load_yaml(text)
-    except Exception as e:
-        raise RecipeError([("", f"not valid YAML: {e}")], source) from None
+def read_recipe(
+    source: str | dict, overrides: dict | Iterable[tuple[str, Any]] | None = None
+) -> tuple[str, dict, str]:
+    """`(kind, raw data with the overrides applied, local path)` of the recipe `source` (see [`resolve_source`]; a
+    mapping is a recipe held in Python, whose path is `"<recipe>"`)."""
+    if isinstance(source, dict):
+        raw, path, source = copy.deepcopy(source), "<recipe>", "<recipe>"
+    else:
+        path = resolve_source(source)
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+        try:
+            raw = load_yaml(text)
+        except Exception as e:
+            raise RecipeError([("", f"not valid YAML: {e}")], source) from None
     if raw is None:
         raw = {}
     if not isinstance(raw, dict):
@@ -155,7 +161,7 @@ def read_recipe(source: str, overrides: dict | Iterable[tuple[str, Any]] | None 
         raise RecipeError(e.errors, source) from None
     kind = raw.pop("kind", None)
     if kind is None:
-        kind = "gardo" if {"testbed", "methods", "seeds"} & set(raw) else "token-budget" if "budget" in raw else "runs"
+        kind = "gardo" if {"testbed", "methods"} & set(raw) else "token-budget" if "budget" in raw else "runs"
     kind = KIND_ALIASES.get(kind, kind) if isinstance(kind, str) else kind
     if not isinstance(kind, str) or kind not in KINDS:
         raise RecipeError([("kind", unknown_choice("kind", kind, KINDS, shown=KINDS))], source)
@@ -186,10 +192,11 @@ def is_hub_source(source: str) -> bool:
 
 
 def load_recipe(
-    source: str, overrides: dict | Iterable[tuple[str, Any]] | None = None, trust_remote_code: bool = False
+    source: str | dict, overrides: dict | Iterable[tuple[str, Any]] | None = None, trust_remote_code: bool = False
 ):
     """
-    Read the recipe `source` (a file, a folder with recipe.yaml, or a Hub repository `owner/name[:path]`), apply
+    Read the recipe `source` (a file, a folder with recipe.yaml, a Hub repository `owner/name[:path]`, or a recipe
+    held in Python as a mapping, which then needs its own `name`), apply
     `overrides` (see [`apply_overrides`]) and validate it as its `kind` says: a
     [`~regtune.experiments.finetune.Recipe`], a [`~regtune.experiments.token_budget_recipe.MultiEpochStudy`] or a
     [`~regtune.experiments.gardo.GARDOStudy`].
@@ -202,6 +209,8 @@ def load_recipe(
     [`RecipeError`] names them, before anything is imported.
     """
     kind, raw, path = read_recipe(source, overrides)
+    if isinstance(source, dict):
+        source = "<recipe>"
     if is_hub_source(source) and not trust_remote_code:
         paths = import_paths(raw)
         if paths:
@@ -214,7 +223,7 @@ def load_recipe(
                 source,
             )  # fmt: skip
     module = importlib.import_module(f".{KINDS[kind]}", __package__)
-    default_name = os.path.splitext(os.path.basename(path))[0]
+    default_name = "recipe" if path == "<recipe>" else os.path.splitext(os.path.basename(path))[0]
     if default_name == "recipe" and is_hub_source(source):
         default_name = source.split(":")[0].rsplit("/", 1)[-1]
     return module.validate_recipe(raw, source=source, default_name=default_name)
