@@ -310,3 +310,255 @@ def test_config_reports_every_bad_field_at_once():
 def test_config_rejects_each_bad_field_by_name(kwargs, field):
     with pytest.raises(ValueError, match=f"`{field}`"):
         regtune.MaskTuningConfig(**kwargs)
+
+
+# ---- issue 23, item 11: the released placement on CLIP-like models (vision tower only, patch embedding included) ----
+
+
+def _tiny_clip_config():
+    from transformers import CLIPConfig
+
+    text = {"vocab_size": 40, "hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 2}
+    text.update(num_attention_heads=2, max_position_embeddings=12, bos_token_id=0, eos_token_id=1, pad_token_id=1)
+    vision = {"hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 3, "num_attention_heads": 2}
+    vision.update(image_size=8, patch_size=4)
+    return CLIPConfig(text_config=text, vision_config=vision, projection_dim=8)
+
+
+def _tiny_clip():
+    from transformers import CLIPModel
+
+    torch.manual_seed(0)
+    return CLIPModel(_tiny_clip_config()).eval()
+
+
+def _clip_batch():
+    g = torch.Generator().manual_seed(5)
+    input_ids = torch.randint(2, 40, (3, 6), generator=g)
+    input_ids[:, -1] = 1  # the eos token, where CLIP pools the text
+    return {"input_ids": input_ids, "pixel_values": torch.randn(3, 3, 8, 8, generator=g)}
+
+
+def _clip_outputs(model, batch):
+    with torch.no_grad():
+        out = model(**batch)
+    return torch.cat([out["logits_per_image"].flatten(), out["image_embeds"].flatten(), out["text_embeds"].flatten()])
+
+
+def _masked_names(model):
+    return {
+        n.removeprefix("base_model.model.")
+        for n, m in model.named_modules()
+        if isinstance(m, regtune.tuners.mask_tuning.MaskTuningLayer)
+    }
+
+
+# R-AMT, modules/visiontransformer.py: conv1 (the patch embedding) and each block's attention in_proj/out_proj are
+# mask layers, the MLP is not (MASK_MLP: False); the text features come from the frozen text encoder.
+_RELEASED_CLIP_PLACEMENT = {"vision_model.embeddings.patch_embedding"} | {
+    f"vision_model.encoder.layers.{i}.self_attn.{p}"
+    for i in range(3)
+    for p in ("q_proj", "k_proj", "v_proj", "out_proj")
+}
+
+
+def test_clip_default_masks_the_released_placement():
+    from transformers import CLIPVisionModel, CLIPVisionModelWithProjection
+
+    model = get_peft_model(_tiny_clip(), regtune.MaskTuningConfig())
+    assert _masked_names(model) == _RELEASED_CLIP_PLACEMENT
+    patch = model.base_model.model.vision_model.embeddings.patch_embedding
+    assert isinstance(patch, regtune.tuners.mask_tuning.Conv2d)
+    assert patch.masktune_scores["default"].shape == patch.get_base_layer().weight.shape
+    # the vision tower alone: the same modules (CLIPVisionModel has no `vision_model.` prefix in transformers 5)
+    for cls in (CLIPVisionModel, CLIPVisionModelWithProjection):
+        vision = get_peft_model(cls(_tiny_clip_config().vision_config), regtune.MaskTuningConfig())
+        names = {n.removeprefix("vision_model.") for n in _masked_names(vision)}
+        assert names == {n.removeprefix("vision_model.") for n in _RELEASED_CLIP_PLACEMENT}, cls.__name__
+    # the generic placement stays one switch away: Q, K, V and out of both towers
+    both = get_peft_model(
+        _tiny_clip(), regtune.MaskTuningConfig(target_modules=["q_proj", "k_proj", "v_proj", "out_proj"])
+    )
+    assert {n for n in _masked_names(both) if n.startswith("text_model.")} and "patch_embedding" not in str(
+        _masked_names(both)
+    )
+
+
+def test_siglip_default_masks_the_vision_tower_and_not_its_attention_pooling_head():
+    from transformers import SiglipConfig, SiglipModel
+
+    text = {"vocab_size": 40, "hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1}
+    vision = {"hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2}
+    config = SiglipConfig(text_config={**text, "num_attention_heads": 2}, vision_config={**vision, "image_size": 8})
+    torch.manual_seed(0)
+    model = get_peft_model(SiglipModel(config), regtune.MaskTuningConfig())
+    expected = {"vision_model.embeddings.patch_embedding"} | {
+        f"vision_model.encoder.layers.{i}.self_attn.{p}"
+        for i in range(2)
+        for p in ("q_proj", "k_proj", "v_proj", "out_proj")
+    }
+    assert _masked_names(model) == expected  # not `vision_model.head.attention.out_proj` (an nn.MultiheadAttention's)
+
+
+def test_clip_default_with_layers_to_transform_keeps_the_patch_embedding_and_reloads(tmp_path):
+    config = regtune.MaskTuningConfig(layers_to_transform=[0, 2], init_weights=False)
+    model = get_peft_model(_tiny_clip(), config).eval()
+    expected = {n for n in _RELEASED_CLIP_PLACEMENT if ".layers.1." not in n}
+    assert _masked_names(model) == expected
+    model.save_pretrained(tmp_path)
+    loaded = PeftModel.from_pretrained(_tiny_clip(), tmp_path).eval()
+    assert _masked_names(loaded) == expected
+    torch.testing.assert_close(
+        _clip_outputs(loaded, _clip_batch()), _clip_outputs(model, _clip_batch()), rtol=0, atol=0
+    )
+
+
+def test_clip_masks_start_as_the_base_model_exactly():
+    batch = _clip_batch()
+    model = get_peft_model(_tiny_clip(), regtune.MaskTuningConfig()).eval()
+    patch = model.base_model.model.vision_model.embeddings.patch_embedding
+    assert isinstance(patch, regtune.tuners.mask_tuning.Conv2d)  # the default masks the patch-embedding conv
+    assert model.base_model.mask_sparsity()["total"] == 0.0
+    pixels = _clip_batch()["pixel_values"]
+    torch.testing.assert_close(patch(pixels), patch.get_base_layer()(pixels), rtol=0, atol=0)
+    torch.testing.assert_close(_clip_outputs(model, batch), _clip_outputs(_tiny_clip(), batch), rtol=0, atol=0)
+
+
+def _reference_clip(model):
+    """A plain CLIPModel whose masked weights are `W * M` (computed here), as leaves with gradients."""
+    reference = _tiny_clip()
+    masks = {}
+    for name, module in model.base_model.model.named_modules():
+        if isinstance(module, regtune.tuners.mask_tuning.MaskTuningLayer):
+            mask = (module.masktune_scores["default"] > 5e-3).to(torch.float32)
+            masks[name] = (mask, module.get_base_layer().weight.detach().clone())
+            with torch.no_grad():
+                reference.get_submodule(name).weight.copy_(masks[name][1] * mask)
+    return reference, masks
+
+
+def test_clip_forward_and_straight_through_gradient_match_an_independent_computation():
+    batch = _clip_batch()
+    model = get_peft_model(_tiny_clip(), regtune.MaskTuningConfig(init_weights=False)).eval()
+    assert 0.1 < model.base_model.mask_sparsity()["total"] < 0.9
+    reference, masks = _reference_clip(model)
+    torch.testing.assert_close(_clip_outputs(model, batch), _clip_outputs(reference, batch))
+
+    upstream = torch.randn(3, 3, generator=torch.Generator().manual_seed(7))
+    (model(**batch)["logits_per_image"] * upstream).sum().backward()
+    (reference(**batch)["logits_per_image"] * upstream).sum().backward()
+    for name, (_mask, weight) in masks.items():
+        scores = model.base_model.model.get_submodule(name).masktune_scores["default"]
+        # straight-through: dL/dS := dL/dM = dL/dW_eff * W, with dL/dW_eff from the plain model
+        torch.testing.assert_close(scores.grad, reference.get_submodule(name).weight.grad * weight, msg=name)
+
+    # the patch embedding's dL/dW_eff once more, by hand: a stride-4 4x4 conv is a matmul over unfolded patches
+    patch = model.base_model.model.vision_model.embeddings.patch_embedding
+    pixels = batch["pixel_values"].requires_grad_(False)
+    embedded = reference.vision_model.embeddings.patch_embedding(pixels)
+    g = torch.randn(embedded.shape, generator=torch.Generator().manual_seed(8))
+    patch.masktune_scores["default"].grad = None
+    (patch(pixels) * g).sum().backward()
+    columns = nn.functional.unfold(pixels, kernel_size=4, stride=4)  # (N, C*4*4, L)
+    by_hand = torch.einsum("nol,nkl->ok", g.flatten(2), columns).view_as(patch.get_base_layer().weight)
+    mask, weight = masks["vision_model.embeddings.patch_embedding"]
+    torch.testing.assert_close(patch.masktune_scores["default"].grad, by_hand * weight)
+    torch.testing.assert_close(patch(pixels), embedded)
+    assert 0 < float((mask == 0).float().mean()) < 1
+
+
+def test_clip_merge_and_unload_and_bit_packed_round_trip_are_exact(tmp_path):
+    batch = _clip_batch()
+    model = get_peft_model(_tiny_clip(), regtune.MaskTuningConfig(init_weights=False)).eval()
+    reference, _ = _reference_clip(model)
+    expected = _clip_outputs(reference, batch)
+    outputs = _clip_outputs(model, batch)
+
+    model.save_pretrained(tmp_path)
+    weights = load_file(tmp_path / "adapter_model.safetensors")
+    assert {k.rsplit(".masktune_packed_mask", 1)[0].removeprefix("base_model.model.") for k in weights} == (
+        _RELEASED_CLIP_PLACEMENT
+    )
+    packed = weights["base_model.model.vision_model.embeddings.patch_embedding.masktune_packed_mask"]
+    assert packed.dtype == torch.uint8 and packed.numel() == -(-16 * 3 * 4 * 4 // 8)
+    loaded = PeftModel.from_pretrained(_tiny_clip(), tmp_path).eval()
+    for name in _RELEASED_CLIP_PLACEMENT:
+        a, b = (m.base_model.model.get_submodule(name) for m in (model, loaded))
+        assert torch.equal(a.binary_mask("default"), b.binary_mask("default")), name
+    torch.testing.assert_close(_clip_outputs(loaded, batch), outputs, rtol=0, atol=0)
+
+    merged = model.merge_and_unload()
+    assert not any(isinstance(m, regtune.tuners.mask_tuning.MaskTuningLayer) for m in merged.modules())
+    assert type(merged.vision_model.embeddings.patch_embedding) is nn.Conv2d
+    torch.testing.assert_close(_clip_outputs(merged, batch), outputs, rtol=0, atol=0)
+    torch.testing.assert_close(_clip_outputs(merged, batch), expected)
+    for name, param in reference.named_parameters():
+        torch.testing.assert_close(merged.get_parameter(name), param, rtol=0, atol=0, msg=name)
+
+
+def test_multihead_attention_out_proj_is_refused_because_its_mask_would_be_ignored():
+    class WithMHA(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.mha = nn.MultiheadAttention(8, 2)
+
+        def forward(self, x):
+            return {"logits": self.mha(x, x, x)[0]}
+
+    # torch's attention reads `out_proj.weight` itself: a wrapped out_proj's forward is never called
+    net = WithMHA()
+    calls = []
+    net.mha.out_proj.register_forward_hook(lambda *args: calls.append(1))
+    net(torch.randn(3, 1, 8))
+    assert not calls
+    with pytest.raises(ValueError, match=r"cannot mask `mha\.out_proj`.*MultiheadAttention.*ignored"):
+        get_peft_model(WithMHA(), regtune.MaskTuningConfig(target_modules=["out_proj"]))
+
+
+def _penalty_and_grads(model, batch, weight=1e-2):
+    from regtune.regularizers import MaskScorePenalty
+
+    for module in model.modules():
+        if isinstance(module, regtune.tuners.mask_tuning.MaskTuningLayer):
+            module.masktune_track_norms = True
+    out = model(**batch)
+    penalty = MaskScorePenalty(weight).loss_term(model, batch, out)
+    scores = dict(_named_scores(model))
+    grads = torch.autograd.grad(penalty, list(scores.values()))
+    return penalty.detach(), dict(zip(scores, grads))
+
+
+def _named_scores(model):
+    for name, module in model.base_model.model.named_modules():
+        if isinstance(module, regtune.tuners.mask_tuning.MaskTuningLayer):
+            yield name, module.masktune_scores["default"]
+
+
+@pytest.mark.parametrize("qkv", ["auto", "fused", "separate"])
+def test_score_penalty_counts_clip_qkv_as_the_released_fused_in_proj(qkv):
+    batch = _clip_batch()
+    model = get_peft_model(_tiny_clip(), regtune.MaskTuningConfig(init_weights=False, score_penalty_qkv=qkv))
+    resolved = model.peft_config["default"].score_penalty_qkv
+    assert resolved == ("fused" if qkv in ("auto", "fused") else "separate")
+    penalty, grads = _penalty_and_grads(model, batch)
+
+    # independently: the released RegLoss, torch.norm of each mask tensor, with one in_proj tensor per attention
+    scores = {name: s.detach().clone().requires_grad_(True) for name, s in _named_scores(model)}
+    tensors = [scores["vision_model.embeddings.patch_embedding"]]
+    for i in range(3):
+        attention = f"vision_model.encoder.layers.{i}.self_attn."
+        qkv_scores = [scores[attention + p] for p in ("q_proj", "k_proj", "v_proj")]
+        tensors += [torch.cat(qkv_scores)] if resolved == "fused" else qkv_scores
+        tensors.append(scores[attention + "out_proj"])
+    expected = 1e-2 * sum(torch.norm(t.reshape(-1), 2) for t in tensors)
+    expected_grads = dict(zip(scores, torch.autograd.grad(expected, list(scores.values()))))
+    torch.testing.assert_close(penalty, expected.detach())
+    for name in scores:
+        torch.testing.assert_close(grads[name], expected_grads[name], msg=name)
+
+
+def test_score_penalty_qkv_is_separate_by_default_elsewhere_and_validated():
+    model = get_peft_model(tiny_bert(), regtune.MaskTuningConfig())
+    assert model.peft_config["default"].score_penalty_qkv == "separate"
+    with pytest.raises(ValueError, match=r"`score_penalty_qkv` must be one of \['auto', 'fused', 'separate'\]"):
+        regtune.MaskTuningConfig(score_penalty_qkv="joint")

@@ -14,6 +14,7 @@ import torch.distributed as dist
 
 from regtune._sharding import forward_tensors, full, is_sharded, shard_like
 from regtune.functional.masks import pack_mask, score_penalty, unpack_mask
+from regtune.tuners.mask_tuning.config import QKV_PROJECTIONS
 from regtune.tuners.mask_tuning.layer import MaskTuningLayer
 from regtune.tuners.mask_tuning.model import MaskTuningModel
 from regtune.tuners.mask_tuning.settings import DEFAULTS, check_number, raise_if_errors
@@ -158,7 +159,9 @@ def _uniform_seed(seed: int, global_step: int, index: int) -> int:
 class MaskScorePenalty(Regularizer):
     """
     `weight * sum_l ||S_l||_2` (unsquared) over the trainable mask scores, added to the task loss
-    ([R-AMT](https://huggingface.co/papers/2307.15049), weight 1e-4).
+    ([R-AMT](https://huggingface.co/papers/2307.15049), weight 1e-4). Where an adapter's config has
+    `score_penalty_qkv="fused"` (the default on CLIP-like models), the Q, K and V projections of one attention count
+    as one tensor, `||[S_q; S_k; S_v]||_2`, as the released code's fused `in_proj` mask does.
 
     Args:
         weight (`float`, defaults to `1e-4`): a finite number >= 0 (the `score_l2_weight` knob).
@@ -171,11 +174,18 @@ class MaskScorePenalty(Regularizer):
             type(self).__name__, [e for e in [check_number("score_l2_weight", weight, label="weight")] if e]
         )
         self.weight = float(weight)
+        self._fused_qkv: set[str] | None = None  # adapters whose Q, K, V share one norm; read from the model
+
+    @staticmethod
+    def _fused_qkv_adapters(model) -> set[str]:
+        configs = getattr(getattr(model, "module", model), "peft_config", None) or {}
+        return {name for name, c in configs.items() if getattr(c, "score_penalty_qkv", None) == "fused"}
 
     def setup(self, trainer) -> None:
         # the masked layers return each score tensor's norm from their forward, so that the penalty's gradient is
         # added in each layer's backward (see `MaskTuningLayer.masked_weight`)
         model = trainer.accelerator.unwrap_model(trainer.model)
+        self._fused_qkv = self._fused_qkv_adapters(model)
         for module in model.modules():
             if isinstance(module, MaskTuningLayer):
                 module.masktune_track_norms = self.weight != 0.0
@@ -183,15 +193,25 @@ class MaskScorePenalty(Regularizer):
     def loss_term(self, model, inputs, outputs):
         if self.weight == 0.0:
             return None
-        norms, untracked = [], []
-        for _, layer, adapter, scores in _score_entries(model):
+        fused_qkv = self._fused_qkv if self._fused_qkv is not None else self._fused_qkv_adapters(model)
+        norms, untracked, groups = [], [], {}
+        for name, layer, adapter, scores in _score_entries(model):
             norm = layer.masktune_norms.pop(adapter, None)
-            if norm is not None and norm.requires_grad:  # from this forward, on the unsharded scores
+            tracked = norm is not None and norm.requires_grad  # from this forward, on the unsharded scores
+            parent, _, leaf = name.rpartition(".")
+            family = QKV_PROJECTIONS.get(leaf)
+            if family is not None and adapter in fused_qkv:
+                # one norm over the attention's Q, K and V scores: sqrt of the sum of their squared norms
+                norm = norm if tracked else full(score_penalty([scores]))
+                groups.setdefault((adapter, parent, family), []).append(norm)
+            elif tracked:
                 norms.append(norm)
             else:  # the layer did not run with gradient (or was not set up): the norm of the parameter
                 untracked.append(scores)
         if untracked:
             norms.append(full(score_penalty(untracked)))  # FSDP2: a global norm over the shards, a plain tensor
+        for group in groups.values():
+            norms.append(group[0] if len(group) == 1 else torch.linalg.vector_norm(torch.stack(group).float()))
         if not norms:
             return None
         return self.weight * torch.stack([n.float() for n in norms]).sum()

@@ -25,7 +25,8 @@ class MaskTuningTrainingArguments(TrainingArguments):
         score_l2_weight (`float`, *optional*): weight of `sum_l ||S_l||_2`, a finite number >= 0; default: the
             config's (1e-4).
         graddrop_lambda (`float`, *optional*): gradient-dropout strength in [0, 1], 0 = off; default: the config's
-            (1.0; the official README recommends 0.3).
+            (1.0, the released configs' value, used by its base-to-novel script; its README sets 0.3 for the
+            16-shot few-shot runs on most data sets).
         graddrop_temperature (`float`, defaults to `1.0`): temperature of the knowledge loss, a finite number > 0.
         mask_flips_per_layer (`bool`, defaults to `False`): log the flipped share of every masked layer
             (`mask_tuning/flipped/<layer>`) besides the overall one.

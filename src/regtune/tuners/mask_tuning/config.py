@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 
 from peft.config import PeftConfig
@@ -11,9 +12,76 @@ from .settings import DEFAULTS, HELP, check_bool, check_fields, check_str_list, 
 
 
 SAVE_FORMATS = ("bit_packed", "scores")
+SCORE_PENALTY_QKV = ("auto", "fused", "separate")
+# the separate Q, K, V projections of one attention, per naming family (the released code's fused `in_proj`)
+QKV_PROJECTIONS = {
+    "q_proj": "proj", "k_proj": "proj", "v_proj": "proj",
+    "query": "bert", "key": "bert", "value": "bert",
+    "q_lin": "lin", "k_lin": "lin", "v_lin": "lin",
+    "q": "t5", "k": "t5", "v": "t5",
+}  # fmt: skip
 
-# attention projections per model family (the paper masks multi-head self-attention: Q, K, V and out)
-TRANSFORMERS_MODELS_TO_MASK_TUNING_TARGET_MODULES_MAPPING = {
+# The released placement for CLIP-like dual encoders (R-AMT's `trainers/masktuning.py` builds only the image tower
+# with mask layers, `modules/visiontransformer.py`): the image tower's patch-embedding conv and every attention's
+# input and output projections, MLP off (`configs/trainers/MASK/vit_b16.yaml`: `MASK_MLP: False`), nothing of the
+# text tower. The released `in_proj` (one fused Q/K/V weight) is transformers' separate `q_proj`, `k_proj`, `v_proj`.
+VISION_TOWER_LAYERS_PATTERN = "layers"
+VISION_TOWER_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "out_proj")
+
+
+def vision_tower_target_modules(
+    layers_to_transform: list[int] | int | None = None,
+    layers_pattern: list[str] | str | None = None,
+    vision_only: bool = False,
+) -> str:
+    """
+    The released R-AMT placement on a transformers CLIP-like model (CLIP, SigLIP; the full model or its vision model
+    alone), as a `target_modules` regex: the vision tower's `embeddings.patch_embedding` and the `q_proj`, `k_proj`,
+    `v_proj` and `out_proj` of each of its encoder layers; no MLP, nothing of the text tower.
+
+    Args:
+        layers_to_transform (`Union[list[int], int]`, *optional*):
+            Only the attention projections of the encoder layers with these indices (the patch embedding stays).
+        layers_pattern (`Union[list[str], str]`, *optional*):
+            Name of the layer container; defaults to `"layers"` (transformers' CLIP and SigLIP encoders).
+        vision_only (`bool`, defaults to `False`):
+            The model is the vision tower alone (`CLIPVisionModel`, `model_type="clip_vision_model"`, whose modules
+            need not sit under `vision_model.`). `False`: a dual encoder, only the modules under `vision_model.`.
+
+    Returns:
+        `str`: a regex matched against full module names with `re.fullmatch`, as peft does for a string
+        `target_modules`.
+
+    Example:
+
+        ```py
+        >>> import re
+        >>> pattern = vision_tower_target_modules()
+        >>> bool(re.fullmatch(pattern, "vision_model.encoder.layers.3.self_attn.q_proj"))
+        True
+        >>> bool(re.fullmatch(pattern, "text_model.encoder.layers.3.self_attn.q_proj"))
+        False
+        ```
+    """
+    if layers_to_transform is None:
+        index = r"\d+"
+    else:
+        indices = [layers_to_transform] if isinstance(layers_to_transform, int) else list(layers_to_transform)
+        index = "(?:" + "|".join(str(int(i)) for i in indices) + ")"
+    patterns = layers_pattern or VISION_TOWER_LAYERS_PATTERN
+    patterns = [patterns] if isinstance(patterns, str) else list(patterns)
+    container = "(?:" + "|".join(re.escape(p) for p in patterns) + ")"
+    projections = "(?:" + "|".join(VISION_TOWER_PROJECTIONS) + ")"
+    tower = r"(?:.*\.)?" if vision_only else r"(?:.*\.)?vision_model\."
+    return rf"{tower}(?:embeddings\.patch_embedding|encoder\.{container}\.{index}\.self_attn\.{projections})"
+
+
+# model types whose default is the released placement above (the vision tower only, patch embedding included)
+CLIP_LIKE_MODEL_TYPES = ("clip", "clip_vision_model", "siglip", "siglip_vision_model")
+
+# default targets per model family: the attention projections (Q, K, V and out), except for CLIP-like models, which
+# get the released placement (a regex; see `vision_tower_target_modules`)
+TRANSFORMERS_MODELS_TO_MASK_TUNING_TARGET_MODULES_MAPPING: dict[str, list[str] | str] = {
     "bert": ["query", "key", "value", "attention.output.dense"],
     "roberta": ["query", "key", "value", "attention.output.dense"],
     "xlm-roberta": ["query", "key", "value", "attention.output.dense"],
@@ -28,10 +96,11 @@ TRANSFORMERS_MODELS_TO_MASK_TUNING_TARGET_MODULES_MAPPING = {
     "opt": ["q_proj", "k_proj", "v_proj", "out_proj"],
     "gpt2": ["c_attn", "attn.c_proj"],
     "vit": ["query", "key", "value", "attention.output.dense"],
-    "clip": ["q_proj", "k_proj", "v_proj", "out_proj"],
-    "clip_vision_model": ["q_proj", "k_proj", "v_proj", "out_proj"],
-    "siglip": ["q_proj", "k_proj", "v_proj", "out_proj"],
     "t5": ["q", "k", "v", "o"],
+    **{
+        model_type: vision_tower_target_modules(vision_only=model_type.endswith("_vision_model"))
+        for model_type in CLIP_LIKE_MODEL_TYPES
+    },
 }
 
 
@@ -46,19 +115,32 @@ class MaskTuningConfig(PeftConfig):
     Args:
         target_modules (`Union[list[str], str]`, *optional*):
             Modules to mask (`nn.Linear`, transformers' `Conv1D`, `nn.Conv1d`/`Conv2d`/`Conv3d`, `nn.Embedding`;
-            `nn.MultiheadAttention` is refused, see docs/mask_tuning.md). Defaults to the attention projections of the
-            model family (`TRANSFORMERS_MODELS_TO_MASK_TUNING_TARGET_MODULES_MAPPING`); see also
-            [`regtune.rank_modules_by_gradient`] for an importance-based choice.
+            `nn.MultiheadAttention` and its `out_proj` are refused, see docs/mask_tuning.md). Defaults to the
+            attention projections (Q, K, V and out) of the model family
+            (`TRANSFORMERS_MODELS_TO_MASK_TUNING_TARGET_MODULES_MAPPING`); for CLIP-like models (`model_type` in
+            `CLIP_LIKE_MODEL_TYPES`: CLIP, SigLIP, full or vision model) to the released R-AMT placement instead:
+            the vision tower's patch embedding and its attention projections, nothing of the text tower, no MLP
+            ([`vision_tower_target_modules`]; `target_modules=["q_proj", "k_proj", "v_proj", "out_proj"]` masks
+            both towers). See also [`regtune.rank_modules_by_gradient`] for an importance-based choice.
         exclude_modules (`Union[list[str], str]`, *optional*): modules not to mask.
         score_init (`float`, defaults to `1e-2`): initial value of every score.
         threshold (`float`, defaults to `5e-3`): a weight is kept where its score is above it.
         score_l2_weight (`float`, defaults to `1e-4`):
             Weight of the score regularizer `sum_l ||S_l||_2` (unsquared) added to the task loss in training.
         graddrop_lambda (`float`, defaults to `1.0`):
-            Gradient-dropout strength in [0, 1] used by [`regtune.MaskTuningTrainer`] (the README of the official
-            code recommends 0.3 on most datasets).
+            Gradient-dropout strength in [0, 1] used by [`regtune.MaskTuningTrainer`]. The default is the released
+            configs' (`configs/trainers/MASK/vit_b16.yaml`, used by its base-to-novel script); the released README
+            sets 0.3 for its 16-shot few-shot runs on most data sets.
+        score_penalty_qkv (`str`, defaults to `"auto"`):
+            How the score penalty counts the Q, K and V projections of one attention: `"fused"`, one norm over the
+            three score tensors together, `||[S_q; S_k; S_v]||_2` (the released code, whose attention holds Q, K
+            and V in one fused `in_proj` weight with one score tensor); `"separate"`, one norm per score tensor;
+            `"auto"`, `"fused"` on CLIP-like models (`CLIP_LIKE_MODEL_TYPES`, R-AMT's own model) and `"separate"`
+            on others. Resolved when the adapter is added, so the saved config records `"fused"` or `"separate"`.
         fan_in_fan_out (`bool`, defaults to `False`): set for layers storing weights as (fan_in, fan_out).
-        layers_to_transform (`Union[list[int], int]`, *optional*): only these layer indices.
+        layers_to_transform (`Union[list[int], int]`, *optional*):
+            Only these layer indices (with the CLIP-like default: the attention projections of these vision layers,
+            and the patch embedding).
         layers_pattern (`Union[list[str], str]`, *optional*): name of the layer container (with layers_to_transform).
         modules_to_save (`list[str]`, *optional*): modules trained fully and saved (e.g. a classifier head).
         init_weights (`bool`, defaults to `True`):
@@ -73,13 +155,24 @@ class MaskTuningConfig(PeftConfig):
     """
 
     target_modules: list[str] | str | None = field(
-        default=None, metadata={"help": "Modules to mask; default: the attention projections of the model family."}
+        default=None,
+        metadata={
+            "help": "Modules to mask; default: the attention projections of the model family (CLIP-like models: the "
+            "vision tower's patch embedding and attention projections, the released R-AMT placement)."
+        },
     )
     exclude_modules: list[str] | str | None = field(default=None, metadata={"help": "Modules not to mask."})
     score_init: float = field(default=DEFAULTS["score_init"], metadata={"help": HELP["score_init"]})
     threshold: float = field(default=DEFAULTS["threshold"], metadata={"help": HELP["threshold"]})
     score_l2_weight: float = field(default=DEFAULTS["score_l2_weight"], metadata={"help": HELP["score_l2_weight"]})
     graddrop_lambda: float = field(default=DEFAULTS["graddrop_lambda"], metadata={"help": HELP["graddrop_lambda"]})
+    score_penalty_qkv: str = field(
+        default="auto",
+        metadata={
+            "help": "Score penalty over one attention's Q, K, V: 'fused' (one norm, as the released fused in_proj), "
+            "'separate' (one norm per tensor) or 'auto' ('fused' on CLIP-like models, else 'separate')."
+        },
+    )
     fan_in_fan_out: bool = field(default=False, metadata={"help": "Layer stores weight as (fan_in, fan_out)."})
     layers_to_transform: list[int] | int | None = field(
         default=None, metadata={"help": "Only mask the layers with these indices."}
@@ -116,6 +209,10 @@ class MaskTuningConfig(PeftConfig):
             errors.append(check_str_list(name, getattr(self, name)))
         for name in ("fan_in_fan_out", "init_weights", "inference_mode"):
             errors.append(check_bool(name, getattr(self, name)))
+        if self.score_penalty_qkv not in SCORE_PENALTY_QKV:
+            errors.append(
+                f"`score_penalty_qkv` must be one of {list(SCORE_PENALTY_QKV)}, got {self.score_penalty_qkv!r}"
+            )
         if self.save_format not in SAVE_FORMATS:
             errors.append(f"`save_format` must be one of {list(SAVE_FORMATS)}, got {self.save_format!r}")
         layers = self.layers_to_transform

@@ -13,16 +13,21 @@ from transformers.pytorch_utils import Conv1D
 from regtune._sharding import full
 from regtune.functional.masks import pack_mask, unpack_mask
 
-from .config import TRANSFORMERS_MODELS_TO_MASK_TUNING_TARGET_MODULES_MAPPING
+from .config import (
+    CLIP_LIKE_MODEL_TYPES,
+    TRANSFORMERS_MODELS_TO_MASK_TUNING_TARGET_MODULES_MAPPING,
+    vision_tower_target_modules,
+)
 from .layer import Conv1d, Conv2d, Conv3d, Embedding, Linear, MaskTuningLayer
 
 
 _CONV_LAYERS = ((torch.nn.Conv1d, Conv1d), (torch.nn.Conv2d, Conv2d), (torch.nn.Conv3d, Conv3d))
 _UNSUPPORTED_REASONS = {
     "MultiheadAttention": (
-        " (its projections live in one fused `in_proj_weight` that torch's attention reads directly, so a masked"
-        " copy cannot be swapped in without re-implementing the attention; target its `out_proj` or use a model"
-        " with separate projection layers)"
+        " (its projections live in one fused `in_proj_weight`, and its forward reads `in_proj_weight` and"
+        " `out_proj.weight` directly, so a masked copy cannot be swapped in without re-implementing the attention;"
+        " use a model with separate projection layers, e.g. transformers' CLIP with its `q_proj`/`k_proj`/`v_proj`/"
+        "`out_proj`)"
     ),
 }
 
@@ -79,7 +84,34 @@ class MaskTuningModel(BaseTuner):
     tuner_layer_cls = MaskTuningLayer
     target_module_mapping = TRANSFORMERS_MODELS_TO_MASK_TUNING_TARGET_MODULES_MAPPING
 
+    def _prepare_adapter_config(self, peft_config, model_config):
+        """
+        Resolve `score_penalty_qkv="auto"` and the default `target_modules` (see [`MaskTuningConfig`]). For a CLIP-like model
+        (`CLIP_LIKE_MODEL_TYPES`) it is the released R-AMT placement, a regex ([`vision_tower_target_modules`]) into
+        which `layers_to_transform` / `layers_pattern` are folded (peft ignores them for a string target, so they are
+        cleared: the saved config names exactly the masked modules). Other models: peft's per-family mapping.
+        """
+        model_type = model_config.get("model_type") if isinstance(model_config, dict) else None
+        if getattr(peft_config, "score_penalty_qkv", None) == "auto":
+            peft_config.score_penalty_qkv = "fused" if model_type in CLIP_LIKE_MODEL_TYPES else "separate"
+        if peft_config.target_modules is None and model_type in CLIP_LIKE_MODEL_TYPES:
+            peft_config.target_modules = vision_tower_target_modules(
+                peft_config.layers_to_transform,
+                peft_config.layers_pattern,
+                vision_only=model_type.endswith("_vision_model"),
+            )
+            peft_config.layers_to_transform = None
+            peft_config.layers_pattern = None
+            return peft_config
+        return super()._prepare_adapter_config(peft_config, model_config)
+
     def _create_and_replace(self, config, adapter_name, target, target_name, parent, current_key, **kwargs):
+        if isinstance(parent, torch.nn.MultiheadAttention):
+            raise ValueError(
+                f"Mask tuning cannot mask `{current_key}`: it is the `{target_name}` of a `torch.nn.MultiheadAttention`, "
+                "whose forward reads that weight directly instead of calling the module, so its mask would be ignored "
+                "silently. Leave it out of `target_modules` (or add it to `exclude_modules`). See docs/mask_tuning.md."
+            )
         if isinstance(target, MaskTuningLayer):
             target.update_layer(adapter_name, config, inference_mode=config.inference_mode)
             return
