@@ -95,6 +95,9 @@ def run(out: str, mode: str, per_device_batch: int, accumulation: int, max_steps
         learning_rate=0.05 if mode == "perturb" else 0.01,
         lfu_beta=20.0,
         lfu_reps_lr_weight=0.2,
+        # 2 processes x 1 micro-batch = 1 process x 2 accumulated ones needs the vectors' mean gradient: the released
+        # rule ("last") steps on each process's last micro-batch, so it differs between the two set-ups by design
+        lfu_reps_vector_grad="accumulate",
     )
     trainer = regtune.LfUTrainer(
         model=model, args=args, train_dataset=prompt_completion_dataset(), processing_class=word_tokenizer()

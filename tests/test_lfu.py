@@ -203,6 +203,7 @@ def test_reps_step_trains_directions_to_raise_the_loss_and_adds_consistency(tmp_
             lfu_beta=1e3,
             lfu_second_batch="same",
             lfu_reps_lr_weight=50.0,
+            lfu_reps_pairing="steered_x",
         ),  # fmt: skip
         train_dataset=prompt_completion_dataset(),
         processing_class=word_tokenizer(),
@@ -348,6 +349,12 @@ def test_layer_range_selects_hidden_states(tmp_path):
         ({"lfu_start_layer": 1.0}, r"`lfu_start_layer` must be an int >= 0"),
         ({"lfu_reps_lr_weight": "2"}, r"`lfu_reps_lr_weight` must be a finite number > 0"),
         ({"lfu_reps_site": "attn"}, r"`lfu_reps_site` must be one of \['mlp', 'block'\], got 'attn'"),
+        (
+            {"lfu_reps_pairing": "clean"},
+            r"`lfu_reps_pairing` must be one of \['released', 'steered_x'\], got 'clean'",
+        ),
+        ({"lfu_reps_vector_grad": "sum"}, r"`lfu_reps_vector_grad` must be one of \['last', 'accumulate'\]"),
+        ({"lfu_reps_vector_dtype": "bf16"}, r"`lfu_reps_vector_dtype` must be one of \['hidden', 'float32'\]"),
         ({"lfu_share_dropout_masks": "yes"}, r"`lfu_share_dropout_masks` must be True or False"),
         ({"lfu_log_diagnostics": 1}, r"`lfu_log_diagnostics` must be True or False"),
         ({"lfu_second_batch": "other"}, r"`lfu_second_batch` must be one of \['train', 'dataset', 'same'\]"),
@@ -605,10 +612,19 @@ def _lfu_logs(tmp_path, model=None, second_dataset=None, **overrides):
 @pytest.mark.parametrize("mode", ["perturb", "reps"])
 def test_bf16_consistency_vanishes_at_zero_alpha(tmp_path, mode, second_batch):
     """Under bf16 autocast the clean states come from the host's autocast forward; the undesirable pass must run in
-    the same precision, or L_cons measures bf16-vs-fp32 rounding instead of the update (it was ~3e-5 at alpha 1e-6)."""
+    the same precision, or L_cons measures bf16-vs-fp32 rounding instead of the update (it was ~3e-5 at alpha 1e-6).
+    RepS with another batch x' runs with the `steered_x` pairing: the released pairing compares x with x', which
+    differ whatever alpha is."""
     second = prompt_completion_dataset(n=4, seed=3) if second_batch == "dataset" else None
+    pairing = {"lfu_reps_pairing": "steered_x"} if (mode, second_batch) != ("reps", "same") else {}
     logs, _ = _lfu_logs(
-        tmp_path, second_dataset=second, bf16=True, lfu_mode=mode, lfu_alpha=1e-6, lfu_second_batch=second_batch
+        tmp_path,
+        second_dataset=second,
+        bf16=True,
+        lfu_mode=mode,
+        lfu_alpha=1e-6,
+        lfu_second_batch=second_batch,
+        **pairing,
     )
     assert logs[0]["lfu/consistency"] <= 1e-10
     assert logs[0]["lfu/ascent_gain_abs"] == pytest.approx(0.0, abs=1e-4)
@@ -639,11 +655,10 @@ def test_bf16_step_at_zero_alpha_equals_the_sft_step(tmp_path):
 @pytest.mark.parametrize("mode", ["perturb", "reps"])
 def test_shared_dropout_masks_leave_only_the_update_in_the_consistency(tmp_path, mode):
     """With dropout on, L_cons at alpha -> 0 is zero when both passes drop the same units, and dropout noise when
-    they draw fresh masks (the option)."""
-    shared, _ = _lfu_logs(tmp_path, model=lora_model(dropout=0.3), lfu_mode=mode, lfu_alpha=1e-6)
-    fresh, _ = _lfu_logs(
-        tmp_path, model=lora_model(dropout=0.3), lfu_mode=mode, lfu_alpha=1e-6, lfu_share_dropout_masks=False
-    )
+    they draw fresh masks (the option). RepS, whose released pairing compares x with x', runs with x' = x."""
+    knobs = {"lfu_mode": mode, "lfu_alpha": 1e-6, **({"lfu_second_batch": "same"} if mode == "reps" else {})}
+    shared, _ = _lfu_logs(tmp_path, model=lora_model(dropout=0.3), **knobs)
+    fresh, _ = _lfu_logs(tmp_path, model=lora_model(dropout=0.3), lfu_share_dropout_masks=False, **knobs)
     assert shared[0]["lfu/consistency"] <= 1e-10
     assert fresh[0]["lfu/consistency"] > 1e-4
 
@@ -792,6 +807,7 @@ def test_reps_step_matches_the_released_steering_construction(tmp_path, site):
             lfu_second_batch="same",
             lfu_reps_lr_weight=weight,
             lfu_reps_site=site,
+            lfu_reps_pairing="steered_x",
         ),  # fmt: skip
         train_dataset=prompt_completion_dataset(),
         processing_class=word_tokenizer(),
@@ -870,3 +886,214 @@ def test_regularizer_knobs_are_the_settings_fields_and_unknown_ones_are_named():
     with pytest.raises(ValueError, match=r"unknown LfU setting `alpah`.*alpha") as e:
         regtune.regularizers.LfURegularizer(alpah=0.1, mode="nope")
     assert "mode" in str(e.value)  # every bad field at once
+
+
+# ---- the released code's RepS choices (issue 23): pairing, the vectors' gradient and dtype, the prompt mask ----
+
+
+def _released_target(steered, batch_size, seq_len):
+    """yunpal/LfU `compute_mse_consistency_loss_perturb_detach`, written out: x' states of another length are replaced
+    by their last position, broadcast over x's positions; the same length pairs position by position."""
+    out = []
+    for p in steered:
+        if p.shape[1] == 1 or p.shape[1] != seq_len:
+            p = p[:, -1:, :].expand(batch_size, seq_len, p.shape[-1])
+        out.append(p.detach())
+    return out
+
+
+@pytest.mark.parametrize("second_batch", ["dataset", "same"])
+def test_reps_released_pairing_matches_reference(tmp_path, second_batch):
+    """The default RepS step pairs as the released trainer: the clean states of x keep their gradient and are pulled
+    towards the detached steered states of x' (the last position of x' broadcast when the lengths differ, here with
+    a one-row `lfu_dataset`; position by position with x' = x). Parameter step, vectors and logged consistency
+    against a reference built with the released steering layer and `output_hidden_states`."""
+    alpha, beta, lr, weight = 0.5, 1e3, 1e-2, 50.0
+    model = lora_model()
+    second = prompt_completion_dataset(n=1, seed=7)
+    trainer = regtune.LfUTrainer(
+        model=model,
+        args=lfu_config(
+            str(tmp_path),
+            max_steps=1,
+            learning_rate=lr,
+            lfu_mode="reps",
+            lfu_alpha=alpha,
+            lfu_beta=beta,
+            lfu_second_batch=second_batch,
+            lfu_reps_lr_weight=weight,
+        ),  # fmt: skip
+        train_dataset=prompt_completion_dataset(),
+        processing_class=word_tokenizer(),
+        lfu_dataset=second if second_batch == "dataset" else None,
+    )
+    batch = _first_batch(trainer)
+    if second_batch == "same":
+        x2 = batch
+    else:
+        x2 = trainer.data_collator(
+            [trainer.regularizers[0].second_dataset[0]] * trainer.args.per_device_train_batch_size
+        )
+        assert x2["input_ids"].shape[1] != batch["input_ids"].shape[1]  # the broadcast branch is exercised
+    reference = lora_model()
+    named = {n: p for n, p in reference.named_parameters() if p.requires_grad}
+    directions = torch.randn(2, 16, generator=torch.Generator().manual_seed(0)).requires_grad_()
+    total, count = _token_loss_sum(reference, batch)
+    clean = _hidden(reference, batch)  # with gradient
+    with _released_steering(reference, directions, alpha, "mlp"):
+        steered = _hidden(reference, x2)
+        steered_sum, steered_count = _token_loss_sum(reference, x2)
+    target = _released_target(steered, *batch["input_ids"].shape)
+    mask = (batch["labels"] != -100).unsqueeze(-1).float()
+    cons = sum(((c - t) ** 2 * mask).sum() / (mask.sum() * c.shape[-1]) for c, t in zip(clean, target)) / len(clean)
+    expected = torch.autograd.grad(total / count + beta * cons, list(named.values()), retain_graph=True)
+    expected = torch.cat([g.flatten() for g in expected])
+    # the other pairing (steered x with gradient against clean x) would give another step
+    with _released_steering(reference, directions.detach(), alpha, "mlp"):
+        steered_x = _hidden(reference, batch)
+    other = sum(
+        ((s - c.detach()) ** 2 * mask).sum() / (mask.sum() * s.shape[-1]) for s, c in zip(steered_x, clean)
+    ) / len(clean)
+    other = torch.cat([g.flatten() for g in torch.autograd.grad(total / count + beta * other, list(named.values()))])
+    (up,) = torch.autograd.grad(steered_sum / steered_count, [directions])
+    expected_directions = directions.detach() + lr * weight * up / (up.abs() + 1e-8)  # Adam's first step, ascending
+
+    before = trainable_weights(model)
+    trainer.train()
+    step = (before - trainable_weights(model)) / lr
+    assert (expected - other).abs().max() > 1e-2 * expected.abs().max()  # the pairings differ here
+    torch.testing.assert_close(step, expected, rtol=1e-3, atol=1e-4 * expected.abs().max().item())
+    lfu = trainer.regularizers[0]
+    torch.testing.assert_close(lfu.directions.detach(), expected_directions, rtol=0, atol=1e-4)
+    log = next(h for h in trainer.state.log_history if "loss" in h)
+    assert log["lfu/consistency"] == pytest.approx(cons.item(), rel=1e-4)
+
+
+def test_released_reps_target_broadcasts_the_last_position_of_another_length():
+    from regtune.functional.lfu import released_reps_target
+
+    steered = torch.randn(4, 5, 3)
+    same = released_reps_target(steered, 3, 5)  # same length: position by position, first rows
+    torch.testing.assert_close(same, steered[:3])
+    other = released_reps_target(steered, 2, 7)
+    for t in range(7):
+        torch.testing.assert_close(other[:, t], steered[:2, 4])
+    with pytest.raises(ValueError, match="fewer than the training batch"):
+        released_reps_target(steered, 5, 5)
+
+
+@pytest.mark.parametrize("rule", [None, "accumulate"])
+def test_reps_vector_gradient_is_the_last_micro_batch_by_default(tmp_path, rule):
+    """With gradient accumulation, the released code sets the vectors' `.grad` per micro-batch, so Adam's step
+    follows the last micro-batch only (the default); `lfu_reps_vector_grad="accumulate"` steps on their mean. Against
+    Adam's first step (lr * g / (|g| + eps)) on the gradient of the steered loss, computed by hand per micro-batch."""
+    alpha, lr, weight = 0.5, 1e-2, 10.0
+    model = lora_model()
+    knobs = {} if rule is None else {"lfu_reps_vector_grad": rule}
+    trainer = regtune.LfUTrainer(
+        model=model,
+        args=lfu_config(
+            str(tmp_path),
+            max_steps=1,
+            learning_rate=lr,
+            per_device_train_batch_size=2,
+            gradient_accumulation_steps=2,
+            lfu_mode="reps",
+            lfu_alpha=alpha,
+            lfu_second_batch="same",
+            lfu_reps_lr_weight=weight,
+            **knobs,
+        ),  # fmt: skip
+        train_dataset=prompt_completion_dataset(),
+        processing_class=word_tokenizer(),
+    )
+    loader = iter(trainer.get_train_dataloader())
+    micro = [next(loader), next(loader)]
+    reference = lora_model()
+    directions = torch.randn(2, 16, generator=torch.Generator().manual_seed(0)).requires_grad_()
+    ups = []
+    for batch in micro:
+        with _released_steering(reference, directions, alpha, "mlp"):
+            total, count = _token_loss_sum(reference, batch)
+        ups.append(torch.autograd.grad(total / count, [directions])[0])
+    assert (ups[0] - ups[1]).abs().max() > 1e-3
+    up = ups[-1] if rule is None else ups[0] + ups[1]
+    expected = directions.detach() + lr * weight * up / (up.abs() + 1e-8)
+    trainer.train()
+    torch.testing.assert_close(trainer.regularizers[0].directions.detach(), expected, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [None, "float32"])
+def test_reps_vectors_take_the_hidden_states_dtype_by_default(tmp_path, dtype):
+    """The released code makes the vectors with `torch.randn_like(hidden_state)`: bf16 for a model loaded in bf16,
+    where Adam's first step (about lr = 1e-4 per element) is below half the rounding step of every element with
+    |d| > 2^-6 and leaves it unchanged. `lfu_reps_vector_dtype="float32"` keeps float32 vectors, and every element
+    moves. The expected change per element is computed from bf16's spacing, independently of the optimizer."""
+    base = tiny_llama().to(torch.bfloat16)
+    torch.manual_seed(1)
+    model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", lora_dropout=0.0))
+    knobs = {} if dtype is None else {"lfu_reps_vector_dtype": dtype}
+    trainer = regtune.LfUTrainer(
+        model=model,
+        args=lfu_config(
+            str(tmp_path), max_steps=1, learning_rate=1e-4, lfu_mode="reps", lfu_second_batch="same", **knobs
+        ),
+        train_dataset=prompt_completion_dataset(),
+        processing_class=word_tokenizer(),
+    )
+    trainer.train()
+    after = trainer.regularizers[0].directions.detach()
+    init = torch.randn(2, 16, generator=torch.Generator().manual_seed(0))
+    if dtype is None:
+        assert after.dtype == torch.bfloat16
+        start = init.to(torch.bfloat16)
+        ulp = torch.pow(2.0, torch.floor(torch.log2(start.float().abs())) - 7)
+        movable = 1e-4 >= ulp / 2  # a step of ~1e-4 changes a bf16 number only where its spacing is small enough
+        changed = after != start
+        assert movable.float().mean() < 0.2
+        assert not (changed & ~movable).any()  # nothing moved that bf16 could not move
+    else:
+        assert after.dtype == torch.float32
+        assert ((after - init).abs() > 0.5e-4).all()
+
+
+def test_conversational_data_with_prompt_tokens_in_the_mask_warns(tmp_path, caplog):
+    """A `messages` data set without `assistant_only_loss` puts the user turn into the labels, hence into the
+    consistency mask: LfUTrainer warns, and the batch shows that the warning is true. With `assistant_only_loss=True`,
+    or prompt/completion rows (completion-only loss), there is no warning."""
+
+    def build(data, **overrides):
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="regtune.trainers.lfu_trainer"):
+            trainer = regtune.LfUTrainer(
+                model=lora_model(),
+                args=lfu_config(str(tmp_path), **overrides),
+                train_dataset=data,
+                processing_class=word_tokenizer(),
+            )
+        warned = [r for r in caplog.records if "consistency mask" in r.getMessage()]
+        return trainer, warned
+
+    trainer, warned = build(messages_dataset(), assistant_only_loss=False)
+    assert len(warned) == 1 and "assistant_only_loss=True" in warned[0].getMessage()
+    batch = _first_batch(trainer)
+    tokens = word_tokenizer().convert_ids_to_tokens(batch["input_ids"][0][response_token_mask(batch["labels"][0])])
+    assert "user" in tokens  # the prompt is in the mask indeed
+    _, warned = build(messages_dataset(), assistant_only_loss=True)
+    assert not warned
+    _, warned = build(prompt_completion_dataset())
+    assert not warned
+
+
+def test_lfu_recipe_masks_the_prompt_of_its_conversational_data():
+    """recipes/lfu_sft.yaml trains on conversational rows: its consistency mask must hold the assistant's tokens only
+    (as the released code's labels), i.e. `assistant_only_loss: true`, with a chat template trl can mark."""
+    import yaml
+    from trl.chat_template_utils import has_generation_markers, qwen2_5_training_chat_template
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    with open(os.path.join(root, "recipes", "lfu_sft.yaml")) as f:
+        recipe = yaml.safe_load(f)
+    assert recipe["training"].get("assistant_only_loss") is True
+    assert recipe["model"]["name_or_path"].startswith("Qwen/Qwen2.5-")  # trl swaps in its marked Qwen2.5 template
+    assert has_generation_markers(qwen2_5_training_chat_template)

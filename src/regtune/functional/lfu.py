@@ -7,8 +7,10 @@ github.com/yunpal/LfU), as pure torch functions.
 
 `h_l` are the hidden states of the layers in range (index 0 = the embedding output), `h~_l` the same states under the
 "undesirable" update (the ascent step in perturb mode, the steering vectors in RepS mode), and `response` the tokens
-whose label is not -100. The ascent step is [`regtune.functional.sam.sam_perturbation`] (the same normalized step as
-SAM's). RepS mode steers the output of every decoder block's MLP (or, as an option, of every block):
+whose label is not -100. RepS mode, by default, pairs the other way round, as the released code: the clean states
+of `x` carry the gradient and are pulled towards the detached steered states of the ascent batch `x'` (see
+[`released_reps_target`] for how those are laid onto `x`'s positions). The ascent step is
+[`regtune.functional.sam.sam_perturbation`] (the same normalized step as SAM's). RepS mode steers the output of every decoder block's MLP (or, as an option, of every block):
 
     x -> normalize(normalize(x) + alpha * normalize(d_l)) * ||x||          (norms over the hidden dimension)
 
@@ -26,7 +28,14 @@ from .sam import sam_perturbation
 
 IGNORE_INDEX = -100
 
-__all__ = ["IGNORE_INDEX", "hidden_state_consistency", "response_token_mask", "sam_perturbation", "steer_hidden"]
+__all__ = [
+    "IGNORE_INDEX",
+    "hidden_state_consistency",
+    "released_reps_target",
+    "response_token_mask",
+    "sam_perturbation",
+    "steer_hidden",
+]
 
 
 def response_token_mask(labels: torch.Tensor) -> torch.Tensor:
@@ -77,3 +86,31 @@ def steer_hidden(hidden: torch.Tensor, direction: torch.Tensor, alpha: float, ep
     d_unit = d / torch.linalg.vector_norm(d, dim=-1, keepdim=True).clamp(min=eps)
     mixed = unit + alpha * d_unit
     return (mixed / torch.linalg.vector_norm(mixed, dim=-1, keepdim=True).clamp(min=eps) * norm).to(hidden.dtype)
+
+
+def released_reps_target(steered: torch.Tensor, batch_size: int, seq_len: int) -> torch.Tensor:
+    """
+    The target the released RepS trainer pulls the clean states of `x` towards: the steered states of the ascent
+    batch `x'`, laid onto the positions of `x` as yunpal/LfU's `compute_mse_consistency_loss_perturb_detach` does.
+
+    When `x'` has as many positions as `x` (and more than one), position `t` of row `i` of `x` is paired with position
+    `t` of row `i` of `x'`; otherwise every position of row `i` of `x` is paired with the *last* position of row `i`
+    of `x'` (broadcast over the sequence). Rows of `x'` beyond `batch_size` are dropped (regtune draws `x'` at the
+    full per-device batch size, while the last batch of an epoch may be smaller).
+
+    Args:
+        steered (`torch.Tensor`): `(batch', seq', hidden)`, one hidden state of the steered forward of `x'`.
+        batch_size (`int`), seq_len (`int`): the shape of `x`'s hidden states.
+
+    Returns:
+        `torch.Tensor`: `(batch_size, seq_len, hidden)`, detached.
+
+    Raises:
+        `ValueError`: when `x'` has fewer rows than `x`.
+    """
+    if steered.shape[0] < batch_size:
+        raise ValueError(f"the ascent batch has {steered.shape[0]} rows, fewer than the training batch ({batch_size})")
+    steered = steered[:batch_size].detach()
+    if steered.shape[1] == 1 or steered.shape[1] != seq_len:
+        steered = steered[:, -1:, :].expand(batch_size, seq_len, steered.shape[-1])
+    return steered

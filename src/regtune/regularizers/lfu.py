@@ -16,7 +16,13 @@ from torch import nn
 
 from regtune._sharding import has_sharded_parameters
 from regtune.functional._checks import is_int, is_real, raise_field_errors
-from regtune.functional.lfu import hidden_state_consistency, response_token_mask, sam_perturbation, steer_hidden
+from regtune.functional.lfu import (
+    hidden_state_consistency,
+    released_reps_target,
+    response_token_mask,
+    sam_perturbation,
+    steer_hidden,
+)
 
 from .base import Regularizer
 
@@ -26,6 +32,17 @@ logger = logging.getLogger(__name__)
 LFU_MODES = ("perturb", "reps")
 SECOND_BATCH_SOURCES = ("train", "dataset", "same")
 REPS_SITES = ("mlp", "block")
+REPS_PAIRINGS = ("released", "steered_x")
+"""RepS consistency pairings: `"released"` (the clean states of x, with gradient, against the steered states of x',
+detached: yunpal/LfU's trainer) or `"steered_x"` (the steered states of x, with gradient, against the clean states of
+x, detached: perturb mode's pairing)."""
+REPS_VECTOR_GRADS = ("last", "accumulate")
+"""How the steering vectors' gradient is gathered over an accumulation cycle: `"last"` (each micro-batch replaces it,
+so the last micro-batch's is the one Adam sees: the released code's `param.grad = grad`) or `"accumulate"` (summed,
+scaled like the task loss: the mean over the micro-batches)."""
+REPS_VECTOR_DTYPES = ("hidden", "float32")
+"""The steering vectors' dtype: `"hidden"` (that of the hidden states, i.e. of the model's input embeddings: the
+released code's `torch.randn_like(hidden_state)`; bf16 for a model loaded in bf16) or `"float32"`."""
 DEFAULT_BETA = {"perturb": 5.0, "reps": 0.1}
 """The official run scripts' consistency weights (Llama-3.1-8B, LoRA r=8)."""
 
@@ -38,8 +55,10 @@ DIAGNOSTICS_BUDGET = 0.015
 
 # inputs of a causal-LM batch that the backbone (the model without its LM head) does not take
 _HEAD_ONLY_KEYS = ("labels", "shift_labels", "num_items_in_batch", "completion_mask", "assistant_masks")
-# cost of a micro-batch's passes in forward-equivalents (a backward = 2 forwards), by (mode, second batch is x)
+# cost of a micro-batch's passes in forward-equivalents (a backward = 2 forwards), by (mode, second batch is x);
+# reps with the released pairing: 2 forwards + 2 backwards, whatever x' is
 _STEP_COST = {("perturb", False): 9.0, ("perturb", True): 6.0, ("reps", False): 9.0, ("reps", True): 8.0}
+_RELEASED_REPS_COST = 6.0
 
 
 def _real(value: Any) -> bool:
@@ -72,6 +91,17 @@ class LfUSettings:
         reps_site (`str`, defaults to `"mlp"`): where a steering vector acts (reps mode): `"mlp"`, the output of each
             block's MLP before it is added to the residual stream (the released code's site), or `"block"`, the
             output of each decoder block.
+        reps_pairing (`str`, defaults to `"released"`): which hidden states `L_cons` compares in reps mode, and
+            which side carries the gradient: `"released"` (the released trainer's: the clean states of `x`, with
+            gradient, against the steered states of the ascent batch `x'`, detached, laid onto `x`'s positions by
+            [`released_reps_target`]) or `"steered_x"` (the steered states of `x`, with gradient, against the clean
+            states of `x`, detached: perturb mode's pairing).
+        reps_vector_grad (`str`, defaults to `"last"`): how the steering vectors' gradient is gathered over the
+            micro-batches of an optimizer step (reps mode): `"last"` (each micro-batch replaces it, so Adam steps on
+            the last one's: the released code) or `"accumulate"` (the mean over the micro-batches).
+        reps_vector_dtype (`str`, defaults to `"hidden"`): the steering vectors' dtype (reps mode): `"hidden"` (the
+            hidden states' dtype, i.e. the input embeddings': the released code's; bf16 for a model loaded in bf16,
+            where Adam's steps of ~lr mostly round away) or `"float32"`.
         share_dropout_masks (`bool`, defaults to `True`): whether the perturbed (steered) forward of `x` draws the
             same dropout masks as the clean forward, so that `L_cons` measures the undesirable update only and not
             dropout noise. `False` draws fresh masks (what the released code does; its models have no dropout).
@@ -103,6 +133,24 @@ class LfUSettings:
     reps_site: str = field(
         default="mlp",
         metadata={"help": "Where a steering vector acts (reps): 'mlp' (each block's MLP output) or 'block'."},
+    )
+    reps_pairing: str = field(
+        default="released",
+        metadata={
+            "help": "RepS consistency pairing: 'released' (clean states of x, with gradient, against the detached "
+            "steered states of x') or 'steered_x' (steered states of x, with gradient, against the clean ones)."
+        },
+    )
+    reps_vector_grad: str = field(
+        default="last",
+        metadata={
+            "help": "Steering vectors' gradient over an accumulation cycle (reps): 'last' (the last micro-batch's, "
+            "as released) or 'accumulate' (the mean over the micro-batches)."
+        },
+    )
+    reps_vector_dtype: str = field(
+        default="hidden",
+        metadata={"help": "Steering vectors' dtype (reps): 'hidden' (the hidden states', as released) or 'float32'."},
     )
     share_dropout_masks: bool = field(
         default=True,
@@ -148,6 +196,9 @@ class LfUSettings:
             "second_batch": choice(SECOND_BATCH_SOURCES),
             "reps_lr_weight": (lambda v: _real(v) and v > 0, "a finite number > 0"),
             "reps_site": choice(REPS_SITES),
+            "reps_pairing": choice(REPS_PAIRINGS),
+            "reps_vector_grad": choice(REPS_VECTOR_GRADS),
+            "reps_vector_dtype": choice(REPS_VECTOR_DTYPES),
             "share_dropout_masks": (lambda v: isinstance(v, bool), "True or False"),
             "log_diagnostics": (lambda v: isinstance(v, bool), "True or False"),
         }
@@ -342,9 +393,12 @@ class LfURegularizer(Regularizer):
     to the output of the block's MLP (`reps_site="mlp"`, the released code's site) or of the whole block
     (`reps_site="block"`) as `normalize(normalize(h) + alpha * normalize(d_l)) * ||h||`. The vectors are trained by
     their own Adam (lr = the trainer's learning rate x `reps_lr_weight`) to *maximize* `L_sft(x')`, one step per
-    optimizer step; `L_cons` compares the steered and clean states of the *same* batch `x` (the paper's description;
-    the released code pairs the clean states of `x` with the steered states of `x'`, which we treat as a quirk), with
-    the gradient through the steered branch as in perturb mode.
+    optimizer step, on the last micro-batch's gradient (`reps_vector_grad="last"`, as released; `"accumulate"` for
+    the mean), in the hidden states' dtype (`reps_vector_dtype="hidden"`, as released; or `"float32"`). By default
+    (`reps_pairing="released"`, the released trainer's pairing) `L_cons` pulls the clean states of `x`, which carry the
+    gradient, towards the detached steered states of `x'` from the vectors' forward (2 forwards + 2 backwards);
+    `reps_pairing="steered_x"` compares the steered and clean states of the same batch `x`, with the gradient through
+    the steered branch as in perturb mode.
 
     Diagnostics (with `log_diagnostics`, as `lfu/<key>` in the Trainer's logs; means since the last log, over all
     processes): `consistency` (`L_cons`), `cons_to_sft` (`beta * L_cons / L_sft`), `steered_loss` (reps:
@@ -358,7 +412,8 @@ class LfURegularizer(Regularizer):
       process, as in the released code; the parameter gradient of every micro-batch is scaled like the Trainer's
       loss, and under DDP all-reduced (mean) once per optimizer step. So 2 processes x 1 micro-batch = 1 process x 2
       accumulated micro-batches, bit for bit up to float summation order. The steering vectors' gradient is
-      all-reduced the same way, so every process holds the same vectors.
+      all-reduced the same way, so every process holds the same vectors (with `reps_vector_grad="last"` each
+      process contributes its last micro-batch's, so the equality above needs `"accumulate"`).
     - **Second batch**: `x'` is drawn (uniformly, with replacement) from a generator seeded by `(seed,
       global_step, micro-batch, process)`, so a resumed run draws the same batches.
     - **Resume**: the steering vectors and their optimizer state are in the checkpoint.
@@ -373,7 +428,8 @@ class LfURegularizer(Regularizer):
         settings ([`LfUSettings`], *optional*): all the knobs at once.
         **knobs: or the knobs one by one, as keyword arguments named as the fields of [`LfUSettings`] (`mode`,
             `alpha`, `beta`, `start_layer`, `end_layer`, `second_batch`, `reps_lr_weight`, `reps_site`,
-            `share_dropout_masks`, `log_diagnostics`); validated there, every bad value reported at once.
+            `reps_pairing`, `reps_vector_grad`, `reps_vector_dtype`, `share_dropout_masks`, `log_diagnostics`);
+            validated there, every bad value reported at once.
         second_dataset (`datasets.Dataset`, *optional*): rows in the train set's processed format (required with
             `second_batch="dataset"`).
         seed (`int`, *optional*): seed of the second-batch draws and the steering vectors' init (default: the
@@ -409,6 +465,9 @@ class LfURegularizer(Regularizer):
         self.second_batch = settings.second_batch
         self.reps_lr_weight = settings.reps_lr_weight
         self.reps_site = settings.reps_site
+        self.reps_pairing = settings.reps_pairing
+        self.reps_vector_grad = settings.reps_vector_grad
+        self.reps_vector_dtype = settings.reps_vector_dtype
         self.share_dropout_masks = settings.share_dropout_masks
         self.log_diagnostics = settings.log_diagnostics
         self.second_dataset = second_dataset
@@ -420,7 +479,12 @@ class LfURegularizer(Regularizer):
         self._gain_budget = 0.0
 
     def __repr__(self) -> str:
-        site = f", reps_site={self.reps_site!r}" if self.mode == "reps" else ""
+        site = (
+            f", reps_site={self.reps_site!r}, reps_pairing={self.reps_pairing!r}, "
+            f"reps_vector_grad={self.reps_vector_grad!r}, reps_vector_dtype={self.reps_vector_dtype!r}"
+            if self.mode == "reps"
+            else ""
+        )
         return (
             f"LfURegularizer(mode={self.mode!r}, alpha={self.alpha}, beta={self.beta}, "
             f"layers=[{self.start_layer}:{self.end_layer}], second_batch={self.second_batch!r}{site}, "
@@ -489,9 +553,26 @@ class LfURegularizer(Regularizer):
             steering_sites(self._blocks, self.reps_site)  # fails early when a block has no MLP to steer
             hidden = self._blocks_hidden_size(model)
             generator = torch.Generator().manual_seed(self._seed)
-            directions = torch.randn(len(self._blocks), hidden, generator=generator).to(self._device)
+            dtype = self._hidden_dtype(model) if self.reps_vector_dtype == "hidden" else torch.float32
+            directions = torch.randn(len(self._blocks), hidden, generator=generator).to(self._device, dtype)
             self.directions = nn.Parameter(directions)
+            if dtype != torch.float32:
+                logger.info(
+                    "LfU reps: the steering vectors are %s, the hidden states' dtype (as in the released code); "
+                    "Adam's steps smaller than their rounding step are lost. `reps_vector_dtype='float32'` keeps "
+                    "them in float32.",
+                    dtype,
+                )
             self.direction_optimizer = torch.optim.Adam([self.directions], lr=args.learning_rate * self.reps_lr_weight)
+
+    @staticmethod
+    def _hidden_dtype(model: nn.Module) -> torch.dtype:
+        """The hidden states' dtype: that of the input embeddings (the residual stream starts there)."""
+        embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+        weight = getattr(embeddings, "weight", None)
+        if isinstance(weight, torch.Tensor) and weight.is_floating_point():
+            return weight.dtype
+        return next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
 
     @staticmethod
     def _blocks_hidden_size(model: nn.Module) -> int:
@@ -563,6 +644,12 @@ class LfURegularizer(Regularizer):
         else:
             self._sums[key] = value.clone()
 
+    def _step_cost(self) -> float:
+        """A micro-batch's training passes, in forward-equivalents (a backward = 2 forwards)."""
+        if self.mode == "reps" and self.reps_pairing == "released":
+            return _RELEASED_REPS_COST
+        return _STEP_COST[(self.mode, self.second_batch == "same")]
+
     def _gain_cost(self) -> float:
         """Extra no-grad forwards of one ascent-gain measurement (2 with perturb and `x' = x`, else 1)."""
         return 2.0 if (self.mode == "perturb" and self.second_batch == "same") else 1.0
@@ -579,8 +666,7 @@ class LfURegularizer(Regularizer):
         """
         if not self.log_diagnostics:
             return False
-        same = self.second_batch == "same"
-        self._gain_budget += DIAGNOSTICS_BUDGET * _STEP_COST[(self.mode, same)]
+        self._gain_budget += DIAGNOSTICS_BUDGET * self._step_cost()
         cost = self._gain_cost()
         if not trainer.accelerator.sync_gradients or self._gain_budget < cost:
             return False
@@ -647,6 +733,11 @@ class LfURegularizer(Regularizer):
             raise ValueError("LfU compares hidden states on the response tokens: the batch needs `labels`.")
         mask = response_token_mask(inputs["labels"])
         measure = self._measure_gain_now(trainer)
+        if self.mode == "reps" and self.reps_pairing == "released":
+            task_loss, term, consistency, steer_loss = self._released_reps_passes(
+                trainer, inputs, num_items_in_batch, mask, measure, task_scale, term_scale
+            )
+            return self._finish_micro_batch(trainer, task_loss, term, consistency, steer_loss)
         same = self.second_batch == "same"
         device = self._device
 
@@ -722,6 +813,11 @@ class LfURegularizer(Regularizer):
                 self._record_gain(unsteered, steer_loss)
 
         self._accumulate(params, grads, cons_grads)
+        return self._finish_micro_batch(trainer, task_loss, term, consistency, steer_loss)
+
+    def _finish_micro_batch(self, trainer, task_loss, term, consistency, steer_loss) -> torch.Tensor:
+        """Record the diagnostics; at the end of an accumulation cycle, reduce (DDP) and step the vectors (reps)."""
+        params = self._params
         if self.log_diagnostics:
             self._add("task", task_loss)
             self._add("term", term)
@@ -738,6 +834,43 @@ class LfURegularizer(Regularizer):
                 self._step_directions()
         return (task_loss + term).detach()
 
+    def _released_reps_passes(self, trainer, inputs, num_items_in_batch, mask, measure, task_scale, term_scale):
+        """
+        RepS with the released pairing (yunpal/LfU `Lfu_consistency_asc_rep_adv_train_rep_add.training_step`): the
+        clean forward of `x` gives `L_sft` and `h_l(x)` *with* their graph; the steered forward of `x'` gives the
+        vectors' ascent gradient and the steered states, which (detached, laid onto `x`'s positions by
+        [`released_reps_target`]) are the target of `L_cons = mean_l MSE(h_l(x), stopgrad h~_l(x'))`. One backward of
+        `L_sft + beta * L_cons` through the clean graph gives the parameters' gradient: 2 forwards + 2 backwards.
+        With `second_batch="same"` (`x' = x`) and shared dropout masks, the steered pass replays the clean pass's.
+        """
+        params, device = self._params, self._device
+        same = self.second_batch == "same"
+        second = inputs if same else self._draw_second_batch(trainer)
+        clean_rng = self._rng() if (same and (self.share_dropout_masks or measure)) else None
+        with block_hooks(self._backbone, self._blocks, self._layers) as captured:
+            with trainer.compute_loss_context_manager():
+                task_loss = trainer.compute_loss(self._model, inputs, num_items_in_batch=num_items_in_batch)
+        clean = list(captured)
+        del captured
+        task_loss = task_loss * task_scale
+        replay = clean_rng if (same and self.share_dropout_masks) else None
+        steer_rng = replay if replay is not None else (self._rng() if measure else None)
+        with _replayed_rng(replay, device), self._steered(layers=self._layers) as steered:
+            steer_loss = self._ascend_directions(self._lm_loss(trainer, second), task_scale)
+        batch_size, seq_len = clean[0].shape[:2]
+        target = [released_reps_target(h, batch_size, seq_len) for h in steered]
+        del steered
+        consistency = hidden_state_consistency(clean, target, mask)
+        term = self.beta * term_scale * consistency
+        grads = self._grads(self._scaled(trainer, task_loss + term), params)
+        del clean, target
+        if measure:  # L(x') without steering, with the masks of the steered pass it is compared to
+            with torch.no_grad(), _replayed_rng(steer_rng, device):
+                unsteered = self._lm_loss(trainer, second)
+            self._record_gain(unsteered, steer_loss)
+        self._accumulate(params, grads, [])
+        return task_loss, term, consistency, steer_loss
+
     def _steering_step(self, trainer, batch: dict[str, Any], task_scale: float) -> torch.Tensor:
         """Accumulate the gradient that *raises* `L_sft(x'; d)` into the steering vectors (no parameter gradient)."""
         with self._steered():  # the hooks stay for the backward (see `_backbone_pass`)
@@ -745,10 +878,13 @@ class LfURegularizer(Regularizer):
             return self._ascend_directions(loss, task_scale)
 
     def _ascend_directions(self, loss: torch.Tensor, task_scale: float, retain_graph: bool = False) -> torch.Tensor:
-        """Accumulate the gradient of `-loss` (scaled like the task loss) into the steering vectors."""
+        """
+        Put the gradient of `-loss` (scaled like the task loss) into the steering vectors: added to what the earlier
+        micro-batches of the step left there (`reps_vector_grad="accumulate"`), or replacing it (`"last"`).
+        """
         (grad,) = torch.autograd.grad(-loss * task_scale, [self.directions], retain_graph=retain_graph)
-        if self.directions.grad is None:
-            self.directions.grad = grad
+        if self.directions.grad is None or self.reps_vector_grad == "last":
+            self.directions.grad = grad  # "last": each micro-batch replaces it, as the released `param.grad = grad`
         else:
             self.directions.grad += grad
         return loss.detach()

@@ -50,6 +50,19 @@ class LfUConfig(SFTConfig):
         lfu_reps_site (`str`, defaults to `"mlp"`):
             Where a steering vector acts (reps mode): `"mlp"`, the output of each block's MLP (the released code's
             site), or `"block"`, the output of each decoder block.
+        lfu_reps_pairing (`str`, defaults to `"released"`):
+            Which hidden states the consistency compares in reps mode: `"released"` (the released trainer's pairing:
+            the clean states of the batch, with gradient, against the steered states of the ascent batch `x'`,
+            detached; with a different length, the last position of each row of `x'` stands for the whole row) or
+            `"steered_x"` (the steered states of the batch, with gradient, against its clean states, detached: perturb
+            mode's pairing).
+        lfu_reps_vector_grad (`str`, defaults to `"last"`):
+            The steering vectors' gradient over the micro-batches of an optimizer step (reps mode): `"last"` (each
+            micro-batch replaces it, so Adam steps on the last one's, as the released code) or `"accumulate"` (the
+            mean over the micro-batches). The same with `gradient_accumulation_steps=1`.
+        lfu_reps_vector_dtype (`str`, defaults to `"hidden"`):
+            The steering vectors' dtype (reps mode): `"hidden"` (the hidden states' dtype, as the released code:
+            bf16 for a model loaded in bf16, where most of Adam's steps round away) or `"float32"`.
         lfu_share_dropout_masks (`bool`, defaults to `True`):
             Whether the perturbed (steered) forward of a batch draws the clean forward's dropout masks, so that the
             consistency term measures the undesirable update and not dropout noise. `False` draws fresh masks.
@@ -71,6 +84,9 @@ class LfUConfig(SFTConfig):
     lfu_second_batch: str = settings_field("second_batch")
     lfu_reps_lr_weight: float = settings_field("reps_lr_weight")
     lfu_reps_site: str = settings_field("reps_site")
+    lfu_reps_pairing: str = settings_field("reps_pairing")
+    lfu_reps_vector_grad: str = settings_field("reps_vector_grad")
+    lfu_reps_vector_dtype: str = settings_field("reps_vector_dtype")
     lfu_share_dropout_masks: bool = settings_field("share_dropout_masks")
     lfu_log_diagnostics: bool = settings_field("log_diagnostics")
 
@@ -94,6 +110,46 @@ class LfUConfig(SFTConfig):
     def lfu_effective_beta(self) -> float:
         """`lfu_beta`, or the mode's default when it is unset."""
         return DEFAULT_BETA[self.lfu_mode] if self.lfu_beta is None else self.lfu_beta
+
+
+def _first_row(dataset) -> dict | None:
+    """The first row of a `datasets.Dataset` / `IterableDataset` (or of any indexable / iterable of dicts), else None."""
+    try:
+        row = dataset[0] if hasattr(dataset, "__getitem__") and not isinstance(dataset, dict) else next(iter(dataset))
+    except (IndexError, KeyError, StopIteration, TypeError):
+        return None
+    return row if isinstance(row, dict) else None
+
+
+def _warn_if_prompt_tokens_in_mask(args: LfUConfig, train_dataset) -> None:
+    """
+    Log a warning when the consistency mask (the tokens whose label is not -100) will hold the prompt tokens of a
+    conversational data set: `messages` rows without `assistant_only_loss=True`, or prompt/completion rows with
+    `completion_only_loss=False`. The released code masks the prompt (its labels are -100), so LfU then also
+    regularizes the hidden states of the system and user turns. Raw (untokenized) rows only; nothing is checked on a
+    tokenized data set.
+    """
+    from trl.data_utils import is_conversational
+
+    row = _first_row(train_dataset) if train_dataset is not None else None
+    if row is None or "input_ids" in row or not is_conversational(row):
+        return
+    if "messages" in row and not args.assistant_only_loss:
+        fix = "set `assistant_only_loss=True` (the chat template needs `{% generation %}` markers, or one trl can "
+        fix += "swap in) or pass the data set as conversational prompt/completion rows"
+        what = "`messages` data set with `assistant_only_loss=False`"
+    elif "prompt" in row and "completion" in row and args.completion_only_loss is False:
+        fix, what = "leave `completion_only_loss` unset (True for prompt/completion rows)", "prompt/completion data"
+        what += " set with `completion_only_loss=False`"
+    else:
+        return
+    logger.warning(
+        "LfUTrainer: the consistency mask (tokens whose label is not -100) will hold the prompt tokens (system and "
+        "user turns) of this conversational %s, so LfU also regularizes their hidden states; the released code masks "
+        "the prompt. To compare the response tokens only, %s.",
+        what,
+        fix,
+    )
 
 
 class LfUTrainer(RegularizedTrainerMixin, SFTTrainer):
@@ -136,6 +192,8 @@ class LfUTrainer(RegularizedTrainerMixin, SFTTrainer):
             name = model if isinstance(model, str) else getattr(getattr(model, "config", None), "_name_or_path", "")
             args = LfUConfig(f"{(name or 'model').rstrip('/').split('/')[-1]}-LfU")
         self._lfu_raw_dataset = lfu_dataset
+        train_dataset = kwargs.get("train_dataset", pargs[1] if len(pargs) > 1 else None)
+        _warn_if_prompt_tokens_in_mask(args, train_dataset)
         lfu = self._build_lfu(args)
         super().__init__(model, args, *pargs, regularizers=[lfu, *(regularizers or [])], **kwargs)
         if lfu_dataset is not None:
