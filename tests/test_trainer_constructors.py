@@ -86,7 +86,7 @@ def test_peft_config_on_a_peft_model_and_bad_configs_are_refused(bert_path, tmp_
 
 
 def test_signatures_are_explicit_and_the_package_is_typed():
-    for trainer_cls in (RegTrainer, GLADTrainer, MaskTuningTrainer):
+    for trainer_cls in (RegTrainer, GLADTrainer, MaskTuningTrainer, regtune.LfUTrainer):
         parameters = inspect.signature(trainer_cls.__init__).parameters
         kinds = {p.kind for p in parameters.values()}
         assert inspect.Parameter.VAR_POSITIONAL not in kinds and inspect.Parameter.VAR_KEYWORD not in kinds

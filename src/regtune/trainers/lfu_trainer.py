@@ -3,12 +3,18 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from typing import Any
 
+import torch
+from torch import nn
+from transformers import PreTrainedModel, TrainerCallback
 from transformers.utils import is_torch_bf16_gpu_available, is_torch_xla_available
 from trl import SFTConfig, SFTTrainer
 
 from regtune.functional._checks import raise_field_errors
+from regtune.regularizers import Regularizer
 from regtune.regularizers.lfu import DEFAULT_BETA, SETTINGS_FIELDS, LfURegularizer, LfUSettings, settings_field
 
 from .mixin import RegularizedTrainerMixin
@@ -184,7 +190,26 @@ class LfUTrainer(RegularizedTrainerMixin, SFTTrainer):
     config_class = LfUConfig
 
     def __init__(
-        self, model=None, args: SFTConfig | None = None, *pargs, lfu_dataset=None, regularizers=None, **kwargs
+        self,
+        model: str | PreTrainedModel | nn.Module | None = None,
+        args: LfUConfig | None = None,
+        data_collator: Callable[[list[Any]], dict[str, Any]] | None = None,
+        train_dataset: Any = None,
+        eval_dataset: Any = None,
+        processing_class: Any = None,
+        compute_loss_func: Callable | None = None,
+        compute_metrics: Callable | None = None,
+        callbacks: list[TrainerCallback] | None = None,
+        optimizers: tuple[torch.optim.Optimizer | None, torch.optim.lr_scheduler.LambdaLR | None] = (None, None),
+        optimizer_cls_and_kwargs: tuple[type[torch.optim.Optimizer], dict[str, Any]] | None = None,
+        preprocess_logits_for_metrics: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+        quantization_config: Any = None,
+        peft_config: Any = None,
+        formatting_func: Callable[[dict], str] | None = None,
+        *,
+        lfu_dataset: Any = None,
+        regularizers: Iterable[Regularizer] | None = None,
+        on_nonfinite: str = "error",
     ):
         if args is not None and not isinstance(args, LfUConfig):
             raise TypeError(f"LfUTrainer takes an LfUConfig as `args`, got {type(args).__name__}.")
@@ -192,10 +217,27 @@ class LfUTrainer(RegularizedTrainerMixin, SFTTrainer):
             name = model if isinstance(model, str) else getattr(getattr(model, "config", None), "_name_or_path", "")
             args = LfUConfig(f"{(name or 'model').rstrip('/').split('/')[-1]}-LfU")
         self._lfu_raw_dataset = lfu_dataset
-        train_dataset = kwargs.get("train_dataset", pargs[1] if len(pargs) > 1 else None)
         _warn_if_prompt_tokens_in_mask(args, train_dataset)
         lfu = self._build_lfu(args)
-        super().__init__(model, args, *pargs, regularizers=[lfu, *(regularizers or [])], **kwargs)
+        super().__init__(
+            model=model,
+            args=args,
+            data_collator=data_collator,
+            train_dataset=train_dataset,
+            eval_dataset=eval_dataset,
+            processing_class=processing_class,
+            compute_loss_func=compute_loss_func,
+            compute_metrics=compute_metrics,
+            callbacks=callbacks,
+            optimizers=optimizers,
+            optimizer_cls_and_kwargs=optimizer_cls_and_kwargs,
+            preprocess_logits_for_metrics=preprocess_logits_for_metrics,
+            quantization_config=quantization_config,
+            peft_config=peft_config,
+            formatting_func=formatting_func,
+            regularizers=[lfu, *(regularizers or [])],
+            on_nonfinite=on_nonfinite,
+        )
         if lfu_dataset is not None:
             lfu.second_dataset = self._prepare_dataset(
                 lfu_dataset, self.processing_class, self.args, self.args.packing, None, "lfu"
