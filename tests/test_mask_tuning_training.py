@@ -447,7 +447,7 @@ def test_no_host_sync_inside_the_step(tmp_path, monkeypatch):
 
 
 def test_knowledge_logit_grad_matches_autograd_of_the_soft_cross_entropy():
-    from regtune.regularizers.mask_tuning import knowledge_logit_grad
+    from regtune.functional.masks import knowledge_logit_grad
 
     gen = torch.Generator().manual_seed(2)
     student = torch.randn(3, 5, 7, generator=gen, dtype=torch.float64).float().requires_grad_(True)
@@ -465,8 +465,7 @@ def test_knowledge_logit_grad_matches_autograd_of_the_soft_cross_entropy():
 
 
 def test_in_place_keep_is_the_formula_bit_for_bit():
-    from regtune.functional.masks import gradient_dropout_keep
-    from regtune.regularizers.mask_tuning import gradient_dropout_keep_
+    from regtune.functional.masks import gradient_dropout_keep, gradient_dropout_keep_
 
     gen = torch.Generator().manual_seed(4)
     g_a, g_b, uniform = torch.randn(1000, generator=gen), torch.randn(1000, generator=gen), torch.rand(1000)

@@ -75,7 +75,13 @@ def gradient_dropout(
     """
     if keep is None:
         keep = gradient_dropout_keep(grad_task, grad_knowledge, uniform)
-    return ((1.0 - graddrop_lambda) + graddrop_lambda * keep) * grad_task
+    return apply_gradient_dropout_(grad_task.clone(), keep, graddrop_lambda)
+
+
+def apply_gradient_dropout_(grad_task: torch.Tensor, keep: torch.Tensor, graddrop_lambda: float) -> torch.Tensor:
+    """`g_a *= (1 - lambda) + lambda * keep` in place (the last step of [`gradient_dropout`]); returns `grad_task`.
+    `keep` (boolean or 0/1) is the Bernoulli draw `1[P > U]`."""
+    return grad_task.mul_(keep.to(grad_task.dtype).mul_(graddrop_lambda).add_(1.0 - graddrop_lambda))
 
 
 def soft_cross_entropy(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 1.0):
@@ -83,3 +89,63 @@ def soft_cross_entropy(student_logits: torch.Tensor, teacher_logits: torch.Tenso
     teacher = torch.softmax(teacher_logits.float() / temperature, dim=-1)
     log_student = torch.log_softmax(student_logits.float() / temperature, dim=-1)
     return -(teacher * log_student).sum(dim=-1).mean() * temperature**2
+
+
+# logits entries per chunk of the closed-form knowledge gradient (bounds its temporaries to a few MiB)
+_KNOWLEDGE_CHUNK = 1 << 16
+
+
+@torch.no_grad()
+def knowledge_logit_grad(
+    student: torch.Tensor, teacher: torch.Tensor, temperature: float, scale: float, with_loss: bool = True
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """
+    The gradient of `scale * soft_cross_entropy(student, teacher, temperature)` with respect to the student's logits,
+    in closed form, and the loss itself: `scale * T / N * (softmax(s / T) * sum(p) - p)` per row, with
+    `p = softmax(t / T)` and `N` the number of rows (all leading positions), computed in float32 as
+    [`soft_cross_entropy`] is, by chunks of rows. It replaces building the loss's autograd
+    graph (which keeps the teacher's softmax and the student's log-softmax, two logits-sized float32 tensors, until
+    its backward). The gradient is written into `teacher` when it has the student's dtype (the teacher's logits
+    are not needed afterwards), else into a new tensor of the student's dtype.
+
+    Returns:
+        `(grad, loss)`: `grad` has `student`'s shape and dtype; `loss` (the unscaled soft cross-entropy, a 0-d
+        float32 tensor) is `None` unless `with_loss`.
+    """
+    vocab = student.shape[-1]
+    rows = student.numel() // max(vocab, 1)
+    if teacher.dtype == student.dtype and teacher.is_contiguous() and teacher.shape == student.shape:
+        out = teacher
+    else:
+        out = torch.empty(student.shape, dtype=student.dtype, device=student.device)
+    flat_student, flat_teacher, flat_out = (
+        student.reshape(rows, vocab),
+        teacher.reshape(rows, vocab),
+        out.view(rows, vocab),
+    )
+    total = torch.zeros((), dtype=torch.float32, device=student.device) if with_loss else None
+    factor = temperature / rows * scale
+    step = max(1, _KNOWLEDGE_CHUNK // max(vocab, 1))
+    for start in range(0, rows, step):
+        part = slice(start, start + step)
+        log_student = torch.log_softmax(flat_student[part].float() / temperature, dim=-1)
+        target = torch.softmax(flat_teacher[part].float() / temperature, dim=-1)
+        if with_loss:
+            total += torch.dot(target.view(-1), log_student.view(-1))  # no product temporary
+        grad = log_student.exp_()  # softmax(s / T)
+        grad.mul_(target.sum(dim=-1, keepdim=True)).sub_(target).mul_(factor)
+        flat_out[part].copy_(grad)
+    loss = -total / rows * temperature**2 if with_loss else None
+    return out, loss
+
+
+def gradient_dropout_keep_(
+    grad_task: torch.Tensor, grad_knowledge: torch.Tensor, uniform: torch.Tensor
+) -> torch.Tensor:
+    """[`gradient_dropout_keep`] as a boolean tensor, computed in place in `grad_knowledge`
+    (overwritten): the same operations in the same order, so the same draws, with about two temporaries fewer."""
+    denominator = grad_task.abs()
+    denominator.add_(grad_knowledge.abs()).add_(1e-8)
+    agreement = grad_knowledge.add_(grad_task).mul_(torch.sign(grad_task)).div_(denominator)
+    del denominator
+    return agreement.add_(1.0).div_(2.0) > uniform

@@ -13,7 +13,14 @@ import torch
 import torch.distributed as dist
 
 from regtune._sharding import forward_tensors, full, is_sharded, shard_like
-from regtune.functional.masks import pack_mask, score_penalty, unpack_mask
+from regtune.functional.masks import (
+    apply_gradient_dropout_,
+    gradient_dropout_keep_,
+    knowledge_logit_grad,
+    pack_mask,
+    score_penalty,
+    unpack_mask,
+)
 from regtune.tuners.mask_tuning.config import QKV_PROJECTIONS
 from regtune.tuners.mask_tuning.layer import MaskTuningLayer
 from regtune.tuners.mask_tuning.model import MaskTuningModel
@@ -50,66 +57,6 @@ def _eval_mode(model: torch.nn.Module):
     finally:
         for m, flag in flags:
             m.training = flag
-
-
-# logits entries per chunk of the closed-form knowledge gradient (bounds its temporaries to a few MiB)
-_KNOWLEDGE_CHUNK = 1 << 16
-
-
-@torch.no_grad()
-def knowledge_logit_grad(
-    student: torch.Tensor, teacher: torch.Tensor, temperature: float, scale: float, with_loss: bool = True
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """
-    The gradient of `scale * soft_cross_entropy(student, teacher, temperature)` with respect to the student's logits,
-    in closed form, and the loss itself: `scale * T / N * (softmax(s / T) * sum(p) - p)` per row, with
-    `p = softmax(t / T)` and `N` the number of rows (all leading positions), computed in float32 as
-    [`regtune.functional.masks.soft_cross_entropy`] is, by chunks of rows. It replaces building the loss's autograd
-    graph (which keeps the teacher's softmax and the student's log-softmax, two logits-sized float32 tensors, until
-    its backward). The gradient is written into `teacher` when it has the student's dtype (the teacher's logits
-    are not needed afterwards), else into a new tensor of the student's dtype.
-
-    Returns:
-        `(grad, loss)`: `grad` has `student`'s shape and dtype; `loss` (the unscaled soft cross-entropy, a 0-d
-        float32 tensor) is `None` unless `with_loss`.
-    """
-    vocab = student.shape[-1]
-    rows = student.numel() // max(vocab, 1)
-    if teacher.dtype == student.dtype and teacher.is_contiguous() and teacher.shape == student.shape:
-        out = teacher
-    else:
-        out = torch.empty(student.shape, dtype=student.dtype, device=student.device)
-    flat_student, flat_teacher, flat_out = (
-        student.reshape(rows, vocab),
-        teacher.reshape(rows, vocab),
-        out.view(rows, vocab),
-    )
-    total = torch.zeros((), dtype=torch.float32, device=student.device) if with_loss else None
-    factor = temperature / rows * scale
-    step = max(1, _KNOWLEDGE_CHUNK // max(vocab, 1))
-    for start in range(0, rows, step):
-        part = slice(start, start + step)
-        log_student = torch.log_softmax(flat_student[part].float() / temperature, dim=-1)
-        target = torch.softmax(flat_teacher[part].float() / temperature, dim=-1)
-        if with_loss:
-            total += torch.dot(target.view(-1), log_student.view(-1))  # no product temporary
-        grad = log_student.exp_()  # softmax(s / T)
-        grad.mul_(target.sum(dim=-1, keepdim=True)).sub_(target).mul_(factor)
-        flat_out[part].copy_(grad)
-    loss = -total / rows * temperature**2 if with_loss else None
-    return out, loss
-
-
-def gradient_dropout_keep_(
-    grad_task: torch.Tensor, grad_knowledge: torch.Tensor, uniform: torch.Tensor
-) -> torch.Tensor:
-    """[`regtune.functional.masks.gradient_dropout_keep`] as a boolean tensor, computed in place in `grad_knowledge`
-    (overwritten): the same operations in the same order, so the same draws, with about two temporaries fewer."""
-    denominator = grad_task.abs()
-    denominator.add_(grad_knowledge.abs()).add_(1e-8)
-    agreement = grad_knowledge.add_(grad_task).mul_(torch.sign(grad_task)).div_(denominator)
-    del denominator
-    return agreement.add_(1.0).div_(2.0) > uniform
 
 
 # multiplying a byte by this (0x8040201008040201 as a signed int64) and shifting right by 7 moves its bit 7 - k to
@@ -482,8 +429,7 @@ class GradientDropout(Regularizer):
                 nonzero = task != 0
                 part = torch.stack([torch.count_nonzero(nonzero & ~keep), torch.count_nonzero(nonzero)])
                 counts = part if counts is None else counts + part
-            # ((1 - lambda) + lambda * keep) * g_a, in place
-            task.mul_(keep.to(grad.dtype).mul_(lam).add_(1.0 - lam))
+            apply_gradient_dropout_(task, keep, lam)  # ((1 - lambda) + lambda * keep) * g_a, in place
         if counts is not None:
             self._counts = counts if self._counts is None else self._counts + counts
 
@@ -518,7 +464,7 @@ class GradientDropout(Regularizer):
                 nonzero = local_grad != 0
                 counts = torch.stack([(nonzero & ~keep).sum(), nonzero.sum()])
                 self._counts = counts if self._counts is None else self._counts + counts
-            local_grad.mul_(keep.to(local_grad.dtype).mul_(self.graddrop_lambda).add_(1.0 - self.graddrop_lambda))
+            apply_gradient_dropout_(local_grad, keep, self.graddrop_lambda)
 
     # ---- diagnostics and state ----
 
