@@ -7,45 +7,12 @@ from typing import Any
 
 import torch
 
+from regtune._rng import capture_rng, restore_rng, same_rng
 from regtune._sharding import foreach_copy_
 from regtune.functional.glad import glad_combine_, glad_save_and_perturb_, low_precision
 from regtune.tuners.glad.settings import GLADSettings, bool_error, raise_field_errors
 
 from .base import Regularizer
-
-
-def _capture_rng(device: torch.device | None) -> dict[str, Any]:
-    """The state of the random generators a forward pass draws from: the CPU one and the model's accelerator's."""
-    state: dict[str, Any] = {"cpu": torch.get_rng_state()}
-    if device is not None and device.type not in ("cpu", "meta"):
-        module = getattr(torch, device.type, None)
-        if module is not None and hasattr(module, "get_rng_state"):
-            index = device.index if device.index is not None else module.current_device()
-            state[device.type] = (index, module.get_rng_state(index))
-    return state
-
-
-def _same_rng(a: dict[str, Any], b: dict[str, Any]) -> bool:
-    """Whether two captured random states are equal (host tensors: no device synchronisation)."""
-    if a.keys() != b.keys():
-        return False
-    for key, value in a.items():
-        other = b[key]
-        if key == "cpu":
-            if not torch.equal(value, other):
-                return False
-        elif value[0] != other[0] or not torch.equal(value[1], other[1]):
-            return False
-    return True
-
-
-def _restore_rng(state: dict[str, Any]) -> None:
-    for key, value in state.items():
-        if key == "cpu":
-            torch.set_rng_state(value)
-        else:
-            index, device_state = value
-            getattr(torch, key).set_rng_state(device_state, index)
 
 
 class GLADRegularizer(Regularizer):
@@ -171,9 +138,9 @@ class GLADRegularizer(Regularizer):
         if settings.glad_lambda == 0.0:
             return self._loss_and_backward(trainer, model, inputs, num_items_in_batch)
         device = getattr(trainer.args, "device", None) if settings.share_dropout_masks else None
-        rng = _capture_rng(device) if settings.share_dropout_masks else None
+        rng = capture_rng(device) if settings.share_dropout_masks else None
         loss = self._loss_and_backward(trainer, model, inputs, num_items_in_batch)
-        if rng is not None and _same_rng(rng, _capture_rng(device)):
+        if rng is not None and same_rng(rng, capture_rng(device)):
             rng = None  # the pass drew no random numbers (no dropout): nothing to replay, nothing to keep
         self._window.append((inputs, num_items_in_batch, rng))
         if not trainer.accelerator.sync_gradients:  # not the last micro-batch of this optimizer step
@@ -191,12 +158,12 @@ class GLADRegularizer(Regularizer):
         for p in params:
             p.grad = None
         replay = any(batch_rng is not None for *_, batch_rng in window)
-        after_first_pass = _capture_rng(device) if replay else None
+        after_first_pass = capture_rng(device) if replay else None
         try:
             for index, (batch, items, batch_rng) in enumerate(window):
                 last = index == len(window) - 1
                 if batch_rng is not None:
-                    _restore_rng(batch_rng)
+                    restore_rng(batch_rng)
                 with trainer.accelerator.no_sync(model) if not last else torch.enable_grad():
                     self._loss_and_backward(trainer, model, batch, items)
         except BaseException:
@@ -204,7 +171,7 @@ class GLADRegularizer(Regularizer):
             raise
         finally:
             if after_first_pass is not None:
-                _restore_rng(after_first_pass)
+                restore_rng(after_first_pass)
         for p in params:
             if p.grad is None:  # no gradient at the perturbed point
                 p.grad = torch.zeros_like(p)

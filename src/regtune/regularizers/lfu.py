@@ -14,6 +14,7 @@ import torch.distributed as dist
 from accelerate.utils import DistributedType
 from torch import nn
 
+from regtune._rng import RNGState, capture_rng, replayed_rng
 from regtune._sharding import has_sharded_parameters
 from regtune.functional._checks import is_int, is_real, raise_field_errors
 from regtune.functional.lfu import (
@@ -342,30 +343,6 @@ def block_hooks(
             handle.remove()
 
 
-def _rng_state(device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """The global random state of the CPU and of `device` (dropout draws from the latter)."""
-    accelerator = torch.get_device_module(device.type).get_rng_state(device) if device.type != "cpu" else None
-    return torch.get_rng_state(), accelerator
-
-
-@contextlib.contextmanager
-def _replayed_rng(state: tuple[torch.Tensor, torch.Tensor | None] | None, device: torch.device) -> Iterator[None]:
-    """
-    Within the context, the random state is `state` (so a forward draws the same dropout masks as the forward that
-    started from it); on exit the state from before the context is back. `None`: do nothing.
-    """
-    if state is None:
-        yield
-        return
-    accelerated = device.type != "cpu"
-    devices = [device] if accelerated else []
-    with torch.random.fork_rng(devices=devices, device_type=device.type if accelerated else "cuda"):
-        torch.set_rng_state(state[0])
-        if accelerated:
-            torch.get_device_module(device.type).set_rng_state(state[1], device)
-        yield
-
-
 class LfURegularizer(Regularizer):
     """
     LfU, "Learning from the Undesirable: Robust Adaptation of Language Models without Forgetting"
@@ -632,8 +609,8 @@ class LfURegularizer(Regularizer):
         scaler = getattr(trainer.accelerator, "scaler", None)
         return scaler.scale(loss) if scaler is not None else loss
 
-    def _rng(self) -> tuple[torch.Tensor, torch.Tensor | None]:
-        return _rng_state(self._device)
+    def _rng(self) -> RNGState:
+        return capture_rng(self._device)
 
     # ---- diagnostics ----
 
@@ -739,7 +716,6 @@ class LfURegularizer(Regularizer):
             )
             return self._finish_micro_batch(trainer, task_loss, term, consistency, steer_loss)
         same = self.second_batch == "same"
-        device = self._device
 
         # 0. the ascent batch x': its loss, and the gradient (perturb) or the vectors' ascent gradient (reps)
         second = None if same else self._draw_second_batch(trainer)
@@ -773,27 +749,27 @@ class LfURegularizer(Regularizer):
             with torch.no_grad():
                 torch._foreach_add_(moved, sam_perturbation([ascent_grads[i] for i in present], self.alpha))
             try:
-                with _replayed_rng(shared_rng, device), self._backbone_pass(trainer, inputs) as perturbed:
+                with replayed_rng(shared_rng), self._backbone_pass(trainer, inputs) as perturbed:
                     consistency = hidden_state_consistency(perturbed, clean, mask)
                     term = self.beta * term_scale * consistency
                     cons_grads = self._grads(self._scaled(trainer, term), params)  # while perturbed: exact backward
                 del perturbed
                 if measure:  # L(x'; theta~), with the masks of the pass it is compared to
-                    with torch.no_grad(), _replayed_rng(clean_rng if same else second_rng, device):
+                    with torch.no_grad(), replayed_rng(clean_rng if same else second_rng):
                         undesirable = self._lm_loss(trainer, inputs if same else second)
             finally:
                 with torch.no_grad():
                     torch._foreach_copy_(moved, saved)
             if measure:
                 if same:
-                    with torch.no_grad(), _replayed_rng(clean_rng, device):
+                    with torch.no_grad(), replayed_rng(clean_rng):
                         second_loss = self._lm_loss(trainer, inputs)
                 self._record_gain(second_loss, undesirable)
         else:
             if same:
                 # x' = x: one steered forward through the LM head gives both the loss the vectors ascend and h~
                 steer_rng = shared_rng if shared_rng is not None else (self._rng() if measure else None)
-                with _replayed_rng(shared_rng, device), self._steered(layers=self._layers) as steered:
+                with replayed_rng(shared_rng), self._steered(layers=self._layers) as steered:
                     steered_loss = self._lm_loss(trainer, inputs)
                     steer_loss = self._ascend_directions(steered_loss, task_scale, retain_graph=True)
                     consistency = hidden_state_consistency(steered, clean, mask)
@@ -802,13 +778,13 @@ class LfURegularizer(Regularizer):
                 del steered, steered_loss
             else:
                 directions = self.directions.detach()
-                with _replayed_rng(shared_rng, device), self._backbone_pass(trainer, inputs, directions) as steered:
+                with replayed_rng(shared_rng), self._backbone_pass(trainer, inputs, directions) as steered:
                     consistency = hidden_state_consistency(steered, clean, mask)
                     term = self.beta * term_scale * consistency
                     cons_grads = self._grads(self._scaled(trainer, term), params)
                 del steered
             if measure:  # L(x') without steering, with the masks of the steered pass it is compared to
-                with torch.no_grad(), _replayed_rng(steer_rng if same else second_rng, device):
+                with torch.no_grad(), replayed_rng(steer_rng if same else second_rng):
                     unsteered = self._lm_loss(trainer, inputs if same else second)
                 self._record_gain(unsteered, steer_loss)
 
@@ -843,7 +819,7 @@ class LfURegularizer(Regularizer):
         `L_sft + beta * L_cons` through the clean graph gives the parameters' gradient: 2 forwards + 2 backwards.
         With `second_batch="same"` (`x' = x`) and shared dropout masks, the steered pass replays the clean pass's.
         """
-        params, device = self._params, self._device
+        params = self._params
         same = self.second_batch == "same"
         second = inputs if same else self._draw_second_batch(trainer)
         clean_rng = self._rng() if (same and (self.share_dropout_masks or measure)) else None
@@ -855,7 +831,7 @@ class LfURegularizer(Regularizer):
         task_loss = task_loss * task_scale
         replay = clean_rng if (same and self.share_dropout_masks) else None
         steer_rng = replay if replay is not None else (self._rng() if measure else None)
-        with _replayed_rng(replay, device), self._steered(layers=self._layers) as steered:
+        with replayed_rng(replay), self._steered(layers=self._layers) as steered:
             steer_loss = self._ascend_directions(self._lm_loss(trainer, second), task_scale)
         batch_size, seq_len = clean[0].shape[:2]
         target = [released_reps_target(h, batch_size, seq_len) for h in steered]
@@ -865,7 +841,7 @@ class LfURegularizer(Regularizer):
         grads = self._grads(self._scaled(trainer, task_loss + term), params)
         del clean, target
         if measure:  # L(x') without steering, with the masks of the steered pass it is compared to
-            with torch.no_grad(), _replayed_rng(steer_rng, device):
+            with torch.no_grad(), replayed_rng(steer_rng):
                 unsteered = self._lm_loss(trainer, second)
             self._record_gain(unsteered, steer_loss)
         self._accumulate(params, grads, [])
