@@ -354,6 +354,8 @@ def step_time(report: dict, smoke: bool, out: str) -> None:
 def gardo(report: dict, smoke: bool, out: str) -> None:
     import copy
 
+    from accelerate import Accelerator
+
     from regtune.diffusion import GARDOConfig, GARDOTrainer
     from regtune.diffusion.testbed import TestbedConfig, build_testbed
 
@@ -389,8 +391,12 @@ def gardo(report: dict, smoke: bool, out: str) -> None:
         free()
         if torch.cuda.is_available():
             torch.cuda.reset_peak_memory_stats()
-        config = GARDOConfig(output_dir=os.path.join(out, "runs", f"gardo_{mode}"), **common, **kw)
-        trainer = GARDOTrainer(config, denoiser=copy.deepcopy(base), **bed)
+        accelerator = Accelerator()  # the process's accelerate state, as the earlier sections left it
+        precision = accelerator.mixed_precision  # GARDO refuses a precision other than the state's
+        config = GARDOConfig(
+            output_dir=os.path.join(out, "runs", f"gardo_{mode}"), mixed_precision=precision, **common, **kw
+        )
+        trainer = GARDOTrainer(config, denoiser=copy.deepcopy(base), accelerator=accelerator, **bed)
         batch = trainer._rollout(0)
         trainer._train_on(batch)  # warm-up
         times = []
@@ -547,6 +553,7 @@ def _child_gardo(mode: str, smoke: bool, out: str) -> dict:
             resume=False,
             kl_mode="gated",
             ref_refresh_every=1,
+            mixed_precision=accelerator.mixed_precision,
         )
         trainer = GARDOTrainer(config, accelerator=accelerator, **bed)
         history = trainer.train()

@@ -334,9 +334,13 @@ def build_gardo(mode: str, width: str, size: str, out: str, testbed_cache: dict)
         if mode == "gated"
         else dict(kl_mode="all")
     )  # fmt: skip
+    # the process's accelerate state (the Trainer variants made it before): GARDO refuses another precision
+    from accelerate import Accelerator
+
+    accelerator = Accelerator()
     config = GARDOConfig(
         output_dir=os.path.join(out, f"gardo_{mode}"), prompts_per_epoch=prompts, num_generations=generations,
         num_inference_steps=8, lora_r=4, lora_alpha=8, eval_every=0, resume=False, ref_kl_threshold=None,
-        ref_refresh_every=None, **kw,
+        ref_refresh_every=None, mixed_precision=accelerator.mixed_precision, **kw,
     )  # fmt: skip
-    return GARDOTrainer(config, denoiser=denoiser, **bed)
+    return GARDOTrainer(config, denoiser=denoiser, accelerator=accelerator, **bed)

@@ -22,8 +22,17 @@ def run(out_dir: str) -> None:
     from regtune.diffusion import GARDOTrainer
 
     torch.set_num_threads(1)
+    # the KL normalised by the global gated count: the trajectory does not depend on the number of processes (the
+    # released per-micro-batch mean does: each process averages over its own micro-batches' gated samples)
     cfg = tiny_config(
-        out_dir, num_epochs=2, prompts_per_epoch=4, num_generations=4, kl_mode="gated", eval_every=0, resume=False
+        out_dir,
+        num_epochs=2,
+        prompts_per_epoch=4,
+        num_generations=4,
+        kl_mode="gated",
+        kl_normalization="gated_count",
+        eval_every=0,
+        resume=False,
     )
     trainer = GARDOTrainer(cfg, **tiny_setup())
     history = trainer.train()

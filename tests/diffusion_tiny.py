@@ -4,10 +4,24 @@ from __future__ import annotations
 
 import string
 
+import pytest
 import torch
 
 
 PROMPTS = ("a square", "vertical stripes", "horizontal stripes", "a frame")
+
+
+@pytest.fixture
+def fresh_accelerate_state():
+    """
+    accelerate's `AcceleratorState` is shared by the whole process and GARDOTrainer refuses one made with another
+    `mixed_precision`: start each test without one, and leave none behind for the tests of other modules.
+    """
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    yield
+    AcceleratorState._reset_state(reset_partial_state=True)
 
 
 def tiny_denoiser(seed: int = 0):

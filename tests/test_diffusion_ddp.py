@@ -9,6 +9,10 @@ import sys
 import pytest
 import torch
 from diffusion_ddp_worker import run
+from diffusion_tiny import fresh_accelerate_state  # noqa: F401 (a fixture)
+
+
+pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")
 
 
 WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "diffusion_ddp_worker.py")

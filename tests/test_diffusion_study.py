@@ -7,9 +7,13 @@ import os
 
 import pytest
 import torch
+from diffusion_tiny import fresh_accelerate_state  # noqa: F401 (a fixture)
 
 from regtune.cli import main
 from regtune.experiments.gardo import load_gardo_study, matched_proxy, matched_table, value_at_proxy
+
+
+pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")
 
 
 RECIPE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "recipes", "gardo_testbed.yaml")
@@ -49,7 +53,7 @@ def test_gardo_recipe_runs_through_the_cli(tmp_path, capsys):
         assert res["final"]["eval_class_prob"]["n"] == 1
         assert len(res["curves"]["0"]) == 3  # epochs 0, 1, 2
         assert (out / method / "seed0" / "lora" / "pytorch_lora_weights.safetensors").exists()
-        assert set(res["diagnostics"]) == {"clip_fraction", "gated_fraction", "kl", "approx_kl"}
+        assert set(res["diagnostics"]) == {"clip_fraction", "gated_fraction", "kl", "kl_micro_step", "approx_kl"}
     with open(out / "kl_all_beta0.4" / "seed0" / "metrics.jsonl") as f:
         kls = [json.loads(line).get("kl") for line in f][1:]
     assert results["methods"]["kl_all_beta0.4"]["diagnostics"]["kl"]["mean"] == pytest.approx(sum(kls) / len(kls))

@@ -7,8 +7,9 @@ import os
 
 import pytest
 import torch
-from diffusion_tiny import (
+from diffusion_tiny import (  # noqa: F401 (fresh_accelerate_state: a fixture)
     PROMPTS,
+    fresh_accelerate_state,
     mean_brightness,
     pixel_std,
     red_minus_blue,
@@ -18,6 +19,9 @@ from diffusion_tiny import (
 )
 
 from regtune.diffusion import GARDOConfig, GARDOTrainer
+
+
+pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")
 
 
 def _lora(trainer, adapter="default"):
@@ -67,6 +71,15 @@ def _record_velocity_calls(trainer):
         ({"lora_target_modules": []}, "lora_target_modules must be a non-empty list of module names"),
         ({"lora_target_modules": ["to_q", 3]}, "lora_target_modules must be a non-empty list of module names"),
         ({"output_dir": ""}, "output_dir must be a string, got ''"),
+        ({"scale_rewards": "std"}, "scale_rewards must be one of 'auto', 'batch', 'group', 'none', got 'std'"),
+        ({"kl_normalization": "mean"}, "kl_normalization must be one of 'micro_batch', 'gated_count', got 'mean'"),
+        (
+            {"ref_refresh_statistic": "kl"},
+            "ref_refresh_statistic must be one of 'micro_step_mean', 'gated_sample_mean', got 'kl'",
+        ),
+        ({"ref_refresh_strict": 1}, "ref_refresh_strict must be True or False, got 1"),
+        ({"drop_zero_advantage": "no"}, "drop_zero_advantage must be True or False, got 'no'"),
+        ({"mixed_precision": "fp32"}, "mixed_precision must be one of 'fp16', 'bf16', 'no', got 'fp32'"),
     ],
 )
 def test_config_errors_name_the_field(kwargs, match):
@@ -139,10 +152,17 @@ def test_kl_starts_at_zero_and_grows(tmp_path):
 
 
 def test_reference_refresh_every_n_and_on_threshold(tmp_path):
-    cfg = tiny_config(tmp_path / "every", kl_mode="all", ref_kl_threshold=None, ref_refresh_every=2, eval_every=0)
+    cfg = tiny_config(
+        tmp_path / "every",
+        kl_mode="all",
+        ref_kl_threshold=None,
+        ref_refresh_every=2,
+        ref_refresh_strict=False,
+        eval_every=0,
+    )
     trainer = GARDOTrainer(cfg, **tiny_setup())
     history = trainer.train()
-    assert [r["ref_refreshed"] for r in history] == [False, False, True]  # at the start of epoch 2
+    assert [r["ref_refreshed"] for r in history] == [False, False, True]  # at the start of epoch 2 (>=)
     trainer.epoch = 4
     assert trainer._maybe_refresh(4)
     policy, ref = _lora(trainer, "default"), _lora(trainer, "ref")
@@ -275,13 +295,13 @@ def test_saved_lora_loads_into_a_diffusers_pipeline(tmp_path):
 
 
 def test_minibatches_and_timestep_fraction(tmp_path):
-    cfg = tiny_config(tmp_path, eval_every=0, train_batch_size=2, timestep_fraction=0.5, kl_mode="all")
+    cfg = tiny_config(tmp_path, eval_every=0, train_batch_size=2, timestep_fraction=0.7, kl_mode="all")
     trainer = GARDOTrainer(cfg, **tiny_setup())
     calls = _record_velocity_calls(trainer)
     trainer._train_on(trainer._rollout(0))
     policy = [c[1] for c in calls if c[0] == "default" and c[2]]
     ref = [c[1] for c in calls if c[0] == "ref"]
-    # 2 optimizer steps of 4 samples x 2 micro-batches of 2 x ceil(0.5 * 3) = 2 trained timesteps
+    # 2 optimizer steps of 4 samples x 2 micro-batches of 2 x int(0.7 * 3) = 2 trained timesteps
     assert policy == [2] * 8 and ref == [2] * 8
     steps = {int(s["step"]) for s in trainer.optimizer.state_dict()["state"].values()}
     assert steps == {2}
@@ -316,12 +336,13 @@ def test_gate_count_follows_the_released_code(tmp_path):
 
 
 @pytest.mark.parametrize(
-    ("scale", "diversity"), [("batch", False), ("group", False), ("none", False), ("batch", True)]
+    ("scale", "diversity"),
+    [("batch", False), ("group", False), ("none", False), ("batch", True), ("auto", True), ("auto", False)],
 )
 def test_advantages_divided_by_the_reward_std(tmp_path, scale, diversity):
     from regtune.diffusion import nn_cosine_distance
 
-    assert GARDOConfig().scale_rewards == "batch"  # the released configs' global_std=True
+    assert GARDOConfig().scale_rewards == "auto"  # the released code: no std with diversity advantages
     cfg = tiny_config(tmp_path, scale_rewards=scale, diversity_advantages=diversity, adv_clip_max=1e6, eval_every=0)
     trainer = GARDOTrainer(cfg, **tiny_setup())
     batch = trainer._rollout(0)
@@ -334,7 +355,7 @@ def test_advantages_divided_by_the_reward_std(tmp_path, scale, diversity):
         if diversity:
             d = nn_cosine_distance(batch["images"][g * n : (g + 1) * n].flatten(1), torch.zeros(n)).double()
             centered = torch.where(centered >= 0, centered * d / d.mean(), centered)
-        if scale == "batch":
+        if scale == "batch" or (scale == "auto" and not diversity):  # auto: the released tracker's grpo type
             centered = centered / (r.std(unbiased=False) + 1e-4)
         elif scale == "group":
             centered = centered / (rg.std(unbiased=False) + 1e-4)
@@ -395,7 +416,7 @@ def test_diagnostics_reach_the_accelerator_trackers(tmp_path):
             self.logged.append((step, dict(values)))
 
     tracker = ListTracker()
-    accelerator = Accelerator(log_with=[tracker])
+    accelerator = Accelerator(log_with=[tracker], mixed_precision=GARDOConfig().mixed_precision)
     accelerator.init_trackers("gardo")
     GARDOTrainer(tiny_config(tmp_path, num_epochs=1, eval_every=0), accelerator=accelerator, **tiny_setup()).train()
     step, values = tracker.logged[-1]
@@ -458,3 +479,243 @@ def test_resume_refuses_changed_settings(tmp_path):
     assert [r["epoch"] for r in fresh.train()] == [1, 2]  # resume=False starts over
     with open(tmp_path / "metrics.jsonl") as f:
         assert [json.loads(line)["epoch"] for line in f] == [1, 2]  # the old log is replaced, not appended to
+
+
+# ---- issue 23: the released code's defaults (reward scale, KL and refresh normalisation, zero-advantage samples,
+# ---- trained timesteps, precision), each against a hand computation of the released rule
+
+
+@pytest.mark.parametrize(("diversity", "resolved"), [(True, "none"), (False, "batch")])
+def test_scale_rewards_auto_resolves_as_the_released_tracker_and_is_logged(tmp_path, caplog, diversity, resolved):
+    import logging
+
+    assert GARDOConfig().scale_rewards == "auto"
+    cfg = tiny_config(tmp_path, diversity_advantages=diversity, eval_every=0)
+    # stat_tracking.py: type "gardo" -> (r - mean) * w (no std); type "grpo" -> (r - mean) / global std
+    assert cfg.resolved_scale_rewards == resolved
+    with caplog.at_level(logging.INFO, logger="regtune.diffusion.trainer"):
+        trainer = GARDOTrainer(cfg, **tiny_setup())
+    assert trainer.resolved_settings["scale_rewards"] == resolved
+    assert f"scale_rewards={resolved!r}" in caplog.text
+    for explicit in ("batch", "group", "none"):  # explicit values are kept
+        assert tiny_config(
+            tmp_path, scale_rewards=explicit, diversity_advantages=diversity
+        ).resolved_scale_rewards == (explicit)
+
+
+# micro-batches of 2 holding 2, 1, 0 and 1 gated samples
+GATE = [True, True, True, False, False, False, False, True]
+
+
+def _kl_trainer(tmp_path, **overrides):
+    """A trainer whose reference differs from the policy, and a batch with zero advantages (only the KL has a
+    gradient) gated as `GATE`, trained in one optimizer step of 4 micro-batches of 2."""
+    cfg = tiny_config(
+        tmp_path,
+        eval_every=0,
+        optimizer_steps_per_epoch=1,
+        train_batch_size=2,
+        max_grad_norm=None,
+        drop_zero_advantage=False,
+        **overrides,
+    )
+    trainer = GARDOTrainer(cfg, **tiny_setup())
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for n, p in trainer.model.named_parameters():
+            if ".ref." in n:
+                p.add_(0.05 * torch.randn(p.shape, generator=g))
+    batch = trainer._rollout(0)
+    batch["advantages"] = torch.zeros_like(batch["advantages"])
+    batch["gate_global"] = torch.tensor([GATE])
+    return trainer, batch
+
+
+def _hand_kls(trainer, batch) -> list[torch.Tensor]:
+    """Per trained timestep: every sample's KL ||mu - mu_ref||^2 / (2 std^2), averaged over dimensions, as a graph
+    on the policy adapter (the SDE mean and std of Flow-GRPO's step, written out)."""
+    sig = trainer.sigmas
+    a = trainer.config.noise_level
+    kls = []
+    for j in range(trainer.config.num_train_timesteps):
+        x = batch["latents"][:, j]
+        s, s_next = float(sig[j]), float(sig[j + 1])
+        one_minus = float(1 - sig[1]) if s >= 1 else 1 - s  # the sampler's clamp at s = 1
+        std = a * (s / one_minus) ** 0.5
+        dt = s_next - s
+        means = []
+        for adapter in ("ref", "default"):
+            if adapter == "ref":
+                with torch.no_grad(), trainer._adapter("ref") as model:
+                    v = trainer._velocity(model, x, s, batch["cond"])
+            else:
+                v = trainer._velocity(trainer.model, x, s, batch["cond"])
+            means.append(x * (1 + std**2 / (2 * s) * dt) + v * (1 + std**2 * (1 - s) / (2 * s)) * dt)
+        # the released KL divides by the std without its sqrt(-dt) factor (compute_log_prob's std_dev_t)
+        kls.append(((means[1] - means[0]) ** 2 / (2 * std**2)).flatten(1).mean(1))
+    return kls
+
+
+def _capture_gradients(trainer) -> dict:
+    """Replace the optimizer step by a copy of the accumulated gradients (the parameters do not move)."""
+    grads = {}
+
+    def step(*args, **kwargs):
+        for n, p in trainer.model.named_parameters():
+            if p.requires_grad:
+                grads[n] = p.grad.detach().clone()
+
+    trainer.optimizer.step = step
+    return grads
+
+
+@pytest.mark.parametrize("normalization", ["micro_batch", "gated_count"])
+def test_kl_normalization_matches_a_hand_computation(tmp_path, normalization):
+    assert GARDOConfig().kl_normalization == "micro_batch"
+    trainer, batch = _kl_trainer(tmp_path, kl_normalization=normalization)
+    grads = _capture_gradients(trainer)
+    trainer._train_on(batch)
+    kls = _hand_kls(trainer, batch)
+    gate = torch.tensor(GATE)
+    T, beta = len(kls), trainer.config.beta
+    micro_batches = [torch.arange(i, i + 2) for i in range(0, 8, 2)]
+    if normalization == "micro_batch":
+        # train_sd3_grpo_gardo.py: loss = mean(policy) + beta * mean(kl over the micro-batch's gated samples) if one
+        # is gated; accelerate divides by gradient_accumulation_steps = micro-batches x timesteps
+        loss = sum(kl[mb[gate[mb]]].mean() for kl in kls for mb in micro_batches if gate[mb].any()) / (
+            len(micro_batches) * T
+        )
+    else:  # the mean over all 4 gated samples of the step and over timesteps
+        loss = sum(kl[gate].sum() for kl in kls) / (int(gate.sum()) * T)
+    params = {n: p for n, p in trainer.model.named_parameters() if p.requires_grad}
+    expected = torch.autograd.grad(beta * loss, list(params.values()))
+    assert max(float(e.abs().max()) for e in expected) > 0
+    for (name, _), e in zip(params.items(), expected):
+        torch.testing.assert_close(grads[name], e, rtol=2e-3, atol=1e-9, msg=name)
+
+
+@pytest.mark.parametrize("statistic", ["micro_step_mean", "gated_sample_mean"])
+def test_refresh_statistic_matches_a_hand_computation(tmp_path, statistic):
+    assert GARDOConfig().ref_refresh_statistic == "micro_step_mean"
+    trainer, batch = _kl_trainer(tmp_path, ref_refresh_statistic=statistic)
+    gate = torch.tensor(GATE)
+    with torch.no_grad():
+        kls = _hand_kls(trainer, batch)
+    micro_batches = [torch.arange(i, i + 2) for i in range(0, 8, 2)]
+    # train_sd3_grpo_gardo.py: info["kl_loss"] gets torch.mean(kl_loss) per micro-step (zeros where nothing is
+    # gated), averaged at the optimizer step and compared with kl_thres
+    released = float(
+        torch.stack(
+            [kl[mb[gate[mb]]].mean() if gate[mb].any() else torch.zeros(()) for kl in kls for mb in micro_batches]
+        ).mean()
+    )
+    per_gated = float(torch.stack([kl[gate].mean() for kl in kls]).mean())
+    assert released < per_gated  # the empty micro-batch counts as 0 and the gated pair weighs as one
+    threshold = (released + per_gated) / 2
+    trainer.refresh.kl_threshold = threshold
+    stats = trainer._train_on(batch)
+    assert stats["kl_micro_step"] == pytest.approx(released, rel=1e-3)
+    assert stats["kl"] == pytest.approx(per_gated, rel=1e-3)
+    used = released if statistic == "micro_step_mean" else per_gated
+    assert trainer.refresh.pending == (used > threshold)
+
+
+def test_refresh_every_n_epochs_is_strict_as_the_released_code(tmp_path):
+    assert GARDOConfig().ref_refresh_strict
+    every, epochs = 2, 6
+    cfg = tiny_config(
+        tmp_path, kl_mode="all", ref_kl_threshold=None, ref_refresh_every=every, eval_every=0, num_epochs=epochs
+    )
+    history = GARDOTrainer(cfg, **tiny_setup()).train()
+    # train_sd3_grpo_gardo.py: `if (epoch != 0 and reset) or (epoch - prev_epoch) > config.reset_freq`
+    expected, prev = [], 0
+    for epoch in range(epochs):
+        refresh = epoch - prev > every
+        prev = epoch if refresh else prev
+        expected.append(refresh)
+    assert expected == [False, False, False, True, False, False]
+    assert [r["ref_refreshed"] for r in history] == expected
+
+
+def _released_kept_count(advantages: torch.Tensor, num_batches: int) -> int:
+    """train_sd3_grpo_gardo.py: keep the non-zero advantages, pad with dropped ones to a multiple of num_batches."""
+    mask = advantages != 0
+    true_count = int(mask.sum())
+    if true_count % num_batches:
+        false_indices = torch.where(~mask)[0]
+        num_to_change = num_batches - true_count % num_batches
+        if len(false_indices) >= num_to_change:
+            mask[false_indices[torch.randperm(len(false_indices))[:num_to_change]]] = True
+    return int(mask.sum())
+
+
+@pytest.mark.parametrize(
+    ("steps", "micro", "zero", "num_batches"),
+    [(1, 2, [0, 2, 3, 5, 6], 4), (2, None, [0, 2, 3, 5, 6], 2), (2, None, [1, 6], 2), (1, None, list(range(8)), 1)],
+)
+def test_zero_advantage_samples_are_dropped_and_padded(tmp_path, steps, micro, zero, num_batches):
+    assert GARDOConfig().drop_zero_advantage
+    cfg = tiny_config(tmp_path, eval_every=0, optimizer_steps_per_epoch=steps, train_batch_size=micro, kl_mode="none")
+    trainer = GARDOTrainer(cfg, **tiny_setup())
+    batch = trainer._rollout(0)
+    batch["advantages"][zero] = 0.0
+    seen = []
+    original = trainer._velocity
+
+    def wrapped(model, x, sigma, cond):
+        if torch.is_grad_enabled():
+            seen.append(x.detach().clone())
+        return original(model, x, sigma, cond)
+
+    trainer._velocity = wrapped
+    stats = trainer._train_on(batch)
+    expected = _released_kept_count(batch["advantages"].clone(), num_batches)
+    if not expected:  # the released code fails on an empty batch; regtune keeps one sample per micro-batch
+        expected = num_batches
+    T = cfg.num_train_timesteps
+    assert stats["trained_samples"] == expected
+    assert len(seen) == num_batches * T and all(x.shape[0] == expected // num_batches for x in seen)
+    first = torch.cat(seen[::T])  # every micro-batch's samples at the first timestep
+    trained = [int((batch["latents"][:, 0] == x).flatten(1).all(1).nonzero()) for x in first]
+    assert len(set(trained)) == expected
+    kept = set(range(8)) - set(zero)
+    assert kept <= set(trained)  # every non-zero advantage is trained, the rest are dropped ones
+
+    full = GARDOTrainer(
+        tiny_config(tmp_path / "all", **{**cfg.to_dict(), "drop_zero_advantage": False}), **tiny_setup()
+    )
+    b = full._rollout(0)
+    b["advantages"][zero] = 0.0
+    assert full._train_on(b)["trained_samples"] == 8
+
+
+def test_trained_timesteps_round_down_as_the_released_code(tmp_path):
+    cfg = tiny_config(
+        tmp_path, eval_every=0, num_inference_steps=10, timestep_fraction=0.89, optimizer_steps_per_epoch=1
+    )
+    trainer = GARDOTrainer(cfg, **tiny_setup())
+    calls = _record_velocity_calls(trainer)
+    trainer._train_on(trainer._rollout(0))
+    # train_sd3_grpo_gardo.py: num_train_timesteps = int(config.sample.num_steps * config.train.timestep_fraction)
+    assert len([c for c in calls if c[0] == "default" and c[2]]) == int(10 * 0.89) == 8
+    with pytest.raises(ValueError, match=r"timestep_fraction must leave at least one trained timestep.*got 0.2"):
+        GARDOConfig(num_inference_steps=3, timestep_fraction=0.2)
+
+
+def test_mixed_precision_is_a_field_logged_and_a_conflicting_state_refused(tmp_path, caplog):
+    import logging
+
+    from accelerate import Accelerator
+
+    assert GARDOConfig().mixed_precision == "fp16"  # config/base.py: config.mixed_precision = "fp16"
+    with pytest.raises(ValueError, match="mixed_precision must be one of 'fp16', 'bf16', 'no', got 'fp8'"):
+        GARDOConfig(mixed_precision="fp8")
+    with caplog.at_level(logging.INFO, logger="regtune.diffusion.trainer"):
+        trainer = GARDOTrainer(tiny_config(tmp_path / "a", mixed_precision="bf16"), **tiny_setup())
+    assert trainer.accelerator.mixed_precision == "bf16" and "mixed_precision='bf16'" in caplog.text
+    # the process's accelerate state now holds bf16 (as after a bf16 transformers Trainer): another precision is
+    # refused instead of silently training in bf16
+    with pytest.raises(ValueError, match=r"mixed_precision is 'no' but this process already holds .*'bf16'"):
+        GARDOTrainer(tiny_config(tmp_path / "b", mixed_precision="no"), **tiny_setup())
+    with pytest.raises(ValueError, match=r"mixed_precision is 'fp16' but the given accelerator uses .*'bf16'"):
+        GARDOTrainer(tiny_config(tmp_path / "c"), accelerator=Accelerator(), **tiny_setup())

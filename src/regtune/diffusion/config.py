@@ -9,7 +9,10 @@ from dataclasses import asdict, dataclass, field, fields
 
 SD3_LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"]
 KL_MODES = ("gated", "all", "none")
-SCALES = ("group", "batch", "none")
+SCALES = ("auto", "batch", "group", "none")
+KL_NORMALIZATIONS = ("micro_batch", "gated_count")
+REFRESH_STATISTICS = ("micro_step_mean", "gated_sample_mean")
+PRECISIONS = ("fp16", "bf16", "no")
 SIGNS = ("proxy_overrates", "released_code")
 GATE_RULES = ("nonnegative", "batch")
 # fields that may differ between a checkpoint and the config that resumes it (they do not change the trajectory)
@@ -22,14 +25,26 @@ class GARDOConfig:
     Configuration of [`GARDOTrainer`]: GARDO ("Reinforcing Diffusion Models without Reward Hacking",
     https://huggingface.co/papers/2512.24138) on Flow-GRPO (https://huggingface.co/papers/2505.05470).
 
-    The defaults are those of the paper's released code (github tinnerhrhe/GARDO, `config/gardo.py`): SDE noise
-    level 0.7, PPO clip 1e-4, advantages divided by the batch's reward std (Flow-GRPO's `global_std=True`) and
-    clipped at 5, two optimizer steps per epoch (the code accumulates over half of an epoch's sample batches and
-    all trained timesteps), KL coefficient 0.04 on the top k = 10% (adapted within [0.02, 0.2]) of the samples whose
-    uncertainty is >= 0, reference refresh when the KL exceeds 3e-4 or every 15 epochs, LoRA r 32 / alpha 64,
-    lr 3e-4. The baselines are switches of the same code: `kl_mode="none"` (Flow-GRPO without KL),
-    `kl_mode="all"` (Flow-GRPO's KL on every sample), each with `diversity_advantages=False` and no refresh.
-    See docs/gardo.md.
+    The defaults follow the paper's released code (github tinnerhrhe/GARDO: `config/gardo.py`, `config/base.py`,
+    `scripts/train_sd3_grpo_gardo.py`, `flow_grpo/stat_tracking.py`): SDE noise level 0.7, PPO clip 1e-4,
+    diversity-aware advantages `(r - mean) * w` not divided by any reward std (`scale_rewards="auto"`; without the
+    diversity weights, the batch's reward std divides, Flow-GRPO's `global_std=True`), clipped at 5; samples whose
+    advantage is 0 are dropped before training; two optimizer steps per epoch (the code accumulates over half of an
+    epoch's sample batches and all trained timesteps); the first `int(num_inference_steps * timestep_fraction)`
+    timesteps trained; KL coefficient 0.04 on the top k = 10% (adapted within [0.02, 0.2]) of the samples whose
+    uncertainty is >= 0, averaged over the gated samples of each micro-batch; reference refresh when an optimizer
+    step's KL (the mean over its micro-steps, 0 where nothing is gated) exceeds 3e-4, or when more than 15 epochs
+    have passed since the last one; LoRA r 32 / alpha 64, lr 3e-4; fp16 mixed precision (`config/base.py`).
+
+    Defaults that differ from the released OCR run: group size 8 (released: `num_generations=24`),
+    `timestep_fraction=1.0` (released: 0.89), the paper's uncertainty sign (`uncertainty_sign="released_code"` for
+    the code's), the diversity features from the trainer's `feature_fn` (released: DINOv3); not implemented:
+    classifier-free guidance (released: 4.5) and an EMA of the adapter. The order in which an epoch's samples are
+    split into optimizer steps differs too (by group member, not a random permutation). docs/gardo.md ("Released
+    code vs regtune") lists every difference with the released line it refers to.
+
+    The baselines are switches of the same code: `kl_mode="none"` (Flow-GRPO without KL), `kl_mode="all"`
+    (Flow-GRPO's KL on every sample), each with `diversity_advantages=False` and no refresh.
 
     Every field is checked at construction (type, range, finiteness, allowed values); all bad fields are reported
     in one `ValueError`.
@@ -45,7 +60,13 @@ class GARDOConfig:
     num_inference_steps: int = field(default=10, metadata={"help": "SDE sampling steps", "ge": 1})
     noise_level: float = field(default=0.7, metadata={"help": "the SDE's a: std = a sqrt(s/(1-s))", "gt": 0})
     timestep_fraction: float = field(
-        default=1.0, metadata={"help": "train on the first ceil(fraction * steps) steps", "gt": 0, "le": 1}
+        default=1.0,
+        metadata={
+            "help": "train on the first int(num_inference_steps * fraction) steps (the released code's rounding "
+            "down; at least one)",
+            "gt": 0,
+            "le": 1,
+        },
     )
     optimizer_steps_per_epoch: int = field(
         default=2,
@@ -59,7 +80,8 @@ class GARDOConfig:
         default=None,
         metadata={
             "help": "micro-batch size per process; gradients of an optimizer step's micro-batches are accumulated "
-            "(None: one micro-batch)",
+            "(None: one micro-batch). With drop_zero_advantage, it fixes the number of micro-batches (ceil(step "
+            "size / train_batch_size) per step) and the kept samples are split evenly among them",
             "ge": 1,
         },
     )
@@ -69,11 +91,20 @@ class GARDOConfig:
     clip_range: float = field(default=1e-4, metadata={"help": "PPO ratio clip epsilon", "gt": 0})
     adv_clip_max: float = field(default=5.0, metadata={"help": "advantages are clipped to +-this", "gt": 0})
     scale_rewards: str = field(
-        default="batch",
+        default="auto",
         metadata={
-            "help": "divide the advantages by a reward std: batch (the batch's std, Flow-GRPO's global_std, the "
-            "released configs' setting) | group (the prompt group's std) | none",
+            "help": "divide the advantages by a reward std: auto (the released code: none with "
+            "diversity_advantages, batch without) | batch (the batch's std, Flow-GRPO's global_std) | group (the "
+            "prompt group's std) | none",
             "choices": SCALES,
+        },
+    )
+    drop_zero_advantage: bool = field(
+        default=True,
+        metadata={
+            "help": "drop the samples whose advantage is 0 before training, then pad the kept count up to a multiple "
+            "of the number of micro-batches with randomly chosen dropped ones (the released code); False: train on "
+            "every sample"
         },
     )
     diversity_advantages: bool = field(
@@ -84,6 +115,16 @@ class GARDOConfig:
         metadata={"help": "gated (GARDO) | all (KL on every sample) | none (no KL)", "choices": KL_MODES},
     )
     beta: float = field(default=0.04, metadata={"help": "KL coefficient", "ge": 0})
+    kl_normalization: str = field(
+        default="micro_batch",
+        metadata={
+            "help": "micro_batch (the released code: beta * the mean KL over each micro-batch's gated samples, "
+            "added to the micro-batches that hold one; accumulation divides by the number of micro-batches and "
+            "timesteps) | gated_count (beta * the mean KL over all gated samples of the optimizer step, over all "
+            "processes: the same weight wherever the gated samples fall)",
+            "choices": KL_NORMALIZATIONS,
+        },
+    )
     gate_init: float = field(default=0.1, metadata={"help": "initial gated fraction k", "ge": 0, "le": 1})
     gate_min: float = field(default=0.02, metadata={"help": "lower bound of k", "ge": 0, "le": 1})
     gate_max: float = field(default=0.2, metadata={"help": "upper bound of k", "ge": 0, "le": 1})
@@ -106,10 +147,34 @@ class GARDOConfig:
         },
     )
     ref_kl_threshold: float | None = field(
-        default=3e-4, metadata={"help": "refresh the reference after an epoch whose KL exceeded this", "gt": 0}
+        default=3e-4,
+        metadata={
+            "help": "refresh the reference after an epoch one of whose optimizer steps' KL exceeded this",
+            "gt": 0,
+        },
+    )
+    ref_refresh_statistic: str = field(
+        default="micro_step_mean",
+        metadata={
+            "help": "the KL compared with ref_kl_threshold, per optimizer step: micro_step_mean (the released code: "
+            "the mean over the step's micro-batches and timesteps of each one's mean gated KL, 0 where none is "
+            "gated, averaged over processes) | gated_sample_mean (the mean KL per gated sample and timestep)",
+            "choices": REFRESH_STATISTICS,
+        },
     )
     ref_refresh_every: int | None = field(
-        default=15, metadata={"help": "refresh the reference at least every N epochs (None: never)", "ge": 1}
+        default=15,
+        metadata={
+            "help": "refresh the reference when more than N epochs passed since the last (None: never)",
+            "ge": 1,
+        },
+    )
+    ref_refresh_strict: bool = field(
+        default=True,
+        metadata={
+            "help": "True: refresh when epoch - last > ref_refresh_every (the released code); False: when >= (every "
+            "N epochs)"
+        },
     )
     lora_r: int = field(default=32, metadata={"help": "LoRA rank", "ge": 1})
     lora_alpha: float = field(default=64, metadata={"help": "LoRA alpha", "gt": 0})
@@ -127,6 +192,15 @@ class GARDOConfig:
         default=0, metadata={"help": "checkpoint every N epochs (and at the end); 0: end only", "ge": 0}
     )
     resume: bool = field(default=True, metadata={"help": "continue from output_dir/checkpoint.pt if it exists"})
+    mixed_precision: str = field(
+        default="fp16",
+        metadata={
+            "help": "the Accelerator's mixed precision: fp16 (the released configs' config/base.py) | bf16 | no. "
+            "accelerate applies no fp16 autocast on CPU; an Accelerator that exists with another precision is "
+            "refused",
+            "choices": PRECISIONS,
+        },
+    )
 
     def __post_init__(self):
         errors = _field_errors(self)
@@ -149,6 +223,15 @@ class GARDOConfig:
                     f"trains on a share of each group, got {self.optimizer_steps_per_epoch!r}",
                 )
             )
+        if not bad & {"num_inference_steps", "timestep_fraction"} and self.num_train_timesteps < 1:
+            errors.append(
+                (
+                    "timestep_fraction",
+                    f"timestep_fraction must leave at least one trained timestep: int(num_inference_steps * "
+                    f"timestep_fraction) = int({self.num_inference_steps} * {self.timestep_fraction}) = 0; use a "
+                    f"fraction >= {1 / self.num_inference_steps:.6g}, got {self.timestep_fraction!r}",
+                )
+            )
         if errors:
             raise ValueError("Invalid GARDOConfig: " + "; ".join(message for _, message in errors))
         self.lora_target_modules = list(self.lora_target_modules)
@@ -157,13 +240,27 @@ class GARDOConfig:
     def uses_reference(self) -> bool:
         return self.kl_mode != "none" and self.beta > 0
 
+    @property
+    def num_train_timesteps(self) -> int:
+        """The trained denoising steps per sample: `int(num_inference_steps * timestep_fraction)`, as the released
+        code (`scripts/train_sd3_grpo_gardo.py`, `num_train_timesteps`)."""
+        return int(self.num_inference_steps * self.timestep_fraction)
+
+    @property
+    def resolved_scale_rewards(self) -> str:
+        """`scale_rewards` with `"auto"` resolved: `"none"` with `diversity_advantages` (the released tracker's
+        `gardo` type), `"batch"` without (its `grpo` type with `global_std=True`); other values as given."""
+        if self.scale_rewards != "auto":
+            return self.scale_rewards
+        return "none" if self.diversity_advantages else "batch"
+
     def to_dict(self) -> dict:
         return asdict(self)
 
     def changed_fields(self, stored: dict) -> dict[str, tuple]:
         """
         `{field: (stored value, this value)}` for every field that differs from the settings `stored` (a
-        [`to_dict`] of another config, e.g. read from a checkpoint), except those that may change on resume
+        `to_dict()` of another config, e.g. read from a checkpoint), except those that may change on resume
         (`output_dir`, `resume`, `num_epochs`, `save_every`, `eval_every`). A field missing from `stored` (an
         older checkpoint) counts as changed unless this config holds its default.
         """

@@ -190,7 +190,8 @@ def reward_scale(
     eps: float = 1e-4,
 ) -> torch.Tensor:
     """
-    The per-sample divisor of the advantages (trl GRPO's `scale_rewards` names; population stds, as Flow-GRPO's
+    The per-sample divisor of the advantages (for [`GARDOConfig`]'s `scale_rewards="auto"`, resolve it first with
+    `GARDOConfig.resolved_scale_rewards`; trl GRPO's `scale_rewards` names; population stds, as Flow-GRPO's
     `PerPromptStatTracker`): `1` (`"none"`), the group's std + eps (`"group"`), or the batch's std + eps (`"batch"`,
     Flow-GRPO's `global_std=True`). `batch_rewards`: the rewards whose std `"batch"` uses (default `rewards`; under
     DDP pass the gathered global batch). `[B]`. The arguments after `scale` are keyword-only.
@@ -390,15 +391,17 @@ class AdaptiveGateFraction:
 
 class ReferenceRefresh:
     """
-    When to copy the policy into the reference (GARDO's adaptive reset): after an epoch whose mean KL exceeded
-    `kl_threshold`, or when `every` epochs have passed since the last refresh (`None`/0 disables either rule).
+    When to copy the policy into the reference (GARDO's adaptive reset): after an epoch in which an observed KL
+    exceeded `kl_threshold`, or when more than `every` epochs have passed since the last refresh (`strict=True`, the
+    released code's `epoch - prev_epoch > reset_freq`; `strict=False`: at least `every`). `None`/0 disables either
+    rule; there is no refresh at epoch 0.
 
     Call `observe_kl(kl)` after each optimizer step and `should_refresh(epoch)` at the start of each epoch; when it
     returns True, copy the weights (e.g. [`copy_adapter_weights`]) and call `mark(epoch)`.
     """
 
-    def __init__(self, kl_threshold: float | None = 3e-4, every: int | None = 15):
-        self.kl_threshold, self.every = kl_threshold, every
+    def __init__(self, kl_threshold: float | None = 3e-4, every: int | None = 15, strict: bool = True):
+        self.kl_threshold, self.every, self.strict = kl_threshold, every, strict
         self.pending = False
         self.last_epoch = 0
 
@@ -410,7 +413,8 @@ class ReferenceRefresh:
         if epoch == 0:
             return False
         by_kl = self.pending
-        by_time = bool(self.every) and epoch - self.last_epoch >= self.every
+        elapsed = epoch - self.last_epoch
+        by_time = bool(self.every) and (elapsed > self.every if self.strict else elapsed >= self.every)
         return by_kl or by_time
 
     def mark(self, epoch: int) -> None:

@@ -14,13 +14,19 @@ logs the mechanism's diagnostics: clip fraction, approx KL, gated fraction, KL, 
 Distributed (Accelerate/DDP): prompt groups never straddle processes; process `r` samples groups
 `[r * G/W, (r + 1) * G/W)` with noise seeded per (seed, epoch, group), so the global batch is the same for any world
 size. Rewards are gathered for the gate (ranks over the global batch), the adaptive k and the batch's reward std;
-every process trains on the same share of its groups in each optimizer step; the KL is normalised by the global
-number of gated samples of the optimizer step; DDP averages the gradients over processes.
+every process trains on the same share of its groups in each optimizer step; DDP averages the gradients over
+processes. As in the released code, each process drops its own zero-advantage samples (and pads its kept count
+to a multiple of its number of micro-batches, the same on every process, so that the DDP sync points agree), and
+with `kl_normalization="micro_batch"` each process averages the KL over the gated samples of its own
+micro-batches: with several processes, dropped samples or gated samples spread unevenly over processes, the
+trajectory depends on the number of processes (it does not with `drop_zero_advantage=False` and
+`kl_normalization="gated_count"`, which normalises by the global number of gated samples of the optimizer step).
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import random
@@ -35,6 +41,7 @@ from . import functional as fn
 from .config import GARDOConfig
 
 
+logger = logging.getLogger(__name__)
 RewardFn = Callable[[torch.Tensor, list[str]], "torch.Tensor | Sequence[float]"]
 REF_ADAPTER = "ref"
 CHECKPOINT = "checkpoint.pt"
@@ -53,6 +60,36 @@ def _cpu_only_multiprocess() -> bool:
     every process as a separate single-process job (accelerate picks gloo/MULTI_CPU only with `cpu=True`).
     """
     return int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
+
+
+def _make_accelerator(config: GARDOConfig, accelerator: Accelerator | None) -> Accelerator:
+    """
+    The Accelerator for `config.mixed_precision`: `accelerator` if given (its precision must match), else a new one.
+    accelerate's `AcceleratorState` is shared by every Accelerator of a process: one made earlier (e.g. by a
+    transformers Trainer) with another precision would otherwise silently set this run's precision, so it is refused.
+    """
+    wanted = config.mixed_precision
+    if accelerator is not None:
+        given = getattr(accelerator, "mixed_precision", wanted)
+        if given != wanted:
+            raise ValueError(
+                f"GARDOConfig.mixed_precision is {wanted!r} but the given accelerator uses mixed_precision="
+                f"{given!r}. Set mixed_precision={given!r} in the config, or pass "
+                f"Accelerator(mixed_precision={wanted!r})."
+            )
+        return accelerator
+    from accelerate.state import AcceleratorState
+
+    if "_mixed_precision" in AcceleratorState._shared_state:  # an Accelerator exists in this process
+        existing = AcceleratorState().mixed_precision
+        if existing != wanted:
+            raise ValueError(
+                f"GARDOConfig.mixed_precision is {wanted!r} but this process already holds an accelerate state with "
+                f"mixed_precision={existing!r} (made by an earlier Accelerator or Trainer; accelerate shares it per "
+                f"process and cannot change it). Set mixed_precision={existing!r} in the config (allowed: 'fp16', "
+                "'bf16', 'no'), pass that Accelerator as `accelerator=`, or run GARDO in a fresh process."
+            )
+    return Accelerator(cpu=_cpu_only_multiprocess(), mixed_precision=wanted)
 
 
 def _plain(value):
@@ -111,7 +148,8 @@ class GARDOTrainer:
         eval_fns: held-out metrics `{name: fn(images, prompts) -> [B]}` (never trained on).
         feature_fn: per-image features for the diversity-aware advantages, `feature_fn(images) -> [B, D]`;
             default: the flattened images.
-        accelerator: an `accelerate.Accelerator` (one is created otherwise).
+        accelerator: an `accelerate.Accelerator` with `mixed_precision == config.mixed_precision` (one is created
+            otherwise; an accelerate state that exists in the process with another precision is refused).
     """
 
     def __init__(
@@ -134,7 +172,7 @@ class GARDOTrainer:
         from peft import LoraConfig, get_peft_model
 
         self.config = config
-        self.accelerator = accelerator or Accelerator(cpu=_cpu_only_multiprocess())
+        self.accelerator = _make_accelerator(config, accelerator)
         self.pipeline = pipeline
         if pipeline is not None:
             denoiser = denoiser or pipeline.transformer
@@ -187,10 +225,24 @@ class GARDOTrainer:
         self.gate = fn.AdaptiveGateFraction(
             config.gate_init, config.gate_min, config.gate_max, window=config.gate_window
         )
-        self.refresh = fn.ReferenceRefresh(config.ref_kl_threshold, config.ref_refresh_every)
+        self.refresh = fn.ReferenceRefresh(
+            config.ref_kl_threshold, config.ref_refresh_every, strict=config.ref_refresh_strict
+        )
         self.epoch = 0
         self.refreshes = 0
         self.history: list[dict] = []
+        # the settings a default resolves to, logged once at start
+        self.resolved_settings = {
+            "scale_rewards": config.resolved_scale_rewards,
+            "mixed_precision": self.accelerator.mixed_precision,
+            "autocast": bool(getattr(self.accelerator, "native_amp", False)),
+            "num_train_timesteps": config.num_train_timesteps,
+            "kl_normalization": config.kl_normalization,
+            "ref_refresh_statistic": config.ref_refresh_statistic,
+            "drop_zero_advantage": config.drop_zero_advantage,
+        }
+        if self.is_main_process:
+            logger.info("GARDOTrainer: %s", ", ".join(f"{k}={v!r}" for k, v in self.resolved_settings.items()))
 
     # ----------------------------------------------------------------------------------------------------------------
     # pipeline plumbing
@@ -299,7 +351,7 @@ class GARDOTrainer:
         # "batch" scaling uses the std of the global batch (gathered), as Flow-GRPO's global_std
         all_proxy = acc.gather(proxy)
         n_global = all_proxy.numel()
-        scale = fn.reward_scale(proxy, group_ids, cfg.scale_rewards, batch_rewards=all_proxy)
+        scale = fn.reward_scale(proxy, group_ids, cfg.resolved_scale_rewards, batch_rewards=all_proxy)
         if cfg.diversity_advantages:
             feats = self.feature_fn(images)
             distances = fn.nn_cosine_distance(feats, group_ids)
@@ -331,6 +383,7 @@ class GARDOTrainer:
         batch["gated_fraction"] = float(gate.float().mean())
         batch["all_proxy"] = all_proxy
         batch["diversity"] = float(acc.gather(fn.within_group_pairwise_l2(images, group_ids).reshape(1)).mean())
+        batch["epoch"] = epoch
         return batch
 
     def _step_members(self, n_local: int) -> list[torch.Tensor]:
@@ -344,35 +397,74 @@ class GARDOTrainer:
         step_of = member * cfg.optimizer_steps_per_epoch // cfg.num_generations
         return [(step_of == s).nonzero().flatten() for s in range(cfg.optimizer_steps_per_epoch)]
 
+    def _micro_batches(self, batch: dict) -> list[list[torch.Tensor]]:
+        """
+        Local sample indices of each optimizer step's micro-batches.
+
+        With `drop_zero_advantage=False`: the step's members (see [`_step_members`]) in chunks of `train_batch_size`
+        (the last may be smaller). With it (the released code, `scripts/train_sd3_grpo_gardo.py`): the samples whose
+        advantage is exactly 0 are dropped, and randomly chosen dropped samples are added back until the kept count
+        is a multiple of the number of micro-batches M (the sum over steps of ceil(step size / train_batch_size));
+        the kept samples, in step order, are split into M equal micro-batches, each optimizer step taking as many
+        as it had. At least M samples are kept (the released code would fail on an empty batch). The random choice
+        is seeded by (seed, epoch, process), so a resumed run draws the same; each process drops and pads its own
+        samples.
+        """
+        cfg = self.config
+        members = self._step_members(batch["latents"].shape[0])
+        micro = [cfg.train_batch_size or m.numel() for m in members]
+        if not cfg.drop_zero_advantage:
+            return [list(m.split(size)) for m, size in zip(members, micro)]
+        per_step = [math.ceil(m.numel() / size) for m, size in zip(members, micro)]
+        n_batches = sum(per_step)
+        order = torch.cat(members)
+        keep = batch["advantages"][order] != 0
+        kept = int(keep.sum())
+        target = max(n_batches, math.ceil(kept / n_batches) * n_batches)
+        if target > kept:
+            dropped = (~keep).nonzero().flatten()
+            g = torch.Generator().manual_seed(
+                _seed_for(cfg.seed, batch.get("epoch", 0), self.accelerator.process_index, 11)
+            )
+            pick = torch.randperm(dropped.numel(), generator=g)[: target - kept].to(dropped.device)
+            keep[dropped[pick]] = True
+        chunks = list(order[keep].split(target // n_batches))
+        bounds = np.cumsum([0, *per_step]).tolist()
+        return [chunks[bounds[s] : bounds[s + 1]] for s in range(len(members))]
+
     def _train_on(self, batch: dict) -> dict:
         """
-        `optimizer_steps_per_epoch` optimizer steps on the epoch's samples. Each accumulates the loss of every
-        trained timestep of its samples (in micro-batches of `train_batch_size`), as the released code accumulates
-        over sample batches and timesteps; from the second step on the policy differs from the sampling policy, so
-        PPO's clipping can bind. Returns the epoch's statistics (means over steps, timesteps and samples): policy
-        loss, gated KL, clip fraction (`|r - 1| > clip_range`), approx KL (`0.5 (logp - logp_old)^2`), the number of
-        optimizer steps.
+        `optimizer_steps_per_epoch` optimizer steps on the epoch's samples (see [`_micro_batches`]: zero-advantage
+        samples dropped by default). Each accumulates the loss of every trained timestep of its micro-batches, as
+        the released code accumulates over sample batches and timesteps; from the second step on the policy differs
+        from the sampling policy, so PPO's clipping can bind. The loss of a micro-batch at a timestep is its mean
+        PPO-clip loss plus `beta` times the KL term (`kl_normalization`), divided by the number of the step's
+        micro-batches and timesteps. Returns the epoch's statistics: policy loss, `kl` (the mean KL per gated sample
+        and timestep, averaged over steps), `kl_micro_step` (the released code's statistic: per step, the mean over
+        micro-batches and timesteps of each one's mean gated KL, 0 where none is gated; averaged over steps), clip
+        fraction (`|r - 1| > clip_range`), approx KL (`0.5 (logp - logp_old)^2`), trained samples (all processes),
+        the number of optimizer steps.
         """
         cfg, acc = self.config, self.accelerator
-        T = len(self.sigmas) - 1
-        steps = list(range(math.ceil(cfg.timestep_fraction * T)))
-        n_local = batch["latents"].shape[0]
+        steps = list(range(cfg.num_train_timesteps))
         clamp = float(1 - self.sigmas[1])
         world = acc.num_processes
-        kl_values = []
-        # diagnostics, summed over processes once at the end of the epoch: [pg sum, clipped, approx kl sum, count]
-        sums = torch.zeros(4, device=self.device)
-        for members in self._step_members(n_local):
-            n_step = members.numel()  # this process's samples in the step (equal on every process)
-            gate_all = batch["gate_global"][:, members]  # [world, n_step]: the step's gated samples everywhere
-            n_gated = gate_all.sum()
-            gate_local = gate_all[acc.process_index]
-            kl_acc = torch.zeros((), device=self.device)
-            micro = cfg.train_batch_size or n_step
-            chunks = list(range(0, n_step, micro))
-            for c_i, start in enumerate(chunks):
-                sl = members[start : start + micro]
-                idx = gate_local[start : start + micro].nonzero().flatten()  # gated samples of the micro-batch
+        plan = self._micro_batches(batch)
+        gate_local = batch["gate_global"][acc.process_index]  # this process's samples' gate, [n_local]
+        kl_values, kl_micro_values = [], []
+        # diagnostics, summed over processes once at the end of the epoch:
+        # [pg sum, clipped, approx kl sum, count (samples x timesteps), trained samples]
+        sums = torch.zeros(5, device=self.device)
+        n_gated_steps = None
+        if cfg.uses_reference:  # each step's gated samples over all processes (one collective per epoch)
+            local = torch.stack([gate_local[torch.cat(chunks)].sum() for chunks in plan]).float()
+            n_gated_steps = acc.reduce(local, reduction="sum") if world > 1 else local
+        for s_i, chunks in enumerate(plan):
+            n_step = sum(c.numel() for c in chunks)  # this process's samples in the step
+            kl_acc = torch.zeros((), device=self.device)  # KL summed over local gated samples and timesteps
+            kl_micro = torch.zeros((), device=self.device)  # sum over micro-steps of each one's mean gated KL
+            for c_i, sl in enumerate(chunks):
+                idx = gate_local[sl].nonzero().flatten()  # gated samples of the micro-batch
                 cond = tuple(c[sl] for c in batch["cond"])
                 adv = batch["advantages"][sl]
                 latents, old_logps = batch["latents"][sl], batch["log_probs"][sl]
@@ -404,14 +496,22 @@ class GARDOTrainer:
                             v, x, sigma, sigma_next, cfg.noise_level, prev_sample=x_next, sigma_max_clamp=clamp
                         )
                         per_sample = fn.ppo_clip_loss(logp, old_logps[:, j], adv, cfg.clip_range)
-                        loss = per_sample.sum() / n_step  # the mean over the step's samples, across micro-batches
+                        # the mean over the step's samples: each micro-batch's mean / their number (equal sizes)
+                        loss = per_sample.sum() / n_step
                         if cfg.uses_reference:
                             if ref_mean is not None:
                                 kl = fn.gaussian_step_kl(mean[idx], ref_mean, std[idx])
-                                # sum over the local gated samples / global gated count; DDP's mean over processes
-                                # is undone by `* world`: the gradient of the mean KL over all gated samples
-                                kl_term = kl.sum() * world / n_gated.clamp_min(1)
+                                if cfg.kl_normalization == "micro_batch":
+                                    # the released code: the mean over this micro-batch's gated samples, one
+                                    # micro-step of the accumulation; DDP averages over processes as it does there
+                                    kl_term = kl.mean() / len(chunks)
+                                else:
+                                    # sum over the local gated samples / global gated count; DDP's mean over
+                                    # processes is undone by `* world`: the gradient of the mean KL over all gated
+                                    # samples of the step
+                                    kl_term = kl.sum() * world / n_gated_steps[s_i].clamp_min(1)
                                 kl_acc = kl_acc + kl.detach().sum()
+                                kl_micro = kl_micro + kl.detach().mean()
                             else:
                                 # keep every process's graph identical (DDP): a zero KL that touches the output
                                 kl_term = mean.sum() * 0.0
@@ -426,6 +526,7 @@ class GARDOTrainer:
                                 clipped.float(),
                                 0.5 * log_ratio.pow(2).sum(),
                                 torch.tensor(float(len(sl)), device=self.device),
+                                torch.tensor(float(len(sl)) if n == 0 else 0.0, device=self.device),
                             ]
                         )
             if cfg.max_grad_norm is not None:
@@ -433,18 +534,26 @@ class GARDOTrainer:
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
             if cfg.uses_reference:
-                # mean KL per gated sample and step of this optimizer step, over all processes (one host sync)
-                kl_step = acc.reduce(kl_acc.reshape(1), reduction="sum") / (n_gated.clamp_min(1) * len(steps))
-                kl_values.append(float(kl_step))
-                if n_gated > 0:
+                # one host sync per optimizer step; every process runs the same number of micro-steps
+                totals = (
+                    acc.reduce(torch.stack([kl_acc, kl_micro]), reduction="sum") if world > 1 else (kl_acc, kl_micro)
+                )
+                n_gated = n_gated_steps[s_i]
+                kl_values.append(float(totals[0] / (n_gated.clamp_min(1) * len(steps))))
+                kl_micro_values.append(float(totals[1] / (len(chunks) * len(steps) * world)))
+                if cfg.ref_refresh_statistic == "micro_step_mean":
+                    self.refresh.observe_kl(kl_micro_values[-1])
+                elif n_gated > 0:
                     self.refresh.observe_kl(kl_values[-1])
         total = acc.reduce(sums, reduction="sum").tolist()
         count = max(total[3], 1.0)
         return {
             "policy_loss": total[0] / count,
             "kl": float(np.mean(kl_values)) if kl_values else 0.0,
+            "kl_micro_step": float(np.mean(kl_micro_values)) if kl_micro_values else 0.0,
             "clip_fraction": total[1] / count,
             "approx_kl": total[2] / count,
+            "trained_samples": int(round(total[4])),
             "optimizer_steps": self.config.optimizer_steps_per_epoch,
         }
 
@@ -514,6 +623,8 @@ class GARDOTrainer:
                 "gated_fraction": batch["gated_fraction"],
                 "gate_k": self.gate.k,
                 "kl": stats["kl"],
+                "kl_micro_step": stats["kl_micro_step"],
+                "trained_samples": stats["trained_samples"],
                 "policy_loss": stats["policy_loss"],
                 "clip_fraction": stats["clip_fraction"],
                 "approx_kl": stats["approx_kl"],

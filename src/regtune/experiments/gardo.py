@@ -53,7 +53,7 @@ from .stats import format_ci, mean_ci, paired_difference
 PER_RUN = ("output_dir", "seed")
 CURVE_KEYS = ("eval_proxy_reward", "eval_class_prob", "eval_diversity_l2", "eval_diversity_feat")
 MATCHED_KEYS = ("eval_class_prob", "eval_diversity_l2", "eval_diversity_feat")
-DIAGNOSTICS = ("clip_fraction", "gated_fraction", "kl", "approx_kl")  # means over a run's epochs
+DIAGNOSTICS = ("clip_fraction", "gated_fraction", "kl", "kl_micro_step", "approx_kl")  # means over a run's epochs
 DEFAULT_METHODS = {
     "no_kl": {"kl_mode": "none", "diversity_advantages": False},
     "kl_all": {"kl_mode": "all", "diversity_advantages": False, "ref_kl_threshold": None, "ref_refresh_every": None},
@@ -216,6 +216,9 @@ def run_gardo_study(
                 bed = build_testbed(study.testbed, log=print if is_main_process() else None)  # cached on disk
                 info = bed.pop("info")
                 trainer = GARDOTrainer(cfg, **bed)
+                if is_main_process() and seed == study.seeds[0]:
+                    shown = ", ".join(f"{k}={v}" for k, v in trainer.resolved_settings.items())
+                    print(f"[{method}] resolved settings: {shown}", flush=True)
                 trainer.train()
                 if is_main_process():
                     last = trainer.history[-1]
@@ -272,8 +275,10 @@ def gather_results(study: GARDOStudy, root: str, methods: list[str]) -> list[dic
             if per_seed:
                 finals[key] = _summary(per_seed)
         trained = {s: [r for r in h if r["epoch"] > 0 and "reward" in r] for s, h in runs.items()}
-        diagnostics = {
-            key: _summary({s: float(np.mean([r[key] for r in rs])) for s, rs in trained.items() if rs})
+        diagnostics = {  # a key absent from older logs (kl_micro_step) is left out
+            key: _summary(
+                {s: float(np.mean([r[key] for r in rs])) for s, rs in trained.items() if rs and key in rs[0]}
+            )
             for key in DIAGNOSTICS
         }
         start = [h[0] for h in runs.values() if h[0].get("epoch") == 0]
@@ -358,8 +363,16 @@ def results_table(results: list[dict]) -> str:
         "## The mechanism's diagnostics",
         "",
     ]
-    diagnostics = list(zip(DIAGNOSTICS, (".3f", ".3f", ".2e", ".1e")))
-    header = ["method", "clip fraction", "gated fraction", "KL (gated samples)", "approx KL", "refreshes"]
+    diagnostics = list(zip(DIAGNOSTICS, (".3f", ".3f", ".2e", ".2e", ".1e")))
+    header = [
+        "method",
+        "clip fraction",
+        "gated fraction",
+        "KL (per gated sample)",
+        "KL (micro-step mean)",
+        "approx KL",
+        "refreshes",
+    ]
     rows = [
         [res["method"]]
         + [cell(res.get("diagnostics", {}).get(k), f) for k, f in diagnostics]
@@ -369,7 +382,10 @@ def results_table(results: list[dict]) -> str:
     lines += markdown_lines(header, rows)
     lines.append(
         "\nMeans over a run's epochs, then mean [95% CI] over seeds; refreshes: the run's total. The gated fraction is "
-        "the gate's size in every run (only kl_mode=gated applies the KL to it; kl_all applies it to every sample)."
+        "the gate's size in every run (only kl_mode=gated applies the KL to it; kl_all applies it to every sample). "
+        "KL per gated sample: the mean KL per gated sample and timestep; KL micro-step mean: the released code's "
+        "statistic (per optimizer step, the mean over micro-batches and timesteps of each one's mean gated KL, 0 "
+        "where none is gated), which the refresh compares with ref_kl_threshold by default."
     )
     return "\n".join(lines)
 
