@@ -44,6 +44,7 @@ def test_gardo_recipe_runs_through_the_cli(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "| gardo |" in printed and "| no_kl |" in printed and "| kl_all_beta0.4 |" in printed
     assert "## The mechanism's diagnostics" in printed and "## At matched proxy reward" in printed
+    assert "[regtune] progress: 4/4 trainings, elapsed " in printed  # 4 methods x 1 seed, with an ETA
     with open(out / "results.json") as f:
         data = json.load(f)  # the one results format
     results = {"methods": {r["method"]: r for r in data["results"]}}

@@ -34,6 +34,7 @@ import copy
 import itertools
 import json
 import os
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -45,7 +46,7 @@ from regtune.diffusion.testbed import TestbedConfig
 
 from .checks import SectionModel, check_mapping, check_model, construct_checked
 from .errors import Errors, RecipeError, join_path, suggest
-from .io import is_main_process, write_atomic
+from .io import RecipeProgress, is_main_process, write_atomic
 from .report import ExperimentResult, markdown_lines, pyplot, save_figure, write_results
 from .stats import format_ci, mean_ci, paired_difference
 
@@ -210,6 +211,7 @@ def run_gardo_study(
     os.makedirs(root, exist_ok=True)
     if not report_only:
         info = None
+        progress = RecipeProgress(len(study.seeds) * len(methods), lambda line: print(line, flush=True))
         for seed in study.seeds:  # seed by seed: a study stopped early still holds complete paired seeds
             for method in methods:
                 cfg = study.config(method, seed, root)
@@ -219,11 +221,13 @@ def run_gardo_study(
                 if is_main_process() and seed == study.seeds[0]:
                     shown = ", ".join(f"{k}={v}" for k, v in trainer.resolved_settings.items())
                     print(f"[{method}] resolved settings: {shown}", flush=True)
-                trainer.train()
+                start = time.perf_counter()
+                trainer.train()  # resumes from the run's last checkpoint
                 if is_main_process():
                     last = trainer.history[-1]
                     shown = {k: round(v, 4) for k, v in last.items() if k in CURVE_KEYS}
                     print(f"[{method} seed {seed}] epoch {trainer.epoch}: {shown}", flush=True)
+                progress.finished(time.perf_counter() - start)
         if info and is_main_process():
             write_atomic(os.path.join(root, "testbed.json"), info)
     if not is_main_process():
