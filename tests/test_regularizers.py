@@ -154,6 +154,9 @@ def test_registry_names_and_build():
         "lfu",
         "mask_score_penalty",
         "gradient_dropout",
+        "elr",
+        "pskd",
+        "noisy_labels",
     }
     assert all(issubclass(cls, Regularizer) for cls in REGULARIZERS.values())
     schedule = build_regularizer("dropout_schedule", p=0.1, mode="step", start_fraction=0.5)
@@ -163,7 +166,7 @@ def test_registry_names_and_build():
 
 
 def test_build_unknown_type_names_it_and_the_allowed_ones():
-    with pytest.raises(ValueError, match=r"'mixup'.*allowed: \['dropout_schedule', 'glad', 'gradient_dropout'"):
+    with pytest.raises(ValueError, match=r"'mixup'.*allowed: \['dropout_schedule', 'elr', 'glad', 'gradient_dropout'"):
         build_regularizer("mixup", alpha=0.2)
 
 

@@ -10,7 +10,7 @@ import difflib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from . import fewshot_text, shakespeare
+from . import fewshot_text, noisy_labels, shakespeare, token_mlp  # noqa: F401 (token_mlp registers `regtune-token-mlp`)
 from .models import BUILTIN_MODELS, BuiltinModel, resolve_model_path
 from .quickstart import quickstart_sentiment
 
@@ -128,6 +128,17 @@ register_task(
         eval_splits=("test", "held_out"),
         option_ranges=shakespeare.OPTION_RANGES,
         check_options=shakespeare.check_options,
+    )
+)
+
+register_task(
+    BuiltinTask(
+        name="noisy-labels",
+        build=noisy_labels.noisy_labels_task,
+        description="Digits (8x8 pixels as tokens) or (a + b) mod p with seeded label noise on train/validation; "
+        "clean test; the mislabeled training examples as two extra splits (given and true labels).",
+        eval_splits=("test", "noisy_train", "noisy_train_true"),
+        option_ranges={"noise_rate": {"ge": 0.0, "le": 1.0}, "n_train": {"ge": 2}, "n_val": {"ge": 1}, "p": {"ge": 2}},
     )
 )
 

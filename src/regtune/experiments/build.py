@@ -174,6 +174,8 @@ def tokenize_data(data: LoadedData, tokenizer, task: str, max_length: int):
             out["labels"] = batch[data.label_column]
         if "class_mask" in batch:  # the classes each example is classified among (a class-descriptions head)
             out["class_mask"] = batch["class_mask"]
+        if "true_label" in batch:  # a noisy-label task's true labels (read by NoisyLabelMonitor, never by the model)
+            out["true_label"] = batch["true_label"]
         return out
 
     return data.splits.map(
@@ -332,6 +334,11 @@ def build_trainer(run: RunSpec, model, args, train_dataset, eval_dataset, tokeni
         from regtune.regularizers import build_regularizer
 
         kwargs["regularizers"] = [build_regularizer(r.type, **r.kwargs) for r in run.regularizers]
+        for column in dict.fromkeys(getattr(reg, "index_column", None) for reg in kwargs["regularizers"]):
+            if column is not None and column not in train_dataset.column_names:  # ELR / PS-KD's per-example index
+                from regtune.regularizers import add_sample_index
+
+                kwargs["train_dataset"] = train_dataset = add_sample_index(train_dataset, column)
     elif _accepts(cls, "regularizers"):
         kwargs["regularizers"] = []
     return cls(**kwargs)

@@ -12,10 +12,14 @@ import inspect
 from .allora_diagnostics import ALLoRADiagnostics
 from .base import Regularizer
 from .dropout_schedule import DropoutSchedule, DropoutScheduleCallback
+from .elr import ELR
 from .glad import GLADRegularizer
 from .lfu import LfURegularizer
 from .mask_tuning import GradientDropout, MaskFlipMonitor, MaskScorePenalty
 from .multi_sample_dropout import MultiSampleDropout
+from .noisy_label_monitor import NoisyLabelMonitor
+from .per_example import PerExampleBuffer, PerExampleRegularizer, add_sample_index
+from .pskd import PSKD
 
 
 REGULARIZERS: dict[str, type[Regularizer]] = {
@@ -25,6 +29,9 @@ REGULARIZERS: dict[str, type[Regularizer]] = {
     LfURegularizer.name: LfURegularizer,
     MaskScorePenalty.name: MaskScorePenalty,
     GradientDropout.name: GradientDropout,
+    ELR.name: ELR,
+    PSKD.name: PSKD,
+    NoisyLabelMonitor.name: NoisyLabelMonitor,
 }
 """The regularizers [`build_regularizer`] (and a recipe's `regularizers:` list) can build by name."""
 
@@ -75,7 +82,7 @@ def build_regularizer(type: str, **kwargs) -> Regularizer:  # noqa: A002 - `type
     Args:
         type (`str`): an import path (`"my_pkg.module:MyRegularizer"`) or a key of [`REGULARIZERS`]
             (`"multi_sample_dropout"`, `"dropout_schedule"`, `"glad"`, `"lfu"`,
-            `"mask_score_penalty"`, `"gradient_dropout"`).
+            `"mask_score_penalty"`, `"gradient_dropout"`, `"elr"`, `"pskd"`, `"noisy_labels"`).
         **kwargs: the regularizer's constructor arguments; each constructor validates its own.
 
     Raises:
@@ -104,13 +111,19 @@ __all__ = [
     "ALLoRADiagnostics",
     "DropoutSchedule",
     "DropoutScheduleCallback",
+    "ELR",
     "GLADRegularizer",
     "GradientDropout",
     "LfURegularizer",
     "MaskFlipMonitor",
     "MaskScorePenalty",
     "MultiSampleDropout",
+    "NoisyLabelMonitor",
+    "PSKD",
+    "PerExampleBuffer",
+    "PerExampleRegularizer",
     "Regularizer",
+    "add_sample_index",
     "build_regularizer",
     "is_import_path",
     "regularizer_class",

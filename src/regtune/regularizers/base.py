@@ -54,6 +54,9 @@ class Regularizer:
         owns_step (`bool`, defaults to `False`): whether [`Regularizer.training_step`] replaces the Trainer's.
         log_diagnostics (`bool`, defaults to `True`): whether [`Regularizer.diagnostics`] computes and reports the
             mechanism's diagnostics (set it to `False` to skip their cost).
+        input_columns (`tuple[str, ...]`, defaults to `()`): data set columns the regularizer reads from the batch
+            that are not model inputs (e.g. ELR's `sample_index`): the mixin keeps them through the Trainer's
+            `remove_unused_columns`, gives them to the hooks in `inputs`, and never passes them to the model.
 
     Example (a loss term):
 
@@ -74,6 +77,7 @@ class Regularizer:
     name: str = "regularizer"
     owns_step: bool = False
     log_diagnostics: bool = True
+    input_columns: tuple[str, ...] = ()
 
     def setup(self, trainer: Trainer) -> None:
         """Called at the start of every `train()` call, after the model is wrapped and the optimizer is created."""
