@@ -27,7 +27,7 @@ test: setup lint docs
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -n 2 -q
 
 demo: setup
-	HF_HUB_OFFLINE=1 $(BIN)/regtune run recipes/quickstart.yaml
+	HF_HUB_OFFLINE=1 $(BIN)/regtune run recipes/quickstart_noisy_labels.yaml
 
 clean:
 	rm -rf $(VENV) build *.egg-info src/*.egg-info
