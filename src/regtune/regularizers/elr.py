@@ -82,7 +82,6 @@ class ELR(PerExampleRegularizer):
         super().__init__(num_classes, num_examples, index_column, buffer_device, _errors=errors)
         self.beta, self.lambda_, self.rampup_steps = float(beta), float(lambda_), int(rampup_steps)
         self._step = 0
-        self._diag: dict[str, list[torch.Tensor]] = {}
 
     def setup(self, trainer) -> None:
         super().setup(trainer)
@@ -115,15 +114,8 @@ class ELR(PerExampleRegularizer):
                     ("target_disagrees", disagrees),
                     ("lambda", torch.tensor(weight, dtype=torch.float32, device=probs.device)),
                 ):
-                    self._diag.setdefault(key, []).append(value)
+                    self.record_diagnostic(key, value)
         return weight * penalty
-
-    def diagnostics(self) -> dict[str, float | torch.Tensor]:
-        if not self.log_diagnostics:
-            return {}
-        out: dict[str, float | torch.Tensor] = {k: torch.stack(v).mean() for k, v in self._diag.items() if v}
-        self._diag = {}
-        return out
 
     def __repr__(self) -> str:
         return f"ELR(beta={self.beta}, lambda_={self.lambda_}, rampup_steps={self.rampup_steps})"

@@ -202,6 +202,21 @@ class PerExampleRegularizer(Regularizer):
         self._accelerator = None
         self._sizes: tuple[int, int] | None = None
         self._index_checked = False
+        self._diag: dict[str, list[torch.Tensor]] = {}  # device-side values since the last log
+
+    # ---- diagnostics ----
+
+    def record_diagnostic(self, key: str, value: torch.Tensor) -> None:
+        """Keep a micro-batch's value of diagnostic `key` (a 0-d tensor, on the device: no host sync per step)."""
+        self._diag.setdefault(key, []).append(value.detach())
+
+    def diagnostics(self) -> dict[str, float | torch.Tensor]:
+        """The mean of every recorded diagnostic since the last call (then reset)."""
+        if not self.log_diagnostics:
+            return {}
+        out: dict[str, float | torch.Tensor] = {k: torch.stack(v).mean() for k, v in self._diag.items() if v}
+        self._diag = {}
+        return out
 
     # ---- setup ----
 

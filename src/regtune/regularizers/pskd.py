@@ -75,7 +75,6 @@ class PSKD(PerExampleRegularizer):
         self.alpha_T = float(alpha_T)
         self.total_epochs = None if total_epochs is None else float(total_epochs)
         self._visited: torch.Tensor | None = None
-        self._diag: dict[str, list[torch.Tensor]] = {}
         self._alpha = 0.0
 
     def setup(self, trainer) -> None:
@@ -133,18 +132,9 @@ class PSKD(PerExampleRegularizer):
                 seen = visited.float()
                 disagree = ((previous.argmax(-1) != labels).float() * seen).sum() / seen.sum().clamp_min(1.0)
                 for key, value in (("target_label_mass", mass), ("prev_disagrees", disagree), ("kd_minus_ce", term)):
-                    self._diag.setdefault(key, []).append(value.detach())
-                self._diag.setdefault("alpha", []).append(
-                    torch.tensor(alpha, dtype=torch.float32, device=logits.device)
-                )
+                    self.record_diagnostic(key, value)
+                self.record_diagnostic("alpha", torch.tensor(alpha, dtype=torch.float32, device=logits.device))
         return term
-
-    def diagnostics(self) -> dict[str, float | torch.Tensor]:
-        if not self.log_diagnostics:
-            return {}
-        out: dict[str, float | torch.Tensor] = {k: torch.stack(v).mean() for k, v in self._diag.items() if v}
-        self._diag = {}
-        return out
 
     def state_dict(self) -> dict:
         state = super().state_dict()
