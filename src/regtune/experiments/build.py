@@ -14,7 +14,7 @@ from typing import Any
 from regtune.data.models import BUILTIN_MODELS, resolve_model_path
 
 from .errors import RecipeError
-from .finetune import DataSpec, ModelSpec, RunSpec, resolve_trainer
+from .finetune import BUILTIN_METRICS, DataSpec, ModelSpec, RunSpec, metric_args, metric_name, resolve_trainer
 
 
 def hub_base_model(spec: ModelSpec) -> str | None:
@@ -266,9 +266,46 @@ def count_parameters(model) -> tuple[int, int]:
     return trainable, total
 
 
-def compute_classification_metrics(names):
-    """A `compute_metrics` function for the Trainer returning the metrics `names` (accuracy, macro_f1)."""
+def load_metrics(run: RunSpec) -> dict:
+    """
+    `{name: evaluate module}` of the run's `evaluation.metrics` that are not built in, loaded with `evaluate.load`
+    (from the Hub the first time, then from its cache; or a local folder). A failure raises [`RecipeError`] under the
+    metric's key path, before anything is trained.
+    """
+    names = [(i, metric_name(m)) for i, m in enumerate(run.evaluation.metrics or [])]
+    names = [(i, n) for i, n in names if n not in BUILTIN_METRICS]
+    if not names or run.task != "sequence-classification":
+        return {}
+    try:
+        import evaluate
+    except ImportError as e:
+        raise RecipeError(
+            [(f"evaluation.metrics[{i}]", f"run {run.name!r}: the metric {n!r} needs the `evaluate` library: pip "
+              "install 'regtune[metrics]' (or use the built-in accuracy, macro_f1)") for i, n in names]
+        ) from e  # fmt: skip
+    loaded = {}
+    for i, name in names:
+        try:
+            loaded[name] = evaluate.load(name)
+        except Exception as e:  # evaluate raises FileNotFoundError, ConnectionError, ImportError, ...
+            text = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            raise RecipeError(
+                [(f"evaluation.metrics[{i}]", f"run {run.name!r}: cannot load the evaluate metric {name!r}: {text} "
+                  "(an evaluate metric is downloaded from the Hub once, which needs the network, then read from its "
+                  "cache; offline, name a local metric folder, or use the built-in accuracy, macro_f1)")]
+            ) from e  # fmt: skip
+    return loaded
+
+
+def compute_classification_metrics(names, loaded: dict | None = None):
+    """
+    A `compute_metrics` function for the Trainer returning the metrics `names`: the built-in `accuracy` and
+    `macro_f1`, and the results of the `evaluate` modules `loaded` (see [`load_metrics`]) on the argmax predictions,
+    with the item's `args`. The result keys every call produced are kept in its attribute `keys`.
+    """
     import numpy as np
+
+    loaded = loaded or {}
 
     def compute(eval_pred):
         logits, labels = eval_pred.predictions, eval_pred.label_ids
@@ -286,8 +323,25 @@ def compute_classification_metrics(names):
                 denom = np.sum(preds == c) + np.sum(labels == c)
                 f1s.append(2 * tp / denom if denom else 0.0)
             out["macro_f1"] = float(np.mean(f1s))
+        for i, item in enumerate(names):
+            name = metric_name(item)
+            if name not in loaded:
+                continue
+            args = metric_args(item)
+            try:
+                result = loaded[name].compute(predictions=preds.tolist(), references=labels.tolist(), **args)
+            except (TypeError, ValueError) as e:
+                text = (str(e).strip().splitlines() or [type(e).__name__])[0]
+                raise RecipeError(
+                    [(f"evaluation.metrics[{i}]", f"the metric {name!r} with args {args}: {text}")]
+                ) from e
+            for key, value in (result or {}).items():
+                if np.ndim(value) == 0 and isinstance(np.asarray(value).item(), (int, float)):
+                    out[key] = float(value)  # per-class arrays (average: null) are not kept
+        compute.keys.update(out)
         return out
 
+    compute.keys = set()
     return compute
 
 
@@ -313,8 +367,13 @@ def build_optimizer(model, run: RunSpec, args):
     return None
 
 
-def build_trainer(run: RunSpec, model, args, train_dataset, eval_dataset, tokenizer, task: str):
-    """Instantiate the run's trainer, its regularizers and (when a method needs one) its optimizer."""
+def build_trainer(
+    run: RunSpec, model, args, train_dataset, eval_dataset, tokenizer, task: str, metrics: dict | None = None
+):
+    """
+    Instantiate the run's trainer, its regularizers and (when a method needs one) its optimizer; `metrics`: the
+    loaded `evaluate` modules of the run's metrics ([`load_metrics`]).
+    """
     cls, _ = resolve_trainer(run.trainer)
     kwargs: dict[str, Any] = {
         "model": model,
@@ -326,7 +385,7 @@ def build_trainer(run: RunSpec, model, args, train_dataset, eval_dataset, tokeni
     if not takes_raw_data(run):
         kwargs["data_collator"] = data_collator(tokenizer, task)  # SFT trainers build their own
     if task == "sequence-classification" and run.evaluation.metrics:
-        kwargs["compute_metrics"] = compute_classification_metrics(run.evaluation.metrics)
+        kwargs["compute_metrics"] = compute_classification_metrics(run.evaluation.metrics, metrics)
     optimizer = build_optimizer(model, run, args)
     if optimizer is not None:
         kwargs["optimizers"] = (optimizer, None)

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import difflib
 import importlib
 import inspect
 import itertools
@@ -32,7 +33,7 @@ import typing
 from dataclasses import dataclass, field
 from typing import Annotated, Any, Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from regtune.data.models import BUILTIN_MODELS
 
@@ -41,6 +42,8 @@ from .errors import Errors, RecipeError, join_path, suggest, unknown_choice, unk
 
 
 TASKS = ("sequence-classification", "causal-lm")
+BUILTIN_METRICS = ("accuracy", "macro_f1")  # computed by regtune (offline); other names go to the evaluate library
+LOWER_IS_BETTER = ("loss", "perplexity")
 DEFAULT_TRAINERS = ("RegTrainer", "Trainer", "transformers.Trainer")
 HUB_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?$")
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
@@ -148,6 +151,16 @@ class DataSpec(SectionModel):
     max_eval_samples: int | None = Field(None, ge=1, description="Keep the first N rows of each eval split.")
 
 
+class MetricSpec(SectionModel):
+    """An item of `evaluation.metrics` with arguments: `{name: f1, args: {average: macro}}`."""
+
+    name: str = Field(description="A built-in metric, an `evaluate` metric name, or a local metric folder.")
+    args: dict[str, Any] = Field(
+        default_factory=dict,
+        description="Keyword arguments of the `evaluate` metric's `compute` (none for built-ins).",
+    )
+
+
 class EvaluationSpec(SectionModel):
     """The `evaluation:` section."""
 
@@ -156,10 +169,11 @@ class EvaluationSpec(SectionModel):
         description="Splits to evaluate on: a list, or {display name: split}. Defaults to the built-in task's "
         "evaluation splits, else validation (or test).",
     )
-    metrics: list[Literal["accuracy", "macro_f1"]] | None = Field(
+    metrics: list[str | dict[str, Any]] | None = Field(
         None,
-        description="Classification metrics (the loss is always reported; causal-lm reports loss and perplexity). "
-        "Default: [accuracy].",
+        description="Classification metrics: the built-in `accuracy` and `macro_f1` (computed offline), or any metric "
+        "of the `evaluate` library by name or local folder, optionally `{name: ..., args: {...}}` (the loss is "
+        "always reported; causal-lm reports loss and perplexity only). Default: [accuracy].",
     )
 
 
@@ -247,14 +261,25 @@ class SelectSpec(SectionModel):
     """The top-level `select:` section: how a run's `sweep` value is chosen, before the test seeds run."""
 
     split: str = Field("validation", description="The split the sweep values are scored on (never a test split).")
-    metric: Literal["accuracy", "macro_f1", "loss", "perplexity"] = Field(
-        "accuracy", description="The metric to maximize (accuracy, macro_f1) or minimize (loss, perplexity)."
+    metric: str = Field(
+        "accuracy",
+        description="The metric the sweep values are chosen by: loss, perplexity, accuracy, macro_f1, or a result "
+        "key of a metric in `evaluation.metrics` (e.g. f1).",
+    )
+    mode: Literal["max", "min"] | None = Field(
+        None, description="Maximize or minimize `metric`. Default: min for loss and perplexity, else max."
     )
     seeds: list[Annotated[int, Field(ge=0)]] = Field(
         default_factory=lambda: [100],
         min_length=1,
         description="Seeds each sweep value is trained with (apart from the test `seeds`); scores are their means.",
     )
+
+    @model_validator(mode="after")
+    def _default_mode(self):
+        if self.mode is None:
+            self.mode = "min" if self.metric in LOWER_IS_BETTER else "max"
+        return self
 
 
 class RunSelectSpec(SectionModel):
@@ -554,12 +579,62 @@ def _validate_evaluation(raw, task: str, data: DataSpec, errors: Errors) -> Eval
         spec.metrics = ["accuracy"]
     if spec.metrics and task != "sequence-classification":
         errors.add(
-            "evaluation.metrics", f"classification metrics need model.task: sequence-classification (got {task})"
+            "evaluation.metrics",
+            f"the {task} task reports loss and perplexity only (always: leave `metrics` out); other metrics "
+            "(rouge, bleu, ...) need generated text, which recipes do not produce. Metrics such as accuracy, "
+            "macro_f1 or f1 need model.task: sequence-classification",
         )
+    elif spec.metrics:
+        _check_metrics(spec.metrics, errors)
     if isinstance(spec.splits, dict):
         for display in spec.splits:
             _check_name(display, f"evaluation.splits.{display}", errors, "a display name")
     return spec
+
+
+def metric_name(item: str | dict) -> str:
+    """The name of an item of `evaluation.metrics` (a string or `{name: ..., args: ...}`)."""
+    return item if isinstance(item, str) else item.get("name")
+
+
+def metric_args(item: str | dict) -> dict:
+    """The `args` of an item of `evaluation.metrics` (`{}` for a plain name)."""
+    return {} if isinstance(item, str) else dict(item.get("args") or {})
+
+
+def _check_metrics(metrics: list, errors: Errors) -> None:
+    """
+    The form of `evaluation.metrics` (loading an `evaluate` metric waits for the run): built-in names, `evaluate`
+    names (`f1`, `user/metric`) or existing local metric folders; a near miss of a built-in name is an error.
+    """
+    seen: dict[str, int] = {}
+    for i, item in enumerate(metrics):
+        path = join_path("evaluation.metrics", i)
+        if isinstance(item, dict):
+            before = len(errors.items)
+            check_model(item, MetricSpec, path, errors, "a metric ({name: ..., args: {...}})")
+            if len(errors.items) > before:
+                continue
+        name = metric_name(item)
+        if name in seen:
+            errors.add(path, f"{name!r} is listed twice (also evaluation.metrics[{seen[name]}]): results share keys")
+        seen.setdefault(name, i)
+        if name in BUILTIN_METRICS:
+            if metric_args(item):
+                errors.add(f"{path}.args", f"the built-in metric {name!r} takes no args")
+            continue
+        if name in LOWER_IS_BETTER:
+            errors.add(path, f"{name!r}: the loss is always reported; perplexity is causal-lm's (not a metric to ask)")
+        elif os.path.exists(name):
+            continue  # a local evaluate metric folder or script
+        elif difflib.get_close_matches(name, BUILTIN_METRICS, cutoff=0.75):
+            errors.add(path, f"unknown built-in metric {name!r}.{suggest(name, BUILTIN_METRICS)}")
+        elif not HUB_ID_RE.match(name):
+            errors.add(
+                path,
+                f"expected a built-in metric ({', '.join(BUILTIN_METRICS)}), an evaluate metric name (f1, precision, "
+                f"...) or an existing local metric folder, got {name!r}",
+            )
 
 
 def validate_run(raw: dict) -> RunSpec:
@@ -807,6 +882,17 @@ def _check_protocol(
     """
     names = {r.name: r for r in runs}
     declared = list(dict.fromkeys([*declared, *names]))  # in the recipe's order
+    if selection is not None and selection.metric not in LOWER_IS_BETTER + BUILTIN_METRICS:
+        others = [m for r in runs for m in r.evaluation.metrics or [] if metric_name(m) not in BUILTIN_METRICS]
+        if (
+            not others and len(runs) == len(declared)
+        ):  # (a run that failed validation is reported already)  # an evaluate metric's result keys are known once it ran: checked then
+            known = LOWER_IS_BETTER + BUILTIN_METRICS
+            errors.add(
+                "select.metric",
+                f"expected one of {', '.join(known)} or a result of a metric in evaluation.metrics (none is "
+                f"configured), got {selection.metric!r}.{suggest(selection.metric, known)}",
+            )
     needs_seeds = [k for k in ("select", "compare") if k in raw]
     if any(r.sweep for r in runs):
         needs_seeds.append("sweep")

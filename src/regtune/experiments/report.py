@@ -78,9 +78,18 @@ def save_figure(fig, path: str, dpi: int = 120, **layout) -> str:
 
 
 def primary_metric(result: dict) -> str | None:
-    """The metric a result is compared on: the first classification metric, else perplexity, else loss."""
+    """
+    The metric a result is compared on: accuracy, macro_f1, else the first other metric (an `evaluate` metric's, e.g.
+    f1), else perplexity, else loss.
+    """
     for split_metrics in result.get("metrics", {}).values():
-        for name in ("accuracy", "macro_f1", "perplexity", "loss"):
+        for name in ("accuracy", "macro_f1"):
+            if name in split_metrics:
+                return name
+        for name in split_metrics:
+            if name not in ("loss", "perplexity"):
+                return name
+        for name in ("perplexity", "loss"):
             if name in split_metrics:
                 return name
     return None
@@ -302,7 +311,10 @@ def format_seeded_report(summary: dict, select=None) -> str:
                 rows.append([name, _values(row["values"]), f"{row['mean_metric']:.4f}", f"{row['mean_loss']:.4f}",
                              per_seed, mark])  # fmt: skip
         seeds = f" (seeds {select.seeds})" if select is not None else ""
-        lines += ["", f"Sweeps{seeds}: each value scored by {what}, no test data:", ""] + markdown_lines(header, rows)
+        best = {"max": " (highest is best)", "min": " (lowest is best)"}.get(getattr(select, "mode", None), "")
+        lines += ["", f"Sweeps{seeds}: each value scored by {what}{best}, no test data:", ""] + markdown_lines(
+            header, rows
+        )
     return "\n".join(lines)
 
 

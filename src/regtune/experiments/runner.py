@@ -38,13 +38,23 @@ from .build import (
     count_parameters,
     hub_base_model,
     load_data,
+    load_metrics,
     load_model,
     load_tokenizer,
     takes_raw_data,
     tokenize_data,
 )
 from .errors import RecipeError
-from .finetune import EvaluationSpec, Recipe, RunSpec, resolve_trainer, set_path, validate_run
+from .finetune import (
+    BUILTIN_METRICS,
+    EvaluationSpec,
+    Recipe,
+    RunSpec,
+    metric_name,
+    resolve_trainer,
+    set_path,
+    validate_run,
+)
 from .io import (
     RecipeProgress,
     barrier,
@@ -81,6 +91,10 @@ def run_one(run: RunSpec, run_dir: str, cache: dict | None = None) -> dict:
     import regtune
 
     cache = {} if cache is None else cache
+    names = [metric_name(m) for m in run.evaluation.metrics or []]
+    if any(("metric", n) not in cache for n in names if n not in BUILTIN_METRICS):
+        cache.update({("metric", n): m for n, m in load_metrics(run).items()})  # before anything is trained
+    metric_modules = {n: cache[("metric", n)] for n in names if ("metric", n) in cache}
     tokenizer_key = ("tokenizer", run.model.tokenizer or run.model.name_or_path, run.model.revision)
     if tokenizer_key not in cache:
         key = "tokenizer" if run.model.tokenizer else "name_or_path"
@@ -115,7 +129,9 @@ def run_one(run: RunSpec, run_dir: str, cache: dict | None = None) -> dict:
         training["dataloader_pin_memory"] = False  # pinning needs an accelerator (else a warning per dataloader)
     args = config_cls(output_dir=os.path.join(run_dir, "checkpoints"), **training)
     eval_dataset = {name: tokenized[split] for name, split in data.eval_splits.items()} or None
-    trainer = build_trainer(run, model, args, tokenized[data.train_split], eval_dataset, tokenizer, run.task)
+    trainer = build_trainer(
+        run, model, args, tokenized[data.train_split], eval_dataset, tokenizer, run.task, metric_modules
+    )
 
     start = time.perf_counter()
     checkpoints = os.path.join(run_dir, "checkpoints")
@@ -128,13 +144,15 @@ def run_one(run: RunSpec, run_dir: str, cache: dict | None = None) -> dict:
     train_seconds = time.perf_counter() - start - eval_seconds
 
     final = _reusable_final_eval(trainer, list(data.eval_splits)) if eval_dataset else {}
-    if eval_dataset and final is None:
+    metric_keys = getattr(trainer.compute_metrics, "keys", set())  # the result keys of the evaluate metrics
+    if eval_dataset and (final is None or (metric_modules and not metric_keys)):
         final = trainer.evaluate()
+    kept = ("loss", *BUILTIN_METRICS, *metric_keys)
     metrics = {}
     for name in data.eval_splits:
         prefix = f"eval_{name}_"
         split_metrics = {k[len(prefix) :]: v for k, v in final.items() if k.startswith(prefix)}
-        split_metrics = {k: v for k, v in split_metrics.items() if k in ("loss", "accuracy", "macro_f1")}
+        split_metrics = {k: v for k, v in split_metrics.items() if k in kept}
         if run.task == "causal-lm" and "loss" in split_metrics:
             split_metrics["perplexity"] = math.exp(min(split_metrics["loss"], 50.0))
         metrics[name] = split_metrics
@@ -454,12 +472,12 @@ def run_seeded(recipe: Recipe, log=print, overwrite: bool = False, report_only: 
         if not run.variants:
             chosen[run.name] = run
             continue
-        evaluation = EvaluationSpec(
-            splits=[select.split],
-            metrics=[select.metric] if select.metric in ("accuracy", "macro_f1") else run.evaluation.metrics,
-        )
         rows = []
         for values, variant in run.variants:
+            evaluation = EvaluationSpec(  # (a variant's own metrics: a sweep may change their args)
+                splits=[select.split],
+                metrics=[select.metric] if select.metric in BUILTIN_METRICS else variant.evaluation.metrics,
+            )
             row = {"values": values, "seeds": [], "metric": [], "loss": []}
             for seed in select.seeds:
                 spec = with_seed(variant, seed, evaluation)
@@ -469,6 +487,11 @@ def run_seeded(recipe: Recipe, log=print, overwrite: bool = False, report_only: 
                 if result is None:
                     continue
                 scores = result["metrics"].get(select.split, {})
+                if select.metric not in scores:
+                    raise RecipeError(
+                        [("select.metric", f"run {run.name!r}: no result {select.metric!r} on {select.split}; its "
+                          f"metrics gave {', '.join(scores) or 'nothing'}")]
+                    )  # fmt: skip
                 row["seeds"].append(seed)
                 row["metric"].append(scores.get(select.metric, float("nan")))
                 row["loss"].append(scores.get("loss", float("nan")))
@@ -479,7 +502,7 @@ def run_seeded(recipe: Recipe, log=print, overwrite: bool = False, report_only: 
         scored = [i for i, row in enumerate(rows) if "mean_metric" in row]
         if not scored:
             continue
-        sign = 1.0 if select.metric in ("accuracy", "macro_f1") else -1.0
+        sign = 1.0 if select.mode != "min" else -1.0  # (mode defaults to min for loss and perplexity, else max)
         rule = "best"
         if run.match and "target" in sweeps.get(run.match, {}):
             target = sweeps[run.match]["target"]
