@@ -215,7 +215,7 @@ def save(out: str, case: str, results: dict) -> None:
 def case_glad(out: str, report: dict) -> None:
     """GLAD (full fine-tuning and LoRA): the sharded step equals the unsharded one; its norm is a DTensor's."""
     for name, build in (("glad_full", llama), ("glad_lora", lora_llama)):
-        results = run_pair(out, name, build, lambda: [GLADRegularizer(rho=0.5, glad_lambda=0.5)])
+        results = run_pair(out, name, build, lambda: [GLADRegularizer(glad_rho=0.5, glad_lambda=0.5)])
         save(out, name, results)
 
 
@@ -417,7 +417,7 @@ def case_resume(out: str, report: dict) -> None:
     checkpoint = os.path.join(folder, "checkpoint-2")
 
     def regs():  # per-rank stateful regularizer: a wrong rank's state would change the run
-        return [NoisyPenalty(weight=0.5, seed=100 + rank), GLADRegularizer(rho=0.3, glad_lambda=0.5)]
+        return [NoisyPenalty(weight=0.5, seed=100 + rank), GLADRegularizer(glad_rho=0.3, glad_lambda=0.5)]
 
     def fresh():
         model = shard(llama())

@@ -59,7 +59,7 @@ def _train(model, args, regularizers, data=None):
 
 def test_lambda_zero_is_plain_training_bit_for_bit(tmp_path):
     plain = _train(_mlp(), _args(tmp_path / "a"), [])
-    glad = _train(_mlp(), _args(tmp_path / "b"), [GLADRegularizer(rho=0.5, glad_lambda=0.0)])
+    glad = _train(_mlp(), _args(tmp_path / "b"), [GLADRegularizer(glad_rho=0.5, glad_lambda=0.0)])
     for name in plain:
         assert torch.equal(plain[name], glad[name]), name
 
@@ -86,7 +86,7 @@ def _reference_sam(model, data, rho, lr, steps):
 
 def test_lambda_one_matches_reference_sam(tmp_path):
     data = _data()
-    glad = _train(_mlp(), _args(tmp_path), [GLADRegularizer(rho=0.3, glad_lambda=1.0)], data)
+    glad = _train(_mlp(), _args(tmp_path), [GLADRegularizer(glad_rho=0.3, glad_lambda=1.0)], data)
     reference = _reference_sam(_mlp(), data, rho=0.3, lr=0.1, steps=3)
     plain = _train(_mlp(), _args(tmp_path / "plain"), [], data)
     for name in reference:
@@ -96,9 +96,9 @@ def test_lambda_one_matches_reference_sam(tmp_path):
 
 def test_perturbation_uses_the_accumulated_gradient(tmp_path):
     """2 micro-batches of 4 (accumulated) = 1 batch of 8: the perturbation sees the whole optimizer step."""
-    full = _train(_mlp(), _args(tmp_path / "a", batch=8), [GLADRegularizer(rho=0.3, glad_lambda=0.5)])
+    full = _train(_mlp(), _args(tmp_path / "a", batch=8), [GLADRegularizer(glad_rho=0.3, glad_lambda=0.5)])
     accumulated = _train(
-        _mlp(), _args(tmp_path / "b", batch=4, accumulation=2), [GLADRegularizer(rho=0.3, glad_lambda=0.5)]
+        _mlp(), _args(tmp_path / "b", batch=4, accumulation=2), [GLADRegularizer(glad_rho=0.3, glad_lambda=0.5)]
     )
     for name in full:
         torch.testing.assert_close(accumulated[name], full[name], atol=1e-6, rtol=1e-5)
@@ -123,8 +123,8 @@ def test_glad_trainer_reads_the_adapter_config(tmp_path):
     assert (trainer.regularizers[0].rho, trainer.regularizers[0].glad_lambda) == (0.2, 0.7)
     with pytest.raises(ValueError, match="glad_lambda"):
         _args(tmp_path, cls=GLADTrainingArguments, glad_lambda=2.0)
-    with pytest.raises(ValueError, match="rho"):
-        GLADRegularizer(rho=-1.0)
+    with pytest.raises(ValueError, match="`glad_rho`"):
+        GLADRegularizer(glad_rho=-1.0)
 
 
 def _run_worker(out, nproc, per_device_batch, accumulation):
@@ -215,8 +215,8 @@ def test_one_settings_object_for_adapter_trainer_and_regularizer(tmp_path):
             lambda: GLADTrainingArguments("out", glad_rho=-1, glad_share_dropout_masks=1, glad_log_diagnostics="no"),
             None,
         ),
-        (lambda: GLADRegularizer(rho=float("nan"), glad_lambda=1.5, log_diagnostics=None), None),
-        (lambda: GLADRegularizer(rho="a", share_dropout_masks=0, settings={"rho": 1}), None),
+        (lambda: GLADRegularizer(glad_rho=float("nan"), glad_lambda=1.5, log_diagnostics=None), None),
+        (lambda: GLADRegularizer(glad_rho="a", glad_share_dropout_masks=0, settings={"rho": 1}), None),
         (lambda: regtune.GLADSettings(rho=-1e-3, glad_lambda=float("inf"), share_dropout_masks=None), None),
     ],
 )
@@ -238,7 +238,7 @@ def test_every_bad_field_is_reported_at_construction(build, fields):
 
 def test_good_values_build():
     assert regtune.GLADConfig(r=2, lora_alpha=4.0, rho=1, glad_lambda=0, target_modules="all-linear").rho == 1
-    assert GLADRegularizer(rho=10, glad_lambda=1).settings.rho == 10.0
+    assert GLADRegularizer(glad_rho=10, glad_lambda=1).settings.rho == 10.0
     assert GLADRegularizer(0.3, 0.5).settings == regtune.GLADSettings(rho=0.3, glad_lambda=0.5)
 
 
@@ -266,7 +266,7 @@ def test_diagnostics_are_logged_and_match_the_formula(tmp_path, glad_lambda):
     expected_rel = (g_sam - g).norm() / g.norm()
     assert expected_cos < 0.999  # the perturbation visibly turns the gradient: the check has signal
 
-    reg = GLADRegularizer(rho=0.3, glad_lambda=glad_lambda)
+    reg = GLADRegularizer(glad_rho=0.3, glad_lambda=glad_lambda)
     args = _args(tmp_path, steps=1, logging_strategy="steps", logging_steps=1)
     trainer = RegTrainer(model=_mlp(), args=args, train_dataset=data, regularizers=[reg])
     trainer.train()
@@ -280,7 +280,7 @@ def test_diagnostics_average_over_steps_and_can_be_turned_off(tmp_path):
     logs = {}
     for flag in (True, False):
         args = _args(tmp_path / str(flag), steps=4, logging_strategy="steps", logging_steps=2)
-        reg = GLADRegularizer(rho=0.3, glad_lambda=0.5, log_diagnostics=flag)
+        reg = GLADRegularizer(glad_rho=0.3, glad_lambda=0.5, log_diagnostics=flag)
         trainer = RegTrainer(model=_mlp(), args=args, train_dataset=_data(), regularizers=[reg])
         trainer.train()
         logs[flag] = [entry for entry in trainer.state.log_history if "loss" in entry]
@@ -297,7 +297,7 @@ def test_diagnostics_average_over_steps_and_can_be_turned_off(tmp_path):
 
 def test_no_host_sync_inside_the_step(tmp_path, monkeypatch):
     """The GLAD step (perturbation, restore, diagnostics) never reads a tensor value on the host."""
-    reg = GLADRegularizer(rho=0.3, glad_lambda=0.5)
+    reg = GLADRegularizer(glad_rho=0.3, glad_lambda=0.5)
     trainer = RegTrainer(model=_mlp(), args=_args(tmp_path), train_dataset=_data(), regularizers=[reg])
     trainer.create_optimizer_and_scheduler(num_training_steps=1)
     inputs = next(iter(trainer.get_train_dataloader()))
@@ -353,7 +353,7 @@ def test_shared_masks_remove_the_dropout_noise_from_gsam(tmp_path):
     rel = {}
     for shared in (True, False):
         args = _args(tmp_path / str(shared), steps=4, logging_strategy="steps", logging_steps=4)
-        reg = GLADRegularizer(rho=1e-3, glad_lambda=0.5, share_dropout_masks=shared)
+        reg = GLADRegularizer(glad_rho=1e-3, glad_lambda=0.5, share_dropout_masks=shared)
         trainer = RegTrainer(model=_dropout_mlp(), args=args, train_dataset=_data(), regularizers=[reg])
         trainer.train()
         (log,) = [entry for entry in trainer.state.log_history if "loss" in entry]
@@ -379,7 +379,7 @@ def test_peak_memory_is_plain_plus_one_copy_of_the_trainable_parameters(tmp_path
         return get_peft_model(base, LoraConfig(r=4, target_modules=["lin0", "lin1"]))
 
     peaks = {}
-    glad = GLADRegularizer(rho=0.3, glad_lambda=0.5, share_dropout_masks=shared)
+    glad = GLADRegularizer(glad_rho=0.3, glad_lambda=0.5, share_dropout_masks=shared)
     for name, regs in (("plain", []), ("glad", [glad])):
         trainer = RegTrainer(
             model=model(),
@@ -410,7 +410,7 @@ def test_peak_memory_is_plain_plus_one_copy_of_the_trainable_parameters(tmp_path
 
 
 def test_an_error_in_the_second_pass_leaves_the_weights_unperturbed(tmp_path):
-    reg = GLADRegularizer(rho=0.5, glad_lambda=0.5)
+    reg = GLADRegularizer(glad_rho=0.5, glad_lambda=0.5)
     trainer = RegTrainer(model=_mlp(), args=_args(tmp_path), train_dataset=_data(), regularizers=[reg])
     trainer.create_optimizer_and_scheduler(num_training_steps=1)
     inputs = next(iter(trainer.get_train_dataloader()))
@@ -478,7 +478,7 @@ def test_peak_memory_when_plain_training_peaks_in_its_backward(tmp_path):
     peaks = {}
     regs = {
         "plain": [],
-        "glad": [GLADRegularizer(rho=0.3, glad_lambda=0.5, share_dropout_masks=False, log_diagnostics=False)],
+        "glad": [GLADRegularizer(glad_rho=0.3, glad_lambda=0.5, share_dropout_masks=False, log_diagnostics=False)],
         "accumulating": [
             _AccumulatingGLAD(rho=0.3, glad_lambda=0.5, share_dropout_masks=False, log_diagnostics=False)
         ],

@@ -312,14 +312,14 @@ def test_gradient_dropout_refuses_where_no_meaningful_teacher_exists(tmp_path):
 
 def test_regularizers_and_training_arguments_report_every_bad_field(tmp_path):
     with pytest.raises(ValueError) as info:
-        GradientDropout(graddrop_lambda="x", temperature=float("nan"), seed=-1)
+        GradientDropout(graddrop_lambda="x", graddrop_temperature=float("nan"), seed=-1)
     for field in (
         "`graddrop_lambda` must be a number in [0, 1]",
-        "`temperature` must be a finite number > 0",
+        "`graddrop_temperature` must be a finite number > 0",
         "`seed`",
     ):
         assert field in str(info.value)
-    with pytest.raises(ValueError, match="`weight` must be a finite number >= 0, got nan"):
+    with pytest.raises(ValueError, match="`score_l2_weight` must be a finite number >= 0, got nan"):
         MaskScorePenalty(float("nan"))
     with pytest.raises(ValueError) as info:
         MaskTuningTrainingArguments(
@@ -334,8 +334,8 @@ def test_defaults_and_validation_come_from_one_place(tmp_path):
 
     config, args = regtune.MaskTuningConfig(), MaskTuningTrainingArguments(str(tmp_path))
     assert GradientDropout().graddrop_lambda == config.graddrop_lambda == DEFAULTS["graddrop_lambda"]
-    assert GradientDropout().temperature == args.graddrop_temperature == DEFAULTS["graddrop_temperature"]
-    assert MaskScorePenalty().weight == config.score_l2_weight == DEFAULTS["score_l2_weight"]
+    assert GradientDropout().graddrop_temperature == args.graddrop_temperature == DEFAULTS["graddrop_temperature"]
+    assert MaskScorePenalty().score_l2_weight == config.score_l2_weight == DEFAULTS["score_l2_weight"]
     messages = set()
     for build in (
         lambda: regtune.MaskTuningConfig(graddrop_lambda=2.0),
@@ -360,7 +360,7 @@ def test_trainer_config_class_carries_the_knobs(tmp_path):
     trainer = MaskTuningTrainer(model=_model(lam=1.0), args=args, train_dataset=_data())
     by_type = {type(r).__name__: r for r in trainer.regularizers}
     assert by_type["GradientDropout"].graddrop_lambda == 0.3  # the args win over the adapter config's 1.0
-    assert by_type["MaskScorePenalty"].weight == 0.0
+    assert by_type["MaskScorePenalty"].score_l2_weight == 0.0
 
 
 # ---- issue 15: diagnostics of the mechanism, as Trainer metrics ----

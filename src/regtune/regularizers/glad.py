@@ -7,6 +7,7 @@ from typing import Any
 
 import torch
 
+from regtune._deprecation import renamed_argument
 from regtune._rng import capture_rng, restore_rng, same_rng
 from regtune._sharding import foreach_copy_
 from regtune.functional.glad import glad_combine_, glad_save_and_perturb_, low_precision
@@ -52,12 +53,16 @@ class GLADRegularizer(Regularizer):
       accumulated as device tensors (no host synchronisation inside steps).
 
     Args:
-        rho (`float`, *optional*): SAM radius (> 0); default: `settings.rho`, else 0.05.
+        glad_rho (`float`, *optional*): SAM radius (> 0); default: `settings.rho`, else 0.05. (`rho=` is its
+            deprecated spelling.)
         glad_lambda (`float`, *optional*): weight of the SAM reference, in [0, 1]; default: `settings.glad_lambda`,
             else 0.5.
-        share_dropout_masks (`bool`, *optional*): whether both passes use the same dropout masks; default:
-            `settings.share_dropout_masks`, else `True`.
+        glad_share_dropout_masks (`bool`, *optional*): whether both passes use the same dropout masks; default:
+            `settings.share_dropout_masks`, else `True`. (`share_dropout_masks=` is its deprecated spelling.)
         settings ([`GLADSettings`], *optional*): all three at once (explicit arguments win).
+
+    The arguments have the names of [`GLADTrainingArguments`]' fields and of a recipe's `training:` keys (one name
+    per knob, docs/regularizers.md).
         log_diagnostics (`bool`, defaults to `True`): whether to compute and log the diagnostics.
     """
 
@@ -66,20 +71,27 @@ class GLADRegularizer(Regularizer):
 
     def __init__(
         self,
-        rho: float | None = None,
+        glad_rho: float | None = None,
         glad_lambda: float | None = None,
         *,
-        share_dropout_masks: bool | None = None,
+        glad_share_dropout_masks: bool | None = None,
         settings: GLADSettings | None = None,
         log_diagnostics: bool = True,
+        rho: float | None = None,
+        share_dropout_masks: bool | None = None,
     ):
+        rho, rho_name = renamed_argument("GLADRegularizer", "rho", "glad_rho", rho, glad_rho)
+        share_dropout_masks, share_name = renamed_argument(
+            "GLADRegularizer", "share_dropout_masks", "glad_share_dropout_masks", share_dropout_masks,
+            glad_share_dropout_masks,
+        )  # fmt: skip
         errors = [bool_error("log_diagnostics", log_diagnostics)]
         if settings is not None and not isinstance(settings, GLADSettings):
             errors.append(f"`settings` = {settings!r} (allowed: None or a GLADSettings)")
             settings = None
         explicit = {"rho": rho, "glad_lambda": glad_lambda, "share_dropout_masks": share_dropout_masks}
         explicit = {key: value for key, value in explicit.items() if value is not None}
-        errors += GLADSettings.field_errors(explicit)
+        errors += GLADSettings.field_errors(explicit, {"rho": rho_name, "share_dropout_masks": share_name})
         raise_field_errors("GLADRegularizer", errors)
         self.settings: GLADSettings = (settings or GLADSettings()).replace(**explicit)
         self.log_diagnostics = log_diagnostics
@@ -89,6 +101,14 @@ class GLADRegularizer(Regularizer):
         self._params_cache: tuple[weakref.ref, list[torch.Tensor]] | None = None
 
     # the settings' fields, under their public names
+    @property
+    def glad_rho(self) -> float:
+        return self.settings.rho
+
+    @property
+    def glad_share_dropout_masks(self) -> bool:
+        return self.settings.share_dropout_masks
+
     @property
     def rho(self) -> float:
         return self.settings.rho
@@ -105,17 +125,17 @@ class GLADRegularizer(Regularizer):
     def from_model(
         cls,
         model: torch.nn.Module,
-        rho: float | None = None,
+        glad_rho: float | None = None,
         glad_lambda: float | None = None,
         *,
-        share_dropout_masks: bool | None = None,
+        glad_share_dropout_masks: bool | None = None,
         log_diagnostics: bool = True,
     ) -> GLADRegularizer:
         """Build from the [`GLADSettings`] recorded in the model's [`GLADConfig`] (explicit arguments win)."""
         return cls(
-            rho,
+            glad_rho,
             glad_lambda,
-            share_dropout_masks=share_dropout_masks,
+            glad_share_dropout_masks=glad_share_dropout_masks,
             settings=GLADSettings.from_model(model),
             log_diagnostics=log_diagnostics,
         )

@@ -12,6 +12,7 @@ import sys
 import torch
 import torch.distributed as dist
 
+from regtune._deprecation import renamed_argument
 from regtune._sharding import forward_tensors, full, is_sharded, shard_like
 from regtune.functional.masks import (
     apply_gradient_dropout_,
@@ -111,16 +112,21 @@ class MaskScorePenalty(Regularizer):
     as one tensor, `||[S_q; S_k; S_v]||_2`, as the released code's fused `in_proj` mask does.
 
     Args:
-        weight (`float`, defaults to `1e-4`): a finite number >= 0 (the `score_l2_weight` knob).
+        score_l2_weight (`float`, defaults to `1e-4`): a finite number >= 0 (the name of the knob in
+            [`MaskTuningTrainingArguments`] and recipes; `weight=` is its deprecated spelling).
     """
 
     name = "mask_score_penalty"
 
-    def __init__(self, weight: float = DEFAULTS["score_l2_weight"]):
-        raise_if_errors(
-            type(self).__name__, [e for e in [check_number("score_l2_weight", weight, label="weight")] if e]
+    def __init__(self, score_l2_weight: float | None = None, *, weight: float | None = None):
+        score_l2_weight, spelling = renamed_argument(
+            "MaskScorePenalty", "weight", "score_l2_weight", weight, score_l2_weight
         )
-        self.weight = float(weight)
+        if score_l2_weight is None:
+            score_l2_weight = DEFAULTS["score_l2_weight"]
+        errors = [check_number("score_l2_weight", score_l2_weight, label=spelling)]
+        raise_if_errors(type(self).__name__, [e for e in errors if e])
+        self.score_l2_weight = float(score_l2_weight)
         self._fused_qkv: set[str] | None = None  # adapters whose Q, K, V share one norm; read from the model
 
     @staticmethod
@@ -135,10 +141,10 @@ class MaskScorePenalty(Regularizer):
         self._fused_qkv = self._fused_qkv_adapters(model)
         for module in model.modules():
             if isinstance(module, MaskTuningLayer):
-                module.masktune_track_norms = self.weight != 0.0
+                module.masktune_track_norms = self.score_l2_weight != 0.0
 
     def loss_term(self, model, inputs, outputs):
-        if self.weight == 0.0:
+        if self.score_l2_weight == 0.0:
             return None
         fused_qkv = self._fused_qkv if self._fused_qkv is not None else self._fused_qkv_adapters(model)
         norms, untracked, groups = [], [], {}
@@ -161,7 +167,7 @@ class MaskScorePenalty(Regularizer):
             norms.append(group[0] if len(group) == 1 else torch.linalg.vector_norm(torch.stack(group).float()))
         if not norms:
             return None
-        return self.weight * torch.stack([n.float() for n in norms]).sum()
+        return self.score_l2_weight * torch.stack([n.float() for n in norms]).sum()
 
 
 def _local(tensor: torch.Tensor) -> torch.Tensor:
@@ -232,7 +238,8 @@ class GradientDropout(Regularizer):
 
     Args:
         graddrop_lambda (`float`, defaults to `1.0`): in [0, 1]; 0 is plain training (the knowledge pass is skipped).
-        temperature (`float`, defaults to `1.0`): of the soft cross-entropy; a finite number > 0.
+        graddrop_temperature (`float`, defaults to `1.0`): of the soft cross-entropy; a finite number > 0
+            (`temperature=` is its deprecated spelling).
         seed (`int`, *optional*): seed of `U` (an int >= 0); defaults to the trainer's `args.seed`.
 
     Raises:
@@ -248,18 +255,25 @@ class GradientDropout(Regularizer):
     def __init__(
         self,
         graddrop_lambda: float = DEFAULTS["graddrop_lambda"],
-        temperature: float = DEFAULTS["graddrop_temperature"],
+        graddrop_temperature: float | None = None,
         seed: int | None = None,
+        *,
+        temperature: float | None = None,
     ):
+        temperature, spelling = renamed_argument(
+            "GradientDropout", "temperature", "graddrop_temperature", temperature, graddrop_temperature
+        )
+        if temperature is None:
+            temperature = DEFAULTS["graddrop_temperature"]
         errors = [
             check_number("graddrop_lambda", graddrop_lambda),
-            check_number("graddrop_temperature", temperature, label="temperature"),
+            check_number("graddrop_temperature", temperature, label=spelling),
         ]
         if seed is not None and not (isinstance(seed, int) and not isinstance(seed, bool) and seed >= 0):
             errors.append(f"`seed` must be None or an int >= 0, got {seed!r}")
         raise_if_errors(type(self).__name__, [e for e in errors if e])
         self.graddrop_lambda = float(graddrop_lambda)
-        self.temperature = float(temperature)
+        self.graddrop_temperature = float(temperature)
         self.seed = seed
         self._knowledge_grads: list[torch.Tensor] | None = None
         self._reset_diagnostics()
@@ -351,7 +365,7 @@ class GradientDropout(Regularizer):
         # g_b: the knowledge loss's gradient at the logits in closed form (no graph for the loss), then one backward
         # from the logits to the scores, keeping the model's graph for the task backward
         logit_grad, knowledge_loss = knowledge_logit_grad(
-            logits.detach(), teacher, self.temperature, 1.0 / ga_steps, with_loss=self.log_diagnostics
+            logits.detach(), teacher, self.graddrop_temperature, 1.0 / ga_steps, with_loss=self.log_diagnostics
         )
         del teacher
         targets = [t if t is not None else s for t, s in zip(seen, scores)]

@@ -81,7 +81,7 @@ class GLADTrainer(RegTrainer):
     Example:
 
         ```py
-        >>> model = get_peft_model(base, regtune.GLADConfig(r=8, rho=0.05, glad_lambda=0.5))
+        >>> model = get_peft_model(base, regtune.GLADConfig(r=8))
         >>> trainer = regtune.GLADTrainer(model=model, args=regtune.GLADTrainingArguments("out"), train_dataset=ds)
         >>> trainer.train()
         ```

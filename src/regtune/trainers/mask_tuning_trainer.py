@@ -88,9 +88,9 @@ class MaskTuningTrainer(RegTrainer):
         weight = weight if weight is not None else getattr(config, "score_l2_weight", DEFAULTS["score_l2_weight"])
         lam = lam if lam is not None else getattr(config, "graddrop_lambda", DEFAULTS["graddrop_lambda"])
         temperature = getattr(args, "graddrop_temperature", DEFAULTS["graddrop_temperature"])
-        own = [MaskScorePenalty(weight)]
+        own = [MaskScorePenalty(score_l2_weight=weight)]
         if lam > 0:
-            own.append(GradientDropout(lam, temperature=temperature))
+            own.append(GradientDropout(lam, graddrop_temperature=temperature))
         own.append(MaskFlipMonitor(per_layer=getattr(args, "mask_flips_per_layer", False)))
         return own
 

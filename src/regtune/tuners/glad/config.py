@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
 from peft import LoraConfig
 from peft.utils import PeftType
+
+from regtune._deprecation import training_knob_in_adapter_config
 
 from .settings import SETTINGS_FIELDS, GLADSettings, bool_error, number_error, raise_field_errors, settings_field
 
@@ -46,10 +49,10 @@ class GLADConfig(LoraConfig):
     Configuration for GLAD: LoRA trained with a gradient that leans towards the sharpness-aware (SAM) gradient
     ([paper](https://huggingface.co/papers/2507.13089); what is computed: docs/glad.md).
 
-    The adapter math is exactly peft's LoRA. The config records the [`GLADSettings`] the adapter is trained with, so
-    `adapter_config.json` says how it was trained; [`regtune.GLADTrainer`] (and
-    [`regtune.regularizers.GLADRegularizer.from_model`]) read them from here unless the trainer config overrides
-    them. Every field is validated at construction: one `ValueError` names each invalid field and its allowed values.
+    The adapter math is exactly peft's LoRA. GLAD's knobs are training settings and belong to the trainer
+    ([`GLADTrainingArguments`]: `glad_rho`, `glad_lambda`, `glad_share_dropout_masks`); setting them here is
+    deprecated (a `FutureWarning`, removed in regtune 0.2). Until then a value set here is recorded in
+    `adapter_config.json` and used where the trainer arguments leave it unset. Every field is validated at construction: one `ValueError` names each invalid field and its allowed values.
 
     Args:
         rho (`float`, defaults to `0.05`):
@@ -69,6 +72,13 @@ class GLADConfig(LoraConfig):
         errors = lora_field_errors(self)
         errors += GLADSettings.field_errors({name: getattr(self, name) for name in SETTINGS_FIELDS})
         raise_field_errors("GLADConfig", errors)
+        training_knob_in_adapter_config(
+            "GLADConfig",
+            {"rho": "GLADTrainingArguments(glad_rho=)", "glad_lambda": "GLADTrainingArguments(glad_lambda=)",
+             "share_dropout_masks": "GLADTrainingArguments(glad_share_dropout_masks=)"},
+            {name: getattr(self, name) for name in SETTINGS_FIELDS},
+            {f.name: f.default for f in dataclasses.fields(GLADSettings)},
+        )  # fmt: skip
         super().__post_init__()
         self.peft_type = PeftType.GLAD
 

@@ -15,7 +15,7 @@ class GLADModel(LoraModel):
         ```py
         >>> import regtune
         >>> from peft import get_peft_model
-        >>> model = get_peft_model(base_model, regtune.GLADConfig(r=8, rho=0.05, glad_lambda=0.5))
+        >>> model = get_peft_model(base_model, regtune.GLADConfig(r=8))
         ```
     """
 

@@ -8,6 +8,8 @@ from dataclasses import dataclass, field
 from peft.config import PeftConfig
 from peft.utils import PeftType, TaskType
 
+from regtune._deprecation import training_knob_in_adapter_config
+
 from .settings import DEFAULTS, HELP, check_bool, check_fields, check_str_list, raise_if_errors
 
 
@@ -193,6 +195,13 @@ class MaskTuningConfig(PeftConfig):
 
     def __post_init__(self):
         raise_if_errors(type(self).__name__, self._field_errors())
+        training_knob_in_adapter_config(
+            "MaskTuningConfig",
+            {"score_l2_weight": "MaskTuningTrainingArguments(score_l2_weight=)",
+             "graddrop_lambda": "MaskTuningTrainingArguments(graddrop_lambda=)"},
+            {"score_l2_weight": self.score_l2_weight, "graddrop_lambda": self.graddrop_lambda},
+            DEFAULTS,
+        )  # fmt: skip
         super().__post_init__()
         self.peft_type = PeftType.MASK_TUNING
         self.target_modules = (

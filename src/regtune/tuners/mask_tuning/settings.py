@@ -62,7 +62,7 @@ def is_number(value: Any) -> bool:
 def check_number(name: str, value: Any, *, optional: bool = False, label: str | None = None) -> str | None:
     """
     The error message for a numeric knob `name` (a key of `DEFAULTS`) holding `value`, or `None` if it is valid.
-    `label` is the field's name where it is called otherwise (e.g. `MaskScorePenalty(weight=...)`).
+    `label` is the field's name where it is called otherwise (e.g. a deprecated spelling).
     """
     if value is None and optional:
         return None
