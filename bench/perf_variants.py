@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 import torch
 from datasets import Dataset
 from peft import LoraConfig, get_peft_model
-from transformers import LlamaConfig, LlamaForCausalLM, TrainingArguments
+from transformers import LlamaConfig, LlamaForCausalLM, LlamaForSequenceClassification, TrainingArguments
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
 import regtune
@@ -47,6 +47,22 @@ def llama(width: str) -> LlamaForCausalLM:
         eos_token_id=3, tie_word_embeddings=False, **WIDTHS[width],
     )  # fmt: skip
     return LlamaForCausalLM(config)
+
+
+# the noisy-label regularizers (ELR, PS-KD): a sequence classifier with this many classes (CIFAR-100's, the larger of
+# the released configs' class counts), trained on this many rows (CIFAR's training set); their per-example buffers are
+# N x C float32 (N the training rows: 50,000 x 100 x 4 bytes = 20 MB), indexed by each batch's `sample_index`
+NUM_LABELS = 100
+NUM_EXAMPLES = 50_000
+
+
+def llama_classifier(width: str) -> LlamaForSequenceClassification:
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=VOCAB, num_hidden_layers=LAYERS, max_position_embeddings=256, pad_token_id=0, bos_token_id=2,
+        eos_token_id=3, tie_word_embeddings=False, num_labels=NUM_LABELS, **WIDTHS[width],
+    )  # fmt: skip
+    return LlamaForSequenceClassification(config)
 
 
 def token_rows(n: int, seq_len: int, seed: int = 0) -> torch.Tensor:
@@ -169,6 +185,41 @@ def _tokenizer():
     return _TOKENIZER
 
 
+_CLASSIFICATION_DATA: dict = {}
+
+
+def classification_dataset(n: int, seq_len: int) -> Dataset:
+    """`n` token rows with a random class label each and the `sample_index` column (`regtune.add_sample_index`);
+    made once per process and shape, shared by the variants (the Trainer does not change it)."""
+    if (n, seq_len) not in _CLASSIFICATION_DATA:
+        import datasets
+
+        datasets.disable_progress_bars()  # the index column's `map`: no progress bar in the suite's log
+        ids = token_rows(n, seq_len)
+        labels = torch.randint(0, NUM_LABELS, (n,), generator=torch.Generator().manual_seed(1))
+        data = Dataset.from_dict(
+            {"input_ids": ids.tolist(), "attention_mask": torch.ones_like(ids).tolist(), "labels": labels.tolist()}
+        )
+        _CLASSIFICATION_DATA[n, seq_len] = regtune.add_sample_index(data)
+    return _CLASSIFICATION_DATA[n, seq_len]
+
+
+def b_classifier(regularizer=None):
+    """The sequence classifier (full fine-tuning) in a RegTrainer with `regularizer()` (None: plain cross-entropy)."""
+
+    def build(width, out, batch, seq_len, steps):
+        args = TrainingArguments(**common_args(out, batch, steps))
+        regularizers = [] if regularizer is None else [regularizer()]
+        data = classification_dataset(max(NUM_EXAMPLES, batch * steps), seq_len)
+        trainer = regtune.RegTrainer(
+            model=llama_classifier(width), args=args, train_dataset=data, regularizers=regularizers
+        )
+        trainer.model_accepts_loss_kwargs = False
+        return trainer
+
+    return build
+
+
 def b_sft(lfu: dict | None):
     def build(width, out, batch, seq_len, steps):
         from trl import SFTConfig, SFTTrainer
@@ -244,7 +295,40 @@ GROUPS: dict[str, list[Variant]] = {
         *_pair("lfu (perturb, same batch)", b_sft({"lfu_mode": "perturb", "lfu_second_batch": "same"}), "sft"),
         *_pair("lfu (reps)", b_sft({"lfu_mode": "reps"}), "sft"),
     ],
+    # ELR and PS-KD (their released defaults) against the same RegTrainer without them: plain cross-entropy
+    "noisy": [
+        Variant("ce", b_classifier(), "ce", "ce", diagnostics=None),
+        *_pair("elr", b_classifier(lambda: regtune.ELR(beta=0.7, lambda_=3.0)), "ce"),
+        *_pair("pskd", b_classifier(lambda: regtune.PSKD(alpha_T=0.8)), "ce"),
+        Variant(
+            "elr (buffer on cpu)",
+            b_classifier(lambda: regtune.ELR(buffer_device="cpu")),
+            "ce",
+            "elr (buffer on cpu)",
+            diagnostics=None,
+        ),
+    ],
 }
+
+
+def buffer_bytes(trainer) -> dict:
+    """The per-example buffers of the trainer's regularizers: {"<reg>/<buffer>": {"shape", "dtype", "bytes",
+    "device"}} (created at the start of `train()`; empty before, or without a per-example regularizer)."""
+    out = {}
+    for reg in getattr(trainer, "regularizers", []):
+        for name, buf in (getattr(reg, "_buffers", None) or {}).items():
+            table = buf.table
+            out[f"{getattr(reg, 'name', type(reg).__name__)}/{name}"] = {
+                "shape": list(table.shape), "dtype": str(table.dtype).replace("torch.", ""),
+                "bytes": table.numel() * table.element_size(), "device": str(buf.device),
+            }  # fmt: skip
+        visited = getattr(reg, "_visited", None)  # PS-KD's N "seen" flags
+        if isinstance(visited, torch.Tensor):
+            out[f"{reg.name}/visited"] = {
+                "shape": list(visited.shape), "dtype": str(visited.dtype).replace("torch.", ""),
+                "bytes": visited.numel() * visited.element_size(), "device": str(visited.device),
+            }  # fmt: skip
+    return out
 
 
 def _time_diagnostics(trainer) -> None:

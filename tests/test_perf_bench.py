@@ -111,3 +111,32 @@ def test_report_only_rewrites_the_tables_between_the_docs_markers(tmp_path):
     bare.write_text("# no markers\n")
     with pytest.raises(SystemExit, match="no"):
         perf.main(["--report-only", "--out", str(tmp_path), "--docs", str(bare)])
+
+
+def test_noisy_group_times_elr_and_pskd_against_ce_and_reports_their_buffers(monkeypatch):
+    """`--groups noisy`: ELR and PS-KD in the RegTrainer against the same trainer without them (plain cross-entropy),
+    with the size of their per-example buffers; the 1.05x goal is shown only when they ran."""
+    monkeypatch.setattr(perf_variants, "NUM_EXAMPLES", 24)
+    monkeypatch.setitem(
+        perf_variants.WIDTHS,
+        "test",
+        dict(hidden_size=32, intermediate_size=64, num_attention_heads=2, num_key_value_heads=1),
+    )
+    result = perf.time_group("noisy", "test", "2x8", warmup=1, rounds=2, log=lambda message: None)
+
+    for name in ("elr", "pskd", "elr (buffer on cpu)"):
+        assert "error" not in result[name], result[name]
+        assert result[name]["time_ratio"]["n"] == 2
+    assert "time_ratio" not in result["ce"] and "buffers" not in result["ce"]
+    assert result["elr"]["diag_on_off_ratio"]["n"] == 2
+    classes = perf_variants.NUM_LABELS
+    assert result["elr"]["buffers"]["elr/targets"]["shape"] == [24, classes]
+    assert result["elr"]["buffers"]["elr/targets"]["bytes"] == 24 * classes * 4
+    assert result["elr (buffer on cpu)"]["buffers"]["elr/targets"]["device"] == "cpu"
+    assert result["pskd"]["buffers"]["pskd/predictions"]["bytes"] == 24 * classes * 4
+    rows = [{**r, "method": name, "width": "test", "size": "2x8"} for name, r in result.items()]
+    goals = perf.targets_table({"rows": rows})
+    assert any(line.startswith("| ELR time <= 1.05x CE | ") for line in goals)
+    assert any(line.startswith("| PS-KD time <= 1.05x CE | ") for line in goals)
+    assert not any("1.05x CE" in line for line in perf.targets_table({"rows": rows[:1]}))  # CE alone: no goal
+    assert any("| elr/targets | 24 x " in line for line in perf.buffers_table({"rows": rows}))
