@@ -653,7 +653,12 @@ def assemble(cli, machine: dict, timing: dict, memory: dict) -> dict:
     result = {
         "bench": "perf",
         "command": " ".join(["python -m bench.perf", *sys.argv[1:]]),
-        "config": {**vars(cli), "threads": torch.get_num_threads(), "cuda": torch.cuda.is_available()},
+        "config": {
+            **vars(cli),
+            "out": os.path.relpath(cli.out, os.path.dirname(HERE)),  # relative to the repository: no machine path
+            "threads": torch.get_num_threads(),
+            "cuda": torch.cuda.is_available(),
+        },
         "machine": machine,
         "models": {
             "llama_widths": perf_variants.WIDTHS,

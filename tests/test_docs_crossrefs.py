@@ -8,8 +8,6 @@ import subprocess
 import sys
 import textwrap
 
-import pytest
-
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MKDOCS = os.path.join(os.path.dirname(sys.executable), "mkdocs")
@@ -63,7 +61,6 @@ def _site(tmp_path, docstring: str) -> subprocess.CompletedProcess:
     )
 
 
-@pytest.mark.skipif(not os.path.exists(MKDOCS), reason="mkdocs is installed by `make setup` (the dev extra)")
 def test_references_link_and_a_broken_one_fails_the_strict_build(tmp_path):
     good = _site(tmp_path / "good", "Returns a [`Target`] (also [`~regtune.core.Target`]).")
     assert good.returncode == 0, good.stderr

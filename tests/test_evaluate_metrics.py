@@ -16,8 +16,6 @@ from regtune.experiments.build import load_metrics
 from regtune.experiments.finetune import validate_recipe
 
 
-pytest.importorskip("evaluate")
-
 TINY_BERT = {"hidden_size": 16, "num_hidden_layers": 1, "num_attention_heads": 2, "intermediate_size": 24}
 # A metric script in the form `evaluate.load(folder)` reads: <folder>/<folder name>.py with one evaluate.Metric.
 HITS_METRIC = """

